@@ -314,7 +314,7 @@ fn serve_conn(shared: &Shared, id: u64, fd: &Arc<OwnedFd>) {
             if wire::words::<4>(pkt).is_some_and(|w| w[0] == wire::OP_STATUS) {
                 send_reply(fd, &wire::encode_status_reply(errno, PortStatus::Closed));
             } else {
-                send_reply(fd, &wire::encode_bind_reply(errno, 0));
+                send_reply(fd, &wire::encode_bind_reply(errno, 0, false));
             }
             return;
         }
@@ -340,18 +340,21 @@ fn serve_conn(shared: &Shared, id: u64, fd: &Arc<OwnedFd>) {
             Ok(port) => port,
             Err(e) => {
                 drop(st);
-                send_reply(fd, &wire::encode_bind_reply(e as u32, 0));
+                send_reply(fd, &wire::encode_bind_reply(e as u32, 0, false));
                 return;
             }
         };
         // The reply goes out under the lock, so that no event for the new
         // port can overtake it on the connection.
-        if !send_reply(fd, &wire::encode_bind_reply(0, port)) {
+        let interdomain = matches!(connect, Connect::BindInterdomain { .. });
+        if !send_reply(fd, &wire::encode_bind_reply(0, port, interdomain)) {
             st.close(dom, port, id);
             return;
         }
-        if matches!(connect, Connect::BindInterdomain { .. }) {
+        if interdomain {
             // Xen leaves the binder's new port pending (spec §16, row 4c).
+            // The reply told the client to wait for this event before its
+            // bind returns, so that the fd is readable when it does.
             st.fire(dom, port);
         }
         (dom, port)
@@ -693,5 +696,21 @@ mod tests {
         hub.shutdown();
         assert!(!dir.path().join(SOCKET_NAME).exists());
         assert!(matches!(a.wait(), Err(Error::HubClosed { .. })));
+    }
+
+    /// The binder's wake-up is on its fd by the time the bind returns, every
+    /// time (the hub sends it after the reply; the client waits for it).
+    #[test]
+    fn bind_returns_with_the_wake_up_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let _hub = Hub::start(dir.path()).unwrap();
+        for i in 0..300 {
+            let a = Local::new(dir.path(), 1).bind_unbound(2).unwrap();
+            let b = Local::new(dir.path(), 2)
+                .bind_interdomain(1, a.local_port())
+                .unwrap();
+            assert!(b.consume_pending().unwrap(), "iteration {i}");
+            assert!(!a.consume_pending().unwrap(), "iteration {i}");
+        }
     }
 }

@@ -30,6 +30,10 @@ pub use hub::{HeldPort, Hub, PortInfo, SOCKET_NAME};
 
 use wire::Connect;
 
+/// How long a bind waits for the wake-up that the hub sends right after the
+/// reply. Only a broken hub takes more than microseconds.
+const BIND_EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The local backend: one process's view as domain `domid`, reaching the
 /// [`Hub`] through the rendezvous directory `dir`.
 ///
@@ -82,7 +86,7 @@ impl Local {
             path: path.clone(),
             source: e.into(),
         })?;
-        let Some([errno, port]) = wire::words::<2>(&buf[..n]) else {
+        let Some([errno, port, event_follows]) = wire::words::<3>(&buf[..n]) else {
             return Err(if n == 0 {
                 Error::Hub {
                     op: "receive bind reply",
@@ -110,12 +114,33 @@ impl Local {
                 detail: format!("hub gave port {port}"),
             });
         }
-        Ok(Box::new(LocalChannel {
+        if event_follows > 1 {
+            return Err(Error::Protocol {
+                op,
+                detail: format!("bind reply with event flag {event_follows}"),
+            });
+        }
+        let ch = LocalChannel {
             fd,
             port,
             domid: self.domid,
             path,
-        }))
+        };
+        if event_follows == 1 {
+            // The hub sends the binder's wake-up right after the reply;
+            // wait for it so that the fd is readable when bind returns, as
+            // the device's is. The deadline only guards against a broken hub.
+            let deadline = Instant::now() + BIND_EVENT_TIMEOUT;
+            let ready = crate::poll_readable(ch.fd.as_fd(), Some(deadline))
+                .map_err(|e| ch.io_err("wait for the bind event", e))?;
+            if !ready {
+                return Err(Error::Protocol {
+                    op,
+                    detail: "the hub did not deliver the bind's wake-up".into(),
+                });
+            }
+        }
+        Ok(Box::new(ch))
     }
 }
 

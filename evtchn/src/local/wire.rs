@@ -6,8 +6,10 @@
 //!   `a`, `b`. `op` is [`OP_BIND_UNBOUND`] (`a` = remote domain),
 //!   [`OP_BIND_INTERDOMAIN`] (`a` = remote domain, `b` = remote port) or
 //!   [`OP_STATUS`] (`a` = port of the own domain).
-//! * Bind reply (hub → client, 8 bytes): errno (0 = success), local port.
-//!   After it the connection carries [`Msg`]s from the client (8 bytes:
+//! * Bind reply (hub → client, 12 bytes): errno (0 = success), local port,
+//!   and 1 if an event packet follows at once (the interdomain binder's
+//!   wake-up; the client waits for it so that its fd is readable when the
+//!   bind returns, as the device's is), else 0. After it the connection carries [`Msg`]s from the client (8 bytes:
 //!   op, local port) and events from the hub (4 bytes: local port).
 //! * Status reply (hub → client, 16 bytes): errno, state (0 closed,
 //!   1 unbound, 2 interdomain), remote domain, remote port. The hub closes
@@ -30,7 +32,7 @@ pub(crate) const MSG_UNMASK: u32 = 2;
 /// Size of a connect packet.
 pub(crate) const CONNECT_LEN: usize = 16;
 /// Size of a bind reply.
-pub(crate) const BIND_REPLY_LEN: usize = 8;
+pub(crate) const BIND_REPLY_LEN: usize = 12;
 /// Size of a status reply.
 pub(crate) const STATUS_REPLY_LEN: usize = 16;
 /// Size of a client message after the bind.
@@ -134,9 +136,13 @@ impl Connect {
     }
 }
 
-pub(crate) fn encode_bind_reply(errno: u32, port: Port) -> [u8; BIND_REPLY_LEN] {
+pub(crate) fn encode_bind_reply(
+    errno: u32,
+    port: Port,
+    event_follows: bool,
+) -> [u8; BIND_REPLY_LEN] {
     let mut buf = [0u8; BIND_REPLY_LEN];
-    put(&mut buf, &[errno, port]);
+    put(&mut buf, &[errno, port, event_follows.into()]);
     buf
 }
 
