@@ -47,21 +47,35 @@
 //! # How the double differs from the real device
 //!
 //! * State is visible: [`EventChannel::status`] tells a local channel's
-//!   port state (Xen needs `EVTCHNOP_status` through privcmd, which a
-//!   restricted domU cannot issue, so [`Xen`] answers `Ok(None)`).
-//! * A re-armed port with a pending event is delivered again at once, not
-//!   about 0.4 ms later, and notifications sent back to back while the
-//!   receiver holds a queued event always leave one more (Xen sometimes
-//!   merges them into the first; both stay within "1 or 2").
-//! * Domain ids are whatever the processes claim; there is no domain
-//!   creation or destruction, no `DOMID_SELF`, and reserved domain ids
-//!   (`>= 0x7FF0`) are refused with `EINVAL`.
-//! * Ports are numbered per domain from 1, lowest free first (Xen does the
-//!   same, but in a real domain the kernel already owns the low ports).
-//! * When the hub stops, every channel sees end-of-file: `wait` fails with
-//!   [`Error::HubClosed`]. The real device has no such state.
+//!   port state, and [`local::Hub::port_info`] shows the pending and masked
+//!   bits (Xen needs `EVTCHNOP_status` through privcmd, which a restricted
+//!   domU cannot issue, so [`Xen`] answers `Ok(None)`).
+//! * Timing: a re-armed port with a pending event is delivered again as
+//!   soon as the hub reads the re-arm, not about 0.4 ms later; and
+//!   notifications that reach the hub while an event is queued always leave
+//!   one more wake-up (Xen sometimes merges them into the first). Both stay
+//!   within "1 or 2 wake-ups".
+//! * Notify and re-arm are messages to the hub, handled asynchronously:
+//!   [`EventChannel::notify`] returns before the peer's port is pending
+//!   (the ioctl returns after). Ordering between different connections is
+//!   not defined.
+//! * Domain ids are whatever the processes claim. There is no domain
+//!   creation or destruction (so no `ESRCH` for a missing remote domain),
+//!   no `DOMID_SELF`, and reserved domain ids (`>= 0x7FF0`) get `EINVAL`.
+//! * Ports are numbered per domain from 1, lowest free first, at most 4095
+//!   per domain (`ENOSPC` after). Xen allocates the same way, but in a real
+//!   domain the kernel already owns the low ports.
+//! * A new port needs no initial re-arm (the [`Xen`] backend writes the
+//!   port once after the bind, as libxenvchan does; the double's ports start
+//!   enabled in the hub).
+//! * When the hub stops, every channel's fd shows `POLLIN|POLLHUP` and
+//!   `wait` fails with [`Error::HubClosed`]. The real device has no such
+//!   state. An unreachable hub at bind time is [`Error::Hub`].
 //! * There are no VIRQs, no `IOCTL_EVTCHN_RESET`/`RESTRICT_DOMID`, and no
 //!   per-fd ring overflow (`EFBIG`).
+//! * A port kept by [`local::Hub::hold`] after its owner died still
+//!   records events sent to it as pending, but nobody can consume them (as
+//!   with the kernel, where the fd is gone).
 //!
 //! # Example
 //!
