@@ -713,4 +713,75 @@ mod tests {
             assert!(!a.consume_pending().unwrap(), "iteration {i}");
         }
     }
+
+    fn dummy_owner(id: u64) -> Owner {
+        let (fd, _) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        Owner {
+            id,
+            fd: Arc::new(fd),
+        }
+    }
+
+    /// Ports are per domain, never 0, lowest free first, and run out with
+    /// ENOSPC after MAX_PORT.
+    #[test]
+    fn port_allocation() {
+        let mut st = State::default();
+        let o = dummy_owner(1);
+        for want in 1..=MAX_PORT {
+            assert_eq!(st.bind_unbound(7, 8, o.clone()), Ok(want));
+        }
+        assert_eq!(st.bind_unbound(7, 8, o.clone()), Err(Errno::ENOSPC));
+        assert_eq!(st.bind_unbound(9, 8, o.clone()), Ok(1), "per domain");
+        st.close(7, 5, 1);
+        st.close(7, 3, 1);
+        assert_eq!(st.status(7, 3), PortStatus::Closed);
+        assert_eq!(st.bind_unbound(7, 8, o.clone()), Ok(3));
+        assert_eq!(st.bind_unbound(7, 8, o.clone()), Ok(5));
+        // Closing with another connection's id does nothing.
+        st.close(7, 6, 2);
+        assert_eq!(st.status(7, 6), PortStatus::Unbound { remote: 8 });
+    }
+
+    /// The interdomain rules of spec §6: only the named domain binds, only
+    /// to an unbound port; a close turns the peer unbound towards the closer.
+    #[test]
+    fn interdomain_rules() {
+        let mut st = State::default();
+        let p = st.bind_unbound(1, 2, dummy_owner(1)).unwrap();
+        assert_eq!(
+            st.bind_interdomain(3, 1, p, dummy_owner(2)),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            st.bind_interdomain(0, 1, p, dummy_owner(2)),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            st.bind_interdomain(2, 1, 99, dummy_owner(2)),
+            Err(Errno::EINVAL)
+        );
+        let q = st.bind_interdomain(2, 1, p, dummy_owner(3)).unwrap();
+        assert_eq!(
+            st.status(1, p),
+            PortStatus::Interdomain {
+                remote: 2,
+                remote_port: q
+            }
+        );
+        assert_eq!(
+            st.bind_interdomain(2, 1, p, dummy_owner(4)),
+            Err(Errno::EINVAL)
+        );
+        st.close(2, q, 3);
+        assert_eq!(st.status(2, q), PortStatus::Closed);
+        assert_eq!(st.status(1, p), PortStatus::Unbound { remote: 2 });
+        assert!(st.bind_interdomain(2, 1, p, dummy_owner(5)).is_ok());
+    }
 }
