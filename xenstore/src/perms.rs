@@ -1,0 +1,158 @@
+//! Node permissions (spec §8.2): `<letter><domid>` strings such as `r5`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// A domain id.
+pub type DomId = u16;
+
+/// The first reserved domain id (`DOMID_FIRST_RESERVED`); real domains are
+/// below it.
+pub const DOMID_FIRST_RESERVED: u32 = 0x7FF0;
+
+/// Access granted by one permission entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Perm {
+    /// `n`: no access.
+    None,
+    /// `r`: read.
+    Read,
+    /// `w`: write.
+    Write,
+    /// `b`: read and write.
+    Both,
+}
+
+impl Perm {
+    /// The wire letter (`n`, `r`, `w`, `b`).
+    pub fn letter(self) -> char {
+        match self {
+            Perm::None => 'n',
+            Perm::Read => 'r',
+            Perm::Write => 'w',
+            Perm::Both => 'b',
+        }
+    }
+
+    /// The permission for a wire letter.
+    pub fn from_letter(c: char) -> Option<Perm> {
+        match c {
+            'n' => Some(Perm::None),
+            'r' => Some(Perm::Read),
+            'w' => Some(Perm::Write),
+            'b' => Some(Perm::Both),
+            _ => None,
+        }
+    }
+
+    /// Does this permission allow reading?
+    pub fn can_read(self) -> bool {
+        matches!(self, Perm::Read | Perm::Both)
+    }
+
+    /// Does this permission allow writing?
+    pub fn can_write(self) -> bool {
+        matches!(self, Perm::Write | Perm::Both)
+    }
+}
+
+/// One entry of a node's permission list.
+///
+/// In a list, the **first** entry names the owner and its letter is the
+/// default access of every domain not listed; later entries grant access
+/// to one domain each.
+///
+/// ```
+/// use xenstore::{NodePerm, Perm};
+/// let p: NodePerm = "r5".parse().unwrap();
+/// assert_eq!(p, NodePerm { dom: 5, perm: Perm::Read });
+/// assert_eq!(NodePerm::new(0, Perm::None).to_string(), "n0");
+/// assert!("x5".parse::<NodePerm>().is_err());
+/// assert!("r05".parse::<NodePerm>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodePerm {
+    /// The domain the entry is about.
+    pub dom: DomId,
+    /// The access it grants.
+    pub perm: Perm,
+}
+
+impl NodePerm {
+    /// A permission entry.
+    pub fn new(dom: DomId, perm: Perm) -> NodePerm {
+        NodePerm { dom, perm }
+    }
+}
+
+impl fmt::Display for NodePerm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.perm.letter(), self.dom)
+    }
+}
+
+impl FromStr for NodePerm {
+    type Err = Error;
+
+    /// Strict: one of `nrwb`, then a decimal domid without sign or leading
+    /// zeros (except `0` itself) that fits in 16 bits.
+    fn from_str(s: &str) -> Result<NodePerm, Error> {
+        let bad = || Error::invalid(format!("bad permission {s:?}"));
+        let mut chars = s.chars();
+        let perm = chars.next().and_then(Perm::from_letter).ok_or_else(bad)?;
+        let dom = parse_decimal(chars.as_str(), u32::from(DomId::MAX)).ok_or_else(bad)?;
+        let dom = DomId::try_from(dom).map_err(|_| bad())?;
+        Ok(NodePerm { dom, perm })
+    }
+}
+
+/// Parse a strict decimal: ASCII digits only, no leading zeros except `"0"`,
+/// value `<= max`.
+pub(crate) fn parse_decimal(s: &str, max: u32) -> Option<u32> {
+    if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if s.len() > 1 && s.starts_with('0') {
+        return None;
+    }
+    let v: u64 = s.parse().ok()?;
+    u32::try_from(v).ok().filter(|v| *v <= max)
+}
+
+/// Parse a domid as Qubes does (spec §8.3): decimal, no leading zeros except
+/// `"0"`, value `< 0x7FF0`.
+///
+/// ```
+/// assert_eq!(xenstore::parse_domid("5"), Some(5));
+/// assert_eq!(xenstore::parse_domid("05"), None);
+/// assert_eq!(xenstore::parse_domid("32752"), None); // 0x7FF0
+/// ```
+pub fn parse_domid(s: &str) -> Option<DomId> {
+    parse_decimal(s, DOMID_FIRST_RESERVED - 1).and_then(|v| DomId::try_from(v).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perm_round_trip() {
+        for s in ["n0", "r5", "w1", "b3", "b65535"] {
+            assert_eq!(s.parse::<NodePerm>().unwrap().to_string(), s);
+        }
+        for s in ["", "r", "5", "x5", "r-1", "r+1", "r05", "r65536", "R5", "r5 ", "r 5", "rr5"] {
+            assert!(s.parse::<NodePerm>().is_err(), "{s:?} accepted");
+        }
+    }
+
+    #[test]
+    fn domid_parse_is_strict() {
+        assert_eq!(parse_domid("0"), Some(0));
+        assert_eq!(parse_domid("32751"), Some(0x7FEF));
+        for s in ["", "00", "01", "-1", "+1", "32752", "65535", "1a", " 1", "99999999999"] {
+            assert_eq!(parse_domid(s), None, "{s:?}");
+        }
+    }
+}
