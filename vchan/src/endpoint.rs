@@ -1,0 +1,741 @@
+//! One end of a connected vchan: both rings, the liveness bytes, the event
+//! channel and the blocking policy, with the API semantics of libxenvchan
+//! (spec §5.6) in Rust types.
+//!
+//! | call | outcome |
+//! |------|---------|
+//! | [`read`](Endpoint::read) | data if any, **even after the peer closed**; `Ok(0)` = EOF only when empty *and* the peer closed; empty and non-blocking → [`WouldBlock`](RingError::WouldBlock) |
+//! | [`write`](Endpoint::write) | [`PeerClosed`](RingError::PeerClosed) if the peer is not open at entry (or closes while we wait before anything was written); blocking: all bytes; non-blocking: what fits, or `WouldBlock` |
+//! | [`send`](Endpoint::send) / [`recv`](Endpoint::recv) | all or nothing; larger than the ring → [`TooBig`](RingError::TooBig) at once; `recv` with the peer closed and too few bytes left → `PeerClosed` |
+//! | [`data_ready`](Endpoint::data_ready) / [`buffer_space`](Endpoint::buffer_space) | request a notification, then report |
+//! | [`wait`](Endpoint::wait) | block until an event (or a change the events missed) |
+//! | [`close`](Endpoint::close) | own live byte = 0, then one event |
+//!
+//! Blocking never trusts that an event will come: every wait is a
+//! [`Events::wait_timeout`] of at most the *poll interval*, and every
+//! wake-up (event or timeout) re-validates the shared header: indices in
+//! range, orders unchanged against our private copy. A peer that corrupts
+//! the page yields [`RingError::Corrupt`]; a peer that dies without an event
+//! is noticed at the next poll; the endpoint's optional timeout bounds the
+//! whole operation with [`RingError::TimedOut`].
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::control::{
+    ControlPage, LIVE_CONNECTED, LIVE_EXITED, LIVE_WAITING, Layout, RingId, RingLocation,
+    SharedHeader, Side,
+};
+use crate::ring::{Consumer, Corruption, Producer, RawRingBytes, Ring, RingBytes, RingError};
+
+/// The event channel as the endpoint needs it: one channel carries every
+/// kind of notification in both directions; events coalesce and may be
+/// spurious.
+pub trait Events: fmt::Debug + Send {
+    /// Sends one event to the peer. Must not fail just because the peer is
+    /// gone (Xen drops it silently).
+    fn notify(&self) -> io::Result<()>;
+    /// Blocks until an event arrives, consumes it and re-arms the channel.
+    fn wait(&self) -> io::Result<()>;
+    /// As [`Events::wait`], for at most `d`: `Ok(true)` if an event was
+    /// consumed, `Ok(false)` on timeout.
+    fn wait_timeout(&self, d: Duration) -> io::Result<bool>;
+    /// Consumes a pending event without blocking: `Ok(true)` if there was
+    /// one.
+    fn consume_pending(&self) -> io::Result<bool>;
+}
+
+/// The peer's state as its live byte shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerState {
+    /// The client has not connected yet (`cli_live == 2`, server only).
+    Waiting,
+    /// Connected (`1`).
+    Connected,
+    /// Closed, dead, or a value no correct peer writes (spec §10.2
+    /// recommends treating anything else as closed).
+    Closed,
+}
+
+impl PeerState {
+    /// Anything but [`PeerState::Closed`]: writes are allowed (a server may
+    /// write before the client connects; the data waits in the ring).
+    pub fn is_open(self) -> bool {
+        self != PeerState::Closed
+    }
+
+    /// Interprets the peer's live byte as seen from `side`.
+    ///
+    /// ```
+    /// use vchan::control::Side;
+    /// use vchan::endpoint::PeerState;
+    /// assert_eq!(PeerState::from_live(Side::Server, 2), PeerState::Waiting);
+    /// assert_eq!(PeerState::from_live(Side::Client, 2), PeerState::Closed);
+    /// assert_eq!(PeerState::from_live(Side::Client, 1), PeerState::Connected);
+    /// assert_eq!(PeerState::from_live(Side::Server, 7), PeerState::Closed);
+    /// ```
+    pub fn from_live(side: Side, live: u8) -> Self {
+        match (side, live) {
+            (_, LIVE_CONNECTED) => PeerState::Connected,
+            (Side::Server, LIVE_WAITING) => PeerState::Waiting,
+            _ => PeerState::Closed,
+        }
+    }
+}
+
+/// Default bound of one wait before the shared state is re-validated.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One end of a vchan.
+///
+/// Generic over the event source `E`, the shared header `H` and the ring
+/// storage `B`; the defaults are the real shared-memory types. The `loom`
+/// model instantiates it with model-checked ones.
+///
+/// The endpoint does not own the memory: whoever mapped it must keep it
+/// mapped while the endpoint exists, call [`Endpoint::close`], and only then
+/// unmap it. Dropping an endpoint does nothing to shared memory.
+///
+/// ```no_run
+/// use std::io;
+/// use std::time::Duration;
+/// use vchan::control::{server_layout, Side};
+/// use vchan::endpoint::{Endpoint, Events};
+///
+/// #[derive(Debug)]
+/// struct MyEvents; // e.g. an event-channel fd
+/// impl Events for MyEvents {
+///     fn notify(&self) -> io::Result<()> { Ok(()) }
+///     fn wait(&self) -> io::Result<()> { Ok(()) }
+///     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(true) }
+///     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+/// }
+///
+/// # fn demo(page: *mut u8) -> Result<(), vchan::ring::RingError> {
+/// let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+/// // SAFETY: `page` is our mapped, initialised control page; it stays
+/// // mapped until after `close`.
+/// let mut ep = unsafe {
+///     Endpoint::new(page, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), MyEvents)?
+/// };
+/// ep.write(b"hello")?;
+/// ep.close()?;
+/// # Ok(()) }
+/// ```
+pub struct Endpoint<E: Events, H: SharedHeader = ControlPage, B: RingBytes = RawRingBytes> {
+    header: H,
+    side: Side,
+    layout: Layout,
+    rx: Consumer<B>,
+    tx: Producer<B>,
+    blocking: bool,
+    timeout: Option<Duration>,
+    poll_interval: Duration,
+    closed: bool,
+    events: E,
+}
+
+impl<E: Events, H: SharedHeader, B: RingBytes> fmt::Debug for Endpoint<E, H, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("side", &self.side)
+            .field("left_order", &self.layout.left_order)
+            .field("right_order", &self.layout.right_order)
+            .field("rx_cons", &self.rx.cons())
+            .field("tx_prod", &self.tx.prod())
+            .field("blocking", &self.blocking)
+            .field("timeout", &self.timeout)
+            .field("closed", &self.closed)
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Events> Endpoint<E> {
+    /// An endpoint over a mapped control page and mapped rings.
+    ///
+    /// `layout` is the validated layout ([`crate::control::server_layout`]
+    /// on the server, [`crate::control::validate_client_orders`] on the
+    /// client); its orders become the endpoint's private copy. For a ring
+    /// that `layout` places in the page pass a null pointer (its address is
+    /// `ctrl + offset`); for an external ring pass the start of its
+    /// virtually contiguous mapping of `1 << order` bytes.
+    ///
+    /// Our own indices are read once here (indices survive reconnects) and
+    /// kept privately afterwards.
+    ///
+    /// # Safety
+    /// * `ctrl` is a 4 KiB control page mapping (4-byte aligned), valid for
+    ///   reads and writes until the endpoint is dropped; within this process
+    ///   its header and grant list are accessed only atomically.
+    /// * Each non-null ring pointer is valid for `1 << order` bytes until
+    ///   the endpoint is dropped: for reads, and also for writes for our
+    ///   write ring (`side.write_ring()`). The client's read ring may be a
+    ///   read-only mapping.
+    /// * No Rust reference to any ring byte exists while the endpoint lives.
+    ///
+    /// # Errors
+    /// [`RingError::RingAddress`] if a pointer contradicts the layout,
+    /// [`RingError::Corrupt`] if the shared indices are already impossible.
+    pub unsafe fn new(
+        ctrl: *mut u8,
+        side: Side,
+        layout: &Layout,
+        left: *mut u8,
+        right: *mut u8,
+        events: E,
+    ) -> Result<Self, RingError> {
+        // SAFETY: forwarded from this function's contract.
+        let header = unsafe { ControlPage::new(ctrl) };
+        let ring_bytes = |id: RingId, given: *mut u8| -> Result<RawRingBytes, RingError> {
+            let ptr = match (layout.location(id), given.is_null()) {
+                (RingLocation::InPage { offset }, true) => {
+                    // SAFETY: in-page offsets are 1024 or 2048 and the ring
+                    // ends at most at 4096: inside the page.
+                    unsafe { ctrl.add(offset) }
+                }
+                (RingLocation::InPage { .. }, false) => {
+                    return Err(RingError::RingAddress {
+                        ring: id,
+                        reason: "ring lives in the control page; pass a null pointer",
+                    });
+                }
+                (RingLocation::External { .. }, true) => {
+                    return Err(RingError::RingAddress {
+                        ring: id,
+                        reason: "external ring needs its mapping's address, got null",
+                    });
+                }
+                (RingLocation::External { .. }, false) => given,
+            };
+            // SAFETY: `ptr` is valid for `ring_size` bytes: inside the page
+            // for in-page rings, by the caller's contract for external ones.
+            Ok(unsafe { RawRingBytes::new(ptr, layout.ring_size(id)) })
+        };
+        let left = ring_bytes(RingId::Left, left)?;
+        let right = ring_bytes(RingId::Right, right)?;
+        Endpoint::from_parts(header, side, layout, left, right, events)
+    }
+}
+
+impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
+    /// An endpoint over any [`SharedHeader`] and [`RingBytes`] (test
+    /// doubles, the `loom` model). Blocking, no timeout, default poll
+    /// interval.
+    ///
+    /// # Errors
+    /// [`RingError::Geometry`] if storage sizes do not match the layout,
+    /// [`RingError::Corrupt`] if the shared indices are already impossible.
+    pub fn from_parts(
+        header: H,
+        side: Side,
+        layout: &Layout,
+        left: B,
+        right: B,
+        events: E,
+    ) -> Result<Self, RingError> {
+        let left = Ring::for_ring(left, layout.left_order, RingId::Left)?;
+        let right = Ring::for_ring(right, layout.right_order, RingId::Right)?;
+        let (rx_ring, tx_ring) = match side {
+            Side::Server => (left, right),
+            Side::Client => (right, left),
+        };
+        let rx = Consumer::new(&header, side, rx_ring)?;
+        let tx = Producer::new(&header, side, tx_ring)?;
+        Ok(Self {
+            header,
+            side,
+            layout: *layout,
+            rx,
+            tx,
+            blocking: true,
+            timeout: None,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            closed: false,
+            events,
+        })
+    }
+
+    /// Our side.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// The validated layout (private copy of the orders).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Size of the ring we read.
+    pub fn read_ring_size(&self) -> usize {
+        self.layout.ring_size(self.side.read_ring())
+    }
+
+    /// Size of the ring we write.
+    pub fn write_ring_size(&self) -> usize {
+        self.layout.ring_size(self.side.write_ring())
+    }
+
+    /// The event source (e.g. to get its fd for `poll`).
+    pub fn events(&self) -> &E {
+        &self.events
+    }
+
+    /// The shared header.
+    pub fn header(&self) -> &H {
+        &self.header
+    }
+
+    /// Blocking (the default, as Qubes) or non-blocking mode.
+    pub fn set_blocking(&mut self, blocking: bool) {
+        self.blocking = blocking;
+    }
+
+    /// Whether blocking mode is on.
+    pub fn is_blocking(&self) -> bool {
+        self.blocking
+    }
+
+    /// Upper bound for one blocking operation; `None` (default) waits as
+    /// long as the peer is open and the page is sane.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// The current timeout.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// How long one wait may last before the shared state is re-validated
+    /// (default [`DEFAULT_POLL_INTERVAL`]; at least 1 ms).
+    pub fn set_poll_interval(&mut self, d: Duration) {
+        self.poll_interval = d.max(Duration::from_millis(1));
+    }
+
+    /// Whether [`Endpoint::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The peer's state from its live byte (one load).
+    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    pub fn peer_state(&self) -> PeerState {
+        let live = self.header.load_u8(self.side.peer_live());
+        // FENCE (acquire after reading the live byte).
+        // Forbids: index loads that follow being satisfied before this load.
+        // A peer writes its last data, publishes `prod`, then stores live = 0
+        // (with a fence in between); without this, a reader that sees
+        // "closed" could still see the old `prod` and report EOF while the
+        // peer's final bytes sit unread in the ring.
+        #[cfg(not(all(loom, vchan_loom_no_live_acquire)))]
+        self.header.fence(Ordering::Acquire);
+        PeerState::from_live(self.side, live)
+    }
+
+    /// `peer_state().is_open()`.
+    pub fn is_open(&self) -> bool {
+        self.peer_state().is_open()
+    }
+
+    /// Bytes ready to read; requests a write notification first, as
+    /// libxenvchan's `data_ready()` (the caller will likely sleep next).
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn data_ready(&mut self) -> Result<usize, RingError> {
+        Ok(self.rx.data_ready(&self.header)? as usize)
+    }
+
+    /// Free space in our write ring; requests a read notification first.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn buffer_space(&mut self) -> Result<usize, RingError> {
+        Ok(self.tx.buffer_space(&self.header)? as usize)
+    }
+
+    /// Stream read: up to `buf.len()` bytes.
+    ///
+    /// Returns data whenever there is some, even after the peer closed.
+    /// `Ok(0)` means end of stream (ring empty and peer closed) or an empty
+    /// `buf`.
+    ///
+    /// # Errors
+    /// [`RingError::WouldBlock`] (non-blocking, empty), [`RingError::Corrupt`],
+    /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
+        self.ensure_not_closed()?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let want = clamp_u32(buf.len());
+        let mut deadline = None;
+        loop {
+            if self.rx.fast_ready(&self.header, want, 1)? > 0 {
+                let n = self.rx.pop(&self.header, buf);
+                self.after_consume()?;
+                return Ok(n);
+            }
+            // Empty. Liveness matters only now: data written before a close
+            // is still delivered.
+            if self.peer_state() == PeerState::Closed {
+                // The peer may have written and closed between our index
+                // load and the live load; `peer_state`'s acquire fence makes
+                // this re-load see everything it published before closing.
+                if self.rx.load_ready(&self.header)? > 0 {
+                    continue;
+                }
+                return Ok(0);
+            }
+            if !self.blocking {
+                return Err(RingError::WouldBlock);
+            }
+            self.block(&mut deadline)?;
+        }
+    }
+
+    /// Stream write.
+    ///
+    /// Blocking: writes all of `buf`, waiting for space as needed.
+    /// Non-blocking: writes what fits now.
+    ///
+    /// If the peer closes (or the timeout expires) after part of `buf` was
+    /// written, returns that count (as `std::io::Write` requires); the next
+    /// call reports the error.
+    ///
+    /// # Errors
+    /// [`RingError::PeerClosed`] if the peer is not open at entry or closes
+    /// while we wait with nothing written yet; [`RingError::WouldBlock`]
+    /// (non-blocking, ring full); [`RingError::Corrupt`],
+    /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
+    pub fn write(&mut self, buf: &[u8]) -> Result<usize, RingError> {
+        self.ensure_not_closed()?;
+        if !self.peer_state().is_open() {
+            return Err(RingError::PeerClosed);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut pos = 0;
+        let mut deadline = None;
+        loop {
+            let rest = &buf[pos..];
+            if self.tx.fast_space(&self.header, clamp_u32(rest.len()), 1)? > 0 {
+                pos += self.tx.push(&self.header, rest);
+                self.after_produce()?;
+                if pos == buf.len() || !self.blocking {
+                    return Ok(pos);
+                }
+                continue;
+            }
+            if !self.blocking {
+                return Err(RingError::WouldBlock);
+            }
+            match self.block(&mut deadline) {
+                Ok(()) => {}
+                Err(RingError::TimedOut) if pos > 0 => return Ok(pos),
+                Err(e) => return Err(e),
+            }
+            if !self.peer_state().is_open() {
+                return if pos > 0 {
+                    Ok(pos)
+                } else {
+                    Err(RingError::PeerClosed)
+                };
+            }
+        }
+    }
+
+    /// Packet send: all of `buf` or nothing. Returns `buf.len()`.
+    ///
+    /// # Errors
+    /// [`RingError::TooBig`] if `buf` is larger than the write ring (never a
+    /// hang); [`RingError::PeerClosed`] if the peer is not open at entry or
+    /// closes while we wait; [`RingError::WouldBlock`] (non-blocking, not
+    /// enough space); [`RingError::Corrupt`], [`RingError::TimedOut`],
+    /// [`RingError::Event`], [`RingError::Closed`].
+    pub fn send(&mut self, buf: &[u8]) -> Result<usize, RingError> {
+        self.ensure_not_closed()?;
+        if !self.peer_state().is_open() {
+            return Err(RingError::PeerClosed);
+        }
+        let size = self.write_ring_size();
+        if buf.len() > size {
+            return Err(RingError::TooBig {
+                len: buf.len(),
+                ring: size,
+            });
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = clamp_u32(buf.len());
+        let mut deadline = None;
+        loop {
+            if self.tx.fast_space(&self.header, n, n)? >= n {
+                let written = self.tx.push(&self.header, buf);
+                debug_assert_eq!(written, buf.len());
+                self.after_produce()?;
+                return Ok(written);
+            }
+            if !self.blocking {
+                return Err(RingError::WouldBlock);
+            }
+            self.block(&mut deadline)?;
+            if !self.peer_state().is_open() {
+                return Err(RingError::PeerClosed);
+            }
+        }
+    }
+
+    /// Packet receive: exactly `buf.len()` bytes or nothing. Returns
+    /// `buf.len()`.
+    ///
+    /// # Errors
+    /// [`RingError::TooBig`] if `buf` is larger than the read ring;
+    /// [`RingError::PeerClosed`] if the peer closed and fewer than
+    /// `buf.len()` bytes remain (they stay readable with [`Endpoint::read`]);
+    /// [`RingError::WouldBlock`]; [`RingError::Corrupt`],
+    /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
+    pub fn recv(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
+        self.ensure_not_closed()?;
+        let size = self.read_ring_size();
+        if buf.len() > size {
+            return Err(RingError::TooBig {
+                len: buf.len(),
+                ring: size,
+            });
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = clamp_u32(buf.len());
+        let mut deadline = None;
+        loop {
+            if self.rx.fast_ready(&self.header, n, n)? >= n {
+                let got = self.rx.pop(&self.header, buf);
+                debug_assert_eq!(got, buf.len());
+                self.after_consume()?;
+                return Ok(got);
+            }
+            if self.peer_state() == PeerState::Closed {
+                if self.rx.load_ready(&self.header)? >= n {
+                    continue;
+                }
+                return Err(RingError::PeerClosed);
+            }
+            if !self.blocking {
+                return Err(RingError::WouldBlock);
+            }
+            self.block(&mut deadline)?;
+        }
+    }
+
+    /// Blocks until an event arrives, like libxenvchan's `wait()`.
+    ///
+    /// Also returns (a permitted spurious wake-up) when a poll interval
+    /// passes and the peer's state or indices changed without an event (a
+    /// peer process killed with its unmap-notify lost, an old client that
+    /// never signals connect). Re-check the state after it returns.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`], [`RingError::TimedOut`] (endpoint timeout),
+    /// [`RingError::Event`].
+    pub fn wait(&mut self) -> Result<(), RingError> {
+        let entry_state = self.peer_state();
+        let entry_prod = self.rx.load_ready(&self.header)?;
+        let entry_space = self.tx.load_space(&self.header)?;
+        let mut deadline = None;
+        loop {
+            if self.wait_once(&mut deadline)? {
+                return self.check();
+            }
+            self.check()?;
+            if self.peer_state() != entry_state
+                || self.rx.cached_ready() != entry_prod
+                || self.tx.cached_space() != entry_space
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Consumes a pending event without blocking (for callers that poll the
+    /// event fd themselves): `Ok(true)` if there was one.
+    ///
+    /// # Errors
+    /// [`RingError::Event`].
+    pub fn consume_pending(&self) -> Result<bool, RingError> {
+        self.events.consume_pending().map_err(RingError::Event)
+    }
+
+    /// Re-validates the shared header against our private state: both order
+    /// fields unchanged, both rings' indices in range. Run after every
+    /// wake-up; callable any time.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn check(&mut self) -> Result<(), RingError> {
+        for id in [RingId::Left, RingId::Right] {
+            let expected = self.layout.order(id);
+            let found = self.header.load_u16(id.order_offset());
+            if found != u16::from(expected) {
+                return Err(RingError::Corrupt {
+                    ring: id,
+                    what: Corruption::OrderChanged { expected, found },
+                });
+            }
+        }
+        self.rx.load_ready(&self.header)?;
+        self.tx.load_space(&self.header)?;
+        Ok(())
+    }
+
+    /// Closes our end: stores our live byte = 0, then sends one event.
+    /// Idempotent. The memory stays mapped (the owner unmaps it afterwards);
+    /// later I/O calls fail with [`RingError::Closed`].
+    ///
+    /// # Errors
+    /// [`RingError::Event`] if the event could not be sent (the live byte
+    /// is stored regardless).
+    pub fn close(&mut self) -> Result<(), RingError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        // FENCE (release before the live byte).
+        // Forbids: `live = 0` becoming visible before our last index stores.
+        // Without it the peer could see us closed, re-load our `prod`, find
+        // it old and report EOF with our final bytes still in flight.
+        self.header.fence(Ordering::SeqCst);
+        self.header.store_u8(self.side.own_live(), LIVE_EXITED);
+        self.events.notify().map_err(RingError::Event)
+    }
+
+    fn ensure_not_closed(&self) -> Result<(), RingError> {
+        if self.closed {
+            Err(RingError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn after_consume(&mut self) -> Result<(), RingError> {
+        if self.rx.notify_consumed(&self.header) {
+            self.events.notify().map_err(RingError::Event)?;
+        }
+        Ok(())
+    }
+
+    fn after_produce(&mut self) -> Result<(), RingError> {
+        if self.tx.notify_produced(&self.header) {
+            self.events.notify().map_err(RingError::Event)?;
+        }
+        Ok(())
+    }
+
+    /// One bounded wait: at most a poll interval, at most until the
+    /// deadline. `Ok(true)` if an event was consumed.
+    fn wait_once(&mut self, deadline: &mut Option<Instant>) -> Result<bool, RingError> {
+        let mut slice = self.poll_interval;
+        if let Some(timeout) = self.timeout {
+            let now = Instant::now();
+            let dl = *deadline.get_or_insert(now + timeout);
+            if now >= dl {
+                return Err(RingError::TimedOut);
+            }
+            slice = slice.min(dl - now);
+        }
+        match self.events.wait_timeout(slice) {
+            Ok(woken) => Ok(woken),
+            // Spec §13 row 23: an interrupted wait is a spurious wake-up.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(RingError::Event(e)),
+        }
+    }
+
+    /// Waits once, then re-validates; the caller re-checks indices and live
+    /// bytes (events coalesce, may be spurious, and may never come).
+    fn block(&mut self, deadline: &mut Option<Instant>) -> Result<(), RingError> {
+        self.wait_once(deadline)?;
+        self.check()
+    }
+}
+
+impl<E: Events, H: SharedHeader, B: RingBytes> io::Read for Endpoint<E, H, B> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Endpoint::read(self, buf).map_err(io::Error::from)
+    }
+}
+
+impl<E: Events, H: SharedHeader, B: RingBytes> io::Write for Endpoint<E, H, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Endpoint::write(self, buf).map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn clamp_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_state_mapping() {
+        for v in 0..=255u8 {
+            let server = PeerState::from_live(Side::Server, v);
+            let client = PeerState::from_live(Side::Client, v);
+            match v {
+                1 => assert_eq!(
+                    (server, client),
+                    (PeerState::Connected, PeerState::Connected)
+                ),
+                2 => assert_eq!((server, client), (PeerState::Waiting, PeerState::Closed)),
+                _ => assert_eq!((server, client), (PeerState::Closed, PeerState::Closed)),
+            }
+        }
+        assert!(PeerState::Waiting.is_open());
+        assert!(!PeerState::Closed.is_open());
+    }
+
+    #[test]
+    fn ring_errors_map_to_io_kinds() {
+        use io::ErrorKind as K;
+        let cases = [
+            (
+                RingError::Corrupt {
+                    ring: RingId::Left,
+                    what: Corruption::OrderChanged {
+                        expected: 10,
+                        found: 3,
+                    },
+                },
+                K::InvalidData,
+            ),
+            (RingError::PeerClosed, K::BrokenPipe),
+            (RingError::Closed, K::NotConnected),
+            (RingError::TooBig { len: 5, ring: 4 }, K::InvalidInput),
+            (RingError::WouldBlock, K::WouldBlock),
+            (RingError::TimedOut, K::TimedOut),
+            (
+                RingError::Event(io::Error::from(K::PermissionDenied)),
+                K::PermissionDenied,
+            ),
+        ];
+        for (e, kind) in cases {
+            let msg = e.to_string();
+            let io = io::Error::from(e);
+            assert_eq!(io.kind(), kind, "{msg}");
+            assert_eq!(io.to_string(), msg);
+        }
+    }
+}

@@ -1,0 +1,1011 @@
+//! The two byte rings of a vchan and the notification protocol, written so
+//! that every byte of shared memory is hostile.
+//!
+//! A ring ([`Ring`]) owns nothing but its byte storage (a raw pointer and a
+//! size, [`RawRingBytes`]) and a private copy of its validated order. Its
+//! two ends are [`Producer`] (we write data and advance `prod`) and
+//! [`Consumer`] (we read data and advance `cons`). The rules, from spec §5:
+//!
+//! * **Our own index is private.** We are its only legitimate writer, so we
+//!   keep it in the struct and only ever *store* it; a peer scribbling over
+//!   it changes nothing on our side.
+//! * **The peer's index is read once per decision** (XSA-155): one atomic
+//!   load, then the value is used for the arithmetic, the bounds check and
+//!   the copy. It is cached and re-read only when the cached value is not
+//!   enough for the request.
+//! * **Arithmetic is wrapping `u32`** and the result is checked against the
+//!   ring size (XSA-86). Where libxenvchan silently treats `ready > size` or
+//!   `space > size` as 0 and hangs (qubes-issues #10833), we return
+//!   [`RingError::Corrupt`].
+//! * **Every offset is masked** with `size − 1`, and data is copied with
+//!   `ptr::copy_nonoverlapping` between the ring and private buffers (two
+//!   copies across the wrap point). No `&[u8]`/`&mut [u8]` into a ring ever
+//!   exists.
+//! * **Fences follow spec §5.2–§5.5** and go through [`SharedHeader::fence`]
+//!   so that the `loom` model (`tests/loom_notify.rs`) checks this very code.
+//!   Each names the reordering it forbids and the failure it prevents.
+//!
+//! The blocking policy (waiting on events, liveness, timeouts) lives in
+//! [`crate::endpoint`]; this module never blocks.
+//!
+//! ```
+//! use vchan::control::{ControlPage, Layout, Side, SharedHeader, PAGE_SIZE, init_server_page};
+//! use vchan::ring::{Consumer, Producer, RawRingBytes, Ring};
+//!
+//! #[repr(C, align(4096))]
+//! struct Page([u8; PAGE_SIZE]);
+//! let mut page = Box::new(Page([0; PAGE_SIZE]));
+//! let base = page.0.as_mut_ptr();
+//! // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+//! let hdr = unsafe { ControlPage::new(base) };
+//! let layout = Layout::new(10, 11).unwrap();
+//! init_server_page(&hdr, &layout, &[], &[]).unwrap();
+//!
+//! // The server's write ring is the order-11 ring at byte 2048 of the page.
+//! // SAFETY: bytes 2048..4096 of `page` are valid and only used as ring bytes.
+//! let right = unsafe { RawRingBytes::new(base.add(2048), 2048) };
+//! let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right, 11).unwrap()).unwrap();
+//! // SAFETY: as above; the client's view of the same ring.
+//! let right = unsafe { RawRingBytes::new(base.add(2048), 2048) };
+//! let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right, 11).unwrap()).unwrap();
+//!
+//! assert_eq!(tx.fast_space(&hdr, 5, 5).unwrap(), 2048);
+//! assert_eq!(tx.push(&hdr, b"hello"), 5);
+//! assert_eq!(rx.fast_ready(&hdr, 5, 1).unwrap(), 5);
+//! let mut buf = [0u8; 8];
+//! assert_eq!(rx.pop(&hdr, &mut buf), 5);
+//! assert_eq!(&buf[..5], b"hello");
+//! ```
+
+use std::fmt;
+use std::io;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::Ordering;
+
+use crate::control::{
+    ControlError, MAX_RING_SHIFT, MIN_RING_SHIFT, NOTIFY_READ, NOTIFY_WRITE, RingId, SharedHeader,
+    Side,
+};
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/// What a peer corrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Corruption {
+    /// `prod − cons` (wrapping `u32`) exceeds the ring size: the peer wrote
+    /// an impossible index (XSA-86 territory).
+    #[error("prod {prod:#x} − cons {cons:#x} = {} exceeds the ring size {size}", prod.wrapping_sub(*cons))]
+    Indices {
+        /// Producer index as used in the computation.
+        prod: u32,
+        /// Consumer index as used in the computation.
+        cons: u32,
+        /// Ring size in bytes.
+        size: u32,
+    },
+    /// The order field in shared memory differs from the order validated at
+    /// connect time (it must stay constant).
+    #[error("order changed from {expected} to {found}")]
+    OrderChanged {
+        /// Our private copy.
+        expected: u8,
+        /// The value now in shared memory.
+        found: u16,
+    },
+}
+
+/// Errors of ring and endpoint operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RingError {
+    /// The peer put impossible values into the shared header.
+    #[error("{ring} ring corrupted by the peer: {what}")]
+    Corrupt {
+        /// Which ring.
+        ring: RingId,
+        /// What was found.
+        what: Corruption,
+    },
+    /// The peer is not open (its live byte says closed), so nothing can be
+    /// written, or it closed with fewer bytes left than a packet needs.
+    #[error("the peer has closed the vchan")]
+    PeerClosed,
+    /// This endpoint was closed with [`close`](crate::endpoint::Endpoint::close).
+    #[error("the vchan endpoint is closed")]
+    Closed,
+    /// A packet larger than the ring can never be sent or received whole.
+    #[error("packet of {len} bytes can never fit a {ring}-byte ring")]
+    TooBig {
+        /// Packet length.
+        len: usize,
+        /// Ring size in bytes.
+        ring: usize,
+    },
+    /// Non-blocking mode and the operation cannot make progress now.
+    #[error("the operation would block")]
+    WouldBlock,
+    /// The endpoint's timeout expired while waiting for the peer.
+    #[error("timed out waiting for the peer")]
+    TimedOut,
+    /// The event channel failed.
+    #[error("event channel: {0}")]
+    Event(#[source] io::Error),
+    /// Ring storage does not match its order (a setup bug, not the peer).
+    #[error("{ring} ring of order {order} needs {} bytes, storage has {len}", 1usize << order)]
+    Geometry {
+        /// Which ring.
+        ring: RingId,
+        /// The order.
+        order: u8,
+        /// Bytes of storage supplied.
+        len: usize,
+    },
+    /// A ring address that contradicts the layout (a setup bug).
+    #[error("{ring} ring address: {reason}")]
+    RingAddress {
+        /// Which ring.
+        ring: RingId,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Invalid orders or layout.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+impl From<RingError> for io::Error {
+    fn from(e: RingError) -> Self {
+        let kind = match &e {
+            RingError::Corrupt { .. } => io::ErrorKind::InvalidData,
+            RingError::PeerClosed => io::ErrorKind::BrokenPipe,
+            RingError::Closed => io::ErrorKind::NotConnected,
+            RingError::TooBig { .. } => io::ErrorKind::InvalidInput,
+            RingError::WouldBlock => io::ErrorKind::WouldBlock,
+            RingError::TimedOut => io::ErrorKind::TimedOut,
+            RingError::Event(inner) => inner.kind(),
+            RingError::Geometry { .. } | RingError::RingAddress { .. } | RingError::Control(_) => {
+                io::ErrorKind::InvalidInput
+            }
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Ring storage
+
+/// Byte storage of one ring: the only way ring data is touched.
+///
+/// The real implementation is [`RawRingBytes`]; the `loom` model uses
+/// per-byte `loom::cell::UnsafeCell`s so that it detects data races between
+/// the producer's writes and the consumer's reads.
+pub trait RingBytes: fmt::Debug {
+    /// Size of the storage in bytes (the ring size).
+    fn size(&self) -> usize;
+
+    /// Copies `src` into the ring at byte offset `off`.
+    ///
+    /// # Safety
+    /// `off + src.len() <= self.size()`.
+    unsafe fn write_at(&self, off: usize, src: &[u8]);
+
+    /// Copies ring bytes starting at `off` into `dst`.
+    ///
+    /// # Safety
+    /// `off + dst.len() <= self.size()`.
+    unsafe fn read_at(&self, off: usize, dst: &mut [u8]);
+}
+
+/// Ring bytes at a raw address (an in-page ring or mapped ring pages).
+///
+/// ```
+/// use vchan::ring::{RawRingBytes, RingBytes};
+/// let mut mem = vec![0u8; 1024];
+/// // SAFETY: `mem` is 1024 bytes and outlives `bytes`.
+/// let bytes = unsafe { RawRingBytes::new(mem.as_mut_ptr(), 1024) };
+/// assert_eq!(bytes.size(), 1024);
+/// ```
+#[derive(Debug)]
+pub struct RawRingBytes {
+    base: NonNull<u8>,
+    size: usize,
+}
+
+// SAFETY: the bytes are shared with another domain anyway; `RawRingBytes`
+// only copies to and from private buffers, with no references into the ring.
+unsafe impl Send for RawRingBytes {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for RawRingBytes {}
+
+impl RawRingBytes {
+    /// Wraps `size` bytes of ring storage at `base`.
+    ///
+    /// # Safety
+    /// `base` must be non-null and valid for reads of `size` bytes for as
+    /// long as this value is used, and valid for writes too if it is used by
+    /// a [`Producer`] (a [`Consumer`] only reads, so a read-only mapping is
+    /// fine for the client's read ring). No Rust reference to these bytes
+    /// may exist while this value is used; the peer may modify them at any
+    /// time.
+    pub unsafe fn new(base: *mut u8, size: usize) -> Self {
+        let base = NonNull::new(base).expect("RawRingBytes::new: null ring pointer");
+        Self { base, size }
+    }
+}
+
+impl RingBytes for RawRingBytes {
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    unsafe fn write_at(&self, off: usize, src: &[u8]) {
+        debug_assert!(off <= self.size && src.len() <= self.size - off);
+        // SAFETY: the caller guarantees `off + src.len() <= size`; the
+        // constructor guarantees the range is valid for writes. `src` is
+        // private memory, so it cannot overlap the ring. The peer may read
+        // these bytes concurrently; that is the protocol, and no reference
+        // to them exists on our side.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(off), src.len()) }
+    }
+
+    unsafe fn read_at(&self, off: usize, dst: &mut [u8]) {
+        debug_assert!(off <= self.size && dst.len() <= self.size - off);
+        // SAFETY: the caller guarantees `off + dst.len() <= size`; the
+        // constructor guarantees the range is valid for reads. `dst` is
+        // private memory. If a hostile peer modifies the bytes during the
+        // copy we copy garbage into a private buffer, which is harmless:
+        // nothing is ever re-read from the ring.
+        unsafe {
+            ptr::copy_nonoverlapping(self.base.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        }
+    }
+}
+
+/// A ring: its byte storage and a private copy of its validated order.
+#[derive(Debug)]
+pub struct Ring<B> {
+    bytes: B,
+    order: u8,
+}
+
+impl<B: RingBytes> Ring<B> {
+    /// A ring of `order` (10..=20) over `bytes`, which must be exactly
+    /// `1 << order` bytes.
+    ///
+    /// # Errors
+    /// [`ControlError::InvalidOrder`] (inside [`RingError::Control`]) for an
+    /// order out of range, [`RingError::Geometry`] for a size mismatch. The
+    /// `ring` named in these errors is [`RingId::Left`] by convention; use
+    /// [`Ring::for_ring`] to name it.
+    pub fn new(bytes: B, order: u8) -> Result<Self, RingError> {
+        Self::for_ring(bytes, order, RingId::Left)
+    }
+
+    /// As [`Ring::new`], naming `ring` in errors.
+    ///
+    /// # Errors
+    /// As [`Ring::new`].
+    pub fn for_ring(bytes: B, order: u8, ring: RingId) -> Result<Self, RingError> {
+        if !(MIN_RING_SHIFT..=MAX_RING_SHIFT).contains(&order) {
+            return Err(ControlError::InvalidOrder {
+                ring,
+                order: u16::from(order),
+            }
+            .into());
+        }
+        if bytes.size() != 1usize << order {
+            return Err(RingError::Geometry {
+                ring,
+                order,
+                len: bytes.size(),
+            });
+        }
+        Ok(Self { bytes, order })
+    }
+
+    /// The validated order.
+    pub fn order(&self) -> u8 {
+        self.order
+    }
+
+    /// Ring size in bytes (`1 << order`, at most 2^20).
+    pub fn size(&self) -> u32 {
+        1u32 << self.order
+    }
+
+    fn mask(&self) -> u32 {
+        self.size() - 1
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Notification protocol (spec §5.4)
+
+/// `request_notify`: ask the peer for an event when it next produces
+/// (`NOTIFY_WRITE`) or consumes (`NOTIFY_READ`), by OR-ing `bit` into the
+/// **peer's** notify byte (`peer_notify`, e.g. `cli_notify` for the server).
+///
+/// The caller MUST re-load the peer's index afterwards (the Dekker re-check)
+/// before deciding to sleep; [`Consumer::fast_ready`] and
+/// [`Producer::fast_space`] do.
+#[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
+    h.fetch_or_u8(peer_notify, bit);
+    // FENCE (xen_mb, "post the request before re-reading any index").
+    // Forbids: the caller's following re-load of the peer's index being
+    // satisfied before our request bit is visible to the peer (store→load
+    // reordering, allowed even on x86). Lost wakeup without it: the peer
+    // advances its index and tests the bit, which it does not see yet, so
+    // it sends no event; our early re-load saw the old index, so we sleep,
+    // and nobody wakes us. Pairs with the fence in `send_notify`.
+    #[cfg(not(all(loom, vchan_loom_no_fence)))]
+    h.fence(Ordering::SeqCst);
+}
+
+/// `send_notify`: after we advanced our index, test-and-clear `bit` in **our
+/// own** notify byte (`own_notify`, e.g. `srv_notify` for the server).
+/// Returns `true` if the peer had requested it, i.e. one event must be sent.
+#[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+pub fn send_notify<H: SharedHeader>(h: &H, own_notify: usize, bit: u8) -> bool {
+    // FENCE (xen_mb, "indexes updated before we decide").
+    // Forbids: our test of the request bit being satisfied before our new
+    // index is visible to the peer (store→load reordering). Lost wakeup
+    // without it: we read "no request" early; meanwhile the peer sets the
+    // bit and re-loads our index, which it sees as old, and sleeps; we then
+    // publish the index and send no event. Pairs with the fence in
+    // `request_notify`: of the two fences, whichever comes second in the
+    // total order of SeqCst fences guarantees its side sees the other's
+    // store (either we see the bit, or the peer sees the index).
+    #[cfg(not(all(loom, vchan_loom_no_notify_fence)))]
+    h.fence(Ordering::SeqCst);
+    h.fetch_and_u8(own_notify, !bit) & bit != 0
+}
+
+fn to_u32_clamped(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// Consumer
+
+/// Our reading end of a ring: we read data and advance `cons`.
+#[derive(Debug)]
+pub struct Consumer<B> {
+    ring: Ring<B>,
+    id: RingId,
+    /// Our index (private copy; we are its only writer).
+    cons: u32,
+    /// Last validated value of the peer's `prod`; `prod − cons ≤ size`.
+    prod: u32,
+    own_notify: usize,
+    peer_notify: usize,
+}
+
+impl<B: RingBytes> Consumer<B> {
+    /// Attaches to `side`'s read ring: reads `cons` (ours, which we keep
+    /// privately from now on; indices survive reconnects) and `prod` once,
+    /// and validates them.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`] if the indices are already inconsistent.
+    pub fn new<H: SharedHeader>(h: &H, side: Side, ring: Ring<B>) -> Result<Self, RingError> {
+        let id = side.read_ring();
+        let cons = h.load_u32(id.cons_offset());
+        let mut c = Self {
+            ring,
+            id,
+            cons,
+            prod: cons,
+            own_notify: side.own_notify(),
+            peer_notify: side.peer_notify(),
+        };
+        c.load_ready(h)?;
+        Ok(c)
+    }
+
+    /// Which ring this is.
+    pub fn id(&self) -> RingId {
+        self.id
+    }
+
+    /// The ring (order and size).
+    pub fn ring(&self) -> &Ring<B> {
+        &self.ring
+    }
+
+    /// Our consumer index (private copy).
+    pub fn cons(&self) -> u32 {
+        self.cons
+    }
+
+    /// Bytes known to be readable from the last validated load of `prod`
+    /// (no shared-memory access).
+    pub fn cached_ready(&self) -> u32 {
+        // Invariant: `prod − cons ≤ size` (validated in `load_ready`, and
+        // `pop` advances `cons` by at most that much).
+        self.prod.wrapping_sub(self.cons)
+    }
+
+    /// Loads the peer's `prod` once and returns the bytes ready to read.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`] if `prod − cons` exceeds the ring size.
+    pub fn load_ready<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
+        // Single fetch (XSA-155): this one load feeds the check and the cache.
+        let prod = h.load_u32(self.id.prod_offset());
+        let ready = prod.wrapping_sub(self.cons);
+        if ready > self.ring.size() {
+            // XSA-86: libxenvchan would treat this as 0 and hang; we report it.
+            return Err(RingError::Corrupt {
+                ring: self.id,
+                what: Corruption::Indices {
+                    prod,
+                    cons: self.cons,
+                    size: self.ring.size(),
+                },
+            });
+        }
+        self.prod = prod;
+        Ok(ready)
+    }
+
+    /// libxenvchan's `fast_get_data_ready`, with a cache: returns the bytes
+    /// ready, using the cached `prod` if it already shows `want` bytes,
+    /// re-loading it otherwise; if fewer than `need` are ready, requests a
+    /// `NOTIFY_WRITE` and re-loads once more (so a caller that then sleeps
+    /// cannot miss the producer's event). `need` is raised to at least 1 and
+    /// `want` to at least `need`.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    pub fn fast_ready<H: SharedHeader>(
+        &mut self,
+        h: &H,
+        want: u32,
+        need: u32,
+    ) -> Result<u32, RingError> {
+        let need = need.max(1);
+        let want = want.max(need);
+        let cached = self.cached_ready();
+        if cached >= want {
+            return Ok(cached);
+        }
+        let ready = self.load_ready(h)?;
+        if ready >= need {
+            return Ok(ready);
+        }
+        request_notify(h, self.peer_notify, NOTIFY_WRITE);
+        if cfg!(all(loom, vchan_loom_no_recheck)) {
+            return Ok(ready);
+        }
+        // Re-check: the producer may have advanced between the load above
+        // and our request becoming visible; it would not have notified us.
+        self.load_ready(h)
+    }
+
+    /// libxenvchan's `data_ready()`: requests a `NOTIFY_WRITE` (the caller
+    /// is likely to sleep next), then loads `prod` and returns the bytes
+    /// ready.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn data_ready<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
+        request_notify(h, self.peer_notify, NOTIFY_WRITE);
+        self.load_ready(h)
+    }
+
+    /// Copies `min(dst.len(), cached_ready())` bytes out of the ring into
+    /// `dst` and publishes the new `cons` (spec §5.3). Returns the count.
+    /// Call [`Consumer::notify_consumed`] afterwards.
+    pub fn pop<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
+        let ready = self.cached_ready();
+        let n = to_u32_clamped(dst.len()).min(ready);
+        if n == 0 {
+            return 0;
+        }
+        let size = self.ring.size();
+        let off = self.cons & self.ring.mask();
+        let first = n.min(size - off);
+        // FENCE (xen_rmb, "data read must happen after the index read").
+        // Forbids: ring bytes being read before the load of `prod` that said
+        // they are there. Without it we could copy stale bytes that the
+        // producer had not written yet (its Release fence before publishing
+        // `prod` pairs with this).
+        h.fence(Ordering::Acquire);
+        let (n, first, off) = (n as usize, first as usize, off as usize);
+        // SAFETY: `off = cons & (size − 1) < size` and
+        // `first = min(n, size − off)`, so `off + first <= size`.
+        unsafe { self.ring.bytes.read_at(off, &mut dst[..first]) };
+        if n > first {
+            // Wrapped: the rest starts at offset 0. `n ≤ ready ≤ size` and
+            // `first = size − off`, so `n − first ≤ off < size`.
+            // SAFETY: `0 + (n − first) <= size` as shown above.
+            unsafe { self.ring.bytes.read_at(0, &mut dst[first..n]) };
+        }
+        // FENCE (xen_mb, "consume, then publish").
+        // Forbids: the store of the new `cons` becoming visible before our
+        // reads of the ring bytes are complete. Without it the producer
+        // could see the space as free and overwrite bytes we are still
+        // copying (we would return corrupted data).
+        h.fence(Ordering::SeqCst);
+        self.cons = self.cons.wrapping_add(n as u32);
+        h.store_u32(self.id.cons_offset(), self.cons);
+        n
+    }
+
+    /// After [`Consumer::pop`]: test-and-clear the peer's `NOTIFY_READ`
+    /// request. `true` means one event must be sent.
+    pub fn notify_consumed<H: SharedHeader>(&self, h: &H) -> bool {
+        send_notify(h, self.own_notify, NOTIFY_READ)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Producer
+
+/// Our writing end of a ring: we write data and advance `prod`.
+#[derive(Debug)]
+pub struct Producer<B> {
+    ring: Ring<B>,
+    id: RingId,
+    /// Our index (private copy; we are its only writer).
+    prod: u32,
+    /// Last validated value of the peer's `cons`; `prod − cons ≤ size`.
+    cons: u32,
+    own_notify: usize,
+    peer_notify: usize,
+}
+
+impl<B: RingBytes> Producer<B> {
+    /// Attaches to `side`'s write ring: reads `prod` (ours, kept privately
+    /// from now on) and `cons` once, and validates them.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`] if the indices are already inconsistent.
+    pub fn new<H: SharedHeader>(h: &H, side: Side, ring: Ring<B>) -> Result<Self, RingError> {
+        let id = side.write_ring();
+        let prod = h.load_u32(id.prod_offset());
+        let mut p = Self {
+            ring,
+            id,
+            prod,
+            cons: prod,
+            own_notify: side.own_notify(),
+            peer_notify: side.peer_notify(),
+        };
+        p.load_space(h)?;
+        Ok(p)
+    }
+
+    /// Which ring this is.
+    pub fn id(&self) -> RingId {
+        self.id
+    }
+
+    /// The ring (order and size).
+    pub fn ring(&self) -> &Ring<B> {
+        &self.ring
+    }
+
+    /// Our producer index (private copy).
+    pub fn prod(&self) -> u32 {
+        self.prod
+    }
+
+    /// Free space known from the last validated load of `cons`.
+    pub fn cached_space(&self) -> u32 {
+        // Invariant: `prod − cons ≤ size` (validated in `load_space`, and
+        // `push` advances `prod` by at most the free space).
+        self.ring.size() - self.prod.wrapping_sub(self.cons)
+    }
+
+    /// Loads the peer's `cons` once and returns the free space.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`] if `prod − cons` exceeds the ring size
+    /// (equivalently, `space = size − (prod − cons)` would exceed it).
+    pub fn load_space<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
+        // Single fetch (XSA-155).
+        let cons = h.load_u32(self.id.cons_offset());
+        let used = self.prod.wrapping_sub(cons);
+        if used > self.ring.size() {
+            return Err(RingError::Corrupt {
+                ring: self.id,
+                what: Corruption::Indices {
+                    prod: self.prod,
+                    cons,
+                    size: self.ring.size(),
+                },
+            });
+        }
+        self.cons = cons;
+        Ok(self.ring.size() - used)
+    }
+
+    /// libxenvchan's `fast_get_buffer_space`, with a cache: as
+    /// [`Consumer::fast_ready`], for free space and `NOTIFY_READ`.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    pub fn fast_space<H: SharedHeader>(
+        &mut self,
+        h: &H,
+        want: u32,
+        need: u32,
+    ) -> Result<u32, RingError> {
+        let need = need.max(1);
+        let want = want.max(need);
+        let cached = self.cached_space();
+        if cached >= want {
+            return Ok(cached);
+        }
+        let space = self.load_space(h)?;
+        if space >= need {
+            return Ok(space);
+        }
+        request_notify(h, self.peer_notify, NOTIFY_READ);
+        if cfg!(all(loom, vchan_loom_no_recheck)) {
+            return Ok(space);
+        }
+        // Re-check: the consumer may have advanced before our request was
+        // visible; it would not have notified us.
+        self.load_space(h)
+    }
+
+    /// libxenvchan's `buffer_space()`: requests a `NOTIFY_READ`, then loads
+    /// `cons` and returns the free space.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn buffer_space<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
+        request_notify(h, self.peer_notify, NOTIFY_READ);
+        self.load_space(h)
+    }
+
+    /// Copies `min(src.len(), cached_space())` bytes from `src` into the ring
+    /// and publishes the new `prod` (spec §5.2). Returns the count. Call
+    /// [`Producer::notify_produced`] afterwards.
+    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    pub fn push<H: SharedHeader>(&mut self, h: &H, src: &[u8]) -> usize {
+        let space = self.cached_space();
+        let n = to_u32_clamped(src.len()).min(space);
+        if n == 0 {
+            return 0;
+        }
+        let size = self.ring.size();
+        let off = self.prod & self.ring.mask();
+        let first = n.min(size - off);
+        // FENCE (xen_mb, "read indexes, then write data").
+        // Forbids: our writes into the ring being performed before the load
+        // of `cons` that said the space is free (load→store reordering).
+        // Without it we could overwrite bytes the consumer is still reading
+        // (pairs with the consumer's fence before it publishes `cons`).
+        h.fence(Ordering::SeqCst);
+        let (n, first, off) = (n as usize, first as usize, off as usize);
+        // SAFETY: `off < size` and `first = min(n, size − off)`, so
+        // `off + first <= size`.
+        unsafe { self.ring.bytes.write_at(off, &src[..first]) };
+        if n > first {
+            // SAFETY: wrapped: `n ≤ space ≤ size` and `first = size − off`,
+            // so `n − first ≤ off < size`.
+            unsafe { self.ring.bytes.write_at(0, &src[first..n]) };
+        }
+        // FENCE (xen_wmb, "write data, then publish").
+        // Forbids: the new `prod` becoming visible before the data it
+        // covers. Without it the consumer could read bytes we have not
+        // written yet (it would return stale data).
+        #[cfg(not(all(loom, vchan_loom_no_wmb)))]
+        h.fence(Ordering::Release);
+        self.prod = self.prod.wrapping_add(n as u32);
+        h.store_u32(self.id.prod_offset(), self.prod);
+        n
+    }
+
+    /// After [`Producer::push`]: test-and-clear the peer's `NOTIFY_WRITE`
+    /// request. `true` means one event must be sent.
+    pub fn notify_produced<H: SharedHeader>(&self, h: &H) -> bool {
+        send_notify(h, self.own_notify, NOTIFY_WRITE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{
+        CLI_NOTIFY, ControlPage, LEFT_CONS, LEFT_PROD, PAGE_SIZE, RIGHT_CONS, RIGHT_PROD,
+        SRV_NOTIFY,
+    };
+
+    #[repr(C, align(4096))]
+    struct Page([u8; PAGE_SIZE]);
+
+    /// A control page plus one 4 KiB ring (order 12) in private memory.
+    struct Fixture {
+        page: Box<Page>,
+        ring: Box<Page>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                page: Box::new(Page([0; PAGE_SIZE])),
+                ring: Box::new(Page([0; PAGE_SIZE])),
+            }
+        }
+        fn hdr(&mut self) -> ControlPage {
+            // SAFETY: page-aligned 4096 bytes owned by the fixture, which
+            // outlives the test's use; only accessed through ControlPage.
+            unsafe { ControlPage::new(self.page.0.as_mut_ptr()) }
+        }
+        fn bytes(&mut self) -> RawRingBytes {
+            // SAFETY: 4096 bytes owned by the fixture; accessed only
+            // through RawRingBytes while the test runs.
+            unsafe { RawRingBytes::new(self.ring.0.as_mut_ptr(), PAGE_SIZE) }
+        }
+        /// Server writes the right ring, client reads it.
+        fn pair(&mut self) -> (ControlPage, Producer<RawRingBytes>, Consumer<RawRingBytes>) {
+            let h = self.hdr();
+            let tx = Producer::new(&h, Side::Server, Ring::new(self.bytes(), 12).unwrap()).unwrap();
+            let rx = Consumer::new(&h, Side::Client, Ring::new(self.bytes(), 12).unwrap()).unwrap();
+            (h, tx, rx)
+        }
+    }
+
+    fn pattern(start: u32, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| (start as usize + i).wrapping_mul(31) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn ring_geometry_is_validated() {
+        let mut f = Fixture::new();
+        assert!(matches!(
+            Ring::new(f.bytes(), 9),
+            Err(RingError::Control(ControlError::InvalidOrder {
+                order: 9,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            Ring::new(f.bytes(), 21),
+            Err(RingError::Control(ControlError::InvalidOrder {
+                order: 21,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            Ring::for_ring(f.bytes(), 13, RingId::Right),
+            Err(RingError::Geometry {
+                ring: RingId::Right,
+                order: 13,
+                len: 4096
+            })
+        ));
+        let r = Ring::new(f.bytes(), 12).unwrap();
+        assert_eq!((r.order(), r.size()), (12, 4096));
+    }
+
+    #[test]
+    fn producer_and_consumer_use_the_side_mapping() {
+        let mut f = Fixture::new();
+        let h = f.hdr();
+        let tx = Producer::new(&h, Side::Client, Ring::new(f.bytes(), 12).unwrap()).unwrap();
+        let rx = Consumer::new(&h, Side::Server, Ring::new(f.bytes(), 12).unwrap()).unwrap();
+        assert_eq!((tx.id(), rx.id()), (RingId::Left, RingId::Left));
+        let mut tx = tx;
+        let mut rx = rx;
+        tx.fast_space(&h, 3, 3).unwrap();
+        tx.push(&h, b"abc");
+        assert_eq!(h.load_u32(LEFT_PROD), 3);
+        rx.fast_ready(&h, 3, 3).unwrap();
+        rx.pop(&h, &mut [0; 3]);
+        assert_eq!(h.load_u32(LEFT_CONS), 3);
+        assert_eq!((h.load_u32(RIGHT_PROD), h.load_u32(RIGHT_CONS)), (0, 0));
+    }
+
+    /// Indices near u32::MAX: the free-running counters wrap and the data
+    /// wraps at the ring end, byte-exact, for every start offset class.
+    #[test]
+    fn index_wraparound_near_u32_max() {
+        for start in [
+            u32::MAX - 4096,
+            u32::MAX - 4095,
+            u32::MAX - 7,
+            u32::MAX,
+            0xFFFF_F800,
+        ] {
+            let mut f = Fixture::new();
+            let h = f.hdr();
+            h.store_u32(RIGHT_PROD, start);
+            h.store_u32(RIGHT_CONS, start);
+            let (h, mut tx, mut rx) = f.pair();
+            let mut sent = 0u32;
+            let mut got = Vec::new();
+            let mut expect = Vec::new();
+            for chunk in [1usize, 4095, 4096, 3000, 7, 2500] {
+                let data = pattern(sent, chunk);
+                let space = tx.fast_space(&h, chunk as u32, 1).unwrap();
+                let n = tx.push(&h, &data);
+                assert_eq!(n, chunk.min(space as usize));
+                expect.extend_from_slice(&data[..n]);
+                sent = sent.wrapping_add(n as u32);
+                assert_eq!(h.load_u32(RIGHT_PROD), start.wrapping_add(sent));
+                let ready = rx.fast_ready(&h, 4096, 1).unwrap() as usize;
+                let mut buf = vec![0; ready];
+                assert_eq!(rx.pop(&h, &mut buf), ready);
+                got.extend_from_slice(&buf);
+            }
+            assert_eq!(got, expect, "start {start:#x}");
+            assert_eq!(h.load_u32(RIGHT_CONS), start.wrapping_add(sent));
+        }
+    }
+
+    #[test]
+    fn full_ring_is_readable_and_not_writable() {
+        // Spec §13 row 2: `>` on both sides, so ready == size is readable.
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        assert_eq!(tx.push(&h, &[7; 5000]), 4096);
+        assert_eq!(tx.fast_space(&h, 1, 1).unwrap(), 0);
+        assert_eq!(tx.push(&h, &[7; 1]), 0);
+        assert_eq!(rx.fast_ready(&h, 1, 1).unwrap(), 4096);
+        assert_eq!(rx.pop(&h, &mut [0; 5000]), 4096);
+    }
+
+    /// XSA-86: an impossible `prod` is reported, never used.
+    #[test]
+    fn corrupt_prod_is_reported_not_clamped() {
+        let mut f = Fixture::new();
+        let (h, _tx, mut rx) = f.pair();
+        for bad in [4097u32, 0x8000_0000, u32::MAX] {
+            h.store_u32(RIGHT_PROD, bad);
+            let e = rx.fast_ready(&h, 1, 1).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RingError::Corrupt {
+                        ring: RingId::Right,
+                        what: Corruption::Indices { prod, cons: 0, size: 4096 }
+                    } if prod == bad
+                ),
+                "{e:?}"
+            );
+            assert_eq!(io::Error::from(e).kind(), io::ErrorKind::InvalidData);
+            // Nothing was consumed, nothing cached.
+            assert_eq!(rx.cached_ready(), 0);
+            assert_eq!(rx.pop(&h, &mut [0; 16]), 0);
+        }
+        // The boundary value is fine: exactly full.
+        h.store_u32(RIGHT_PROD, 4096);
+        assert_eq!(rx.fast_ready(&h, 1, 1).unwrap(), 4096);
+    }
+
+    /// XSA-86 on the writer side: `cons` ahead of `prod`, or too far behind.
+    #[test]
+    fn corrupt_cons_is_reported_not_clamped() {
+        let mut f = Fixture::new();
+        let (h, mut tx, _rx) = f.pair();
+        tx.push(&h, &[1; 100]);
+        for bad in [101u32, 0xFFFF_0000, 100u32.wrapping_sub(4097)] {
+            h.store_u32(RIGHT_CONS, bad);
+            let e = tx.fast_space(&h, 4096, 1).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    RingError::Corrupt {
+                        ring: RingId::Right,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("exceeds the ring size 4096"), "{e}");
+        }
+        // cons == prod − size (exactly full) is legal.
+        h.store_u32(RIGHT_CONS, 100u32.wrapping_sub(4096));
+        assert_eq!(tx.load_space(&h).unwrap(), 0);
+    }
+
+    #[test]
+    fn attach_rejects_inconsistent_indices() {
+        let mut f = Fixture::new();
+        let h = f.hdr();
+        h.store_u32(RIGHT_PROD, 10);
+        h.store_u32(RIGHT_CONS, 20);
+        assert!(matches!(
+            Producer::new(&h, Side::Server, Ring::new(f.bytes(), 12).unwrap()),
+            Err(RingError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            Consumer::new(&h, Side::Client, Ring::new(f.bytes(), 12).unwrap()),
+            Err(RingError::Corrupt { .. })
+        ));
+    }
+
+    /// A peer overwriting *our* index changes nothing on our side: we keep
+    /// our private copy and restore it on the next publish.
+    #[test]
+    fn own_index_is_private() {
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        tx.push(&h, &[1; 10]);
+        h.store_u32(RIGHT_PROD, 0xDEAD_BEEF); // the peer scribbles on our prod
+        assert_eq!(tx.prod(), 10);
+        tx.push(&h, &[2; 5]);
+        assert_eq!(h.load_u32(RIGHT_PROD), 15);
+        assert_eq!(rx.fast_ready(&h, 1, 1).unwrap(), 15);
+        rx.pop(&h, &mut [0; 4]);
+        h.store_u32(RIGHT_CONS, 0x1234_5678); // and on the consumer's cons
+        assert_eq!(rx.cons(), 4);
+        rx.pop(&h, &mut [0; 1]);
+        assert_eq!(h.load_u32(RIGHT_CONS), 5);
+    }
+
+    /// The peer's index is loaded once per decision and cached: with data
+    /// cached, a read does not touch `prod` at all.
+    #[test]
+    fn cached_peer_index_is_reused_until_insufficient() {
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        tx.push(&h, &[1; 100]);
+        assert_eq!(rx.fast_ready(&h, 10, 1).unwrap(), 100);
+        h.store_u32(RIGHT_PROD, 0xFFFF_0000); // would be Corrupt if re-read
+        assert_eq!(rx.fast_ready(&h, 10, 1).unwrap(), 100); // cache used
+        assert_eq!(rx.pop(&h, &mut [0; 95]), 95);
+        assert!(rx.fast_ready(&h, 10, 1).is_err()); // 5 < 10: re-read
+    }
+
+    #[test]
+    fn notify_bits_request_and_test_and_clear() {
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        // Empty ring: the client (reader of right) requests WRITE from the
+        // server by setting the bit in srv_notify (the server's own byte).
+        assert_eq!(rx.fast_ready(&h, 1, 1).unwrap(), 0);
+        assert_eq!(h.load_u8(SRV_NOTIFY), NOTIFY_WRITE);
+        assert_eq!(h.load_u8(CLI_NOTIFY), 0);
+        // Enough data: no request.
+        tx.push(&h, &[1; 10]);
+        assert!(tx.notify_produced(&h), "requested, so an event is due");
+        assert_eq!(h.load_u8(SRV_NOTIFY), 0, "one-shot: cleared");
+        assert!(!tx.notify_produced(&h), "no second event");
+        assert_eq!(rx.fast_ready(&h, 5, 5).unwrap(), 10);
+        assert_eq!(h.load_u8(SRV_NOTIFY), 0);
+        // Writer wanting more than is free requests READ in cli_notify.
+        tx.push(&h, &[1; 4086]);
+        assert_eq!(tx.fast_space(&h, 1, 1).unwrap(), 0);
+        assert_eq!(h.load_u8(CLI_NOTIFY), NOTIFY_READ);
+        rx.pop(&h, &mut [0; 1]);
+        assert!(rx.notify_consumed(&h));
+        assert_eq!(h.load_u8(CLI_NOTIFY), 0);
+        // Only our bit is cleared; other bits survive.
+        h.store_u8(SRV_NOTIFY, NOTIFY_WRITE | NOTIFY_READ | 0x80);
+        assert!(tx.notify_produced(&h));
+        assert_eq!(h.load_u8(SRV_NOTIFY), NOTIFY_READ | 0x80);
+    }
+
+    #[test]
+    fn data_ready_and_buffer_space_always_request() {
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        tx.push(&h, &[1; 10]);
+        assert_eq!(rx.data_ready(&h).unwrap(), 10);
+        assert_eq!(h.load_u8(SRV_NOTIFY), NOTIFY_WRITE);
+        assert_eq!(tx.buffer_space(&h).unwrap(), 4086);
+        assert_eq!(h.load_u8(CLI_NOTIFY), NOTIFY_READ);
+    }
+
+    #[test]
+    fn zero_length_and_empty_operations_touch_nothing() {
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        assert_eq!(tx.push(&h, &[]), 0);
+        assert_eq!(rx.pop(&h, &mut []), 0);
+        assert_eq!(rx.pop(&h, &mut [0; 4]), 0);
+        assert_eq!((h.load_u32(RIGHT_PROD), h.load_u32(RIGHT_CONS)), (0, 0));
+    }
+}
