@@ -832,6 +832,8 @@ impl Worker {
             (Request::Release, Obj::Share { .. } | Obj::Map { .. }) if fds.is_empty() => {
                 let obj = std::mem::replace(&mut conn.obj, Obj::Done);
                 release(&mut state, obj, false);
+                // Nothing can follow; close after the reply.
+                conn.dead = true;
                 Some(ok())
             }
             _ => None,

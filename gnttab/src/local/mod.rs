@@ -227,6 +227,21 @@ impl Backend for Local {
         count: usize,
         writable: bool,
     ) -> Result<Box<dyn SharedPages>, Error> {
+        Ok(Box::new(self.share_pages(peer, count, writable)?))
+    }
+
+    fn map(
+        &self,
+        granter: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+    ) -> Result<Box<dyn MappedPages>, Error> {
+        Ok(Box::new(self.map_pages(granter, refs, writable)?))
+    }
+}
+
+impl Local {
+    fn share_pages(&self, peer: DomId, count: usize, writable: bool) -> Result<LocalShared, Error> {
         if count == 0 {
             return Err(Error::InvalidArgument("zero pages".to_owned()));
         }
@@ -291,19 +306,19 @@ impl Backend for Local {
         if refs.len() != count {
             return Err(conn.protocol("wrong number of refs"));
         }
-        Ok(Box::new(LocalShared {
+        Ok(LocalShared {
             mapping,
             conn,
             refs,
-        }))
+        })
     }
 
-    fn map(
+    fn map_pages(
         &self,
         granter: DomId,
         refs: &[GrantRef],
         writable: bool,
-    ) -> Result<Box<dyn MappedPages>, Error> {
+    ) -> Result<LocalMapped, Error> {
         if refs.is_empty() {
             return Err(Error::InvalidArgument("no grant refs".to_owned()));
         }
@@ -390,12 +405,12 @@ impl Backend for Local {
             }
             start += n;
         }
-        Ok(Box::new(LocalMapped {
+        Ok(LocalMapped {
             mapping,
             conn,
             writable,
             notify_offset: None,
-        }))
+        })
     }
 }
 
