@@ -62,23 +62,23 @@ pub enum Errno {
 }
 
 /// (name, variant, Linux errno value) for every known errno.
-const KNOWN: &[(&str, fn() -> Errno, i32)] = &[
-    ("EINVAL", || Errno::EINVAL, libc::EINVAL),
-    ("EACCES", || Errno::EACCES, libc::EACCES),
-    ("EEXIST", || Errno::EEXIST, libc::EEXIST),
-    ("EISDIR", || Errno::EISDIR, libc::EISDIR),
-    ("ENOENT", || Errno::ENOENT, libc::ENOENT),
-    ("ENOMEM", || Errno::ENOMEM, libc::ENOMEM),
-    ("ENOSPC", || Errno::ENOSPC, libc::ENOSPC),
-    ("EIO", || Errno::EIO, libc::EIO),
-    ("ENOTEMPTY", || Errno::ENOTEMPTY, libc::ENOTEMPTY),
-    ("ENOSYS", || Errno::ENOSYS, libc::ENOSYS),
-    ("EROFS", || Errno::EROFS, libc::EROFS),
-    ("EBUSY", || Errno::EBUSY, libc::EBUSY),
-    ("EAGAIN", || Errno::EAGAIN, libc::EAGAIN),
-    ("EISCONN", || Errno::EISCONN, libc::EISCONN),
-    ("E2BIG", || Errno::E2BIG, libc::E2BIG),
-    ("EPERM", || Errno::EPERM, libc::EPERM),
+const KNOWN: &[(&str, Errno, i32)] = &[
+    ("EINVAL", Errno::EINVAL, libc::EINVAL),
+    ("EACCES", Errno::EACCES, libc::EACCES),
+    ("EEXIST", Errno::EEXIST, libc::EEXIST),
+    ("EISDIR", Errno::EISDIR, libc::EISDIR),
+    ("ENOENT", Errno::ENOENT, libc::ENOENT),
+    ("ENOMEM", Errno::ENOMEM, libc::ENOMEM),
+    ("ENOSPC", Errno::ENOSPC, libc::ENOSPC),
+    ("EIO", Errno::EIO, libc::EIO),
+    ("ENOTEMPTY", Errno::ENOTEMPTY, libc::ENOTEMPTY),
+    ("ENOSYS", Errno::ENOSYS, libc::ENOSYS),
+    ("EROFS", Errno::EROFS, libc::EROFS),
+    ("EBUSY", Errno::EBUSY, libc::EBUSY),
+    ("EAGAIN", Errno::EAGAIN, libc::EAGAIN),
+    ("EISCONN", Errno::EISCONN, libc::EISCONN),
+    ("E2BIG", Errno::E2BIG, libc::E2BIG),
+    ("EPERM", Errno::EPERM, libc::EPERM),
 ];
 
 impl Errno {
@@ -110,7 +110,7 @@ impl Errno {
         KNOWN
             .iter()
             .find(|(n, _, _)| *n == name)
-            .map(|(_, v, _)| v())
+            .map(|(_, v, _)| v.clone())
             .unwrap_or_else(|| Errno::Other(name.to_owned()))
     }
 
@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn errno_names_round_trip() {
         for (name, v, code) in KNOWN {
-            let e = v();
+            let e = v.clone();
             assert_eq!(e.name(), *name);
             assert_eq!(Errno::from_name(name), e);
             assert_eq!(e.raw_os_error(), Some(*code));

@@ -142,7 +142,9 @@ mod tests {
         for s in ["n0", "r5", "w1", "b3", "b65535"] {
             assert_eq!(s.parse::<NodePerm>().unwrap().to_string(), s);
         }
-        for s in ["", "r", "5", "x5", "r-1", "r+1", "r05", "r65536", "R5", "r5 ", "r 5", "rr5"] {
+        for s in [
+            "", "r", "5", "x5", "r-1", "r+1", "r05", "r65536", "R5", "r5 ", "r 5", "rr5",
+        ] {
             assert!(s.parse::<NodePerm>().is_err(), "{s:?} accepted");
         }
     }
@@ -151,7 +153,18 @@ mod tests {
     fn domid_parse_is_strict() {
         assert_eq!(parse_domid("0"), Some(0));
         assert_eq!(parse_domid("32751"), Some(0x7FEF));
-        for s in ["", "00", "01", "-1", "+1", "32752", "65535", "1a", " 1", "99999999999"] {
+        for s in [
+            "",
+            "00",
+            "01",
+            "-1",
+            "+1",
+            "32752",
+            "65535",
+            "1a",
+            " 1",
+            "99999999999",
+        ] {
             assert_eq!(parse_domid(s), None, "{s:?}");
         }
     }

@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use crate::WatchEvent;
 use crate::error::{Error, Result};
 use crate::wire::{
     Escaped, FrameReader, HEADER_LEN, Message, MsgType, PAYLOAD_MAX, parse_error_reply,
     parse_watch_event,
 };
-use crate::WatchEvent;
 
 /// Default xenstored run directory (`XEN_RUN_STORED`).
 pub(crate) const DEFAULT_RUNDIR: &str = "/run/xenstored";
@@ -145,7 +145,7 @@ impl AsFd for Stream {
 pub(crate) enum Wait {
     Forever,
     Until(Instant),
-    NoWait,
+    Now,
 }
 
 impl Wait {
@@ -224,7 +224,7 @@ impl Conn {
             }
             let ready = match wait {
                 Wait::Forever => Ok(true),
-                Wait::NoWait => self.stream.poll_readable(None),
+                Wait::Now => self.stream.poll_readable(None),
                 Wait::Until(t) => self.stream.poll_readable(Some(t)),
             };
             match ready {
@@ -244,7 +244,7 @@ impl Conn {
                 Ok(got) => st.reader.feed(&buf[..got]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if matches!(wait, Wait::NoWait) {
+                    if matches!(wait, Wait::Now) {
                         return Ok(None);
                     }
                 }

@@ -121,7 +121,7 @@ impl Watcher {
     /// The next event if one is queued or can be read without blocking.
     /// A partially received event stays buffered for the next call.
     pub fn try_next_event(&self) -> Result<Option<WatchEvent>> {
-        self.conn.next_event(Wait::NoWait)
+        self.conn.next_event(Wait::Now)
     }
 
     /// Events queued in user space (invisible to `poll`).

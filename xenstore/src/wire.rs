@@ -330,9 +330,12 @@ pub fn parse_error_reply(payload: &[u8]) -> Result<Errno> {
         .filter(|n| {
             !n.is_empty()
                 && n.len() <= ERRNO_NAME_MAX
-                && n.iter().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+                && n.iter()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
         })
-        .ok_or_else(|| Error::protocol(format!("malformed ERROR payload {:?}", Escaped(payload))))?;
+        .ok_or_else(|| {
+            Error::protocol(format!("malformed ERROR payload {:?}", Escaped(payload)))
+        })?;
     // all ASCII, checked above
     Ok(Errno::from_name(utf8(name, "errno name")?))
 }
@@ -380,9 +383,12 @@ pub fn parse_perms_reply(payload: &[u8]) -> Result<Vec<NodePerm>> {
     parts
         .into_iter()
         .map(|p| {
-            utf8(p, "permission")?
-                .parse::<NodePerm>()
-                .map_err(|_| Error::protocol(format!("bad permission {:?} in GET_PERMS reply", Escaped(p))))
+            utf8(p, "permission")?.parse::<NodePerm>().map_err(|_| {
+                Error::protocol(format!(
+                    "bad permission {:?} in GET_PERMS reply",
+                    Escaped(p)
+                ))
+            })
         })
         .collect()
 }
@@ -395,7 +401,10 @@ pub fn parse_transaction_id(payload: &[u8]) -> Result<u32> {
         .and_then(|d| crate::perms::parse_decimal(d, u32::MAX))
         .filter(|id| *id != 0)
         .ok_or_else(|| {
-            Error::protocol(format!("bad TRANSACTION_START reply {:?}", Escaped(payload)))
+            Error::protocol(format!(
+                "bad TRANSACTION_START reply {:?}",
+                Escaped(payload)
+            ))
         })
 }
 
@@ -537,7 +546,14 @@ mod tests {
             parse_error_reply(b"EQUOTA\0").unwrap(),
             Errno::Other("EQUOTA".into())
         );
-        for bad in [&b""[..], b"\0", b"ENOENT", b"enoent\0", b"ENO ENT\0", b"E\0\0"] {
+        for bad in [
+            &b""[..],
+            b"\0",
+            b"ENOENT",
+            b"enoent\0",
+            b"ENO ENT\0",
+            b"E\0\0",
+        ] {
             assert!(parse_error_reply(bad).is_err(), "{bad:?}");
         }
         assert!(parse_ok_reply("WRITE", b"OK\0").is_ok());
@@ -561,8 +577,14 @@ mod tests {
         for bad in [&b""[..], b"42", b"0\0", b"042\0", b"-1\0", b"4294967296\0"] {
             assert!(parse_transaction_id(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(parse_domain_path_reply(b"/local/domain/5\0").unwrap(), "/local/domain/5");
-        assert_eq!(parse_domain_path_reply(b"/local/domain/5").unwrap(), "/local/domain/5");
+        assert_eq!(
+            parse_domain_path_reply(b"/local/domain/5\0").unwrap(),
+            "/local/domain/5"
+        );
+        assert_eq!(
+            parse_domain_path_reply(b"/local/domain/5").unwrap(),
+            "/local/domain/5"
+        );
         for bad in [&b""[..], b"\0", b"local\0", b"/a\0b\0"] {
             assert!(parse_domain_path_reply(bad).is_err(), "{bad:?}");
         }

@@ -11,7 +11,10 @@ use xenstore::{NodePerm, Perm, Watcher};
 
 /// Header given as hex words, payload as bytes.
 fn golden(header_hex: &str, payload: &[u8]) -> Vec<u8> {
-    let digits: Vec<u8> = header_hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    let digits: Vec<u8> = header_hex
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
     assert_eq!(digits.len(), 32, "header must be 16 bytes");
     let mut v: Vec<u8> = digits
         .chunks(2)
@@ -171,6 +174,13 @@ fn transaction_retry_repeats_the_whole_sequence() {
         .collect();
     assert_eq!(
         got,
-        [(6, 1, 0), (11, 2, 9), (7, 3, 9), (6, 4, 0), (11, 5, 9), (7, 6, 9)]
+        [
+            (6, 1, 0),
+            (11, 2, 9),
+            (7, 3, 9),
+            (6, 4, 0),
+            (11, 5, 9),
+            (7, 6, 9)
+        ]
     );
 }

@@ -73,7 +73,10 @@ fn truncated_header_then_silence_times_out() {
 #[test]
 fn closed_without_reply_is_disconnected() {
     let fake = Fake::start(|_, _| Act::SendAndClose(Vec::new()));
-    assert!(matches!(fake.xs().write("x", b""), Err(Error::Disconnected { .. })));
+    assert!(matches!(
+        fake.xs().write("x", b""),
+        Err(Error::Disconnected { .. })
+    ));
 }
 
 #[test]
@@ -114,7 +117,14 @@ fn error_replies_are_typed_and_keep_the_connection() {
 
 #[test]
 fn malformed_error_payloads_are_protocol_errors() {
-    for bad in [&b"ENOENT"[..], b"", b"\0", b"enoent\0", b"ENO\0ENT\0", &[b'E'; 40]] {
+    for bad in [
+        &b"ENOENT"[..],
+        b"",
+        b"\0",
+        b"enoent\0",
+        b"ENO\0ENT\0",
+        &[b'E'; 40],
+    ] {
         let bad = bad.to_vec();
         let fake = Fake::start(move |_, r| Act::SendAndHang(msg(16, r.req_id, 0, &bad)));
         protocol(fake.xs().read("x"));
@@ -182,7 +192,10 @@ fn malformed_watch_event_is_a_protocol_error() {
     let w = Watcher::connect_unix(&fake.path).unwrap();
     w.set_reply_timeout(Some(common::SAFETY));
     protocol(w.watch("/p", "t"));
-    assert!(matches!(w.next_event_timeout(Duration::ZERO), Err(Error::Broken)));
+    assert!(matches!(
+        w.next_event_timeout(Duration::ZERO),
+        Err(Error::Broken)
+    ));
 }
 
 #[test]
@@ -209,7 +222,11 @@ fn watcher_reassembles_split_events_and_queues_early_ones() {
     assert_eq!(w.try_next_event().unwrap().unwrap().path, "/early");
     // only part of "/late" is there: no event, and no blocking
     assert!(w.try_next_event().unwrap().is_none());
-    assert!(w.next_event_timeout(Duration::from_millis(50)).unwrap().is_none());
+    assert!(
+        w.next_event_timeout(Duration::from_millis(50))
+            .unwrap()
+            .is_none()
+    );
     w.watch("/y", "t").unwrap();
     assert_eq!(w.try_next_event().unwrap().unwrap().path, "/late");
     assert!(w.try_next_event().unwrap().is_none());

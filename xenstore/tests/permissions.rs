@@ -24,8 +24,14 @@ fn errno<T: std::fmt::Debug>(r: Result<T, Error>) -> Errno {
 fn toolstack_nodes_like_libxl() {
     let env = Env::new(&[0, 1]);
     let xs0 = env.xs(0);
-    assert_eq!(xs0.get_perms("/local/domain/1").unwrap(), [p("n0"), p("r1")]);
-    assert_eq!(xs0.get_perms("/local/domain/1/domid").unwrap(), [p("n0"), p("r1")]);
+    assert_eq!(
+        xs0.get_perms("/local/domain/1").unwrap(),
+        [p("n0"), p("r1")]
+    );
+    assert_eq!(
+        xs0.get_perms("/local/domain/1/domid").unwrap(),
+        [p("n0"), p("r1")]
+    );
     assert_eq!(xs0.read_string("/local/domain/1/domid").unwrap(), "1");
     assert_eq!(xs0.get_perms("/local/domain/1/data").unwrap(), [p("n1")]);
     assert_eq!(xs0.get_perms("/local/domain/0").unwrap(), [p("n0")]);
@@ -39,7 +45,10 @@ fn toolstack_nodes_like_libxl() {
     assert_eq!(errno(xs1.write("domid", b"0")), Errno::EACCES);
     assert_eq!(errno(xs1.write("newnode", b"")), Errno::EACCES);
     assert_eq!(errno(xs1.directory("/local/domain")), Errno::EACCES);
-    assert_eq!(xs1.directory("").map_err(|e| e.to_string()).unwrap_err(), "invalid argument: empty path");
+    assert_eq!(
+        xs1.directory("").map_err(|e| e.to_string()).unwrap_err(),
+        "invalid argument: empty path"
+    );
 }
 
 /// §16 row 9a/9b, with domU1 = 1 and domU2 = 2.
@@ -87,7 +96,11 @@ fn domain_5_reads_domain_7_only_after_grant() {
         .unwrap();
     assert_eq!(xs5.read_string(node).unwrap(), "12");
     // the intermediate directories stay unreadable
-    assert!(xs5.directory("/local/domain/7/data/vchan/5/512").unwrap_err().is_eacces());
+    assert!(
+        xs5.directory("/local/domain/7/data/vchan/5/512")
+            .unwrap_err()
+            .is_eacces()
+    );
 }
 
 /// §16 row 9c: a missing node under an unreadable parent.
@@ -105,12 +118,24 @@ fn missing_node_under_unreadable_parent() {
             },
         );
         let xs2 = env.xs(2);
-        assert_eq!(errno(xs2.read("/local/domain/1/data/missing")), expect, "{mode:?}");
+        assert_eq!(
+            errno(xs2.read("/local/domain/1/data/missing")),
+            expect,
+            "{mode:?}"
+        );
         // in the reader's own tree: ENOENT on both
         assert_eq!(errno(xs2.read("data/missing")), Errno::ENOENT);
-        assert!(env.xs(0).read("/local/domain/1/data/missing").unwrap_err().is_enoent());
+        assert!(
+            env.xs(0)
+                .read("/local/domain/1/data/missing")
+                .unwrap_err()
+                .is_enoent()
+        );
         // creating it is refused either way
-        assert_eq!(errno(xs2.write("/local/domain/1/data/missing", b"")), Errno::EACCES);
+        assert_eq!(
+            errno(xs2.write("/local/domain/1/data/missing", b"")),
+            Errno::EACCES
+        );
     }
 }
 
@@ -120,7 +145,8 @@ fn default_access_and_per_domain_entries() {
     let (xs1, xs2, xs3) = (env.xs(1), env.xs(2), env.xs(3));
     xs1.write("data/shared", b"v").unwrap();
     // default read for everyone, write for 2, nothing for 3
-    xs1.set_perms("data/shared", &[p("r1"), p("w2"), p("n3")]).unwrap();
+    xs1.set_perms("data/shared", &[p("r1"), p("w2"), p("n3")])
+        .unwrap();
     let node = "/local/domain/1/data/shared";
     assert_eq!(errno(xs2.read(node)), Errno::EACCES);
     xs2.write(node, b"from 2").unwrap();
@@ -145,7 +171,13 @@ fn default_access_and_per_domain_entries() {
 fn path_and_size_limits() {
     let env = Env::new(&[0, 1]);
     let xs1 = env.xs(1);
-    for bad in ["data/", "data//x", "data/a b", "/local/domain/1/data/é", "data/x.y"] {
+    for bad in [
+        "data/",
+        "data//x",
+        "data/a b",
+        "/local/domain/1/data/é",
+        "data/x.y",
+    ] {
         assert_eq!(errno(xs1.write(bad, b"")), Errno::EINVAL, "{bad:?}");
     }
     // 2048 relative is fine (it fits the absolute limit), 2049 is not
@@ -166,7 +198,10 @@ fn path_and_size_limits() {
         xs0.write("/big", &[b'x'; 4096]),
         Err(Error::InvalidArgument { .. })
     ));
-    assert!(matches!(xs0.read("a\0b"), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        xs0.read("a\0b"),
+        Err(Error::InvalidArgument { .. })
+    ));
     // the connection is still fine
     assert_eq!(xs0.read("/big").unwrap().len(), 4000);
 }
@@ -198,12 +233,24 @@ fn malformed_requests_get_einval_and_unknown_transactions_enoent() {
         s.write_all(&m).unwrap();
         read_msg(s).unwrap()
     };
-    assert_eq!(send(&mut s, 2, 0, b"domid"), (16, 42, 0, b"EINVAL\0".to_vec()));
-    assert_eq!(send(&mut s, 2, 0, b"domid\0x\0"), (16, 42, 0, b"EINVAL\0".to_vec()));
+    assert_eq!(
+        send(&mut s, 2, 0, b"domid"),
+        (16, 42, 0, b"EINVAL\0".to_vec())
+    );
+    assert_eq!(
+        send(&mut s, 2, 0, b"domid\0x\0"),
+        (16, 42, 0, b"EINVAL\0".to_vec())
+    );
     assert_eq!(send(&mut s, 99, 0, b""), (16, 42, 0, b"EINVAL\0".to_vec()));
     assert_eq!(send(&mut s, 8, 0, b""), (16, 42, 0, b"ENOSYS\0".to_vec()));
-    assert_eq!(send(&mut s, 2, 1234, b"domid\0"), (16, 42, 1234, b"ENOENT\0".to_vec()));
-    assert_eq!(send(&mut s, 7, 1234, b"T\0"), (16, 42, 1234, b"ENOENT\0".to_vec()));
+    assert_eq!(
+        send(&mut s, 2, 1234, b"domid\0"),
+        (16, 42, 1234, b"ENOENT\0".to_vec())
+    );
+    assert_eq!(
+        send(&mut s, 7, 1234, b"T\0"),
+        (16, 42, 1234, b"ENOENT\0".to_vec())
+    );
     assert_eq!(send(&mut s, 2, 0, b"domid\0"), (2, 42, 0, b"1".to_vec()));
     assert_eq!(send(&mut s, 17, 0, b"1\0"), (17, 42, 0, b"T\0".to_vec()));
     assert_eq!(send(&mut s, 17, 0, b"9\0"), (17, 42, 0, b"F\0".to_vec()));

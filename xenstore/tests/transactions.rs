@@ -80,7 +80,10 @@ fn helper_retries_the_whole_transaction() {
                 b.write("data/n", b"20").unwrap();
             }
             t.write("data/n", (n + 1).to_string().as_bytes())?;
-            t.set_perms("data/n", &[NodePerm::new(1, Perm::None), NodePerm::new(0, Perm::Read)])?;
+            t.set_perms(
+                "data/n",
+                &[NodePerm::new(1, Perm::None), NodePerm::new(0, Perm::Read)],
+            )?;
             Ok(n + 1)
         })
         .unwrap();
@@ -103,7 +106,9 @@ fn helper_gives_up_after_bounded_attempts() {
             Ok(())
         })
         .unwrap_err();
-    assert!(matches!(err, Error::TransactionRetries { attempts } if attempts == TRANSACTION_ATTEMPTS));
+    assert!(
+        matches!(err, Error::TransactionRetries { attempts } if attempts == TRANSACTION_ATTEMPTS)
+    );
     assert_eq!(runs, TRANSACTION_ATTEMPTS);
     assert!(a.read("data/k").unwrap_err().is_enoent());
 }

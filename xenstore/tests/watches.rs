@@ -39,7 +39,11 @@ fn fires_on_registration_and_on_changes_at_or_below() {
     );
 
     w.unwatch("/local/domain/1/data/dir", "abs").unwrap();
-    assert!(w.unwatch("/local/domain/1/data/dir", "abs").unwrap_err().is_enoent());
+    assert!(
+        w.unwatch("/local/domain/1/data/dir", "abs")
+            .unwrap_err()
+            .is_enoent()
+    );
     xs.rm("data/dir").unwrap();
     assert_eq!(events_so_far(&w), [ev("data/dir", "rel")]);
 }
@@ -86,7 +90,10 @@ fn transaction_changes_fire_on_commit_only() {
     let tx = xs.begin().unwrap();
     tx.write("data/z", b"1").unwrap();
     tx.abort().unwrap();
-    assert!(events_so_far(&w).is_empty(), "no event for an aborted transaction");
+    assert!(
+        events_so_far(&w).is_empty(),
+        "no event for an aborted transaction"
+    );
 }
 
 #[test]
@@ -213,14 +220,20 @@ fn duplicate_and_too_many_watches() {
     w.watch("data", "t").unwrap();
     assert!(matches!(
         w.watch("/local/domain/1/data", "t"),
-        Err(Error::Xs { errno: xenstore::Errno::EEXIST, .. })
+        Err(Error::Xs {
+            errno: xenstore::Errno::EEXIST,
+            ..
+        })
     ));
     for i in 1..128 {
         w.watch("data", &format!("t{i}")).unwrap();
     }
     assert!(matches!(
         w.watch("data", "one-too-many"),
-        Err(Error::Xs { errno: xenstore::Errno::E2BIG, .. })
+        Err(Error::Xs {
+            errno: xenstore::Errno::E2BIG,
+            ..
+        })
     ));
     // free a slot for the sync watch; events already queued stay queued
     w.unwatch("data", "t").unwrap();

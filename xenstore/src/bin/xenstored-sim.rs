@@ -45,7 +45,8 @@ fn parse_args() -> Result<Args, String> {
                 let list = v
                     .split(',')
                     .map(|d| {
-                        xenstore::parse_domid(d.trim()).ok_or_else(|| format!("bad domain id {d:?}"))
+                        xenstore::parse_domid(d.trim())
+                            .ok_or_else(|| format!("bad domain id {d:?}"))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 domains = Some(list);

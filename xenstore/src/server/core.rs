@@ -302,7 +302,11 @@ impl State {
         let mut changes = Vec::new();
         for (path, value, perms) in [
             (home.clone(), Vec::new(), home_perms.clone()),
-            (format!("{home}/domid"), dom.to_string().into_bytes(), home_perms.clone()),
+            (
+                format!("{home}/domid"),
+                dom.to_string().into_bytes(),
+                home_perms.clone(),
+            ),
             (format!("{home}/name"), name.into_bytes(), home_perms),
             (format!("{home}/data"), Vec::new(), data_perms),
         ] {
@@ -437,7 +441,11 @@ impl State {
         match &req {
             Request::Watch(raw, token) => {
                 let (path, strip) = watch_path(dom, raw)?;
-                if conn.watches.iter().any(|w| w.path == path && w.token == *token) {
+                if conn
+                    .watches
+                    .iter()
+                    .any(|w| w.path == path && w.token == *token)
+                {
                     return Err(Errno::EEXIST);
                 }
                 if conn.watches.len() >= limits.max_watches {
@@ -454,7 +462,8 @@ impl State {
             Request::Unwatch(raw, token) => {
                 let (path, _) = watch_path(dom, raw)?;
                 let before = conn.watches.len();
-                conn.watches.retain(|w| !(w.path == path && w.token == *token));
+                conn.watches
+                    .retain(|w| !(w.path == path && w.token == *token));
                 return if conn.watches.len() < before {
                     Ok((ty, ok()))
                 } else {
@@ -471,7 +480,14 @@ impl State {
             }
             Request::IsDomainIntroduced(d) => {
                 let yes = self.domains.contains(d);
-                return Ok((ty, if yes { b"T\0".to_vec() } else { b"F\0".to_vec() }));
+                return Ok((
+                    ty,
+                    if yes {
+                        b"T\0".to_vec()
+                    } else {
+                        b"F\0".to_vec()
+                    },
+                ));
             }
             Request::Unsupported(_) => return Err(Errno::ENOSYS),
             _ => {}
@@ -511,7 +527,13 @@ impl State {
                 ok()
             }
             Request::SetPerms(p, perms) => {
-                changes.push(store.set_perms(caller, &resolve_path(dom, &p)?, perms, m, &limits)?);
+                changes.push(store.set_perms(
+                    caller,
+                    &resolve_path(dom, &p)?,
+                    perms,
+                    m,
+                    &limits,
+                )?);
                 ok()
             }
             _ => return Err(Errno::EINVAL),
@@ -536,9 +558,7 @@ impl State {
                         .is_some_and(|p| perm_for(caller, p).read)
             };
             for w in &c.watches {
-                let hit = if is_special(&w.path) || is_special(&change.path) {
-                    w.path == change.path
-                } else if change.exact {
+                let hit = if is_special(&w.path) || is_special(&change.path) || change.exact {
                     w.path == change.path
                 } else {
                     is_at_or_below(&change.path, &w.path)
@@ -547,7 +567,10 @@ impl State {
                     continue;
                 }
                 let shown = match &w.strip {
-                    Some(prefix) => change.path.strip_prefix(prefix.as_str()).unwrap_or(&change.path),
+                    Some(prefix) => change
+                        .path
+                        .strip_prefix(prefix.as_str())
+                        .unwrap_or(&change.path),
                     None => change.path.as_str(),
                 };
                 if let Some(m) = event_message(shown, &w.token) {
@@ -648,13 +671,22 @@ mod tests {
         assert_eq!(p(T::Write, b"x"), Err(Errno::EINVAL));
         assert_eq!(
             p(T::SetPerms, b"x\0n1\0r2\0"),
-            Ok(Request::SetPerms("x".into(), vec!["n1".parse().unwrap(), "r2".parse().unwrap()]))
+            Ok(Request::SetPerms(
+                "x".into(),
+                vec!["n1".parse().unwrap(), "r2".parse().unwrap()]
+            ))
         );
         assert_eq!(p(T::SetPerms, b"x\0"), Err(Errno::EINVAL));
         assert_eq!(p(T::SetPerms, b"x\0q1\0"), Err(Errno::EINVAL));
-        assert_eq!(p(T::Watch, b"x\0t\0"), Ok(Request::Watch("x".into(), b"t".to_vec())));
+        assert_eq!(
+            p(T::Watch, b"x\0t\0"),
+            Ok(Request::Watch("x".into(), b"t".to_vec()))
+        );
         assert_eq!(p(T::Watch, b"x\0t\0u\0"), Err(Errno::EINVAL));
-        assert_eq!(p(T::TransactionEnd, b"T\0"), Ok(Request::TransactionEnd(true)));
+        assert_eq!(
+            p(T::TransactionEnd, b"T\0"),
+            Ok(Request::TransactionEnd(true))
+        );
         assert_eq!(p(T::TransactionEnd, b"X\0"), Err(Errno::EINVAL));
         assert_eq!(p(T::GetDomainPath, b"7\0"), Ok(Request::GetDomainPath(7)));
         assert_eq!(p(T::GetDomainPath, b"-7\0"), Err(Errno::EINVAL));

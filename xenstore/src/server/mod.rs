@@ -331,7 +331,8 @@ fn spawn_connection(inner: &Arc<Inner>, dom: DomId, stream: UnixStream) {
         return;
     };
     let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = sync_channel::<Vec<u8>>(inner.config.limits.max_queued_messages.clamp(1, 1 << 20));
+    let (tx, rx) =
+        sync_channel::<Vec<u8>>(inner.config.limits.max_queued_messages.clamp(1, 1 << 20));
     {
         let mut st = lock(&inner.state);
         if !st.is_served(dom) {

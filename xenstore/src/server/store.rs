@@ -413,7 +413,11 @@ impl Store {
             }
             let name = basename(p).to_owned();
             self.modify(&parent_path, |n| n.children.push(name));
-            let v = if p == path { value.to_vec() } else { Vec::new() };
+            let v = if p == path {
+                value.to_vec()
+            } else {
+                Vec::new()
+            };
             self.put(
                 p.clone(),
                 Node {
@@ -569,8 +573,16 @@ mod tests {
     fn setup() -> Store {
         let mut s = Store::new();
         for d in [1u16, 2] {
-            s.force_write(&format!("/local/domain/{d}"), b"", vec![p("n0"), p(&format!("r{d}"))]);
-            s.force_write(&format!("/local/domain/{d}/data"), b"", vec![p(&format!("n{d}"))]);
+            s.force_write(
+                &format!("/local/domain/{d}"),
+                b"",
+                vec![p("n0"), p(&format!("r{d}"))],
+            );
+            s.force_write(
+                &format!("/local/domain/{d}/data"),
+                b"",
+                vec![p(&format!("n{d}"))],
+            );
         }
         s
     }
@@ -593,39 +605,78 @@ mod tests {
     fn inheritance_on_create() {
         let mut s = setup();
         let l = Limits::default();
-        s.write(dom(1), "/local/domain/1/data/a/b", b"v", C, &l).unwrap();
-        assert_eq!(s.get_perms(dom(1), "/local/domain/1/data/a", C).unwrap(), [p("n1")]);
-        assert_eq!(s.get_perms(dom(1), "/local/domain/1/data/a/b", C).unwrap(), [p("n1")]);
-        // dom0 creating keeps the parent's list (owner stays 1)
-        s.write(dom(0), "/local/domain/1/data/z", b"", C, &l).unwrap();
-        assert_eq!(s.get_perms(dom(0), "/local/domain/1/data/z", C).unwrap(), [p("n1")]);
-        // a domain creating under a node it may write but does not own becomes owner
-        s.set_perms(dom(1), "/local/domain/1/data", vec![p("n1"), p("b2")], C, &l).unwrap();
-        s.write(dom(2), "/local/domain/1/data/from2", b"", C, &l).unwrap();
+        s.write(dom(1), "/local/domain/1/data/a/b", b"v", C, &l)
+            .unwrap();
         assert_eq!(
-            s.get_perms(dom(0), "/local/domain/1/data/from2", C).unwrap(),
+            s.get_perms(dom(1), "/local/domain/1/data/a", C).unwrap(),
+            [p("n1")]
+        );
+        assert_eq!(
+            s.get_perms(dom(1), "/local/domain/1/data/a/b", C).unwrap(),
+            [p("n1")]
+        );
+        // dom0 creating keeps the parent's list (owner stays 1)
+        s.write(dom(0), "/local/domain/1/data/z", b"", C, &l)
+            .unwrap();
+        assert_eq!(
+            s.get_perms(dom(0), "/local/domain/1/data/z", C).unwrap(),
+            [p("n1")]
+        );
+        // a domain creating under a node it may write but does not own becomes owner
+        s.set_perms(
+            dom(1),
+            "/local/domain/1/data",
+            vec![p("n1"), p("b2")],
+            C,
+            &l,
+        )
+        .unwrap();
+        s.write(dom(2), "/local/domain/1/data/from2", b"", C, &l)
+            .unwrap();
+        assert_eq!(
+            s.get_perms(dom(0), "/local/domain/1/data/from2", C)
+                .unwrap(),
             [p("n2"), p("b2")]
         );
-        assert_eq!(s.directory(dom(1), "/local/domain/1/data", C).unwrap(), ["a", "z", "from2"]);
+        assert_eq!(
+            s.directory(dom(1), "/local/domain/1/data", C).unwrap(),
+            ["a", "z", "from2"]
+        );
     }
 
     #[test]
     fn missing_node_policies() {
         let mut s = setup();
-        assert_eq!(s.read(dom(2), "/local/domain/1/data/missing", C), Err(Errno::EACCES));
-        assert_eq!(s.read(dom(2), "/local/domain/1/data/missing", O), Err(Errno::ENOENT));
-        assert_eq!(s.read(dom(1), "/local/domain/1/data/missing", C), Err(Errno::ENOENT));
+        assert_eq!(
+            s.read(dom(2), "/local/domain/1/data/missing", C),
+            Err(Errno::EACCES)
+        );
+        assert_eq!(
+            s.read(dom(2), "/local/domain/1/data/missing", O),
+            Err(Errno::ENOENT)
+        );
+        assert_eq!(
+            s.read(dom(1), "/local/domain/1/data/missing", C),
+            Err(Errno::ENOENT)
+        );
         // creation under an unwritable parent is EACCES in both modes
         let l = Limits::default();
-        assert_eq!(s.write(dom(2), "/local/domain/1/data/x", b"", O, &l), Err(Errno::EACCES));
-        assert_eq!(s.write(dom(2), "/local/domain/1/x", b"", C, &l), Err(Errno::EACCES));
+        assert_eq!(
+            s.write(dom(2), "/local/domain/1/data/x", b"", O, &l),
+            Err(Errno::EACCES)
+        );
+        assert_eq!(
+            s.write(dom(2), "/local/domain/1/x", b"", C, &l),
+            Err(Errno::EACCES)
+        );
     }
 
     #[test]
     fn set_perms_rules() {
         let mut s = setup();
         let l = Limits::default();
-        s.write(dom(1), "/local/domain/1/data/x", b"", C, &l).unwrap();
+        s.write(dom(1), "/local/domain/1/data/x", b"", C, &l)
+            .unwrap();
         assert_eq!(
             s.set_perms(dom(1), "/local/domain/1/data/x", vec![p("n2")], C, &l),
             Err(Errno::EPERM)
@@ -634,7 +685,14 @@ mod tests {
             s.set_perms(dom(2), "/local/domain/1/data/x", vec![p("n1")], C, &l),
             Err(Errno::EACCES)
         );
-        s.set_perms(dom(1), "/local/domain/1/data/x", vec![p("n1"), p("b2")], C, &l).unwrap();
+        s.set_perms(
+            dom(1),
+            "/local/domain/1/data/x",
+            vec![p("n1"), p("b2")],
+            C,
+            &l,
+        )
+        .unwrap();
         // writer but not owner
         assert_eq!(
             s.set_perms(dom(2), "/local/domain/1/data/x", vec![p("n1")], C, &l),
@@ -645,7 +703,8 @@ mod tests {
             s.set_perms(dom(1), "/local/domain/1/data/x", six.clone(), C, &l),
             Err(Errno::ENOSPC)
         );
-        s.set_perms(dom(0), "/local/domain/1/data/x", six, C, &l).unwrap();
+        s.set_perms(dom(0), "/local/domain/1/data/x", six, C, &l)
+            .unwrap();
         assert_eq!(s.owned_count(1), 2); // data and data/x
     }
 
@@ -653,7 +712,8 @@ mod tests {
     fn rm_semantics_and_counts() {
         let mut s = setup();
         let l = Limits::default();
-        s.write(dom(1), "/local/domain/1/data/a/b/c", b"", C, &l).unwrap();
+        s.write(dom(1), "/local/domain/1/data/a/b/c", b"", C, &l)
+            .unwrap();
         assert_eq!(s.owned_count(1), 4);
         let ch = s.rm(dom(1), "/local/domain/1/data/a", C).unwrap();
         let paths: Vec<_> = ch.iter().map(|c| (c.path.as_str(), c.exact)).collect();
@@ -666,10 +726,20 @@ mod tests {
             ]
         );
         assert_eq!(s.owned_count(1), 1);
-        assert!(s.rm(dom(1), "/local/domain/1/data/a", C).unwrap().is_empty());
-        assert_eq!(s.rm(dom(1), "/local/domain/1/data/a/b", C), Err(Errno::ENOENT));
+        assert!(
+            s.rm(dom(1), "/local/domain/1/data/a", C)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            s.rm(dom(1), "/local/domain/1/data/a/b", C),
+            Err(Errno::ENOENT)
+        );
         assert_eq!(s.rm(dom(0), "/", C), Err(Errno::EINVAL));
-        assert_eq!(s.directory(dom(1), "/local/domain/1/data", C).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            s.directory(dom(1), "/local/domain/1/data", C).unwrap(),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -680,43 +750,69 @@ mod tests {
             max_value_len: 4,
             ..Limits::default()
         };
-        assert_eq!(s.write(dom(1), "/local/domain/1/data/v", b"12345", C, &l), Err(Errno::ENOSPC));
-        s.write(dom(1), "/local/domain/1/data/a/b", b"", C, &l).unwrap(); // 3 owned now
-        assert_eq!(s.mkdir(dom(1), "/local/domain/1/data/c", C, &l), Err(Errno::ENOSPC));
-        s.write(dom(0), "/local/domain/1/data/v", b"12345", C, &l).unwrap();
+        assert_eq!(
+            s.write(dom(1), "/local/domain/1/data/v", b"12345", C, &l),
+            Err(Errno::ENOSPC)
+        );
+        s.write(dom(1), "/local/domain/1/data/a/b", b"", C, &l)
+            .unwrap(); // 3 owned now
+        assert_eq!(
+            s.mkdir(dom(1), "/local/domain/1/data/c", C, &l),
+            Err(Errno::ENOSPC)
+        );
+        s.write(dom(0), "/local/domain/1/data/v", b"12345", C, &l)
+            .unwrap();
     }
 
     #[test]
     fn transaction_conflicts() {
         let mut live = setup();
         let l = Limits::default();
-        live.write(dom(1), "/local/domain/1/data/x", b"0", C, &l).unwrap();
+        live.write(dom(1), "/local/domain/1/data/x", b"0", C, &l)
+            .unwrap();
         let mut tx = live.begin();
         assert_eq!(tx.read(dom(1), "/local/domain/1/data/x", C).unwrap(), b"0");
-        tx.write(dom(1), "/local/domain/1/data/y", b"1", C, &l).unwrap();
+        tx.write(dom(1), "/local/domain/1/data/y", b"1", C, &l)
+            .unwrap();
         // unrelated change: no conflict
         let mut tx2 = live.begin();
-        tx2.write(dom(2), "/local/domain/2/data/q", b"1", C, &l).unwrap();
+        tx2.write(dom(2), "/local/domain/2/data/q", b"1", C, &l)
+            .unwrap();
         live.commit(tx2).unwrap();
         let mut tx3 = live.begin();
-        live.write(dom(1), "/local/domain/1/data/x", b"changed", C, &l).unwrap();
+        live.write(dom(1), "/local/domain/1/data/x", b"changed", C, &l)
+            .unwrap();
         live.commit(tx).map(|_| ()).expect_err("read node changed");
-        assert_eq!(live.read(dom(1), "/local/domain/1/data/y", C), Err(Errno::ENOENT));
+        assert_eq!(
+            live.read(dom(1), "/local/domain/1/data/y", C),
+            Err(Errno::ENOENT)
+        );
         // tx3 reads a node only after the concurrent change: still a conflict
         let _ = tx3.read(dom(1), "/local/domain/1/data/x", C);
         assert_eq!(live.commit(tx3), Err(Errno::EAGAIN));
         // a missing node created concurrently conflicts too
         let mut tx4 = live.begin();
-        assert_eq!(tx4.read(dom(1), "/local/domain/1/data/new", C), Err(Errno::ENOENT));
-        live.write(dom(1), "/local/domain/1/data/new", b"", C, &l).unwrap();
+        assert_eq!(
+            tx4.read(dom(1), "/local/domain/1/data/new", C),
+            Err(Errno::ENOENT)
+        );
+        live.write(dom(1), "/local/domain/1/data/new", b"", C, &l)
+            .unwrap();
         assert_eq!(live.commit(tx4), Err(Errno::EAGAIN));
         // a clean one applies creations and removals
         let mut tx5 = live.begin();
-        tx5.write(dom(1), "/local/domain/1/data/t/u", b"v", C, &l).unwrap();
+        tx5.write(dom(1), "/local/domain/1/data/t/u", b"v", C, &l)
+            .unwrap();
         tx5.rm(dom(1), "/local/domain/1/data/new", C).unwrap();
         live.commit(tx5).unwrap();
-        assert_eq!(live.read(dom(1), "/local/domain/1/data/t/u", C).unwrap(), b"v");
-        assert_eq!(live.read(dom(1), "/local/domain/1/data/new", C), Err(Errno::ENOENT));
+        assert_eq!(
+            live.read(dom(1), "/local/domain/1/data/t/u", C).unwrap(),
+            b"v"
+        );
+        assert_eq!(
+            live.read(dom(1), "/local/domain/1/data/new", C),
+            Err(Errno::ENOENT)
+        );
         assert_eq!(
             live.directory(dom(1), "/local/domain/1/data", C).unwrap(),
             ["x", "t"]

@@ -166,7 +166,10 @@ impl Env {
 /// collects them all.
 pub fn events_so_far(w: &Watcher) -> Vec<WatchEvent> {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let tok = format!("sync-{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let tok = format!(
+        "sync-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     w.watch("@sync", &tok).unwrap();
     let mut got = Vec::new();
     loop {
