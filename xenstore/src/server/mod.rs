@@ -27,6 +27,31 @@
 //!
 //! Threads: one accept thread per domain socket, and a reader and a writer
 //! thread per connection. All state sits behind one mutex.
+//!
+//! # Differences from C xenstored and oxenstored
+//!
+//! * `@releaseDomain` / `@introduceDomain` events go to every watcher of
+//!   those paths (C xenstored filters them by the special nodes'
+//!   permissions, so a domU may only get the registration event).
+//! * Transactions copy the whole tree at start and conflict on any node they
+//!   looked at (including absent nodes and the ancestors checked for
+//!   permissions). That is C xenstored's rule; oxenstored merges more
+//!   transactions and answers `EAGAIN` less often.
+//! * Quotas: the value size limit (2048 for domains) counts the value only
+//!   (C also counts the permissions and child names); all quota errors are
+//!   `ENOSPC`.
+//! * Permission strings are parsed strictly (`r05` or `r+5` are `EINVAL`;
+//!   C uses `strtol`). Entries for domains that do not exist are kept as
+//!   they are.
+//! * Only the requests vchan and its tests need, plus `IS_DOMAIN_INTRODUCED`
+//!   and `RESET_WATCHES`; `INTRODUCE`, `RELEASE`, `SET_TARGET`, `RESUME`,
+//!   `DIRECTORY_PART`, features and quotas answer `ENOSYS`; unknown types
+//!   `EINVAL`.
+//! * Watch events caused by a request are queued right after its reply; an
+//!   event longer than 4096 bytes is not sent. A connection that lets more
+//!   than [`Limits::max_queued_messages`] messages pile up is closed.
+//! * Only `/`, `/local`, `/local/domain` and the served domains' homes
+//!   exist at start (no `/vm`, `/tool`, no persistence).
 
 mod core;
 mod store;
