@@ -247,3 +247,34 @@ fn watcher_rejects_unsolicited_replies() {
     let what = protocol(w.next_event_timeout(common::SAFETY));
     assert!(what.contains("unsolicited"), "{what}");
 }
+
+#[test]
+fn watcher_event_queue_is_bounded() {
+    // 4097 distinct events before the WATCH reply: too many to queue.
+    let fake = Fake::start(|_, r| {
+        let mut b = Vec::new();
+        for i in 0..4097 {
+            b.extend(msg(15, 0, 0, format!("/p{i}\0t\0").as_bytes()));
+        }
+        b.extend(msg(r.ty, r.req_id, 0, b"OK\0"));
+        Act::SendAndHang(b)
+    });
+    let w = Watcher::connect_unix(&fake.path).unwrap();
+    w.set_reply_timeout(Some(common::SAFETY));
+    let what = protocol(w.watch("/p", "t"));
+    assert!(what.contains("undelivered"), "{what}");
+
+    // 6000 identical ones: duplicates beyond the bound are merged.
+    let fake = Fake::start(|_, r| {
+        let mut b = Vec::new();
+        for _ in 0..6000 {
+            b.extend(msg(15, 0, 0, b"/p\0t\0"));
+        }
+        b.extend(msg(r.ty, r.req_id, 0, b"OK\0"));
+        Act::SendAndHang(b)
+    });
+    let w = Watcher::connect_unix(&fake.path).unwrap();
+    w.set_reply_timeout(Some(common::SAFETY));
+    w.watch("/p", "t").unwrap();
+    assert_eq!(w.queued_events(), 4096);
+}

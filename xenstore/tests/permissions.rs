@@ -255,3 +255,17 @@ fn malformed_requests_get_einval_and_unknown_transactions_enoent() {
     assert_eq!(send(&mut s, 17, 0, b"1\0"), (17, 42, 0, b"T\0".to_vec()));
     assert_eq!(send(&mut s, 17, 0, b"9\0"), (17, 42, 0, b"F\0".to_vec()));
 }
+
+#[test]
+fn shutdown_removes_sockets_and_closes_connections() {
+    let env = Env::new(&[0, 1]);
+    let xs1 = env.xs(1);
+    let sock = env.server.socket_path(1);
+    assert!(sock.exists());
+    env.server.shutdown();
+    assert!(!sock.exists());
+    assert!(!env.server.socket_path(0).exists());
+    assert!(xs1.read("domid").is_err());
+    assert!(env.server.add_domain(2).is_err());
+    env.server.shutdown(); // idempotent
+}
