@@ -1,7 +1,9 @@
 //! `qrexec-client-vm`: call a Qubes RPC service in another VM.
+//!
+//! `qrexec-client-vm [options] TARGET_VMNAME SERVICE[+ARGUMENT] [LOCAL_PROGRAM [ARGS...]]`;
+//! see `--help` and the `qrexec::cli` module.
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("qrexec-client-vm: not implemented yet");
-    std::process::exit(1);
+fn main() -> std::process::ExitCode {
+    qrexec::cli::main()
 }

@@ -1,0 +1,65 @@
+//! The data channel the pump runs over: the small part of the vchan API that
+//! qrexec-client-vm needs (spec §15), as a trait so that the pump can be tested
+//! over a Unix socket and run over `vchan::Vchan` in production.
+//!
+//! Semantics follow libvchan: `send_all` is all-or-nothing, `buffer_space`
+//! and `data_ready` report the free and filled parts of the rings, and the
+//! descriptor from [`AsFd`] is polled for [`DataChannel::poll_events`]; when
+//! poll reports it ready the pump calls [`DataChannel::wait`] (which then
+//! must not block) to consume the event.
+
+use nix::poll::PollFlags;
+use std::fmt;
+use std::io;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+/// A connected (or connecting) data vchan, seen from the vchan server side.
+///
+/// An implementation for `vchan::Vchan` maps: `wait_connected` →
+/// `Vchan::wait_connected`, `send_all` → `Vchan::send` (all or nothing),
+/// `read_ready` → `Vchan::recv` of `min(buf.len(), data_ready())` bytes (0
+/// when nothing is ready, without blocking), `data_ready`/`buffer_space` as
+/// is, `is_open` → `state()` is connected, `poll_events` → `POLLIN` on the
+/// event-channel fd, `wait` → `Vchan::wait` (consumes the pending event).
+///
+/// ```
+/// use qrexec::channel::DataChannel;
+/// use qrexec::socket_vchan::SocketChannel;
+/// use std::os::unix::net::UnixStream;
+/// let (a, _b) = UnixStream::pair().unwrap();
+/// let mut ch = SocketChannel::from_stream(a, 4096, 4096).unwrap();
+/// assert_eq!(ch.buffer_space(), 4096);
+/// assert_eq!(ch.data_ready(), 0);
+/// ```
+pub trait DataChannel: AsFd + fmt::Debug {
+    /// Wait until the peer has connected, at most `timeout`. Errors with
+    /// [`io::ErrorKind::TimedOut`] on timeout.
+    fn wait_connected(&mut self, timeout: Duration) -> io::Result<()>;
+
+    /// Send all of `buf` or nothing: blocks until it fits. Errors when `buf`
+    /// is larger than the ring or the channel is closed.
+    fn send_all(&mut self, buf: &[u8]) -> io::Result<()>;
+
+    /// Copy up to `buf.len()` bytes that have already arrived into `buf`.
+    /// Never blocks: returns 0 when nothing is ready.
+    fn read_ready(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Bytes ready to be read.
+    fn data_ready(&mut self) -> usize;
+
+    /// Bytes that can be sent now without blocking.
+    fn buffer_space(&mut self) -> usize;
+
+    /// False once the peer has gone (data already received may still be
+    /// readable: check `is_open` before `data_ready`).
+    fn is_open(&mut self) -> bool;
+
+    /// The poll events to wait for on the descriptor from [`AsFd`] now.
+    /// Empty means "nothing to wait for on this channel right now".
+    fn poll_events(&self) -> PollFlags;
+
+    /// Consume the readiness poll reported; called only after poll returned
+    /// events for the descriptor, so it must not block.
+    fn wait(&mut self) -> io::Result<()>;
+}

@@ -1,0 +1,109 @@
+//! Choosing the data-channel transport for the vchan server.
+//!
+//! With `VCHAN_SOCKET_DIR` set, the server is a `qubes-core-vchan-socket`
+//! compatible socket ([`crate::socket_vchan`]). Everything else goes through
+//! [`open_data_server`], the single place where the real `vchan` crate is
+//! wired in.
+
+use crate::channel::DataChannel;
+use crate::socket_vchan::SocketChannel;
+use std::ffi::OsStr;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Directory of vchan-socket sockets (spec §15).
+pub const VCHAN_SOCKET_DIR_ENV: &str = "VCHAN_SOCKET_DIR";
+/// Our own domain id for the socket and local transports (default 0).
+pub const VCHAN_DOMAIN_ENV: &str = "VCHAN_DOMAIN";
+/// Directory of the same-host "local" transport (handled by the vchan crate).
+pub const VCHAN_LOCAL_DIR_ENV: &str = "VCHAN_LOCAL_DIR";
+
+/// Why the data vchan server could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// No usable transport on this machine.
+    #[error("no /dev/xen here: set VCHAN_SOCKET_DIR (or VCHAN_LOCAL_DIR) to use a local transport")]
+    NoXen,
+    /// `VCHAN_DOMAIN` is not a domain id.
+    #[error("{VCHAN_DOMAIN_ENV}='{0}' is not a domain id")]
+    BadOwnDomain(String),
+    /// The socket server could not listen.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Any other transport failure (for the vchan crate).
+    #[error("data vchan setup failed: {0}")]
+    Other(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Parse `VCHAN_DOMAIN` (unset or empty → 0).
+///
+/// ```
+/// # use qrexec::transport::parse_own_domain;
+/// assert_eq!(parse_own_domain(None).unwrap(), 0);
+/// assert_eq!(parse_own_domain(Some("12".as_ref())).unwrap(), 12);
+/// assert!(parse_own_domain(Some("x".as_ref())).is_err());
+/// ```
+pub fn parse_own_domain(value: Option<&OsStr>) -> Result<u32, SetupError> {
+    match value {
+        None => Ok(0),
+        Some(v) if v.is_empty() => Ok(0),
+        Some(v) => {
+            let s = v.to_string_lossy();
+            s.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&d| u32::from(d) <= crate::trigger::MAX_DOMID)
+                .map(u32::from)
+                .ok_or_else(|| SetupError::BadOwnDomain(s.into_owned()))
+        }
+    }
+}
+
+/// Create our data vchan server toward `domain`/`port` with rings of at
+/// least `buffer_size` bytes, on the transport the environment selects.
+pub fn open_data_channel(
+    domain: u16,
+    port: u32,
+    buffer_size: usize,
+) -> Result<Box<dyn DataChannel>, SetupError> {
+    match std::env::var_os(VCHAN_SOCKET_DIR_ENV).filter(|d| !d.is_empty()) {
+        Some(dir) => {
+            let own = parse_own_domain(std::env::var_os(VCHAN_DOMAIN_ENV).as_deref())?;
+            open_socket_server(Path::new(&dir), own, domain, port, buffer_size)
+        }
+        None => open_data_server(domain, port, buffer_size),
+    }
+}
+
+/// The vchan-socket server at `dir/vchan.<own>.<domain>.<port>.sock`.
+pub fn open_socket_server(
+    dir: &Path,
+    own_domain: u32,
+    domain: u16,
+    port: u32,
+    buffer_size: usize,
+) -> Result<Box<dyn DataChannel>, SetupError> {
+    let path = crate::socket_vchan::socket_path(dir, own_domain, domain.into(), port);
+    crate::vlog!("listening for the service on {}", path.display());
+    let ch = SocketChannel::listen(&path, buffer_size, buffer_size)
+        .map_err(|source| SetupError::Listen { path, source })?;
+    Ok(Box::new(ch))
+}
+
+/// The data vchan server on the real transports (Xen, or the vchan crate's
+/// local transport). Not wired yet: always [`SetupError::NoXen`].
+pub fn open_data_server(
+    domain: u16,
+    port: u32,
+    buffer_size: usize,
+) -> Result<Box<dyn DataChannel>, SetupError> {
+    crate::vlog!(
+        "no transport for the data vchan (domain {domain}, port {port}, buffer {buffer_size})"
+    );
+    Err(SetupError::NoXen)
+}
