@@ -60,20 +60,32 @@
 //!
 //! # How the double differs from the real devices
 //!
-//! * Domains are claimed, not proven: a client says which domain it is.
+//! * Domains are claimed, not proven: a client says which domain it is. The
+//!   double reproduces the semantics for processes that follow the rules;
+//!   it does not confine a hostile process (one that keeps the `memfd`
+//!   descriptor it was handed keeps the pages after the grant is revoked;
+//!   the sealed size keeps it from shrinking them under anyone's mapping).
 //! * A write through a read-only mapping raises `SIGSEGV` (Xen: `SIGBUS`),
 //!   and `mprotect(PROT_WRITE)` on it fails with `EACCES` (Xen: it returns 0
 //!   and the write faults later).
 //! * A revoked grant fails to map at once after the last unmap; Xen revokes
-//!   it up to about a second later (§7.1).
+//!   it up to about a second later (§7.1, §16 row 2c).
+//! * Map refusals come from the hub as `EINVAL`, before anything is mapped;
+//!   there is no `MAP_GRANT_REF` index, no `EAGAIN` retry, and no
+//!   paged-out grants.
 //! * A map asks for at most 1024 refs at a time (Linux allows 65536).
-//! * Grant refs are never reused (Xen reuses freed refs).
-//! * The notify is delivered by the hub thread, so on process death it comes
-//!   when the hub has seen the connection close, not synchronously with the
-//!   exit. On an orderly drop it is done before `drop` returns, as on Xen.
-//! * If the hub itself goes away, every connection closes; the double does
-//!   not model a dying *domain* (§16 row D).
-//!
+//! * Grant refs start at 8 and are not reused (Xen reuses freed refs). Each
+//!   domain has [`local::DOMAIN_GRANT_ENTRIES`] grant entries, orphans
+//!   included, like Xen's default grant table.
+//! * On process death the notify is done when the hub has seen the
+//!   connection close, a moment after the exit, not inside it. On an orderly
+//!   drop it is done before `drop` returns, as on Xen.
+//! * A process that forks without `exec` shares the connection with its
+//!   child, so the pages are released when both have let go (on Xen an
+//!   inherited gntalloc mapping has a similar effect).
+//! * If the hub goes away, every connection closes and no notify is sent;
+//!   the double does not model a dying *domain* (§16 row D).
+
 //! # Example
 //!
 //! ```no_run

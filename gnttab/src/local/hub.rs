@@ -30,6 +30,11 @@ use crate::{DomId, Error, GrantRef, PAGE_SIZE};
 /// sharer has released but a peer still maps do not count.
 pub const DOMAIN_PAGE_LIMIT: usize = MAX_PAGES;
 
+/// The most grant entries one domain may have in use, released-but-mapped
+/// ones included: Xen's default grant table of 64 frames holds 32768 v1
+/// entries (spec §4.4). Beyond it a share fails with `ENOSPC`.
+pub const DOMAIN_GRANT_ENTRIES: usize = 32768;
+
 /// The first grant ref handed out in each domain (Linux reserves the first
 /// eight entries of the grant table for itself).
 const FIRST_REF: GrantRef = 8;
@@ -267,6 +272,8 @@ struct State {
     shares: HashMap<u64, ShareEntry>,
     next_share: u64,
     counted: HashMap<DomId, usize>,
+    /// Grant entries in use per granting domain (live and orphaned).
+    entries: HashMap<DomId, usize>,
     connections: usize,
     maps: usize,
 }
@@ -340,7 +347,11 @@ impl State {
             return Err(Errno::EINVAL);
         }
         let counted = self.counted.get(&dom).copied().unwrap_or(0);
-        if count > DOMAIN_PAGE_LIMIT || counted + count > DOMAIN_PAGE_LIMIT {
+        let entries = self.entries.get(&dom).copied().unwrap_or(0);
+        if count > DOMAIN_PAGE_LIMIT
+            || counted + count > DOMAIN_PAGE_LIMIT
+            || entries + count > DOMAIN_GRANT_ENTRIES
+        {
             return Err(Errno::ENOSPC);
         }
         let file = File::from(fds.remove(0));
@@ -374,12 +385,13 @@ impl State {
             },
         );
         *self.counted.entry(dom).or_insert(0) += count;
+        *self.entries.entry(dom).or_insert(0) += count;
         Ok((id, refs))
     }
 
     /// A ref of domain `dom` not in use. Refs are not reused until the
-    /// counter wraps; the loop ends because at most a few thousand refs of
-    /// one domain are ever live.
+    /// counter wraps; the loop ends because at most
+    /// [`DOMAIN_GRANT_ENTRIES`] refs of one domain are in use.
     fn alloc_ref(&mut self, dom: DomId) -> GrantRef {
         let next = self.next_ref.entry(dom).or_insert(FIRST_REF);
         loop {
@@ -424,8 +436,14 @@ impl State {
         let Some(g) = self.grants.remove(&(granter, r)) else {
             return;
         };
+        if let Some(n) = self.entries.get_mut(&granter) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.entries.remove(&granter);
+            }
+        }
         if let Some(share) = self.shares.get_mut(&g.share) {
-            share.live -= 1;
+            share.live = share.live.saturating_sub(1);
             if share.live == 0 {
                 self.shares.remove(&g.share);
             }
@@ -611,6 +629,7 @@ impl Worker {
         state.grants.clear();
         state.shares.clear();
         state.counted.clear();
+        state.entries.clear();
         drop(state);
         self.conns.clear();
     }

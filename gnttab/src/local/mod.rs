@@ -4,7 +4,7 @@
 //! See the [crate documentation](crate#the-same-host-double) for how it works
 //! and how it differs from Xen.
 //!
-//! ```no_run
+//! ```
 //! use gnttab::Backend;
 //! use gnttab::local::{Hub, Local};
 //!
@@ -45,7 +45,7 @@ use nix::sys::time::TimeVal;
 mod hub;
 mod proto;
 
-pub use hub::{DOMAIN_PAGE_LIMIT, Hub, HubStats};
+pub use hub::{DOMAIN_GRANT_ENTRIES, DOMAIN_PAGE_LIMIT, Hub, HubStats};
 
 use proto::{FDS_PER_REPLY, MAX_PACKET, MAX_PAGES, Reader, Request, SOCKET_NAME};
 

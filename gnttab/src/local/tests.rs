@@ -560,3 +560,27 @@ fn garbage_on_the_socket_neither_crashes_nor_hangs_the_hub() {
     let stats = wait_stats(&hub, |s| *s == HubStats::default());
     assert_eq!(stats, HubStats::default());
 }
+
+#[test]
+fn orphans_are_bounded_by_the_grant_table_size() {
+    let (dir, hub, _) = start();
+    let dom1 = Local::new(dir.path(), 1);
+    let dom2 = Local::new(dir.path(), 2);
+    // Each round leaves 1024 orphaned entries mapped by domain 2.
+    let rounds = DOMAIN_GRANT_ENTRIES / DOMAIN_PAGE_LIMIT;
+    let mut maps = Vec::new();
+    for _ in 0..rounds {
+        let s = dom1.share(2, DOMAIN_PAGE_LIMIT, true).unwrap();
+        maps.push(dom2.map(1, s.refs(), false).unwrap());
+    }
+    assert_eq!(hub.stats().grants, DOMAIN_GRANT_ENTRIES);
+    assert_eq!(hub.stats().counted_pages, 0);
+    // The page limit has room, the grant table has none.
+    let e = dom1.share(2, 1, true).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    // Another domain's table is its own.
+    Local::new(dir.path(), 3).share(2, 1, true).unwrap();
+    // One unmap frees 1024 entries.
+    maps.pop();
+    dom1.share(2, DOMAIN_PAGE_LIMIT, true).unwrap();
+}
