@@ -47,10 +47,15 @@ impl Setup {
 
     /// Waits (bounded) until the grant hub holds nothing.
     fn wait_idle(&self) -> gnttab::local::HubStats {
+        self.wait_for(|s| *s == gnttab::local::HubStats::default())
+    }
+
+    /// Waits (bounded) until the grant hub's bookkeeping satisfies `f`.
+    fn wait_for(&self, f: impl Fn(&gnttab::local::HubStats) -> bool) -> gnttab::local::HubStats {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         loop {
             let s = self.grants.stats();
-            if s == gnttab::local::HubStats::default() || Instant::now() > deadline {
+            if f(&s) || Instant::now() > deadline {
                 return s;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -182,6 +187,14 @@ fn peer_process_entry() {
         return;
     };
     let dom: u16 = dom.parse().unwrap();
+    // Some tests make a child fault on purpose; it must leave no core file.
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct we pass; it affects only this
+    // child process.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
     let mut peer = PeerState {
         grants: gnttab::local::Local::new(&dir, dom),
         events: evtchn::local::Local::new(&dir, dom),
@@ -524,6 +537,9 @@ fn sharer_notify(kill: bool) {
     b.ok("drop m2");
     assert_eq!(b.err(&format!("map m3 1 ro {refs}")), libc::EINVAL);
     assert_eq!(setup.wait_idle(), gnttab::local::HubStats::default());
+    // Exactly one event: the end of the sharer's connection after its
+    // release did not fire a second one.
+    assert_eq!(b.ok("pending c"), "false");
 }
 
 #[test]
@@ -557,6 +573,11 @@ fn mapper_notify(kill: bool) {
         b.ok("drop m");
     }
     assert_eq!(a.ok("wait c 10000 s 4116"), "0");
+    // Exactly one event, also once the hub has seen the mapper's
+    // connection end.
+    let s = setup.wait_for(|s| s.connections == 1 && s.maps == 0);
+    assert_eq!((s.connections, s.maps), (1, 0));
+    assert_eq!(a.ok("pending c"), "false");
     // The sharer's pages are still its own.
     a.ok("poke s 4116 2");
     assert_eq!(a.ok("peek s 4116"), "2");
