@@ -1,2 +1,313 @@
 //! A pure-Rust Xen vchan, byte-compatible with libxenvchan: control page,
 //! rings, server/client rendezvous over the Xen, Local and Socket transports.
+//!
+//! One [`Vchan`] type whatever the transport:
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use std::time::Duration;
+//! use vchan::{Transport, Vchan};
+//!
+//! let t = Transport::from_env()?;
+//! // Server in this domain for a client in domain 5, port 4242, 64 KiB each way.
+//! let mut srv = Vchan::server(&t, 5, 4242, 65536, 65536)?;
+//! srv.wait_connected(Some(Duration::from_secs(30)))?;
+//! srv.write_all(b"hello")?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod control;
+pub mod endpoint;
+mod error;
+pub mod ring;
+mod local_xen;
+mod shm;
+mod socket;
+mod transport;
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use endpoint::Events as _;
+use std::time::Duration;
+
+pub use error::{Error, Result};
+pub use local_xen::LocalXen;
+pub use shm::local_xenstore_socket;
+pub use socket::socket_path;
+pub use transport::{
+    DEFAULT_SOCKET_DIR, DomId, ENV_DOMAIN, ENV_LOCAL_DIR, ENV_SOCKET_DIR, ENV_TRANSPORT,
+    Transport, parse_domid,
+};
+
+/// The largest ring size per direction (order 20).
+pub const MAX_RING_SIZE: usize = 1 << 20;
+
+/// Where a vchan stands, as seen from this end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Server: no client has connected yet.
+    Waiting,
+    /// Both ends are there.
+    Connected,
+    /// The peer has closed (data already in our read ring can still be read).
+    Closed,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Shm(Box<shm::ShmChan>),
+    Socket(socket::SocketChan),
+}
+
+/// A vchan endpoint, server or client, on any [`Transport`].
+///
+/// Stream I/O through [`std::io::Read`] / [`std::io::Write`] (partial),
+/// packet I/O through [`Vchan::send`] / [`Vchan::recv`] (all or nothing),
+/// an fd for `poll`/`epoll` through [`AsFd`].
+#[derive(Debug)]
+pub struct Vchan {
+    inner: Inner,
+    blocking: bool,
+}
+
+impl Vchan {
+    /// Creates a server for a client in domain `peer` on `port` and returns
+    /// at once, in [`State::Waiting`]. `read_min` / `write_min` are the
+    /// minimum ring sizes this end reads from / writes to (≤ 1 MiB each;
+    /// rounded up as libxenvchan does).
+    pub fn server(
+        transport: &Transport,
+        peer: DomId,
+        port: u32,
+        read_min: usize,
+        write_min: usize,
+    ) -> Result<Vchan> {
+        if read_min > MAX_RING_SIZE || write_min > MAX_RING_SIZE {
+            return Err(Error::config(format!(
+                "ring sizes {read_min}/{write_min}: the maximum is {MAX_RING_SIZE} bytes per direction"
+            )));
+        }
+        let inner = match transport {
+            Transport::Socket { dir, domid } => {
+                if *domid == peer {
+                    return Err(Error::Loopback { domid: peer });
+                }
+                let r = read_min.next_power_of_two().max(1024);
+                let w = write_min.next_power_of_two().max(1024);
+                Inner::Socket(socket::SocketChan::server(dir, *domid, peer, port, r, w)?)
+            }
+            Transport::Xen | Transport::Local { .. } => Inner::Shm(Box::new(
+                shm::ShmChan::server(transport, peer, port, read_min, write_min)?,
+            )),
+        };
+        Ok(Vchan { inner, blocking: true })
+    }
+
+    /// Connects to a server in domain `peer` on `port`, waiting at most
+    /// `timeout` for it to appear.
+    pub fn client(transport: &Transport, peer: DomId, port: u32, timeout: Duration) -> Result<Vchan> {
+        let inner = match transport {
+            Transport::Socket { dir, domid } => {
+                Inner::Socket(socket::SocketChan::client(dir, *domid, peer, port, timeout)?)
+            }
+            Transport::Xen | Transport::Local { .. } => {
+                Inner::Shm(Box::new(shm::ShmChan::client(transport, peer, port, timeout)?))
+            }
+        };
+        Ok(Vchan { inner, blocking: true })
+    }
+
+    /// Server: waits until the client has connected (`None`: no limit).
+    pub fn wait_connected(&mut self, timeout: Option<Duration>) -> Result<()> {
+        match &mut self.inner {
+            Inner::Shm(c) => c.wait_connected(timeout),
+            Inner::Socket(s) => s.wait_accept(timeout),
+        }
+    }
+
+    /// Server: checks without blocking whether the client has connected;
+    /// drive it from `poll` on [`AsFd::as_fd`].
+    pub fn poll_connected(&mut self) -> Result<bool> {
+        match &mut self.inner {
+            Inner::Shm(c) => c.poll_connected(),
+            Inner::Socket(s) => s.poll_accept(),
+        }
+    }
+
+    /// The state of the channel.
+    pub fn state(&mut self) -> State {
+        match &mut self.inner {
+            Inner::Shm(c) => match c.peer_state() {
+                endpoint::PeerState::Waiting => State::Waiting,
+                endpoint::PeerState::Connected => State::Connected,
+                endpoint::PeerState::Closed => State::Closed,
+            },
+            Inner::Socket(s) => {
+                if !s.is_connected() {
+                    State::Waiting
+                } else if s.is_open() {
+                    State::Connected
+                } else {
+                    State::Closed
+                }
+            }
+        }
+    }
+
+    /// Whether the peer is connected.
+    pub fn is_open(&mut self) -> bool {
+        self.state() == State::Connected
+    }
+
+    /// Blocking (the default) or non-blocking mode for I/O.
+    pub fn set_blocking(&mut self, blocking: bool) {
+        self.blocking = blocking;
+        if let Inner::Shm(c) = &mut self.inner {
+            c.endpoint().set_blocking(blocking);
+        }
+    }
+
+    /// Bounds every blocking wait of a shared-memory vchan (`None`: no
+    /// bound, the default). A wait that runs out fails with `TimedOut`.
+    pub fn set_io_timeout(&mut self, timeout: Option<Duration>) {
+        if let Inner::Shm(c) = &mut self.inner {
+            c.endpoint().set_timeout(timeout);
+        }
+    }
+
+    /// Whether I/O calls block.
+    pub fn is_blocking(&self) -> bool {
+        self.blocking
+    }
+
+    /// Bytes ready to read now.
+    pub fn data_ready(&mut self) -> usize {
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().data_ready().unwrap_or(0),
+            Inner::Socket(s) => s.data_ready(),
+        }
+    }
+
+    /// Bytes that can be written now without waiting.
+    pub fn buffer_space(&mut self) -> usize {
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().buffer_space().unwrap_or(0),
+            Inner::Socket(s) => s.buffer_space(),
+        }
+    }
+
+    /// The size of the ring we read from.
+    pub fn read_ring_size(&self) -> usize {
+        match &self.inner {
+            Inner::Shm(c) => c.endpoint_ref().read_ring_size(),
+            Inner::Socket(s) => s.read_capacity(),
+        }
+    }
+
+    /// The size of the ring we write to.
+    pub fn write_ring_size(&self) -> usize {
+        match &self.inner {
+            Inner::Shm(c) => c.endpoint_ref().write_ring_size(),
+            Inner::Socket(s) => s.write_capacity(),
+        }
+    }
+
+    /// Waits for an event (data, space, connect, close), then returns.
+    pub fn wait(&mut self) -> Result<()> {
+        self.wait_timeout(None).map(|_| ())
+    }
+
+    /// Like [`Vchan::wait`], for at most `timeout`; `Ok(false)` on timeout.
+    pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Result<bool> {
+        match &mut self.inner {
+            Inner::Shm(c) => {
+                let ep = c.endpoint();
+                match timeout {
+                    None => ep.wait().map(|()| true).map_err(Error::from),
+                    Some(t) => ep
+                        .events()
+                        .wait_timeout(t)
+                        .map_err(|source| Error::io("wait for event", source)),
+                }
+            }
+            Inner::Socket(s) => {
+                if !s.is_connected() {
+                    return s.wait_accept(timeout).map(|()| true).or_else(|e| match e {
+                        Error::Timeout { .. } => Ok(false),
+                        e => Err(e),
+                    });
+                }
+                s.wait(timeout)
+            }
+        }
+    }
+
+    /// Sends all of `buf` or nothing; an error if `buf` is larger than the
+    /// write ring. Blocking mode waits for space; non-blocking mode fails
+    /// with [`Error::WouldBlock`].
+    pub fn send(&mut self, buf: &[u8]) -> Result<usize> {
+        let b = self.blocking;
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().send(buf).map_err(Error::from),
+            Inner::Socket(s) => s.send(buf, b),
+        }
+    }
+
+    /// Receives exactly `buf.len()` bytes or nothing.
+    pub fn recv(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let b = self.blocking;
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().recv(buf).map_err(Error::from),
+            Inner::Socket(s) => s.recv(buf, b),
+        }
+    }
+
+    /// Reads what is there (at most `buf.len()`); `Ok(0)` at end of stream
+    /// (peer closed and nothing left).
+    pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let b = self.blocking;
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().read(buf).map_err(Error::from),
+            Inner::Socket(s) => s.read(buf, b),
+        }
+    }
+
+    /// Writes what fits (blocking mode: all of it).
+    pub fn write_some(&mut self, buf: &[u8]) -> Result<usize> {
+        let b = self.blocking;
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().write(buf).map_err(Error::from),
+            Inner::Socket(s) => s.write(buf, b),
+        }
+    }
+
+    /// Closes this end (also done on drop); the peer sees [`State::Closed`].
+    pub fn close(self) {
+        drop(self);
+    }
+}
+
+impl io::Read for Vchan {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_some(buf).map_err(Into::into)
+    }
+}
+
+impl io::Write for Vchan {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_some(buf).map_err(Into::into)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsFd for Vchan {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.inner {
+            Inner::Shm(c) => c.fd(),
+            Inner::Socket(s) => s.as_fd(),
+        }
+    }
+}

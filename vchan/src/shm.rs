@@ -1,0 +1,474 @@
+//! The shared-memory transports (Xen and Local): libxenvchan's server and
+//! client setup (spec §9.2, §9.3), Qubes' xenstore conventions (§11) and
+//! close (§10), over the `gnttab`, `evtchn` and `xenstore` backends.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::control::{
+    self, CLI_LIVE, ControlPage, Layout, RingId, RingLocation, SRV_LIVE, Side,
+};
+use crate::endpoint::{Endpoint, Events, PeerState};
+use crate::error::{Error, Result};
+use crate::transport::{DomId, Transport};
+use xenstore::{NodePerm, Perm, Watcher, Xs};
+
+/// The event channel as the endpoint sees it.
+#[derive(Debug)]
+pub(crate) struct EvtchnEvents(Box<dyn evtchn::EventChannel>);
+
+impl Events for EvtchnEvents {
+    fn notify(&self) -> io::Result<()> {
+        self.0.notify().map_err(Into::into)
+    }
+    fn wait(&self) -> io::Result<()> {
+        self.0.wait().map_err(Into::into)
+    }
+    fn wait_timeout(&self, d: Duration) -> io::Result<bool> {
+        self.0.wait_timeout(d).map_err(Into::into)
+    }
+    fn consume_pending(&self) -> io::Result<bool> {
+        self.0.consume_pending().map_err(Into::into)
+    }
+}
+
+/// The three kernel interfaces of one transport.
+#[derive(Debug)]
+struct Backends {
+    gnt: Box<dyn gnttab::Backend>,
+    evt: Box<dyn evtchn::Backend>,
+    xs_path: Option<std::path::PathBuf>,
+}
+
+impl Backends {
+    fn new(t: &Transport) -> Result<Backends> {
+        match t {
+            Transport::Xen => {
+                t.check_available()?;
+                Ok(Backends { gnt: Box::new(gnttab::Xen), evt: Box::new(evtchn::Xen), xs_path: None })
+            }
+            Transport::Local { dir, domid } => Ok(Backends {
+                gnt: Box::new(gnttab::local::Local::new(dir.clone(), *domid)),
+                evt: Box::new(evtchn::local::Local::new(dir.clone(), *domid)),
+                xs_path: Some(local_xenstore_socket(dir, *domid)),
+            }),
+            Transport::Socket { .. } => Err(Error::config("not a shared-memory transport")),
+        }
+    }
+
+    fn xs(&self) -> Result<Xs> {
+        let r = match &self.xs_path {
+            Some(p) => Xs::connect_unix(p),
+            None => Xs::open(),
+        };
+        r.map_err(|source| Error::Xenstore { step: "open xenstore", source })
+    }
+
+    fn watcher(&self) -> Result<Watcher> {
+        let r = match &self.xs_path {
+            Some(p) => Watcher::connect_unix(p),
+            None => Watcher::open(),
+        };
+        r.map_err(|source| Error::Xenstore { step: "open xenstore watch", source })
+    }
+}
+
+/// Where the local transport's xenstored serves domain `domid`.
+pub fn local_xenstore_socket(dir: &Path, domid: DomId) -> std::path::PathBuf {
+    dir.join("xenstore").join(format!("{domid}.sock"))
+}
+
+fn xs_err(step: &'static str) -> impl FnOnce(xenstore::Error) -> Error {
+    move |source| Error::Xenstore { step, source }
+}
+
+/// Reads our own domain id from xenstore and refuses loopback.
+fn own_domid(xs: &Xs, peer: DomId) -> Result<DomId> {
+    let own = xs.own_domid().map_err(xs_err("read own domid"))?;
+    if own == peer {
+        return Err(Error::Loopback { domid: own });
+    }
+    Ok(own)
+}
+
+/// Whether xenstore shows the peer domain gone: `/local/domain/<peer>`
+/// missing (ENOENT). A daemon that answers EACCES for missing nodes (C
+/// xenstored, seen from a domU) can't tell, and then we say "not known to
+/// be gone"; the caller's timeout bounds the wait.
+fn peer_domain_gone(xs: &Xs, peer: DomId) -> bool {
+    match xs.read(&format!("/local/domain/{peer}")) {
+        Err(e) => e.is_enoent(),
+        Ok(_) => false,
+    }
+}
+
+/// The memory behind a vchan end: the control page and any external rings.
+#[derive(Debug)]
+enum Pages {
+    Shared(Box<dyn gnttab::SharedPages>),
+    Mapped(Box<dyn gnttab::MappedPages>),
+}
+
+impl Pages {
+    fn as_ptr(&self) -> *mut u8 {
+        match self {
+            Pages::Shared(p) => p.as_ptr(),
+            Pages::Mapped(p) => p.as_ptr(),
+        }
+    }
+}
+
+/// One end of a shared-memory vchan.
+#[derive(Debug)]
+pub(crate) struct ShmChan {
+    /// Dropped by hand in `Drop`, in libxenvchan's order.
+    rings: Vec<Pages>,
+    ctrl: Option<Pages>,
+    ep: Endpoint<EvtchnEvents>,
+    side: Side,
+    peer: DomId,
+    /// Server: xenstore and the relative base path still to remove.
+    xs_nodes: Option<(Xs, String)>,
+    /// Xenstore connection for liveness checks.
+    xs: Option<Xs>,
+}
+
+/// The ring pointer argument `Endpoint::new` wants for `ring`.
+fn ring_ptr(layout: &Layout, ring: RingId, mapping: Option<&Pages>) -> *mut u8 {
+    match (layout.location(ring), mapping) {
+        (RingLocation::External { .. }, Some(m)) => m.as_ptr(),
+        _ => std::ptr::null_mut(),
+    }
+}
+
+impl ShmChan {
+    /// Server setup, spec §9.2; returns with the client not yet connected.
+    pub(crate) fn server(
+        t: &Transport,
+        peer: DomId,
+        port: u32,
+        read_min: usize,
+        write_min: usize,
+    ) -> Result<ShmChan> {
+        let layout = control::server_layout(read_min, write_min)
+            .map_err(|e| Error::config(e.to_string()))?;
+        let be = Backends::new(t)?;
+        let xs = be.xs()?;
+        let own = own_domid(&xs, peer)?;
+        if let Some(hint) = t.own_domid_hint() {
+            if hint != own {
+                return Err(Error::config(format!(
+                    "xenstore says we are domain {own}, the transport says {hint}"
+                )));
+            }
+        }
+
+        // Event channel first: the unmap-notify below needs a bound port.
+        let evt = be
+            .evt
+            .bind_unbound(peer)
+            .map_err(|source| Error::Evtchn { step: "bind unbound port", source })?;
+        let evt_port = evt.local_port();
+
+        let mut ctrl = be
+            .gnt
+            .share(peer, 1, true)
+            .map_err(|source| Error::Gnttab { step: "share control page", source })?;
+        ctrl.set_unmap_notify(SRV_LIVE, evt_port)
+            .map_err(|source| Error::Gnttab { step: "set unmap-notify on srv_live", source })?;
+        let ctrl_ref = ctrl.refs()[0];
+
+        let mut rings = Vec::new();
+        let mut grants: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+        let mut ring_pages: [Option<usize>; 2] = [None, None];
+        for (i, ring) in [RingId::Left, RingId::Right].into_iter().enumerate() {
+            if let RingLocation::External { pages, .. } = layout.location(ring) {
+                let p = be
+                    .gnt
+                    .share(peer, pages, true)
+                    .map_err(|source| Error::Gnttab { step: "share ring pages", source })?;
+                grants[i] = p.refs().to_vec();
+                ring_pages[i] = Some(rings.len());
+                rings.push(Pages::Shared(p));
+            }
+        }
+        // SAFETY: `ctrl` is our fresh 4 KiB shared mapping; it stays mapped
+        // until `Drop`, after the last use of the header.
+        let header = unsafe { ControlPage::new(ctrl.as_ptr()) };
+        control::init_server_page(&header, &layout, &grants[0], &grants[1])
+            .map_err(|e| Error::config(e.to_string()))?;
+        let left = ring_ptr(&layout, RingId::Left, ring_pages[0].map(|i| &rings[i]));
+        let right = ring_ptr(&layout, RingId::Right, ring_pages[1].map(|i| &rings[i]));
+        // SAFETY: the page and the rings are mapped read-write for us and
+        // stay mapped until `Drop`, which closes the endpoint before
+        // unmapping; no references to ring bytes exist.
+        let ep = unsafe {
+            Endpoint::new(ctrl.as_ptr(), Side::Server, &layout, left, right, EvtchnEvents(evt))
+        }?;
+
+        // Publish in one transaction, readable by the client only.
+        let base = format!("data/vchan/{peer}/{port}");
+        let perms = [NodePerm { dom: own, perm: Perm::None }, NodePerm { dom: peer, perm: Perm::Read }];
+        xs.transaction(|tx| {
+            tx.write(&format!("{base}/{}", control::XS_RING_REF), ctrl_ref.to_string().as_bytes())?;
+            tx.set_perms(&format!("{base}/{}", control::XS_RING_REF), &perms)?;
+            tx.write(
+                &format!("{base}/{}", control::XS_EVENT_CHANNEL),
+                evt_port.to_string().as_bytes(),
+            )?;
+            tx.set_perms(&format!("{base}/{}", control::XS_EVENT_CHANNEL), &perms)?;
+            Ok(())
+        })
+        .map_err(xs_err("publish ring-ref and event-channel"))?;
+        let xs2 = be.xs()?;
+        Ok(ShmChan {
+            rings,
+            ctrl: Some(Pages::Shared(ctrl)),
+            ep,
+            side: Side::Server,
+            peer,
+            xs_nodes: Some((xs, base)),
+            xs: Some(xs2),
+        })
+    }
+
+    /// Client setup, spec §9.3 with Qubes' wait (§11.1): waits up to
+    /// `timeout` for the server's nodes with a xenstore watch.
+    pub(crate) fn client(t: &Transport, peer: DomId, port: u32, timeout: Duration) -> Result<ShmChan> {
+        let be = Backends::new(t)?;
+        let xs = be.xs()?;
+        let deadline = Instant::now() + timeout;
+        let (ring_ref, evt_port) = wait_for_server_nodes(&be, &xs, peer, port, deadline, timeout)?;
+
+        let evt = be
+            .evt
+            .bind_interdomain(peer, evt_port)
+            .map_err(|source| Error::Evtchn { step: "bind interdomain port", source })?;
+        let mut ctrl = be
+            .gnt
+            .map(peer, &[ring_ref], true)
+            .map_err(|source| Error::Gnttab { step: "map control page", source })?;
+        ctrl.set_unmap_notify(CLI_LIVE, evt.local_port())
+            .map_err(|source| Error::Gnttab { step: "set unmap-notify on cli_live", source })?;
+        // SAFETY: `ctrl` is a read-write mapping of one page that stays
+        // mapped until `Drop`.
+        let header = unsafe { ControlPage::new(ctrl.as_ptr()) };
+        let (lo, ro) = control::read_orders(&header);
+        let layout = control::validate_client_orders(lo, ro)
+            .map_err(|e| Error::peer(format!("control page: {e}")))?;
+        if layout.grant_list_overlaps_ring {
+            eprintln!(
+                "vchan: warning: server's grant list runs into an in-page ring (orders {lo}/{ro}; ocaml-vchan layout)"
+            );
+        }
+        let (left_grants, right_grants) = control::read_grants(&header, &layout);
+        let mut rings = Vec::new();
+        let mut idx: [Option<usize>; 2] = [None, None];
+        // Left ring: we write (read-write); right ring: we read (read-only).
+        for (i, (grants, writable)) in [(left_grants, true), (right_grants, false)].into_iter().enumerate() {
+            if grants.is_empty() {
+                continue;
+            }
+            let m = be
+                .gnt
+                .map(peer, &grants, writable)
+                .map_err(|source| Error::Gnttab { step: "map ring pages", source })?;
+            idx[i] = Some(rings.len());
+            rings.push(Pages::Mapped(m));
+        }
+        let left = ring_ptr(&layout, RingId::Left, idx[0].map(|i| &rings[i]));
+        let right = ring_ptr(&layout, RingId::Right, idx[1].map(|i| &rings[i]));
+        // SAFETY: the control page is mapped read-write, the left ring
+        // read-write and the right ring (our read ring) read-only, exactly
+        // as `Endpoint::new` requires; all stay mapped until `Drop`.
+        let ep = unsafe {
+            Endpoint::new(ctrl.as_ptr(), Side::Client, &layout, left, right, EvtchnEvents(evt))
+        }?;
+        control::announce_client_connected(&header);
+        ep.events().notify().map_err(|source| Error::io("notify server of connect", source))?;
+        Ok(ShmChan {
+            rings,
+            ctrl: Some(Pages::Mapped(ctrl)),
+            ep,
+            side: Side::Client,
+            peer,
+            xs_nodes: None,
+            xs: Some(xs),
+        })
+    }
+
+    pub(crate) fn endpoint(&mut self) -> &mut Endpoint<EvtchnEvents> {
+        &mut self.ep
+    }
+
+    pub(crate) fn endpoint_ref(&self) -> &Endpoint<EvtchnEvents> {
+        &self.ep
+    }
+
+    /// The peer's state; once a client shows up, the server removes its
+    /// xenstore nodes (Qubes: no second client, no stale entries).
+    pub(crate) fn peer_state(&mut self) -> PeerState {
+        let s = self.ep.peer_state();
+        if self.side == Side::Server && s != PeerState::Waiting {
+            self.remove_nodes();
+        }
+        s
+    }
+
+    /// Removes `<base>` and, if it became empty, the per-peer directory.
+    fn remove_nodes(&mut self) {
+        let Some((xs, base)) = self.xs_nodes.take() else { return };
+        let parent = base.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap_or_default();
+        let _ = xs.transaction(|tx| {
+            tx.rm(&base)?;
+            if tx.directory(&parent).map(|d| d.is_empty()).unwrap_or(false) {
+                tx.rm(&parent)?;
+            }
+            Ok(())
+        });
+    }
+
+    /// Server: waits for the client, bounded; checks the peer domain is
+    /// still there each `poll` interval.
+    pub(crate) fn wait_connected(&mut self, timeout: Option<Duration>) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            match self.peer_state() {
+                PeerState::Connected => return Ok(()),
+                PeerState::Closed => return Err(Error::PeerClosed),
+                PeerState::Waiting => {}
+            }
+            let slice = Duration::from_millis(500);
+            let wait = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Timeout {
+                            step: "wait for vchan client",
+                            secs: timeout.unwrap_or_default().as_secs(),
+                        });
+                    }
+                    left.min(slice)
+                }
+                None => slice,
+            };
+            let got = self
+                .ep
+                .events()
+                .wait_timeout(wait)
+                .map_err(|source| Error::io("wait for client event", source))?;
+            if !got {
+                if let Some(xs) = &self.xs {
+                    if peer_domain_gone(xs, self.peer) {
+                        return Err(Error::PeerGone { step: "wait for vchan client", domid: self.peer });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Server, non-blocking: consume any event and report whether connected.
+    pub(crate) fn poll_connected(&mut self) -> Result<bool> {
+        let _ = self.ep.consume_pending()?;
+        match self.peer_state() {
+            PeerState::Connected => Ok(true),
+            PeerState::Waiting => Ok(false),
+            PeerState::Closed => Err(Error::PeerClosed),
+        }
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.ep.events().0.as_fd()
+    }
+
+    /// Whether the peer domain is known to be gone (xenstore); used by
+    /// blocking waits to end instead of waiting for ever.
+    pub(crate) fn peer_domain_gone(&self) -> bool {
+        self.xs.as_ref().is_some_and(|xs| peer_domain_gone(xs, self.peer))
+    }
+}
+
+/// Waits for `/local/domain/<peer>/data/vchan/<own>/<port>/event-channel`
+/// and `ring-ref`, with a watch (not a sleep loop). Re-reads our domid
+/// when a `domid` watch fires (save/restore), ends early if the peer
+/// domain is gone.
+fn wait_for_server_nodes(
+    be: &Backends,
+    xs: &Xs,
+    peer: DomId,
+    port: u32,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(u32, u32)> {
+    let watcher = be.watcher()?;
+    watcher.watch("domid", "domid").map_err(xs_err("watch domid"))?;
+    watcher.watch("@releaseDomain", "release").map_err(xs_err("watch @releaseDomain"))?;
+    let mut watched: Option<String> = None;
+    loop {
+        let own = own_domid(xs, peer)?;
+        let base = format!("/local/domain/{peer}/data/vchan/{own}/{port}");
+        let evt_path = format!("{base}/{}", control::XS_EVENT_CHANNEL);
+        if watched.as_deref() != Some(evt_path.as_str()) {
+            if let Some(old) = watched.take() {
+                let _ = watcher.unwatch(&old, &old);
+            }
+            watcher.watch(&evt_path, &evt_path).map_err(xs_err("watch event-channel"))?;
+            watched = Some(evt_path.clone());
+        }
+        match xs.read_string(&evt_path) {
+            Ok(v) if !v.is_empty() => {
+                let evt_port = parse_positive(&v, "event-channel")?;
+                let ring_ref = xs
+                    .read_string(&format!("{base}/{}", control::XS_RING_REF))
+                    .map_err(xs_err("read ring-ref"))
+                    .and_then(|s| parse_positive(&s, "ring-ref"))?;
+                let _ = watcher.unwatch(&evt_path, &evt_path);
+                return Ok((ring_ref, evt_port));
+            }
+            Ok(_) => {}
+            Err(e) if e.is_enoent() || e.is_eacces() => {
+                if peer_domain_gone(xs, peer) {
+                    return Err(Error::PeerGone { step: "wait for vchan server", domid: peer });
+                }
+            }
+            Err(e) => return Err(Error::Xenstore { step: "read event-channel", source: e }),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout { step: "wait for vchan server", secs: timeout.as_secs() });
+        }
+        // Any event (ours, domid, release) means: look again. Drain them all.
+        watcher
+            .next_event_timeout(left)
+            .map_err(xs_err("wait for xenstore watch"))?;
+        while watcher.try_next_event().map_err(xs_err("drain watch events"))?.is_some() {}
+    }
+}
+
+/// Parses a decimal xenstore value that must be a positive u32 (libxenvchan
+/// uses atoi and rejects 0).
+fn parse_positive(s: &str, what: &str) -> Result<u32> {
+    let v: u32 = s
+        .parse()
+        .map_err(|_| Error::peer(format!("{what} = {s:?} is not a number")))?;
+    if v == 0 {
+        return Err(Error::peer(format!("{what} = 0")));
+    }
+    Ok(v)
+}
+
+impl Drop for ShmChan {
+    fn drop(&mut self) {
+        // libxenvchan close order (spec §10.1): unmap the data rings, own
+        // live byte 0, unmap the control page (the unmap-notify clears the
+        // byte again and sends an event), an explicit event, then the
+        // event channel goes with the endpoint.
+        self.rings.clear();
+        let _ = self.ep.close();
+        self.ctrl = None;
+        let _ = self.ep.events().notify();
+        self.remove_nodes();
+    }
+}

@@ -1,0 +1,155 @@
+//! The full server/client rendezvous over the Local transport (grant hub,
+//! event hub, xenstored with per-domain permissions), in one process with
+//! threads playing domains.
+
+use std::io::{Read, Write};
+use std::thread;
+use std::time::Duration;
+
+use vchan::{LocalXen, State, Vchan};
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+fn round_trip(read_min: usize, write_min: usize, bytes: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let t1 = xen.transport(1);
+    let t2 = xen.transport(2);
+    let mut srv = Vchan::server(&t1, 2, 4242, read_min, write_min).unwrap();
+    assert_eq!(srv.state(), State::Waiting);
+    let client = thread::spawn(move || {
+        let mut c = Vchan::client(&t2, 1, 4242, Duration::from_secs(10)).unwrap();
+        assert_eq!(c.state(), State::Connected);
+        let mut got = vec![0u8; bytes];
+        c.read_exact(&mut got).unwrap();
+        assert!(got == pattern(bytes, 7), "server→client data differs");
+        c.write_all(&pattern(bytes, 9)).unwrap();
+        c
+    });
+    srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(srv.state(), State::Connected);
+    assert_eq!(srv.read_ring_size(), expected_size(read_min, true));
+    srv.write_all(&pattern(bytes, 7)).unwrap();
+    let mut back = vec![0u8; bytes];
+    srv.read_exact(&mut back).unwrap();
+    assert!(back == pattern(bytes, 9), "client→server data differs");
+    let c = client.join().unwrap();
+    drop(c);
+    // The client is gone: reads see EOF, writes fail with BrokenPipe.
+    let mut b = [0u8; 1];
+    assert_eq!(srv.read(&mut b).unwrap(), 0);
+    assert_eq!(srv.state(), State::Closed);
+    assert_eq!(srv.write(b"x").unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+}
+
+fn expected_size(min: usize, left: bool) -> usize {
+    let (l, r) = vchan::control::server_orders(min, min).unwrap();
+    1 << if left { l } else { r }
+}
+
+#[test]
+fn in_page_rings() {
+    round_trip(0, 0, 100_000);
+}
+
+#[test]
+fn qrexec_control_sizes() {
+    round_trip(4096, 4096, 100_000);
+}
+
+#[test]
+fn sixty_four_k_rings() {
+    round_trip(65536, 65536, 1 << 20);
+}
+
+#[test]
+fn one_meg_rings() {
+    round_trip(1 << 20, 1 << 20, 4 << 20);
+}
+
+#[test]
+fn server_removes_its_xenstore_nodes_on_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let mut srv = Vchan::server(&xen.transport(1), 2, 600, 4096, 4096).unwrap();
+    let dom0 = xenstore::Xs::connect_unix(&vchan::local_xenstore_socket(dir.path(), 0)).unwrap();
+    let base = "/local/domain/1/data/vchan/2/600";
+    assert!(!dom0.read(&format!("{base}/ring-ref")).unwrap().is_empty());
+    let perms = dom0.get_perms(&format!("{base}/event-channel")).unwrap();
+    assert_eq!(
+        perms.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        ["n1", "r2"],
+        "nodes owned by the server, readable by the client only"
+    );
+    // A third domain cannot read them.
+    let dom0_3 = LocalXen::add_domain(&xen, 3);
+    dom0_3.unwrap();
+    let xs3 = xenstore::Xs::connect_unix(&vchan::local_xenstore_socket(dir.path(), 3)).unwrap();
+    assert!(xs3.read(&format!("{base}/ring-ref")).is_err());
+    let t2 = xen.transport(2);
+    let c = thread::spawn(move || Vchan::client(&t2, 1, 600, Duration::from_secs(10)).unwrap());
+    srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+    let _c = c.join().unwrap();
+    assert!(dom0.read(base).unwrap_err().is_enoent(), "nodes removed on connect");
+    assert!(
+        dom0.read("/local/domain/1/data/vchan/2").unwrap_err().is_enoent(),
+        "empty per-peer directory removed too"
+    );
+}
+
+#[test]
+fn client_times_out_without_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let e = Vchan::client(&xen.transport(2), 1, 5, Duration::from_millis(400)).unwrap_err();
+    assert!(matches!(e, vchan::Error::Timeout { .. }), "{e}");
+}
+
+#[test]
+fn client_waiting_for_a_destroyed_domain_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let t2 = xen.transport(2);
+    let c = thread::spawn(move || Vchan::client(&t2, 1, 5, Duration::from_secs(30)));
+    thread::sleep(Duration::from_millis(200));
+    xen.remove_domain(1).unwrap();
+    let e = c.join().unwrap().unwrap_err();
+    assert!(matches!(e, vchan::Error::PeerGone { domid: 1, .. }), "{e}");
+}
+
+#[test]
+fn server_waiting_for_a_destroyed_domain_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let mut srv = Vchan::server(&xen.transport(1), 2, 5, 0, 0).unwrap();
+    xen.remove_domain(2).unwrap();
+    let e = srv.wait_connected(Some(Duration::from_secs(30))).unwrap_err();
+    assert!(matches!(e, vchan::Error::PeerGone { domid: 2, .. }), "{e}");
+}
+
+#[test]
+fn loopback_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1]).unwrap();
+    assert!(matches!(
+        Vchan::server(&xen.transport(1), 1, 5, 0, 0),
+        Err(vchan::Error::Loopback { domid: 1 })
+    ));
+}
+
+#[test]
+fn packets_larger_than_the_ring_fail_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let mut srv = Vchan::server(&xen.transport(1), 2, 9, 1024, 2048).unwrap();
+    let t2 = xen.transport(2);
+    let c = thread::spawn(move || Vchan::client(&t2, 1, 9, Duration::from_secs(10)).unwrap());
+    srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+    let _c = c.join().unwrap();
+    assert!(srv.send(&[0u8; 2049]).is_err());
+    assert!(srv.send(&[0u8; 2048]).is_ok());
+    let mut big = [0u8; 1025];
+    assert!(srv.recv(&mut big).is_err());
+}

@@ -1,0 +1,127 @@
+//! The socket transport against plain unix-socket peers written here, with no
+//! library of ours on the other side (the conventions of
+//! qubes-core-vchan-socket: `<dir>/vchan.<server>.<client>.<port>.sock`).
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::thread;
+use std::time::Duration;
+
+use vchan::{State, Transport, Vchan};
+
+fn transport(dir: &std::path::Path, domid: u16) -> Transport {
+    Transport::Socket { dir: dir.to_path_buf(), domid }
+}
+
+#[test]
+fn our_server_round_trip_with_plain_socket_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Vchan::server(&transport(dir.path(), 0), 5, 513, 65536, 65536).unwrap();
+    assert_eq!(srv.state(), State::Waiting);
+    let path = dir.path().join("vchan.0.5.513.sock");
+    assert!(path.exists(), "server socket at the qubes-core-vchan-socket path");
+
+    let peer = thread::spawn(move || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        s.write_all(b"world!").unwrap();
+        // Close: the server must still read what was sent, then see EOF.
+    });
+
+    srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(srv.state(), State::Connected);
+    assert!(
+        !dir.path().join("vchan.0.5.513.sock").exists(),
+        "one connection only: the socket is gone once a client is in"
+    );
+    srv.send(b"hello").unwrap();
+    let mut got = [0u8; 6];
+    srv.recv(&mut got).unwrap();
+    assert_eq!(&got, b"world!");
+    peer.join().unwrap();
+    let mut rest = [0u8; 16];
+    assert_eq!(srv.read(&mut rest).unwrap(), 0, "EOF after the peer closed");
+    assert_eq!(srv.state(), State::Closed);
+    let e = srv.write(b"x").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+}
+
+#[test]
+fn our_client_retries_until_plain_server_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vchan.7.3.1000.sock");
+    let p2 = path.clone();
+    let server = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(350));
+        let l = UnixListener::bind(&p2).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 100_000];
+        s.read_exact(&mut buf).unwrap();
+        assert!(buf.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+        s.write_all(&buf[..1000]).unwrap();
+    });
+    let mut cli =
+        Vchan::client(&transport(dir.path(), 3), 7, 1000, Duration::from_secs(10)).unwrap();
+    let data: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
+    cli.write_all(&data).unwrap();
+    let mut back = vec![0u8; 1000];
+    cli.read_exact(&mut back).unwrap();
+    assert_eq!(back, data[..1000]);
+    server.join().unwrap();
+    drop(path);
+}
+
+#[test]
+fn client_times_out_when_no_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Vchan::client(&transport(dir.path(), 3), 7, 1, Duration::from_millis(250)).unwrap_err();
+    assert_eq!(std::io::Error::from(e).kind(), std::io::ErrorKind::TimedOut);
+}
+
+#[test]
+fn loopback_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        Vchan::server(&transport(dir.path(), 4), 4, 1, 0, 0),
+        Err(vchan::Error::Loopback { domid: 4 })
+    ));
+    assert!(matches!(
+        Vchan::client(&transport(dir.path(), 4), 4, 1, Duration::from_secs(1)),
+        Err(vchan::Error::Loopback { domid: 4 })
+    ));
+}
+
+#[test]
+fn packets_larger_than_the_ring_are_errors_not_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Vchan::server(&transport(dir.path(), 0), 1, 9, 1024, 1024).unwrap();
+    let path = dir.path().join("vchan.0.1.9.sock");
+    let _c = UnixStream::connect(&path).unwrap();
+    srv.wait_connected(Some(Duration::from_secs(5))).unwrap();
+    assert!(srv.send(&[0u8; 4096]).is_err());
+    let mut big = [0u8; 4096];
+    assert!(srv.recv(&mut big).is_err());
+}
+
+#[test]
+fn non_blocking_mode_would_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Vchan::server(&transport(dir.path(), 0), 1, 10, 1024, 1024).unwrap();
+    let path = dir.path().join("vchan.0.1.10.sock");
+    let _c = UnixStream::connect(&path).unwrap();
+    srv.wait_connected(Some(Duration::from_secs(5))).unwrap();
+    srv.set_blocking(false);
+    let mut b = [0u8; 8];
+    assert_eq!(srv.read(&mut b).unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+    assert_eq!(srv.data_ready(), 0);
+    assert!(srv.buffer_space() > 0);
+}
+
+#[test]
+fn oversized_ring_request_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Vchan::server(&transport(dir.path(), 0), 1, 1, (1 << 20) + 1, 0).unwrap_err();
+    assert!(e.to_string().contains("maximum"), "{e}");
+}
