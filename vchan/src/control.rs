@@ -1015,9 +1015,21 @@ mod tests {
         assert!(!l.grant_list_overlaps_ring);
         // Order 10 leaves room for 250 grants and one ring needs at most 256:
         // only an order-20 partner overflows, in either position.
-        assert!(validate_client_orders(20, 10).unwrap().grant_list_overlaps_ring);
-        assert!(!validate_client_orders(10, 19).unwrap().grant_list_overlaps_ring);
-        assert!(!validate_client_orders(19, 10).unwrap().grant_list_overlaps_ring);
+        assert!(
+            validate_client_orders(20, 10)
+                .unwrap()
+                .grant_list_overlaps_ring
+        );
+        assert!(
+            !validate_client_orders(10, 19)
+                .unwrap()
+                .grant_list_overlaps_ring
+        );
+        assert!(
+            !validate_client_orders(19, 10)
+                .unwrap()
+                .grant_list_overlaps_ring
+        );
         // Order 11 leaves room for 506 grants, two external rings 1018: no
         // other valid pair overflows.
         for l in 10..=20u16 {

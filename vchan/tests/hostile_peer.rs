@@ -36,7 +36,10 @@ fn hostile_scripts_never_escape_the_rings() {
     eprintln!("hostile scripts: {total:?}");
     // The runs must have exercised both the happy and the hostile paths.
     assert!(total.ok > 0 && total.bytes > 0, "{total:?}");
-    assert!(total.corrupt > 0, "no corruption was ever detected: {total:?}");
+    assert!(
+        total.corrupt > 0,
+        "no corruption was ever detected: {total:?}"
+    );
     assert!(total.would_block + total.timed_out > 0, "{total:?}");
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use ring_support::{TestEvents, VchanMemory, with_watchdog};
 use vchan::control::{
-    CLI_LIVE, CLI_NOTIFY, LEFT_ORDER, LIVE_EXITED, LIVE_WAITING, Layout, NOTIFY_READ,
-    NOTIFY_WRITE, PAGE_SIZE, RingId, SRV_LIVE, SRV_NOTIFY, SharedHeader, Side, server_layout,
+    CLI_LIVE, CLI_NOTIFY, LEFT_ORDER, LIVE_EXITED, LIVE_WAITING, Layout, NOTIFY_READ, NOTIFY_WRITE,
+    PAGE_SIZE, RingId, SRV_LIVE, SRV_NOTIFY, SharedHeader, Side, server_layout,
 };
 use vchan::endpoint::{Endpoint, PeerState};
 use vchan::ring::{Corruption, RingError};
@@ -22,11 +22,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 fn pair(
     layout: Layout,
     start: u32,
-) -> (
-    Arc<VchanMemory>,
-    Endpoint<TestEvents>,
-    Endpoint<TestEvents>,
-) {
+) -> (Arc<VchanMemory>, Endpoint<TestEvents>, Endpoint<TestEvents>) {
     let mem = Arc::new(VchanMemory::new(layout, start, true));
     let (se, ce) = TestEvents::pair();
     let s = mem.endpoint(Side::Server, se);
@@ -40,7 +36,11 @@ fn small() -> Layout {
 
 #[test]
 fn stream_roundtrip_both_directions() {
-    for layout in [small(), server_layout(4096, 4096).unwrap(), Layout::new(11, 13).unwrap()] {
+    for layout in [
+        small(),
+        server_layout(4096, 4096).unwrap(),
+        Layout::new(11, 13).unwrap(),
+    ] {
         let (_mem, mut s, mut c) = pair(layout, 0);
         assert_eq!(c.write(b"ping").unwrap(), 4);
         let mut buf = [0u8; 16];
@@ -203,15 +203,30 @@ fn packets_larger_than_the_ring_are_too_big() {
         s.set_blocking(blocking);
         c.set_blocking(blocking);
         let e = s.send(&[0; 2049]).unwrap_err();
-        assert!(matches!(e, RingError::TooBig { len: 2049, ring: 2048 }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                RingError::TooBig {
+                    len: 2049,
+                    ring: 2048
+                }
+            ),
+            "{e:?}"
+        );
         assert_eq!(io::Error::from(e).kind(), io::ErrorKind::InvalidInput);
         assert!(matches!(
             c.send(&[0; 1025]),
-            Err(RingError::TooBig { len: 1025, ring: 1024 })
+            Err(RingError::TooBig {
+                len: 1025,
+                ring: 1024
+            })
         ));
         assert!(matches!(
             s.recv(&mut [0; 1025]),
-            Err(RingError::TooBig { len: 1025, ring: 1024 })
+            Err(RingError::TooBig {
+                len: 1025,
+                ring: 1024
+            })
         ));
         assert!(matches!(
             c.recv(&mut [0; 2049]),
@@ -230,11 +245,18 @@ fn nonblocking_send_is_all_or_nothing() {
     assert_eq!(s.send(&[1; 2000]).unwrap(), 2000);
     let prod = mem.header().load_u32(RingId::Right.prod_offset());
     assert!(matches!(s.send(&[2; 49]), Err(RingError::WouldBlock)));
-    assert_eq!(mem.header().load_u32(RingId::Right.prod_offset()), prod, "nothing written");
+    assert_eq!(
+        mem.header().load_u32(RingId::Right.prod_offset()),
+        prod,
+        "nothing written"
+    );
     assert_eq!(s.send(&[2; 48]).unwrap(), 48);
     let mut buf = vec![0; 2048];
     c.set_blocking(false);
-    assert!(matches!(c.recv(&mut [0; 2049]), Err(RingError::TooBig { .. })));
+    assert!(matches!(
+        c.recv(&mut [0; 2049]),
+        Err(RingError::TooBig { .. })
+    ));
     assert_eq!(c.recv(&mut buf).unwrap(), 2048);
     assert!(matches!(c.recv(&mut [0; 1]), Err(RingError::WouldBlock)));
 }
@@ -284,11 +306,19 @@ fn data_ready_and_buffer_space_request_notifications() {
     h.store_u8(CLI_NOTIFY, 0);
     h.store_u8(SRV_NOTIFY, 0);
     assert_eq!(s.data_ready().unwrap(), 0);
-    assert_eq!(h.load_u8(CLI_NOTIFY), NOTIFY_WRITE, "server asks the client");
+    assert_eq!(
+        h.load_u8(CLI_NOTIFY),
+        NOTIFY_WRITE,
+        "server asks the client"
+    );
     assert_eq!(s.buffer_space().unwrap(), 2048);
     assert_eq!(h.load_u8(CLI_NOTIFY), NOTIFY_WRITE | NOTIFY_READ);
     assert_eq!(c.data_ready().unwrap(), 0);
-    assert_eq!(h.load_u8(SRV_NOTIFY), NOTIFY_WRITE, "client asks the server");
+    assert_eq!(
+        h.load_u8(SRV_NOTIFY),
+        NOTIFY_WRITE,
+        "client asks the server"
+    );
     assert_eq!(c.buffer_space().unwrap(), 1024);
     assert_eq!(h.load_u8(SRV_NOTIFY), NOTIFY_WRITE | NOTIFY_READ);
 }
@@ -352,7 +382,11 @@ fn blocked_read_reports_corrupt_index_instead_of_hanging() {
                 e,
                 RingError::Corrupt {
                     ring: RingId::Left,
-                    what: Corruption::Indices { prod: 5000, cons: 0, size: 1024 }
+                    what: Corruption::Indices {
+                        prod: 5000,
+                        cons: 0,
+                        size: 1024
+                    }
                 }
             ),
             "{e:?}"
@@ -378,7 +412,10 @@ fn order_change_is_detected_while_waiting() {
                 e,
                 RingError::Corrupt {
                     ring: RingId::Left,
-                    what: Corruption::OrderChanged { expected: 10, found: 20 }
+                    what: Corruption::OrderChanged {
+                        expected: 10,
+                        found: 20
+                    }
                 }
             ),
             "{e:?}"
@@ -459,7 +496,10 @@ fn wait_returns_on_event_and_on_silent_change() {
         let t = thread::spawn(move || {
             thread::sleep(Duration::from_millis(20));
             let h = m.header();
-            h.store_u32(RingId::Left.prod_offset(), h.load_u32(RingId::Left.prod_offset()) + 1);
+            h.store_u32(
+                RingId::Left.prod_offset(),
+                h.load_u32(RingId::Left.prod_offset()) + 1,
+            );
         });
         s.wait().unwrap();
         assert_eq!(s.data_ready().unwrap(), 2);
@@ -489,9 +529,22 @@ fn constructor_checks_ring_addresses_against_the_layout() {
     // SAFETY: the pointers are valid mappings owned by `mem` (the call is
     // expected to fail before using them anyway).
     let r = unsafe {
-        Endpoint::new(mem.ctrl.ptr(), Side::Server, &mem.layout, left, left, se.clone())
+        Endpoint::new(
+            mem.ctrl.ptr(),
+            Side::Server,
+            &mem.layout,
+            left,
+            left,
+            se.clone(),
+        )
     };
-    assert!(matches!(r, Err(RingError::RingAddress { ring: RingId::Right, .. })));
+    assert!(matches!(
+        r,
+        Err(RingError::RingAddress {
+            ring: RingId::Right,
+            ..
+        })
+    ));
     // SAFETY: as above.
     let r = unsafe {
         Endpoint::new(
@@ -503,7 +556,13 @@ fn constructor_checks_ring_addresses_against_the_layout() {
             se,
         )
     };
-    assert!(matches!(r, Err(RingError::RingAddress { ring: RingId::Left, .. })));
+    assert!(matches!(
+        r,
+        Err(RingError::RingAddress {
+            ring: RingId::Left,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -563,6 +622,9 @@ fn memory_double_layout() {
     assert_eq!(mem.right.as_ref().unwrap().len(), 1 << 20);
     assert_eq!(
         vchan::control::read_grants(&mem.header(), &mem.layout),
-        ((0..2).map(|i| 0x100 + i).collect(), (0..256).map(|i| 0x800 + i).collect())
+        (
+            (0..2).map(|i| 0x100 + i).collect(),
+            (0..256).map(|i| 0x800 + i).collect()
+        )
     );
 }

@@ -16,7 +16,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ring_support::{TestEvents, VchanMemory, all_valid_order_pairs, fill_stream, stream_byte, with_watchdog};
+use ring_support::{
+    TestEvents, VchanMemory, all_valid_order_pairs, fill_stream, stream_byte, with_watchdog,
+};
 use vchan::control::{Layout, RingId, Side, server_layout};
 use vchan::endpoint::Endpoint;
 use vchan::ring::RingError;
@@ -60,9 +62,9 @@ fn chunk(rng: &mut StdRng, max: usize) -> usize {
 
 /// FNV-1a, the transfer checksum.
 fn fnv(acc: u64, bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(acc, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(acc, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
 
@@ -308,8 +310,16 @@ fn every_order_pair_stream_and_packet_pump() {
 fn every_order_pair_blocking() {
     for (i, (lo, ro)) in all_valid_order_pairs().into_iter().enumerate() {
         let layout = Layout::new(lo, ro).unwrap();
-        let mode = if i % 2 == 0 { Mode::Stream } else { Mode::Packet };
-        let dir = if i % 4 < 2 { Side::Server } else { Side::Client };
+        let mode = if i % 2 == 0 {
+            Mode::Stream
+        } else {
+            Mode::Packet
+        };
+        let dir = if i % 4 < 2 {
+            Side::Server
+        } else {
+            Side::Client
+        };
         run_blocking(plan_for(layout, 5000 + i as u64, mode), dir);
     }
 }
@@ -321,7 +331,14 @@ fn awkward_sizes_through_server_order_selection() {
     let base = [(1024, 1024), (1024, 2048), (2048, 2048), (4096, 4096)];
     let mut sizes = Vec::new();
     for (a, b) in base {
-        sizes.extend([(a, b), (b, a), (a - 1, b), (a, b - 1), (a - 1, b - 1), (a + 1, b + 1)]);
+        sizes.extend([
+            (a, b),
+            (b, a),
+            (a - 1, b),
+            (a, b - 1),
+            (a - 1, b - 1),
+            (a + 1, b + 1),
+        ]);
     }
     for (k, (read_min, write_min)) in sizes.into_iter().enumerate() {
         let layout = server_layout(read_min, write_min).unwrap();
