@@ -349,7 +349,9 @@ impl SocketChan {
             if !blocking {
                 return if done > 0 { Ok(done) } else { Err(Error::WouldBlock) };
             }
-            self.wait(None)?;
+            if self.tx.len() == self.tx_cap {
+                self.wait(None)?;
+            }
         }
     }
 
@@ -373,7 +375,9 @@ impl SocketChan {
             if !blocking {
                 return Err(Error::WouldBlock);
             }
-            self.wait(None)?;
+            if self.tx_cap - self.tx.len() < buf.len() {
+                self.wait(None)?;
+            }
         }
     }
 
