@@ -408,7 +408,7 @@ pub fn run_threaded(seed: u64) -> Report {
         let mem = Arc::clone(&mem);
         let done = Arc::clone(&done);
         std::thread::spawn(move || {
-            let script = seed_bytes(seed ^ 0x5EED_0F_BAD_BEEF, 4096);
+            let script = seed_bytes(seed ^ 0x5EED_0FBA_DBEE, 4096);
             let mut b = Bytes::new(&script);
             for _ in 0..300 {
                 mutate(&mut b, &mem, side, &peer_ev, false);
@@ -438,7 +438,7 @@ pub fn run_threaded(seed: u64) -> Report {
             let mut report = Report::default();
             ep.set_timeout(Some(OP_TIMEOUT));
             ep.set_poll_interval(POLL);
-            let script = seed_bytes(seed ^ 0x0DD_0F_F00D, 1 << 16);
+            let script = seed_bytes(seed ^ 0x0DD0_FF00, 1 << 16);
             let mut b = Bytes::new(&script);
             let mut after_done = 0;
             while after_done <= 16 && !ep.is_closed() {
