@@ -375,9 +375,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         let mut deadline = None;
         loop {
             if self.rx.fast_ready(&self.header, want, 1)? > 0 {
-                let n = self.rx.pop(&self.header, buf);
-                self.after_consume()?;
-                return Ok(n);
+                return self.consume(buf);
             }
             // Empty. Liveness matters only now: data written before a close
             // is still delivered.
@@ -385,8 +383,10 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
                 // The peer may have written and closed between our index
                 // load and the live load; `peer_state`'s acquire fence makes
                 // this re-load see everything it published before closing.
+                // (No `continue` here: a peer flipping `prod` must not be
+                // able to keep us looping without ever blocking.)
                 if self.rx.load_ready(&self.header)? > 0 {
-                    continue;
+                    return self.consume(buf);
                 }
                 return Ok(0);
             }
@@ -516,14 +516,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         let mut deadline = None;
         loop {
             if self.rx.fast_ready(&self.header, n, n)? >= n {
-                let got = self.rx.pop(&self.header, buf);
-                debug_assert_eq!(got, buf.len());
-                self.after_consume()?;
-                return Ok(got);
+                return self.consume(buf);
             }
             if self.peer_state() == PeerState::Closed {
+                // As in `read`: re-load after seeing "closed".
                 if self.rx.load_ready(&self.header)? >= n {
-                    continue;
+                    return self.consume(buf);
                 }
                 return Err(RingError::PeerClosed);
             }
@@ -546,7 +544,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// [`RingError::Event`].
     pub fn wait(&mut self) -> Result<(), RingError> {
         let entry_state = self.peer_state();
-        let entry_prod = self.rx.load_ready(&self.header)?;
+        let entry_ready = self.rx.load_ready(&self.header)?;
         let entry_space = self.tx.load_space(&self.header)?;
         let mut deadline = None;
         loop {
@@ -555,7 +553,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             }
             self.check()?;
             if self.peer_state() != entry_state
-                || self.rx.cached_ready() != entry_prod
+                || self.rx.cached_ready() != entry_ready
                 || self.tx.cached_space() != entry_space
             {
                 return Ok(());
@@ -621,6 +619,14 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         } else {
             Ok(())
         }
+    }
+
+    /// Copies out what the last validated `prod` allows (all of `buf` for
+    /// `recv`, whose caller checked), publishes `cons`, notifies if asked.
+    fn consume(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
+        let n = self.rx.pop(&self.header, buf);
+        self.after_consume()?;
+        Ok(n)
     }
 
     fn after_consume(&mut self) -> Result<(), RingError> {
