@@ -1,7 +1,55 @@
-//! `cargo xtask`: project chores (demo, bench, ci, lab) in Rust.
+//! `cargo xtask`: project chores (demo, bench, lab) in Rust, no shell
+//! scripts scattered around.
+//!
+//! ```text
+//! cargo xtask demo [--quick]     the main job on its built-in default
+//! cargo xtask bench [...]        benchmarks with baselines in the same run
+//! cargo xtask lab <cmd>          the real-Xen lab (setup|start|stop|status|test)
+//! ```
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("usage: cargo xtask <demo|bench|ci|lab>");
-    std::process::exit(2);
+mod bench;
+mod demo;
+mod lab;
+mod util;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        return usage();
+    };
+    let rest = &args[1..];
+    let r = match cmd.as_str() {
+        "demo" => demo::run(rest),
+        "bench" => bench::run(rest),
+        "lab" => lab::run(rest),
+        "-h" | "--help" | "help" => return usage_ok(),
+        _ => return usage(),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask {cmd}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_text() -> &'static str {
+    "usage: cargo xtask <command>\n\
+     \n  demo [--quick]   run the demo (the README's first command)\
+     \n  bench [...]      benchmarks with baselines in the same run\
+     \n  lab <cmd>        real Xen under QEMU: setup | start | stop | status | test [--quick]"
+}
+
+fn usage() -> ExitCode {
+    eprintln!("{}", usage_text());
+    ExitCode::from(2)
+}
+
+fn usage_ok() -> ExitCode {
+    println!("{}", usage_text());
+    ExitCode::SUCCESS
 }
