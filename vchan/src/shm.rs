@@ -7,30 +7,90 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::control::{
-    self, CLI_LIVE, ControlPage, Layout, RingId, RingLocation, SRV_LIVE, Side,
-};
+use crate::control::{self, CLI_LIVE, ControlPage, Layout, RingId, RingLocation, SRV_LIVE, Side};
 use crate::endpoint::{Endpoint, Events, PeerState};
 use crate::error::{Error, Result};
 use crate::transport::{DomId, Transport};
 use xenstore::{NodePerm, Perm, Watcher, Xs};
 
-/// The event channel as the endpoint sees it.
+/// The event channel as the endpoint sees it, plus the peer-domain
+/// liveness check that ends blocking waits when the peer domain is gone
+/// (a destroyed domain sends no event and leaves the live byte alone,
+/// spec §16 row D).
 #[derive(Debug)]
-pub(crate) struct EvtchnEvents(Box<dyn evtchn::EventChannel>);
+pub(crate) struct EvtchnEvents {
+    ch: Box<dyn evtchn::EventChannel>,
+    liveness: Option<Liveness>,
+}
+
+/// What we can ask about the peer domain, and when we last asked.
+#[derive(Debug)]
+struct Liveness {
+    xs: Xs,
+    peer: DomId,
+    last: std::cell::Cell<Instant>,
+    /// Our port has been seen connected to the peer's.
+    seen_interdomain: std::cell::Cell<bool>,
+}
+
+/// How often an idle blocking wait asks whether the peer domain is gone.
+const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
+
+impl EvtchnEvents {
+    fn new(ch: Box<dyn evtchn::EventChannel>, xs: Option<Xs>, peer: DomId) -> Self {
+        let liveness = xs.map(|xs| Liveness {
+            xs,
+            peer,
+            last: std::cell::Cell::new(Instant::now()),
+            seen_interdomain: std::cell::Cell::new(false),
+        });
+        EvtchnEvents { ch, liveness }
+    }
+
+    /// Whether the peer domain is known to be gone: our port turned
+    /// unbound after having been connected (the local double and, with
+    /// privcmd, dom0 can see this), or its xenstore home is missing.
+    fn peer_gone(&self) -> Option<DomId> {
+        let l = self.liveness.as_ref()?;
+        if l.last.get().elapsed() < LIVENESS_INTERVAL {
+            return None;
+        }
+        l.last.set(Instant::now());
+        match self.ch.status() {
+            Ok(Some(evtchn::PortStatus::Interdomain { .. })) => l.seen_interdomain.set(true),
+            Ok(Some(evtchn::PortStatus::Unbound { .. } | evtchn::PortStatus::Closed))
+                if l.seen_interdomain.get() =>
+            {
+                return Some(l.peer);
+            }
+            _ => {}
+        }
+        peer_domain_gone(&l.xs, l.peer).then_some(l.peer)
+    }
+}
 
 impl Events for EvtchnEvents {
     fn notify(&self) -> io::Result<()> {
-        self.0.notify().map_err(Into::into)
+        self.ch.notify().map_err(Into::into)
     }
     fn wait(&self) -> io::Result<()> {
-        self.0.wait().map_err(Into::into)
+        while !self.wait_timeout(LIVENESS_INTERVAL)? {}
+        Ok(())
     }
     fn wait_timeout(&self, d: Duration) -> io::Result<bool> {
-        self.0.wait_timeout(d).map_err(Into::into)
+        let got = self.ch.wait_timeout(d).map_err(io::Error::from)?;
+        if !got {
+            if let Some(peer) = self.peer_gone() {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("peer domain {peer} is gone"),
+                ));
+            }
+        }
+        Ok(got)
     }
     fn consume_pending(&self) -> io::Result<bool> {
-        self.0.consume_pending().map_err(Into::into)
+        self.ch.consume_pending().map_err(Into::into)
     }
 }
 
@@ -47,7 +107,11 @@ impl Backends {
         match t {
             Transport::Xen => {
                 t.check_available()?;
-                Ok(Backends { gnt: Box::new(gnttab::Xen), evt: Box::new(evtchn::Xen), xs_path: None })
+                Ok(Backends {
+                    gnt: Box::new(gnttab::Xen),
+                    evt: Box::new(evtchn::Xen),
+                    xs_path: None,
+                })
             }
             Transport::Local { dir, domid } => Ok(Backends {
                 gnt: Box::new(gnttab::local::Local::new(dir.clone(), *domid)),
@@ -63,7 +127,10 @@ impl Backends {
             Some(p) => Xs::connect_unix(p),
             None => Xs::open(),
         };
-        r.map_err(|source| Error::Xenstore { step: "open xenstore", source })
+        r.map_err(|source| Error::Xenstore {
+            step: "open xenstore",
+            source,
+        })
     }
 
     fn watcher(&self) -> Result<Watcher> {
@@ -71,7 +138,10 @@ impl Backends {
             Some(p) => Watcher::connect_unix(p),
             None => Watcher::open(),
         };
-        r.map_err(|source| Error::Xenstore { step: "open xenstore watch", source })
+        r.map_err(|source| Error::Xenstore {
+            step: "open xenstore watch",
+            source,
+        })
     }
 }
 
@@ -166,18 +236,24 @@ impl ShmChan {
         }
 
         // Event channel first: the unmap-notify below needs a bound port.
-        let evt = be
-            .evt
-            .bind_unbound(peer)
-            .map_err(|source| Error::Evtchn { step: "bind unbound port", source })?;
+        let evt = be.evt.bind_unbound(peer).map_err(|source| Error::Evtchn {
+            step: "bind unbound port",
+            source,
+        })?;
         let evt_port = evt.local_port();
 
         let mut ctrl = be
             .gnt
             .share(peer, 1, true)
-            .map_err(|source| Error::Gnttab { step: "share control page", source })?;
+            .map_err(|source| Error::Gnttab {
+                step: "share control page",
+                source,
+            })?;
         ctrl.set_unmap_notify(SRV_LIVE, evt_port)
-            .map_err(|source| Error::Gnttab { step: "set unmap-notify on srv_live", source })?;
+            .map_err(|source| Error::Gnttab {
+                step: "set unmap-notify on srv_live",
+                source,
+            })?;
         let ctrl_ref = ctrl.refs()[0];
 
         let mut rings = Vec::new();
@@ -188,7 +264,10 @@ impl ShmChan {
                 let p = be
                     .gnt
                     .share(peer, pages, true)
-                    .map_err(|source| Error::Gnttab { step: "share ring pages", source })?;
+                    .map_err(|source| Error::Gnttab {
+                        step: "share ring pages",
+                        source,
+                    })?;
                 grants[i] = p.refs().to_vec();
                 ring_pages[i] = Some(rings.len());
                 rings.push(Pages::Shared(p));
@@ -205,14 +284,33 @@ impl ShmChan {
         // stay mapped until `Drop`, which closes the endpoint before
         // unmapping; no references to ring bytes exist.
         let ep = unsafe {
-            Endpoint::new(ctrl.as_ptr(), Side::Server, &layout, left, right, EvtchnEvents(evt))
+            Endpoint::new(
+                ctrl.as_ptr(),
+                Side::Server,
+                &layout,
+                left,
+                right,
+                EvtchnEvents::new(evt, Some(be.xs()?), peer),
+            )
         }?;
 
         // Publish in one transaction, readable by the client only.
         let base = format!("data/vchan/{peer}/{port}");
-        let perms = [NodePerm { dom: own, perm: Perm::None }, NodePerm { dom: peer, perm: Perm::Read }];
+        let perms = [
+            NodePerm {
+                dom: own,
+                perm: Perm::None,
+            },
+            NodePerm {
+                dom: peer,
+                perm: Perm::Read,
+            },
+        ];
         xs.transaction(|tx| {
-            tx.write(&format!("{base}/{}", control::XS_RING_REF), ctrl_ref.to_string().as_bytes())?;
+            tx.write(
+                &format!("{base}/{}", control::XS_RING_REF),
+                ctrl_ref.to_string().as_bytes(),
+            )?;
             tx.set_perms(&format!("{base}/{}", control::XS_RING_REF), &perms)?;
             tx.write(
                 &format!("{base}/{}", control::XS_EVENT_CHANNEL),
@@ -236,7 +334,12 @@ impl ShmChan {
 
     /// Client setup, spec §9.3 with Qubes' wait (§11.1): waits up to
     /// `timeout` for the server's nodes with a xenstore watch.
-    pub(crate) fn client(t: &Transport, peer: DomId, port: u32, timeout: Duration) -> Result<ShmChan> {
+    pub(crate) fn client(
+        t: &Transport,
+        peer: DomId,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<ShmChan> {
         let be = Backends::new(t)?;
         let xs = be.xs()?;
         let deadline = Instant::now() + timeout;
@@ -245,13 +348,22 @@ impl ShmChan {
         let evt = be
             .evt
             .bind_interdomain(peer, evt_port)
-            .map_err(|source| Error::Evtchn { step: "bind interdomain port", source })?;
+            .map_err(|source| Error::Evtchn {
+                step: "bind interdomain port",
+                source,
+            })?;
         let mut ctrl = be
             .gnt
             .map(peer, &[ring_ref], true)
-            .map_err(|source| Error::Gnttab { step: "map control page", source })?;
+            .map_err(|source| Error::Gnttab {
+                step: "map control page",
+                source,
+            })?;
         ctrl.set_unmap_notify(CLI_LIVE, evt.local_port())
-            .map_err(|source| Error::Gnttab { step: "set unmap-notify on cli_live", source })?;
+            .map_err(|source| Error::Gnttab {
+                step: "set unmap-notify on cli_live",
+                source,
+            })?;
         // SAFETY: `ctrl` is a read-write mapping of one page that stays
         // mapped until `Drop`.
         let header = unsafe { ControlPage::new(ctrl.as_ptr()) };
@@ -267,14 +379,20 @@ impl ShmChan {
         let mut rings = Vec::new();
         let mut idx: [Option<usize>; 2] = [None, None];
         // Left ring: we write (read-write); right ring: we read (read-only).
-        for (i, (grants, writable)) in [(left_grants, true), (right_grants, false)].into_iter().enumerate() {
+        for (i, (grants, writable)) in [(left_grants, true), (right_grants, false)]
+            .into_iter()
+            .enumerate()
+        {
             if grants.is_empty() {
                 continue;
             }
             let m = be
                 .gnt
                 .map(peer, &grants, writable)
-                .map_err(|source| Error::Gnttab { step: "map ring pages", source })?;
+                .map_err(|source| Error::Gnttab {
+                    step: "map ring pages",
+                    source,
+                })?;
             idx[i] = Some(rings.len());
             rings.push(Pages::Mapped(m));
         }
@@ -284,10 +402,19 @@ impl ShmChan {
         // read-write and the right ring (our read ring) read-only, exactly
         // as `Endpoint::new` requires; all stay mapped until `Drop`.
         let ep = unsafe {
-            Endpoint::new(ctrl.as_ptr(), Side::Client, &layout, left, right, EvtchnEvents(evt))
+            Endpoint::new(
+                ctrl.as_ptr(),
+                Side::Client,
+                &layout,
+                left,
+                right,
+                EvtchnEvents::new(evt, Some(be.xs()?), peer),
+            )
         }?;
         control::announce_client_connected(&header);
-        ep.events().notify().map_err(|source| Error::io("notify server of connect", source))?;
+        ep.events()
+            .notify()
+            .map_err(|source| Error::io("notify server of connect", source))?;
         Ok(ShmChan {
             rings,
             ctrl: Some(Pages::Mapped(ctrl)),
@@ -319,8 +446,13 @@ impl ShmChan {
 
     /// Removes `<base>` and, if it became empty, the per-peer directory.
     fn remove_nodes(&mut self) {
-        let Some((xs, base)) = self.xs_nodes.take() else { return };
-        let parent = base.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap_or_default();
+        let Some((xs, base)) = self.xs_nodes.take() else {
+            return;
+        };
+        let parent = base
+            .rsplit_once('/')
+            .map(|(p, _)| p.to_string())
+            .unwrap_or_default();
         let _ = xs.transaction(|tx| {
             tx.rm(&base)?;
             if tx.directory(&parent).map(|d| d.is_empty()).unwrap_or(false) {
@@ -362,7 +494,10 @@ impl ShmChan {
             if !got {
                 if let Some(xs) = &self.xs {
                     if peer_domain_gone(xs, self.peer) {
-                        return Err(Error::PeerGone { step: "wait for vchan client", domid: self.peer });
+                        return Err(Error::PeerGone {
+                            step: "wait for vchan client",
+                            domid: self.peer,
+                        });
                     }
                 }
             }
@@ -380,13 +515,7 @@ impl ShmChan {
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.ep.events().0.as_fd()
-    }
-
-    /// Whether the peer domain is known to be gone (xenstore); used by
-    /// blocking waits to end instead of waiting for ever.
-    pub(crate) fn peer_domain_gone(&self) -> bool {
-        self.xs.as_ref().is_some_and(|xs| peer_domain_gone(xs, self.peer))
+        self.ep.events().ch.as_fd()
     }
 }
 
@@ -403,8 +532,12 @@ fn wait_for_server_nodes(
     timeout: Duration,
 ) -> Result<(u32, u32)> {
     let watcher = be.watcher()?;
-    watcher.watch("domid", "domid").map_err(xs_err("watch domid"))?;
-    watcher.watch("@releaseDomain", "release").map_err(xs_err("watch @releaseDomain"))?;
+    watcher
+        .watch("domid", "domid")
+        .map_err(xs_err("watch domid"))?;
+    watcher
+        .watch("@releaseDomain", "release")
+        .map_err(xs_err("watch @releaseDomain"))?;
     let mut watched: Option<String> = None;
     loop {
         let own = own_domid(xs, peer)?;
@@ -414,7 +547,9 @@ fn wait_for_server_nodes(
             if let Some(old) = watched.take() {
                 let _ = watcher.unwatch(&old, &old);
             }
-            watcher.watch(&evt_path, &evt_path).map_err(xs_err("watch event-channel"))?;
+            watcher
+                .watch(&evt_path, &evt_path)
+                .map_err(xs_err("watch event-channel"))?;
             watched = Some(evt_path.clone());
         }
         match xs.read_string(&evt_path) {
@@ -430,20 +565,35 @@ fn wait_for_server_nodes(
             Ok(_) => {}
             Err(e) if e.is_enoent() || e.is_eacces() => {
                 if peer_domain_gone(xs, peer) {
-                    return Err(Error::PeerGone { step: "wait for vchan server", domid: peer });
+                    return Err(Error::PeerGone {
+                        step: "wait for vchan server",
+                        domid: peer,
+                    });
                 }
             }
-            Err(e) => return Err(Error::Xenstore { step: "read event-channel", source: e }),
+            Err(e) => {
+                return Err(Error::Xenstore {
+                    step: "read event-channel",
+                    source: e,
+                });
+            }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Timeout { step: "wait for vchan server", secs: timeout.as_secs() });
+            return Err(Error::Timeout {
+                step: "wait for vchan server",
+                secs: timeout.as_secs(),
+            });
         }
         // Any event (ours, domid, release) means: look again. Drain them all.
         watcher
             .next_event_timeout(left)
             .map_err(xs_err("wait for xenstore watch"))?;
-        while watcher.try_next_event().map_err(xs_err("drain watch events"))?.is_some() {}
+        while watcher
+            .try_next_event()
+            .map_err(xs_err("drain watch events"))?
+            .is_some()
+        {}
     }
 }
 

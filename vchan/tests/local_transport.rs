@@ -9,7 +9,9 @@ use std::time::Duration;
 use vchan::{LocalXen, State, Vchan};
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn round_trip(read_min: usize, write_min: usize, bytes: usize) {
@@ -41,7 +43,10 @@ fn round_trip(read_min: usize, write_min: usize, bytes: usize) {
     let mut b = [0u8; 1];
     assert_eq!(srv.read(&mut b).unwrap(), 0);
     assert_eq!(srv.state(), State::Closed);
-    assert_eq!(srv.write(b"x").unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+    assert_eq!(
+        srv.write(b"x").unwrap_err().kind(),
+        std::io::ErrorKind::BrokenPipe
+    );
 }
 
 fn expected_size(min: usize, left: bool) -> usize {
@@ -92,9 +97,14 @@ fn server_removes_its_xenstore_nodes_on_connect() {
     let c = thread::spawn(move || Vchan::client(&t2, 1, 600, Duration::from_secs(10)).unwrap());
     srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
     let _c = c.join().unwrap();
-    assert!(dom0.read(base).unwrap_err().is_enoent(), "nodes removed on connect");
     assert!(
-        dom0.read("/local/domain/1/data/vchan/2").unwrap_err().is_enoent(),
+        dom0.read(base).unwrap_err().is_enoent(),
+        "nodes removed on connect"
+    );
+    assert!(
+        dom0.read("/local/domain/1/data/vchan/2")
+            .unwrap_err()
+            .is_enoent(),
         "empty per-peer directory removed too"
     );
 }
@@ -125,7 +135,9 @@ fn server_waiting_for_a_destroyed_domain_ends() {
     let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
     let mut srv = Vchan::server(&xen.transport(1), 2, 5, 0, 0).unwrap();
     xen.remove_domain(2).unwrap();
-    let e = srv.wait_connected(Some(Duration::from_secs(30))).unwrap_err();
+    let e = srv
+        .wait_connected(Some(Duration::from_secs(30)))
+        .unwrap_err();
     assert!(matches!(e, vchan::Error::PeerGone { domid: 2, .. }), "{e}");
 }
 
@@ -152,4 +164,23 @@ fn packets_larger_than_the_ring_fail_fast() {
     assert!(srv.send(&[0u8; 2048]).is_ok());
     let mut big = [0u8; 1025];
     assert!(srv.recv(&mut big).is_err());
+}
+
+#[test]
+fn blocking_read_ends_when_the_peer_domain_is_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let mut srv = Vchan::server(&xen.transport(1), 2, 31, 4096, 4096).unwrap();
+    let t2 = xen.transport(2);
+    let c = thread::spawn(move || Vchan::client(&t2, 1, 31, Duration::from_secs(10)).unwrap());
+    srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+    let mut cli = c.join().unwrap();
+    // "xl destroy" of the server's domain: no event, no live-byte change.
+    xen.remove_domain(1).unwrap();
+    let started = std::time::Instant::now();
+    let mut b = [0u8; 8];
+    let e = cli.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(srv);
 }
