@@ -19,8 +19,8 @@
 pub mod control;
 pub mod endpoint;
 mod error;
-pub mod ring;
 mod local_xen;
+pub mod ring;
 mod shm;
 mod socket;
 mod transport;
@@ -36,8 +36,8 @@ pub use local_xen::LocalXen;
 pub use shm::local_xenstore_socket;
 pub use socket::socket_path;
 pub use transport::{
-    DEFAULT_SOCKET_DIR, DomId, ENV_DOMAIN, ENV_LOCAL_DIR, ENV_SOCKET_DIR, ENV_TRANSPORT,
-    Transport, parse_domid,
+    DEFAULT_SOCKET_DIR, DomId, ENV_DOMAIN, ENV_LOCAL_DIR, ENV_SOCKET_DIR, ENV_TRANSPORT, Transport,
+    parse_domid,
 };
 
 /// The largest ring size per direction (order 20).
@@ -97,25 +97,36 @@ impl Vchan {
                 let w = write_min.next_power_of_two().max(1024);
                 Inner::Socket(socket::SocketChan::server(dir, *domid, peer, port, r, w)?)
             }
-            Transport::Xen | Transport::Local { .. } => Inner::Shm(Box::new(
-                shm::ShmChan::server(transport, peer, port, read_min, write_min)?,
-            )),
+            Transport::Xen | Transport::Local { .. } => Inner::Shm(Box::new(shm::ShmChan::server(
+                transport, peer, port, read_min, write_min,
+            )?)),
         };
-        Ok(Vchan { inner, blocking: true })
+        Ok(Vchan {
+            inner,
+            blocking: true,
+        })
     }
 
     /// Connects to a server in domain `peer` on `port`, waiting at most
     /// `timeout` for it to appear.
-    pub fn client(transport: &Transport, peer: DomId, port: u32, timeout: Duration) -> Result<Vchan> {
+    pub fn client(
+        transport: &Transport,
+        peer: DomId,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<Vchan> {
         let inner = match transport {
-            Transport::Socket { dir, domid } => {
-                Inner::Socket(socket::SocketChan::client(dir, *domid, peer, port, timeout)?)
-            }
-            Transport::Xen | Transport::Local { .. } => {
-                Inner::Shm(Box::new(shm::ShmChan::client(transport, peer, port, timeout)?))
-            }
+            Transport::Socket { dir, domid } => Inner::Socket(socket::SocketChan::client(
+                dir, *domid, peer, port, timeout,
+            )?),
+            Transport::Xen | Transport::Local { .. } => Inner::Shm(Box::new(shm::ShmChan::client(
+                transport, peer, port, timeout,
+            )?)),
         };
-        Ok(Vchan { inner, blocking: true })
+        Ok(Vchan {
+            inner,
+            blocking: true,
+        })
     }
 
     /// Server: waits until the client has connected (`None`: no limit).

@@ -33,17 +33,30 @@ impl LocalXen {
     pub fn start(dir: &Path, domains: &[DomId]) -> Result<LocalXen> {
         let xs_dir = dir.join("xenstore");
         std::fs::create_dir_all(&xs_dir).map_err(|e| Error::io("create xenstore dir", e))?;
-        let evt = evtchn::local::Hub::start(dir)
-            .map_err(|source| Error::Evtchn { step: "start event-channel hub", source })?;
-        let gnt = gnttab::local::Hub::start(dir, evt.clone())
-            .map_err(|source| Error::Gnttab { step: "start grant hub", source })?;
+        let evt = evtchn::local::Hub::start(dir).map_err(|source| Error::Evtchn {
+            step: "start event-channel hub",
+            source,
+        })?;
+        let gnt = gnttab::local::Hub::start(dir, evt.clone()).map_err(|source| Error::Gnttab {
+            step: "start grant hub",
+            source,
+        })?;
         let config = xenstore::server::Config {
             missing_node: xenstore::server::MissingNodeError::Enoent,
             ..Default::default()
         };
-        let xs = xenstore::server::Server::start_with(&xs_dir, config)
-            .map_err(|source| Error::Xenstore { step: "start xenstored", source })?;
-        let me = LocalXen { dir: dir.to_path_buf(), evt, gnt, xs };
+        let xs = xenstore::server::Server::start_with(&xs_dir, config).map_err(|source| {
+            Error::Xenstore {
+                step: "start xenstored",
+                source,
+            }
+        })?;
+        let me = LocalXen {
+            dir: dir.to_path_buf(),
+            evt,
+            gnt,
+            xs,
+        };
         for &d in domains {
             me.add_domain(d)?;
         }
@@ -55,7 +68,10 @@ impl LocalXen {
         self.xs
             .add_domain(domid)
             .map(|_| ())
-            .map_err(|source| Error::Xenstore { step: "add domain", source })
+            .map_err(|source| Error::Xenstore {
+                step: "add domain",
+                source,
+            })
     }
 
     /// Destroys a domain as far as xenstore can tell (`xl destroy`): its
@@ -63,12 +79,18 @@ impl LocalXen {
     pub fn remove_domain(&self, domid: DomId) -> Result<()> {
         self.xs
             .remove_domain(domid)
-            .map_err(|source| Error::Xenstore { step: "remove domain", source })
+            .map_err(|source| Error::Xenstore {
+                step: "remove domain",
+                source,
+            })
     }
 
     /// The transport with which a process plays `domid` here.
     pub fn transport(&self, domid: DomId) -> Transport {
-        Transport::Local { dir: self.dir.clone(), domid }
+        Transport::Local {
+            dir: self.dir.clone(),
+            domid,
+        }
     }
 
     /// The rendezvous directory.

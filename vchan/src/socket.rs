@@ -278,7 +278,11 @@ impl SocketChan {
 
     pub(crate) fn buffer_space(&mut self) -> usize {
         self.pump();
-        if self.broken { 0 } else { self.tx_cap - self.tx.len() }
+        if self.broken {
+            0
+        } else {
+            self.tx_cap - self.tx.len()
+        }
     }
 
     pub(crate) fn read_capacity(&self) -> usize {
@@ -337,7 +341,11 @@ impl SocketChan {
         let mut done = 0;
         loop {
             if !self.is_open() {
-                return if done > 0 { Ok(done) } else { Err(Error::PeerClosed) };
+                return if done > 0 {
+                    Ok(done)
+                } else {
+                    Err(Error::PeerClosed)
+                };
             }
             let n = (buf.len() - done).min(self.tx_cap - self.tx.len());
             self.tx.extend(&buf[done..done + n]);
@@ -347,7 +355,11 @@ impl SocketChan {
                 return Ok(done);
             }
             if !blocking {
-                return if done > 0 { Ok(done) } else { Err(Error::WouldBlock) };
+                return if done > 0 {
+                    Ok(done)
+                } else {
+                    Err(Error::WouldBlock)
+                };
             }
             if self.tx.len() == self.tx_cap {
                 self.wait(None)?;

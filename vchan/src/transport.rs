@@ -77,7 +77,9 @@ impl Transport {
         match forced.as_deref() {
             Some("xen") => Ok(Transport::Xen),
             Some("socket") => Ok(Transport::Socket {
-                dir: socket_dir.unwrap_or_else(|| DEFAULT_SOCKET_DIR.into()).into(),
+                dir: socket_dir
+                    .unwrap_or_else(|| DEFAULT_SOCKET_DIR.into())
+                    .into(),
                 domid,
             }),
             Some("local") => Ok(Transport::Local {
@@ -92,9 +94,15 @@ impl Transport {
                 "{ENV_TRANSPORT}={other:?}: expected xen, local or socket"
             ))),
             None => Ok(if let Some(dir) = socket_dir {
-                Transport::Socket { dir: dir.into(), domid }
+                Transport::Socket {
+                    dir: dir.into(),
+                    domid,
+                }
             } else if let Some(dir) = local_dir {
-                Transport::Local { dir: dir.into(), domid }
+                Transport::Local {
+                    dir: dir.into(),
+                    domid,
+                }
             } else {
                 Transport::Xen
             }),
@@ -150,8 +158,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -161,11 +171,17 @@ mod tests {
         assert_eq!(
             Transport::from_lookup(env(&[("VCHAN_SOCKET_DIR", "/s"), ("VCHAN_DOMAIN", "4")]))
                 .unwrap(),
-            Transport::Socket { dir: "/s".into(), domid: 4 }
+            Transport::Socket {
+                dir: "/s".into(),
+                domid: 4
+            }
         );
         assert_eq!(
             Transport::from_lookup(env(&[("VCHAN_LOCAL_DIR", "/l")])).unwrap(),
-            Transport::Local { dir: "/l".into(), domid: 0 }
+            Transport::Local {
+                dir: "/l".into(),
+                domid: 0
+            }
         );
         assert_eq!(
             Transport::from_lookup(env(&[
@@ -174,7 +190,10 @@ mod tests {
                 ("VCHAN_TRANSPORT", "local")
             ]))
             .unwrap(),
-            Transport::Local { dir: "/l".into(), domid: 0 }
+            Transport::Local {
+                dir: "/l".into(),
+                domid: 0
+            }
         );
         assert!(Transport::from_lookup(env(&[("VCHAN_TRANSPORT", "carrier-pigeon")])).is_err());
         assert!(Transport::from_lookup(env(&[("VCHAN_DOMAIN", "-1")])).is_err());
@@ -186,7 +205,9 @@ mod tests {
         for ok in ["0", "1", "32751"] {
             assert!(parse_domid(ok).is_some(), "{ok}");
         }
-        for bad in ["", "00", "01", "+1", "-1", " 1", "1 ", "32752", "99999999", "x"] {
+        for bad in [
+            "", "00", "01", "+1", "-1", " 1", "1 ", "32752", "99999999", "x",
+        ] {
             assert_eq!(parse_domid(bad), None, "{bad:?}");
         }
     }

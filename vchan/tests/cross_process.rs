@@ -43,14 +43,21 @@ fn checksum(log: &str) -> Option<&str> {
 fn one_gib(ring_kib: &str, server_sends: bool) {
     let dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
-    let (sdir, cdir) = if server_sends { ("send", "recv") } else { ("recv", "send") };
+    let (sdir, cdir) = if server_sends {
+        ("send", "recv")
+    } else {
+        ("recv", "send")
+    };
     let s = peer(&xen, 1, &["server", "2", "77", sdir, "1024", ring_kib]);
     let c = peer(&xen, 2, &["client", "1", "77", cdir, "1024"]);
     let (cok, clog) = finish(c);
     let (sok, slog) = finish(s);
     assert!(sok && cok, "server:\n{slog}\nclient:\n{clog}");
     let sender = if server_sends { &slog } else { &clog };
-    assert!(sender.contains("MATCH") && !sender.contains("MISMATCH"), "{sender}");
+    assert!(
+        sender.contains("MATCH") && !sender.contains("MISMATCH"),
+        "{sender}"
+    );
     assert_eq!(checksum(&slog), checksum(&clog));
     assert!(slog.contains("1073741824") || clog.contains("1073741824"));
 }
@@ -69,8 +76,16 @@ fn one_gib_through_1m_rings_client_to_server() {
 fn packet_mode_across_processes() {
     let dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
-    let s = peer(&xen, 1, &["server", "2", "78", "recv", "8", "4", "--packet", "4000"]);
-    let c = peer(&xen, 2, &["client", "1", "78", "send", "8", "--packet", "4000"]);
+    let s = peer(
+        &xen,
+        1,
+        &["server", "2", "78", "recv", "8", "4", "--packet", "4000"],
+    );
+    let c = peer(
+        &xen,
+        2,
+        &["client", "1", "78", "send", "8", "--packet", "4000"],
+    );
     let (cok, clog) = finish(c);
     let (sok, slog) = finish(s);
     assert!(sok && cok, "server:\n{slog}\nclient:\n{clog}");
@@ -80,7 +95,9 @@ fn packet_mode_across_processes() {
 /// Child role: play `VCHAN_DOMAIN`, write `KILL_BYTES` bytes, then hang.
 #[test]
 fn child_writer_then_hang() {
-    let Ok(role) = std::env::var("VCHAN_TEST_ROLE") else { return };
+    let Ok(role) = std::env::var("VCHAN_TEST_ROLE") else {
+        return;
+    };
     let n: usize = std::env::var("KILL_BYTES").unwrap().parse().unwrap();
     let t = vchan::Transport::from_env().unwrap();
     let mut v = if role == "server" {
@@ -99,7 +116,12 @@ fn child_writer_then_hang() {
 fn spawn_child(xen: &LocalXen, role: &str, domid: u16, bytes: usize) -> Kill {
     Kill(
         Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_writer_then_hang", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "child_writer_then_hang",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("VCHAN_TEST_ROLE", role)
             .env("KILL_BYTES", bytes.to_string())
             .env("VCHAN_LOCAL_DIR", xen.dir())
@@ -145,13 +167,23 @@ fn survivor_after_sigkill(kill_server: bool) {
     // Then EOF, within a second of the kill.
     let mut b = [0u8; 16];
     assert_eq!(v.read(&mut b).unwrap(), 0);
-    assert!(killed.elapsed() < Duration::from_secs(1), "EOF took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "EOF took {:?}",
+        killed.elapsed()
+    );
     assert_eq!(v.state(), State::Closed);
-    assert_eq!(v.write(b"late").unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+    assert_eq!(
+        v.write(b"late").unwrap_err().kind(),
+        std::io::ErrorKind::BrokenPipe
+    );
     drop(v);
     drop(xen);
     // Nothing left behind: only the rendezvous dir, now empty.
-    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 

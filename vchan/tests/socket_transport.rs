@@ -10,7 +10,10 @@ use std::time::Duration;
 use vchan::{State, Transport, Vchan};
 
 fn transport(dir: &std::path::Path, domid: u16) -> Transport {
-    Transport::Socket { dir: dir.to_path_buf(), domid }
+    Transport::Socket {
+        dir: dir.to_path_buf(),
+        domid,
+    }
 }
 
 #[test]
@@ -19,7 +22,10 @@ fn our_server_round_trip_with_plain_socket_client() {
     let mut srv = Vchan::server(&transport(dir.path(), 0), 5, 513, 65536, 65536).unwrap();
     assert_eq!(srv.state(), State::Waiting);
     let path = dir.path().join("vchan.0.5.513.sock");
-    assert!(path.exists(), "server socket at the qubes-core-vchan-socket path");
+    assert!(
+        path.exists(),
+        "server socket at the qubes-core-vchan-socket path"
+    );
 
     let peer = thread::spawn(move || {
         let mut s = UnixStream::connect(&path).unwrap();
@@ -114,7 +120,10 @@ fn non_blocking_mode_would_block() {
     srv.wait_connected(Some(Duration::from_secs(5))).unwrap();
     srv.set_blocking(false);
     let mut b = [0u8; 8];
-    assert_eq!(srv.read(&mut b).unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+    assert_eq!(
+        srv.read(&mut b).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
     assert_eq!(srv.data_ready(), 0);
     assert!(srv.buffer_space() > 0);
 }

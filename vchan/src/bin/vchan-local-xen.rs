@@ -9,8 +9,8 @@
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 fn main() -> ExitCode {
@@ -27,7 +27,11 @@ fn main() -> ExitCode {
                     eprintln!("vchan-local-xen: --domains needs a list");
                     return ExitCode::from(2);
                 };
-                match list.split(',').map(vchan::parse_domid).collect::<Option<Vec<_>>>() {
+                match list
+                    .split(',')
+                    .map(vchan::parse_domid)
+                    .collect::<Option<Vec<_>>>()
+                {
                     Some(d) => domains = d,
                     None => {
                         eprintln!("vchan-local-xen: bad domain list {list:?}");
@@ -54,7 +58,10 @@ fn main() -> ExitCode {
     // Block the signals before any thread exists, so every thread inherits
     // the mask and only the waiting thread takes them.
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
         let _ = signal_flag(sig, stop.clone());
     }
     let xen = match vchan::LocalXen::start(&dir, &domains) {

@@ -38,7 +38,11 @@ struct Hasher {
 
 impl Hasher {
     fn new() -> Self {
-        Hasher { h: FNV_OFFSET, carry: [0; 8], ncarry: 0 }
+        Hasher {
+            h: FNV_OFFSET,
+            carry: [0; 8],
+            ncarry: 0,
+        }
     }
     fn words(&mut self, p: &[u8]) {
         for w in p.chunks_exact(8) {
@@ -114,7 +118,10 @@ fn parse() -> Result<Opts, String> {
     let mut bytes = None;
     let mut packet = None;
     let mut chunk = 256 * 1024;
-    let mut timeout: u64 = std::env::var("VCHAN_WAIT").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let mut timeout: u64 = std::env::var("VCHAN_WAIT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let mut val = |name: &str| -> Result<u64, String> {
@@ -143,9 +150,16 @@ fn parse() -> Result<Opts, String> {
         "recv" => false,
         _ => return Err("fourth argument: send or recv".into()),
     };
-    let num = |s: &str, what: &str| s.parse::<u64>().map_err(|_| format!("{what}: not a number"));
+    let num = |s: &str, what: &str| {
+        s.parse::<u64>()
+            .map_err(|_| format!("{what}: not a number"))
+    };
     let mib = num(&pos[4], "MIB")?;
-    let ring = if pos.len() == 6 { num(&pos[5], "RING_KIB")? as usize * 1024 } else { 64 * 1024 };
+    let ring = if pos.len() == 6 {
+        num(&pos[5], "RING_KIB")? as usize * 1024
+    } else {
+        64 * 1024
+    };
     if chunk == 0 || packet == Some(0) {
         return Err("sizes must be positive".into());
     }
@@ -221,7 +235,12 @@ fn run(o: &Opts) -> Result<bool, vchan::Error> {
     let t = Transport::from_env()?;
     let mut v = if o.server {
         let mut v = Vchan::server(&t, o.peer, o.port, o.ring, o.ring)?;
-        eprintln!("server: waiting for dom{} on port {} (ring {} KiB)", o.peer, o.port, o.ring / 1024);
+        eprintln!(
+            "server: waiting for dom{} on port {} (ring {} KiB)",
+            o.peer,
+            o.port,
+            o.ring / 1024
+        );
         v.wait_connected(Some(o.timeout))?;
         v
     } else {
