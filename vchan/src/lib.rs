@@ -129,6 +129,31 @@ impl Vchan {
         })
     }
 
+    /// Starts a client connect that [`Connecting::poll`] finishes without
+    /// blocking (for `poll`/epoll loops and async runtimes).
+    pub fn client_start(transport: &Transport, peer: DomId, port: u32) -> Result<Connecting> {
+        let inner = match transport {
+            Transport::Socket { dir, domid } => {
+                if *domid == peer {
+                    return Err(Error::Loopback { domid: peer });
+                }
+                let idle = nix::sys::eventfd::EventFd::new()
+                    .map_err(|e| Error::io("eventfd", e.into()))?;
+                ConnInner::Socket {
+                    dir: dir.clone(),
+                    own: *domid,
+                    peer,
+                    port,
+                    idle,
+                }
+            }
+            Transport::Xen | Transport::Local { .. } => {
+                ConnInner::Shm(Box::new(shm::ShmConnecting::start(transport, peer, port)?))
+            }
+        };
+        Ok(Connecting { inner })
+    }
+
     /// Server: waits until the client has connected (`None`: no limit).
     pub fn wait_connected(&mut self, timeout: Option<Duration>) -> Result<()> {
         match &mut self.inner {
@@ -296,6 +321,89 @@ impl Vchan {
     /// Closes this end (also done on drop); the peer sees [`State::Closed`].
     pub fn close(self) {
         drop(self);
+    }
+}
+
+/// A client connect in progress, for callers that drive it from `poll`
+/// or an event loop: wait until [`AsFd::as_fd`] is readable (or
+/// [`Connecting::retry_interval`] has passed), then call
+/// [`Connecting::poll`].
+///
+/// ```no_run
+/// use std::os::fd::AsFd;
+/// use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+/// let t = vchan::Transport::from_env()?;
+/// let mut c = vchan::Vchan::client_start(&t, 0, 512)?;
+/// let v = loop {
+///     if let Some(v) = c.poll()? { break v; }
+///     let ms = c.retry_interval().map_or(-1, |d| d.as_millis() as i32);
+///     let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
+///     poll(&mut fds, PollTimeout::try_from(ms).unwrap())?;
+/// };
+/// # drop(v); Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct Connecting {
+    inner: ConnInner,
+}
+
+#[derive(Debug)]
+enum ConnInner {
+    Shm(Box<shm::ShmConnecting>),
+    Socket {
+        dir: std::path::PathBuf,
+        own: DomId,
+        peer: DomId,
+        port: u32,
+        /// Never readable: the socket transport retries on a timer.
+        idle: nix::sys::eventfd::EventFd,
+    },
+}
+
+impl Connecting {
+    /// One attempt that never blocks for long: `Ok(Some(vchan))` once
+    /// connected, `Ok(None)` to wait and call again.
+    pub fn poll(&mut self) -> Result<Option<Vchan>> {
+        let inner = match &mut self.inner {
+            ConnInner::Shm(c) => match c.poll()? {
+                Some(ch) => Inner::Shm(Box::new(ch)),
+                None => return Ok(None),
+            },
+            ConnInner::Socket {
+                dir,
+                own,
+                peer,
+                port,
+                ..
+            } => match socket::SocketChan::client(dir, *own, *peer, *port, Duration::ZERO) {
+                Ok(ch) => Inner::Socket(ch),
+                Err(Error::Timeout { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(Some(Vchan {
+            inner,
+            blocking: true,
+        }))
+    }
+
+    /// How long to wait at most before calling [`Connecting::poll`] again
+    /// even if the fd shows nothing (the socket transport retries every
+    /// 100 ms); `None` when the fd alone tells.
+    pub fn retry_interval(&self) -> Option<Duration> {
+        match &self.inner {
+            ConnInner::Shm(_) => None,
+            ConnInner::Socket { .. } => Some(socket::CLIENT_RETRY),
+        }
+    }
+}
+
+impl AsFd for Connecting {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.inner {
+            ConnInner::Shm(c) => c.fd(),
+            ConnInner::Socket { idle, .. } => idle.as_fd(),
+        }
     }
 }
 

@@ -340,11 +340,34 @@ impl ShmChan {
         port: u32,
         timeout: Duration,
     ) -> Result<ShmChan> {
-        let be = Backends::new(t)?;
-        let xs = be.xs()?;
+        let mut c = ShmConnecting::start(t, peer, port)?;
         let deadline = Instant::now() + timeout;
-        let (ring_ref, evt_port) = wait_for_server_nodes(&be, &xs, peer, port, deadline, timeout)?;
+        loop {
+            if let Some(ch) = c.poll()? {
+                return Ok(ch);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    step: "wait for vchan server",
+                    secs: timeout.as_secs(),
+                });
+            }
+            // Any event (ours, domid, release) means: look again.
+            c.watcher
+                .next_event_timeout(left)
+                .map_err(xs_err("wait for xenstore watch"))?;
+        }
+    }
 
+    /// The rest of the client setup once the server's nodes are known.
+    fn client_finish(
+        be: &Backends,
+        xs: Xs,
+        peer: DomId,
+        ring_ref: u32,
+        evt_port: u32,
+    ) -> Result<ShmChan> {
         let evt = be
             .evt
             .bind_interdomain(peer, evt_port)
@@ -519,38 +542,68 @@ impl ShmChan {
     }
 }
 
-/// Waits for `/local/domain/<peer>/data/vchan/<own>/<port>/event-channel`
-/// and `ring-ref`, with a watch (not a sleep loop). Re-reads our domid
-/// when a `domid` watch fires (save/restore), ends early if the peer
-/// domain is gone.
-fn wait_for_server_nodes(
-    be: &Backends,
-    xs: &Xs,
+/// A client connect in progress: waits for
+/// `/local/domain/<peer>/data/vchan/<own>/<port>/event-channel` and
+/// `ring-ref` with a watch (not a sleep loop), re-reads our domid when a
+/// `domid` watch fires (save/restore), ends early if the peer domain is
+/// gone. Driven by [`ShmConnecting::poll`] whenever the watch fd is readable.
+#[derive(Debug)]
+pub(crate) struct ShmConnecting {
+    be: Backends,
+    xs: Option<Xs>,
+    watcher: Watcher,
     peer: DomId,
     port: u32,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<(u32, u32)> {
-    let watcher = be.watcher()?;
-    watcher
-        .watch("domid", "domid")
-        .map_err(xs_err("watch domid"))?;
-    watcher
-        .watch("@releaseDomain", "release")
-        .map_err(xs_err("watch @releaseDomain"))?;
-    let mut watched: Option<String> = None;
-    loop {
+    watched: Option<String>,
+}
+
+impl ShmConnecting {
+    pub(crate) fn start(t: &Transport, peer: DomId, port: u32) -> Result<ShmConnecting> {
+        let be = Backends::new(t)?;
+        let xs = be.xs()?;
+        own_domid(&xs, peer)?;
+        let watcher = be.watcher()?;
+        watcher
+            .watch("domid", "domid")
+            .map_err(xs_err("watch domid"))?;
+        watcher
+            .watch("@releaseDomain", "release")
+            .map_err(xs_err("watch @releaseDomain"))?;
+        Ok(ShmConnecting {
+            be,
+            xs: Some(xs),
+            watcher,
+            peer,
+            port,
+            watched: None,
+        })
+    }
+
+    /// One non-blocking attempt: `Ok(Some(_))` once connected, `Ok(None)`
+    /// to wait for the watch fd again.
+    pub(crate) fn poll(&mut self) -> Result<Option<ShmChan>> {
+        while self
+            .watcher
+            .try_next_event()
+            .map_err(xs_err("drain watch events"))?
+            .is_some()
+        {}
+        let Some(xs) = self.xs.as_ref() else {
+            return Err(Error::config("connect already finished"));
+        };
+        let (peer, port) = (self.peer, self.port);
         let own = own_domid(xs, peer)?;
         let base = format!("/local/domain/{peer}/data/vchan/{own}/{port}");
         let evt_path = format!("{base}/{}", control::XS_EVENT_CHANNEL);
-        if watched.as_deref() != Some(evt_path.as_str()) {
-            if let Some(old) = watched.take() {
-                let _ = watcher.unwatch(&old, &old);
+        if self.watched.as_deref() != Some(evt_path.as_str()) {
+            if let Some(old) = self.watched.take() {
+                let _ = self.watcher.unwatch(&old, &old);
             }
-            watcher
+            // The token is the path itself: the directory may be unreadable.
+            self.watcher
                 .watch(&evt_path, &evt_path)
                 .map_err(xs_err("watch event-channel"))?;
-            watched = Some(evt_path.clone());
+            self.watched = Some(evt_path.clone());
         }
         match xs.read_string(&evt_path) {
             Ok(v) if !v.is_empty() => {
@@ -559,10 +612,12 @@ fn wait_for_server_nodes(
                     .read_string(&format!("{base}/{}", control::XS_RING_REF))
                     .map_err(xs_err("read ring-ref"))
                     .and_then(|s| parse_positive(&s, "ring-ref"))?;
-                let _ = watcher.unwatch(&evt_path, &evt_path);
-                return Ok((ring_ref, evt_port));
+                let _ = self.watcher.unwatch(&evt_path, &evt_path);
+                self.watched = None;
+                let xs = self.xs.take().expect("checked above");
+                ShmChan::client_finish(&self.be, xs, peer, ring_ref, evt_port).map(Some)
             }
-            Ok(_) => {}
+            Ok(_) => Ok(None),
             Err(e) if e.is_enoent() || e.is_eacces() => {
                 if peer_domain_gone(xs, peer) {
                     return Err(Error::PeerGone {
@@ -570,30 +625,17 @@ fn wait_for_server_nodes(
                         domid: peer,
                     });
                 }
+                Ok(None)
             }
-            Err(e) => {
-                return Err(Error::Xenstore {
-                    step: "read event-channel",
-                    source: e,
-                });
-            }
+            Err(e) => Err(Error::Xenstore {
+                step: "read event-channel",
+                source: e,
+            }),
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Timeout {
-                step: "wait for vchan server",
-                secs: timeout.as_secs(),
-            });
-        }
-        // Any event (ours, domid, release) means: look again. Drain them all.
-        watcher
-            .next_event_timeout(left)
-            .map_err(xs_err("wait for xenstore watch"))?;
-        while watcher
-            .try_next_event()
-            .map_err(xs_err("drain watch events"))?
-            .is_some()
-        {}
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.watcher.as_fd()
     }
 }
 

@@ -184,3 +184,40 @@ fn blocking_read_ends_when_the_peer_domain_is_destroyed() {
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(srv);
 }
+
+#[test]
+fn non_blocking_connect_driven_from_poll() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let mut conn = Vchan::client_start(&xen.transport(2), 1, 44).unwrap();
+    assert!(conn.poll().unwrap().is_none(), "no server yet");
+    let t1 = xen.transport(1);
+    let srv = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        let mut s = Vchan::server(&t1, 2, 44, 0, 0).unwrap();
+        s.wait_connected(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"ping").unwrap();
+        s
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut polls = 0;
+    let mut v = loop {
+        if let Some(v) = conn.poll().unwrap() {
+            break v;
+        }
+        polls += 1;
+        assert!(std::time::Instant::now() < deadline, "never connected");
+        let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(1000u16)).unwrap();
+    };
+    assert!(
+        polls < 50,
+        "woken by the watch, not spinning ({polls} polls)"
+    );
+    let mut b = [0u8; 4];
+    v.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+    drop(srv.join().unwrap());
+}

@@ -134,3 +134,21 @@ fn oversized_ring_request_is_a_clear_error() {
     let e = Vchan::server(&transport(dir.path(), 0), 1, 1, (1 << 20) + 1, 0).unwrap_err();
     assert!(e.to_string().contains("maximum"), "{e}");
 }
+
+#[test]
+fn non_blocking_connect_retries_on_its_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = Vchan::client_start(&transport(dir.path(), 3), 7, 55).unwrap();
+    assert_eq!(conn.retry_interval(), Some(Duration::from_millis(100)));
+    assert!(conn.poll().unwrap().is_none());
+    let l = UnixListener::bind(dir.path().join("vchan.7.3.55.sock")).unwrap();
+    let mut v = conn
+        .poll()
+        .unwrap()
+        .expect("connects once the server is there");
+    let (mut s, _) = l.accept().unwrap();
+    s.write_all(b"ok").unwrap();
+    let mut b = [0u8; 2];
+    v.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ok");
+}
