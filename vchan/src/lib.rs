@@ -16,6 +16,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#[cfg(feature = "tokio")]
+mod async_io;
 pub mod control;
 pub mod endpoint;
 mod error;
@@ -31,6 +33,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use endpoint::Events as _;
 use std::time::Duration;
 
+#[cfg(feature = "tokio")]
+pub use async_io::AsyncVchan;
 pub use error::{Error, Result};
 pub use local_xen::LocalXen;
 pub use shm::local_xenstore_socket;
@@ -316,6 +320,19 @@ impl Vchan {
             Inner::Shm(c) => c.endpoint().write(buf).map_err(Error::from),
             Inner::Socket(s) => s.write(buf, b),
         }
+    }
+
+    /// Consumes pending events (re-arming the event channel) without
+    /// blocking; for callers that poll the fd themselves.
+    pub fn consume_events(&mut self) {
+        if let Inner::Shm(c) = &mut self.inner {
+            while matches!(c.endpoint().consume_pending(), Ok(true)) {}
+        }
+    }
+
+    /// Whether this vchan runs over the socket transport.
+    pub fn is_socket(&self) -> bool {
+        matches!(self.inner, Inner::Socket(_))
     }
 
     /// Closes this end (also done on drop); the peer sees [`State::Closed`].
