@@ -106,6 +106,49 @@ pub(crate) const IOCTL_EVTCHN_RESTRICT_DOMID: u32 = ioc(
     size_of::<IoctlEvtchnRestrictDomid>(),
 );
 
+/// `struct privcmd_hypercall { __u64 op; __u64 arg[5]; }` from
+/// include/uapi/xen/privcmd.h: one hypercall through `/dev/xen/privcmd`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PrivcmdHypercall {
+    pub(crate) op: u64,
+    pub(crate) arg: [u64; 5],
+}
+
+const PRIVCMD_TYPE: u8 = b'P';
+
+/// `#define IOCTL_PRIVCMD_HYPERCALL _IOC(_IOC_NONE, 'P', 0, sizeof(struct privcmd_hypercall))`
+pub(crate) const IOCTL_PRIVCMD_HYPERCALL: u32 =
+    ioc(IOC_NONE, PRIVCMD_TYPE, 0, size_of::<PrivcmdHypercall>());
+
+/// `#define __HYPERVISOR_event_channel_op 32` (xen/include/public/xen.h).
+pub(crate) const HYPERVISOR_EVENT_CHANNEL_OP: u64 = 32;
+/// `#define EVTCHNOP_status 5` (xen/include/public/event_channel.h).
+pub(crate) const EVTCHNOP_STATUS: u64 = 5;
+/// `#define DOMID_SELF xen_mk_uint(0x7FF0)` (xen/include/public/xen.h).
+pub(crate) const DOMID_SELF: u16 = 0x7FF0;
+/// `EVTCHNSTAT_closed` .. `EVTCHNSTAT_interdomain` (event_channel.h).
+pub(crate) const EVTCHNSTAT_CLOSED: u32 = 0;
+/// Port allocated, waiting for the remote domain to bind.
+pub(crate) const EVTCHNSTAT_UNBOUND: u32 = 1;
+/// Port connected to a remote domain's port.
+pub(crate) const EVTCHNSTAT_INTERDOMAIN: u32 = 2;
+
+/// `struct evtchn_status` (xen/include/public/event_channel.h): `dom`,
+/// `port` in; `status`, `vcpu` and the union out. The union is laid out as
+/// its `interdomain` member `{ domid_t dom; evtchn_port_t port; }`, whose
+/// `dom` is also `unbound.dom`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct EvtchnStatus {
+    pub(crate) dom: u16,
+    pub(crate) port: u32,
+    pub(crate) status: u32,
+    pub(crate) vcpu: u32,
+    pub(crate) u_dom: u16,
+    pub(crate) u_port: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +163,17 @@ mod tests {
         assert_eq!(IOCTL_EVTCHN_NOTIFY, 0x0004_4504);
         assert_eq!(IOCTL_EVTCHN_RESET, 0x0000_4505);
         assert_eq!(IOCTL_EVTCHN_RESTRICT_DOMID, 0x0002_4506);
+    }
+
+    #[test]
+    fn privcmd_hypercall_layout() {
+        assert_eq!(size_of::<PrivcmdHypercall>(), 48);
+        assert_eq!(IOCTL_PRIVCMD_HYPERCALL, 0x0030_5000);
+        assert_eq!(size_of::<EvtchnStatus>(), 24);
+        assert_eq!(std::mem::offset_of!(EvtchnStatus, port), 4);
+        assert_eq!(std::mem::offset_of!(EvtchnStatus, status), 8);
+        assert_eq!(std::mem::offset_of!(EvtchnStatus, u_dom), 16);
+        assert_eq!(std::mem::offset_of!(EvtchnStatus, u_port), 20);
     }
 
     #[test]
