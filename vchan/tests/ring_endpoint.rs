@@ -182,9 +182,14 @@ fn blocked_write_ends_when_peer_closes() {
         assert!(matches!(s.write(&[2; 10]), Err(RingError::PeerClosed)));
         let _c = closer.join().unwrap();
 
-        let (_mem, mut s, mut c) = pair(small(), 0);
+        let (mem, mut s, mut c) = pair(small(), 0);
+        let m = Arc::clone(&mem); // `s` points into `mem`: keep it here too
         let closer = thread::spawn(move || {
-            thread::sleep(Duration::from_millis(20));
+            // Close only once the writer has filled the ring (and so is
+            // about to block or blocked): deterministic under any load.
+            while m.header().load_u32(RingId::Right.prod_offset()) != 2048 {
+                thread::sleep(Duration::from_millis(1));
+            }
             c.close().unwrap();
             c
         });
@@ -492,17 +497,24 @@ fn wait_returns_on_event_and_on_silent_change() {
         // A change without an event (a client too old to notify): noticed
         // at the next poll.
         s.set_poll_interval(Duration::from_millis(5));
+        // The peer keeps producing silently until we are back, so the change
+        // cannot fall before `wait` takes its snapshot, whatever the load.
         let m = Arc::clone(&mem);
+        let back = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let back2 = Arc::clone(&back);
         let t = thread::spawn(move || {
-            thread::sleep(Duration::from_millis(20));
             let h = m.header();
-            h.store_u32(
-                RingId::Left.prod_offset(),
-                h.load_u32(RingId::Left.prod_offset()) + 1,
-            );
+            while !back2.load(std::sync::atomic::Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(2));
+                let prod = h.load_u32(RingId::Left.prod_offset());
+                if prod < 1000 {
+                    h.store_u32(RingId::Left.prod_offset(), prod + 1);
+                }
+            }
         });
         s.wait().unwrap();
-        assert_eq!(s.data_ready().unwrap(), 2);
+        back.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(s.data_ready().unwrap() >= 2);
         t.join().unwrap();
     });
 }
