@@ -14,7 +14,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("vchan-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut xen = Command::new(bin.join("vchan-local-xen"))
-        .args(["--dir", dir.to_str().unwrap_or_default(), "--domains", "0,1,2", "--stdin"])
+        .args([
+            "--dir",
+            dir.to_str().unwrap_or_default(),
+            "--domains",
+            "0,1,2",
+            "--stdin",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -29,11 +35,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .spawn()
     };
     let result = (|| {
-        let mut s = peer("1", &["server", "2", "100", "send", mib, "64"]).map_err(|e| e.to_string())?;
+        let mut s =
+            peer("1", &["server", "2", "100", "send", mib, "64"]).map_err(|e| e.to_string())?;
         let mut c = peer("2", &["client", "1", "100", "recv", mib]).map_err(|e| e.to_string())?;
         let cs = c.wait().map_err(|e| e.to_string())?;
         let ss = s.wait().map_err(|e| e.to_string())?;
-        if cs.success() && ss.success() { Ok(()) } else { Err("a peer failed".to_string()) }
+        if cs.success() && ss.success() {
+            Ok(())
+        } else {
+            Err("a peer failed".to_string())
+        }
     })();
     drop(xen.stdin.take());
     let _ = xen.wait();

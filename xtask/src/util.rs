@@ -24,5 +24,9 @@ pub fn cargo(args: &[&str]) -> Result<(), String> {
         .current_dir(root())
         .status()
         .map_err(|e| format!("cargo {}: {e}", args.join(" ")))?;
-    if st.success() { Ok(()) } else { Err(format!("cargo {} failed ({st})", args.join(" "))) }
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {} failed ({st})", args.join(" ")))
+    }
 }
