@@ -1,0 +1,475 @@
+//! `cargo xtask bench vchan`: stream throughput, round-trip latency, CPU per
+//! GiB and idle CPU of a vchan over the Local transport, each beside its
+//! baselines in the same run.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::time::Duration;
+
+use super::procs::{self, Hub, Line, Running};
+use super::report::{self, Json, Table, median, paired_ratio};
+use super::{Common, GIB};
+
+/// The stream variants, in the order they run and print.
+const VARIANTS: [&str; 5] = ["vchan", "rtrb", "socketpair", "pipe", "memcpy"];
+
+/// What one suite run covers.
+#[derive(Debug)]
+struct Plan {
+    rings: Vec<usize>,
+    chunks: Vec<usize>,
+    bytes: u64,
+    reps: usize,
+    ping_iters: usize,
+    idle_ms: u64,
+    parts: Vec<String>,
+}
+
+/// One stream run: wall seconds and CPU seconds (all processes involved).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    bytes_per_sec: f64,
+    cpu_per_gib: f64,
+    /// The Local transport host's share of `cpu_per_gib` (vchan only).
+    hub_per_gib: f64,
+}
+
+/// Runs the suite.
+pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
+    let mut plan = if common.quick {
+        Plan {
+            rings: vec![4096, 65536, 1 << 20],
+            chunks: vec![4096, 65536],
+            bytes: 16 << 20,
+            reps: 1,
+            ping_iters: 2000,
+            idle_ms: 500,
+            parts: vec!["stream".into(), "latency".into(), "idle".into()],
+        }
+    } else {
+        Plan {
+            rings: vec![4096, 65536, 1 << 20],
+            chunks: vec![4096, 65536],
+            bytes: GIB,
+            reps: 5,
+            ping_iters: 20000,
+            idle_ms: 2000,
+            parts: vec!["stream".into(), "latency".into(), "idle".into()],
+        }
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--reps" => plan.reps = parse(&val()?)?,
+            "--mib" => plan.bytes = parse::<u64>(&val()?)? << 20,
+            "--rings" => plan.rings = list(&val()?)?,
+            "--chunks" => plan.chunks = list(&val()?)?,
+            "--ping-iters" => plan.ping_iters = parse(&val()?)?,
+            "--idle-ms" => plan.idle_ms = parse(&val()?)?,
+            "--parts" => plan.parts = val()?.split(',').map(String::from).collect(),
+            other => {
+                return Err(format!(
+                    "bench vchan: unknown option {other:?}\n{}",
+                    super::USAGE
+                ));
+            }
+        }
+    }
+    plan.reps = plan.reps.max(1);
+
+    procs::build_worker(&[])?;
+    let hub = Hub::start(&common.scratch, "vchan")?;
+    let mut ports = 1000u32..;
+    let mut out = vec![
+        ("suite".to_string(), Json::str("vchan")),
+        ("plan".to_string(), plan_json(&plan)),
+    ];
+    out.extend(common.header_json());
+    println!(
+        "bench vchan: {} per point, {} repetition(s), medians; load {}",
+        report::size(plan.bytes),
+        plan.reps,
+        super::loadavg()
+    );
+
+    if plan.parts.iter().any(|p| p == "stream") {
+        out.push(("stream".into(), stream(&plan, &hub, &mut ports)?));
+    }
+    if plan.parts.iter().any(|p| p == "latency") {
+        out.push(("latency".into(), latency(&plan, &hub, &mut ports)?));
+    }
+    if plan.parts.iter().any(|p| p == "idle") {
+        out.push(("idle".into(), idle(&plan, &hub, &mut ports)?));
+    }
+    out.push(("load_after".into(), Json::str(super::loadavg())));
+    drop(hub);
+    common.write_json("vchan", &Json::Obj(out))
+}
+
+fn parse<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.parse().map_err(|_| format!("bad number {s:?}"))
+}
+
+fn list(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',').map(|x| parse_size(x.trim())).collect()
+}
+
+/// `4096`, `4K`, `64K`, `1M`.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let (num, mul) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        _ => (s, 1),
+    };
+    Ok(parse::<usize>(num)? * mul)
+}
+
+fn plan_json(p: &Plan) -> Json {
+    Json::obj([
+        (
+            "rings",
+            Json::nums(&p.rings.iter().map(|&x| x as f64).collect::<Vec<_>>()),
+        ),
+        (
+            "chunks",
+            Json::nums(&p.chunks.iter().map(|&x| x as f64).collect::<Vec<_>>()),
+        ),
+        ("bytes_per_point", Json::Num(p.bytes as f64)),
+        ("reps", Json::Num(p.reps as f64)),
+        ("ping_iters", Json::Num(p.ping_iters as f64)),
+        ("idle_ms", Json::Num(p.idle_ms as f64)),
+    ])
+}
+
+/// A generous bound for one run of `bytes` (a safety net, not a threshold).
+fn limit(bytes: u64) -> Duration {
+    Duration::from_secs(30 + bytes / (5 << 20))
+}
+
+fn s(x: impl ToString) -> String {
+    x.to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Stream
+
+fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Result<Json, String> {
+    let mut tp = Table::new(&[
+        "ring", "chunk", "vchan", "rtrb", "sockpair", "pipe", "memcpy", "v/rtrb", "v/sock",
+        "v/pipe", "v/memcpy",
+    ]);
+    let mut tc = Table::new(&[
+        "ring", "chunk", "vchan", "(hub)", "rtrb", "sockpair", "pipe", "memcpy",
+    ]);
+    let mut points = Vec::new();
+    for &ring in &plan.rings {
+        for &chunk in &plan.chunks {
+            let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); VARIANTS.len()];
+            for _ in 0..plan.reps {
+                for (i, v) in VARIANTS.iter().enumerate() {
+                    let smp = match *v {
+                        "vchan" => {
+                            vchan_stream(hub, ports.next().unwrap_or(0), ring, chunk, plan.bytes)?
+                        }
+                        "rtrb" => inproc("rtrb", ring, chunk, plan.bytes)?,
+                        "memcpy" => inproc("memcpy", ring, chunk, plan.bytes)?,
+                        "pipe" => fd_stream(FdKind::Pipe(ring), chunk, plan.bytes)?,
+                        _ => fd_stream(FdKind::SocketPair, chunk, plan.bytes)?,
+                    };
+                    samples[i].push(smp);
+                }
+            }
+            let tps: Vec<Vec<f64>> = samples
+                .iter()
+                .map(|v| v.iter().map(|s| s.bytes_per_sec).collect())
+                .collect();
+            let cpus: Vec<Vec<f64>> = samples
+                .iter()
+                .map(|v| v.iter().map(|s| s.cpu_per_gib).collect())
+                .collect();
+            let hubs: Vec<f64> = samples[0].iter().map(|s| s.hub_per_gib).collect();
+            let ratios: Vec<f64> = (1..VARIANTS.len())
+                .map(|i| paired_ratio(&tps[0], &tps[i]))
+                .collect();
+            let mut row = vec![s(report::size(ring as u64)), s(report::size(chunk as u64))];
+            row.extend(tps.iter().map(|v| report::mbps(median(v))));
+            row.extend(ratios.iter().map(|&r| report::ratio(r)));
+            tp.row(row);
+            let mut row = vec![s(report::size(ring as u64)), s(report::size(chunk as u64))];
+            row.push(report::fixed(median(&cpus[0]), 2));
+            row.push(report::fixed(median(&hubs), 2));
+            row.extend(cpus[1..].iter().map(|v| report::fixed(median(v), 2)));
+            tc.row(row);
+            eprintln!(
+                "  ring {} chunk {}: vchan {} MB/s, {:.2} x rtrb, {:.2} x socketpair",
+                report::size(ring as u64),
+                report::size(chunk as u64),
+                report::mbps(median(&tps[0])),
+                ratios[0],
+                ratios[1]
+            );
+            let mut res = Vec::new();
+            for (i, v) in VARIANTS.iter().enumerate() {
+                let mut fields = vec![
+                    ("bytes_per_sec", Json::nums(&tps[i])),
+                    ("median_bytes_per_sec", Json::Num(median(&tps[i]))),
+                    ("cpu_s_per_gib", Json::nums(&cpus[i])),
+                    ("median_cpu_s_per_gib", Json::Num(median(&cpus[i]))),
+                ];
+                if i == 0 {
+                    fields.push(("hub_cpu_s_per_gib", Json::nums(&hubs)));
+                }
+                res.push((v.to_string(), Json::obj(fields)));
+            }
+            let rat: Vec<(String, Json)> = (1..VARIANTS.len())
+                .map(|i| (format!("vchan/{}", VARIANTS[i]), Json::Num(ratios[i - 1])))
+                .collect();
+            points.push(Json::obj([
+                ("ring", Json::Num(ring as f64)),
+                ("chunk", Json::Num(chunk as f64)),
+                ("results", Json::Obj(res)),
+                ("ratios", Json::Obj(rat)),
+            ]));
+        }
+    }
+    println!("\nstream throughput, MB/s (median); v/x = median of paired ratios vchan/x");
+    print!("{tp}");
+    println!(
+        "\nCPU seconds per GiB moved (user+sys, both ends; vchan includes the hub, shown apart)"
+    );
+    print!("{tc}");
+    Ok(Json::Arr(points))
+}
+
+fn vchan_stream(
+    hub: &Hub,
+    port: u32,
+    ring: usize,
+    chunk: usize,
+    bytes: u64,
+) -> Result<Sample, String> {
+    let hub0 = hub.cpu()?;
+    let send = Running::spawn(
+        hub.worker(
+            1,
+            &[s("vchan-send"), s(2), s(port), s(ring), s(bytes), s(chunk)],
+        ),
+        "vchan sender",
+    )?;
+    let recv = Running::spawn(
+        hub.worker(2, &[s("vchan-recv"), s(1), s(port), s(bytes), s(chunk)]),
+        "vchan receiver",
+    )?;
+    let r = recv.result(limit(bytes))?;
+    let w = send.result(limit(bytes))?;
+    let hub_cpu = hub.cpu()? - hub0;
+    if w.get("ring") as usize != ring {
+        return Err(format!(
+            "asked for a {ring}-byte ring, got {}",
+            w.get("ring")
+        ));
+    }
+    Ok(sample(bytes, &r, r.cpu() + w.cpu() + hub_cpu, hub_cpu))
+}
+
+fn sample(bytes: u64, recv: &Line, cpu: f64, hub_cpu: f64) -> Sample {
+    let gib = bytes as f64 / GIB as f64;
+    Sample {
+        bytes_per_sec: bytes as f64 / recv.get("secs"),
+        cpu_per_gib: cpu / gib,
+        hub_per_gib: hub_cpu / gib,
+    }
+}
+
+/// `rtrb` or `memcpy`: one process.
+fn inproc(mode: &str, ring: usize, chunk: usize, bytes: u64) -> Result<Sample, String> {
+    let r = Running::spawn(procs::worker(&[s(mode), s(ring), s(bytes), s(chunk)]), mode)?
+        .result(limit(bytes))?;
+    Ok(sample(bytes, &r, r.cpu(), 0.0))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FdKind {
+    /// A pipe whose capacity is set to the ring size (`F_SETPIPE_SZ`).
+    Pipe(usize),
+    /// A unix stream socketpair with the kernel's default buffers.
+    SocketPair,
+}
+
+fn fd_pair(kind: FdKind) -> Result<(OwnedFd, OwnedFd), String> {
+    match kind {
+        FdKind::Pipe(cap) => {
+            let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+            let want = i32::try_from(cap).unwrap_or(i32::MAX);
+            nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(want))
+                .map_err(|e| format!("F_SETPIPE_SZ {cap}: {e}"))?;
+            Ok((w, r))
+        }
+        FdKind::SocketPair => {
+            let (a, b) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+            Ok((OwnedFd::from(a), OwnedFd::from(b)))
+        }
+    }
+}
+
+/// Sender and receiver processes over a pipe or socketpair on their stdin.
+fn fd_stream(kind: FdKind, chunk: usize, bytes: u64) -> Result<Sample, String> {
+    let (w, r) = fd_pair(kind)?;
+    let mut sc = procs::worker(&[s("fd-send"), s(bytes), s(chunk)]);
+    sc.stdin(Stdio::from(w));
+    let send = Running::spawn(sc, "fd sender")?;
+    let mut rc = procs::worker(&[s("fd-recv"), s(bytes), s(chunk)]);
+    rc.stdin(Stdio::from(r));
+    let recv = Running::spawn(rc, "fd receiver")?;
+    // `Command` keeps its stdin fds until dropped: they went with sc/rc
+    // into `spawn` and were closed in this process there.
+    let r = recv.result(limit(bytes))?;
+    let w = send.result(limit(bytes))?;
+    Ok(sample(bytes, &r, r.cpu() + w.cpu(), 0.0))
+}
+
+// ---------------------------------------------------------------------------
+// Latency
+
+fn latency(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Result<Json, String> {
+    const SIZE: usize = 64;
+    let iters = plan.ping_iters.max(10);
+    let lim = Duration::from_secs(60 + iters as u64 / 1000);
+    let mut v_p50 = Vec::new();
+    let mut v_mean = Vec::new();
+    let mut v_p99 = Vec::new();
+    let mut s_p50 = Vec::new();
+    let mut s_mean = Vec::new();
+    let mut s_p99 = Vec::new();
+    for _ in 0..plan.reps {
+        let port = ports.next().unwrap_or(0);
+        let echo = Running::spawn(
+            hub.worker(1, &[s("vchan-echo"), s(2), s(port), s(SIZE)]),
+            "vchan echo",
+        )?;
+        let ping = Running::spawn(
+            hub.worker(2, &[s("vchan-ping"), s(1), s(port), s(iters), s(SIZE)]),
+            "vchan ping",
+        )?;
+        let p = ping.result(lim)?;
+        echo.result(lim)?;
+        v_p50.push(p.get("p50_us"));
+        v_mean.push(p.get("mean_us"));
+        v_p99.push(p.get("p99_us"));
+
+        let (a, b) = fd_pair(FdKind::SocketPair)?;
+        let mut ec = procs::worker(&[s("fd-echo"), s(SIZE)]);
+        ec.stdin(Stdio::from(a));
+        let echo = Running::spawn(ec, "socket echo")?;
+        let mut pc = procs::worker(&[s("fd-ping"), s(iters), s(SIZE)]);
+        pc.stdin(Stdio::from(b));
+        let ping = Running::spawn(pc, "socket ping")?;
+        let p = ping.result(lim)?;
+        echo.result(lim)?;
+        s_p50.push(p.get("p50_us"));
+        s_mean.push(p.get("mean_us"));
+        s_p99.push(p.get("p99_us"));
+    }
+    let ratio = paired_ratio(&v_p50, &s_p50);
+    let mut t = Table::new(&["64-byte round trip", "p50 us", "mean us", "p99 us"]);
+    t.row(vec![
+        s("vchan"),
+        report::fixed(median(&v_p50), 1),
+        report::fixed(median(&v_mean), 1),
+        report::fixed(median(&v_p99), 1),
+    ]);
+    t.row(vec![
+        s("socketpair"),
+        report::fixed(median(&s_p50), 1),
+        report::fixed(median(&s_mean), 1),
+        report::fixed(median(&s_p99), 1),
+    ]);
+    println!("\nround-trip latency, {iters} round trips per run, medians over runs");
+    print!("{t}");
+    println!(
+        "  vchan/socketpair p50 round trip: {} (target: <= 1.00)",
+        report::ratio(ratio)
+    );
+    Ok(Json::obj([
+        ("size", Json::Num(SIZE as f64)),
+        ("iters", Json::Num(iters as f64)),
+        (
+            "vchan",
+            Json::obj([
+                ("p50_us", Json::nums(&v_p50)),
+                ("mean_us", Json::nums(&v_mean)),
+                ("p99_us", Json::nums(&v_p99)),
+            ]),
+        ),
+        (
+            "socketpair",
+            Json::obj([
+                ("p50_us", Json::nums(&s_p50)),
+                ("mean_us", Json::nums(&s_mean)),
+                ("p99_us", Json::nums(&s_p99)),
+            ]),
+        ),
+        ("ratio_p50_vchan/socketpair", Json::Num(ratio)),
+        (
+            "ratio_mean_vchan/socketpair",
+            Json::Num(paired_ratio(&v_mean, &s_mean)),
+        ),
+    ]))
+}
+
+// ---------------------------------------------------------------------------
+// Idle
+
+fn idle(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Result<Json, String> {
+    let port = ports.next().unwrap_or(0);
+    let ms = plan.idle_ms.max(100);
+    let lim = Duration::from_millis(ms) + Duration::from_secs(30);
+    let srv = Running::spawn(
+        hub.worker(1, &[s("vchan-idle-server"), s(2), s(port), s(ms)]),
+        "idle server",
+    )?;
+    let cli = Running::spawn(
+        hub.worker(2, &[s("vchan-idle-client"), s(1), s(port)]),
+        "idle client",
+    )?;
+    // Count the hub over the server's idle window: from after the connect
+    // (the server sleeps 50 ms before it starts) to its end.
+    std::thread::sleep(Duration::from_millis(300));
+    let hub0 = hub.cpu_precise()?;
+    let srv_line = srv.result(lim)?;
+    let hub_cpu = hub.cpu_precise()? - hub0;
+    let cli_line = cli.result(lim)?;
+    let secs = srv_line.get("secs");
+    let per_s = |cpu: f64| cpu / secs * 1e3;
+    let mut t = Table::new(&["idle open vchan", "CPU ms", "CPU ms/s"]);
+    t.row(vec![
+        s("server (blocked in read)"),
+        report::fixed(srv_line.cpu() * 1e3, 2),
+        report::fixed(per_s(srv_line.cpu()), 3),
+    ]);
+    t.row(vec![
+        s("client (blocked in read)"),
+        report::fixed(cli_line.cpu() * 1e3, 2),
+        report::fixed(per_s(cli_line.cpu()), 3),
+    ]);
+    t.row(vec![
+        s("hub (10 ms ticks)"),
+        report::fixed(hub_cpu * 1e3, 0),
+        report::fixed(per_s(hub_cpu), 1),
+    ]);
+    println!("\nidle CPU over {:.1} s", secs);
+    print!("{t}");
+    Ok(Json::obj([
+        ("secs", Json::Num(secs)),
+        ("server_cpu_s", Json::Num(srv_line.cpu())),
+        ("client_cpu_s", Json::Num(cli_line.cpu())),
+        ("client_secs", Json::Num(cli_line.get("secs"))),
+        ("hub_cpu_s", Json::Num(hub_cpu)),
+    ]))
+}
