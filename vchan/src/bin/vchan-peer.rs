@@ -57,11 +57,12 @@ impl Hasher {
             self.carry[self.ncarry..self.ncarry + take].copy_from_slice(&p[..take]);
             self.ncarry += take;
             p = &p[take..];
-            if self.ncarry == 8 {
-                let c = self.carry;
-                self.words(&c);
-                self.ncarry = 0;
+            if self.ncarry < 8 {
+                return;
             }
+            let c = self.carry;
+            self.words(&c);
+            self.ncarry = 0;
         }
         let whole = p.len() & !7;
         self.words(&p[..whole]);
