@@ -501,6 +501,15 @@ pub fn run(argv: &[OsString]) -> ExitCode {
         Err(e) => return ExitCode::from(e.report()),
     };
     crate::set_verbose(opts.verbose || env_flag(VERBOSE_ENV));
+    // Before any other descriptor is opened, so the numbers are small.
+    let saved_fds = if opts.local_program.is_some() {
+        match crate::local::SavedFds::dup_stdio(std::env::var_os("PASS_LOCAL_STDERR").is_some()) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(EXIT_FAILURE, &format!("prepare SAVED_FD_: {e}")),
+        }
+    } else {
+        None
+    };
     if opts.use_stdin_socket
         && let Err(msg) = check_stdin_socket()
     {
@@ -575,12 +584,12 @@ pub fn run(argv: &[OsString]) -> ExitCode {
     // Local program: started after acceptance, before the vchan server.
     let mut signals = None;
     let mut program = None;
-    if let Some((prog, prog_args)) = &opts.local_program {
+    if let (Some((prog, prog_args)), Some(saved)) = (&opts.local_program, saved_fds) {
         match SignalWatch::new() {
             Ok(s) => signals = Some(s),
             Err(e) => return fail(EXIT_FAILURE, &format!("signal setup: {e}")),
         }
-        match crate::local::spawn_local_program(prog, prog_args) {
+        match crate::local::spawn_local_program(prog, prog_args, saved) {
             Ok(p) => program = Some(p),
             Err(e) => return fail(EXIT_FAILURE, &format!("local program setup: {e}")),
         }

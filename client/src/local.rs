@@ -407,16 +407,27 @@ impl SignalWatch {
         self.fd.as_fd()
     }
 
-    /// Drain pending signals; true if a SIGUSR1 was among them.
-    pub fn take_usr1(&self) -> bool {
-        let mut usr1 = false;
+    /// Drain pending signals: which of SIGUSR1 and SIGCHLD were among them.
+    pub fn take(&self) -> Received {
+        let mut r = Received::default();
         while let Ok(Some(info)) = self.fd.read_signal() {
             if info.ssi_signo == Signal::SIGUSR1 as u32 {
-                usr1 = true;
+                r.usr1 = true;
+            } else if info.ssi_signo == Signal::SIGCHLD as u32 {
+                r.chld = true;
             }
         }
-        usr1
+        r
     }
+}
+
+/// Signals drained from a [`SignalWatch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Received {
+    /// SIGUSR1 arrived.
+    pub usr1: bool,
+    /// SIGCHLD arrived.
+    pub chld: bool,
 }
 
 /// A started (or failed) local program and our ends of its sockets.
@@ -469,13 +480,39 @@ impl LocalProgram {
     }
 }
 
+/// Duplicates of our fds 0 and 1 (and 2 if `PASS_LOCAL_STDERR` is set) for
+/// the local program's `SAVED_FD_n` variables. Make them first thing in the
+/// process, so they get small numbers (3, 4, ...) as in the C client, which
+/// shell redirections like `>&$SAVED_FD_1` need (dash takes one digit).
+#[derive(Debug)]
+pub struct SavedFds(Vec<(&'static str, OwnedFd)>);
+
+impl SavedFds {
+    /// `dup()` fds 0, 1 and (if `pass_stderr`) 2. `dup` never sets
+    /// `FD_CLOEXEC`, so the program inherits them; we close ours after the
+    /// spawn.
+    pub fn dup_stdio(pass_stderr: bool) -> io::Result<SavedFds> {
+        let mut saved = vec![
+            ("SAVED_FD_0", nix::unistd::dup(io::stdin())?),
+            ("SAVED_FD_1", nix::unistd::dup(io::stdout())?),
+        ];
+        if pass_stderr {
+            saved.push(("SAVED_FD_2", nix::unistd::dup(io::stderr())?));
+        }
+        Ok(SavedFds(saved))
+    }
+}
+
 /// Start `program` with `args` as the C client does (spec §12): stdin and
 /// stdout on two socketpairs, stderr inherited, `argv[0]` = basename, no PATH
-/// search, and `SAVED_FD_0`/`SAVED_FD_1` (and `SAVED_FD_2` if
-/// `PASS_LOCAL_STDERR` is set) naming duplicates of our fds 0/1/2, plus
-/// `QREXEC_AGENT_PID`. If it cannot be started, the error is reported and
-/// the program counts as having exited with 255 (the C child's `exit(-1)`).
-pub fn spawn_local_program(program: &OsStr, args: &[OsString]) -> io::Result<LocalProgram> {
+/// search, `SAVED_FD_n` naming the [`SavedFds`], plus `QREXEC_AGENT_PID`. If
+/// it cannot be started, the error is reported and the program counts as
+/// having exited with 255 (the C child's `exit(-1)`).
+pub fn spawn_local_program(
+    program: &OsStr,
+    args: &[OsString],
+    saved: SavedFds,
+) -> io::Result<LocalProgram> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
     let (to_child, child_stdin) = socketpair(
         AddressFamily::Unix,
@@ -489,15 +526,6 @@ pub fn spawn_local_program(program: &OsStr, args: &[OsString]) -> io::Result<Loc
         None,
         SockFlag::SOCK_CLOEXEC,
     )?;
-
-    // dup() never sets FD_CLOEXEC, so these reach the child; ours are
-    // dropped after the spawn.
-    let mut saved: Vec<(String, OwnedFd)> = Vec::new();
-    saved.push(("SAVED_FD_0".into(), nix::unistd::dup(io::stdin())?));
-    saved.push(("SAVED_FD_1".into(), nix::unistd::dup(io::stdout())?));
-    if std::env::var_os("PASS_LOCAL_STDERR").is_some() {
-        saved.push(("SAVED_FD_2".into(), nix::unistd::dup(io::stderr())?));
-    }
 
     let bytes = program.as_bytes();
     let arg0 = match bytes.iter().rposition(|&c| c == b'/') {
@@ -518,7 +546,7 @@ pub fn spawn_local_program(program: &OsStr, args: &[OsString]) -> io::Result<Loc
         .stdout(Stdio::from(child_stdout))
         .stderr(Stdio::inherit())
         .env("QREXEC_AGENT_PID", std::process::id().to_string());
-    for (name, fd) in &saved {
+    for (name, fd) in &saved.0 {
         cmd.env(name, fd.as_raw_fd().to_string());
     }
     let spawned = cmd.spawn();

@@ -211,6 +211,7 @@ struct Pump<'a, C: DataChannel + ?Sized> {
     program: Option<LocalProgram>,
     signals: Option<SignalWatch>,
     switched: bool,
+    sigchld_seen: bool,
     warned_stdin_type: bool,
     decoder: MessageDecoder,
     rx: Vec<u8>,
@@ -248,7 +249,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         let Some(sig) = &self.signals else {
             return false;
         };
-        if !sig.take_usr1() || self.switched {
+        let got = sig.take();
+        // A SIGCHLD drained here must still lead to a reap before we sleep.
+        self.sigchld_seen |= got.chld;
+        if !got.usr1 || self.switched {
             return false;
         }
         self.switched = true;
@@ -403,6 +407,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     fn run(&mut self) -> Result<(), PumpError> {
         loop {
             self.check_signals();
+            self.sigchld_seen = false;
             if let Some(p) = self.program.as_mut()
                 && p.child.is_some()
                 && let Some(code) = p.try_reap()
@@ -412,14 +417,17 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 self.writer.request_close();
             }
             self.writer.clear_wake();
-            let ws = self.writer.status();
-            if ws.broken.is_some() && !self.writer.close_requested() {
+            if self.writer.status().broken.is_some() && !self.writer.close_requested() {
                 // EPIPE etc.: local output ended; discard further data.
                 self.writer.request_close();
             }
 
+            self.receive()?;
+            self.send();
+
             // All done: both local directions closed, exit code received,
             // local program reaped.
+            let ws = self.writer.status();
             if ws.closed
                 && self.input.is_none()
                 && self.remote_status.is_some()
@@ -438,11 +446,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 return Ok(());
             }
 
-            self.receive()?;
-            self.send();
-
             // Wait for something to happen.
-            let ws = self.writer.status();
             let want_input = self.sending
                 && self.input.is_some()
                 && self.prefix_left() == 0
@@ -450,6 +454,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 && self.ch.buffer_space() > MSG_HEADER_SIZE;
             let ch_events = self.ch.poll_events();
             let timeout = if self.input_readable
+                || self.sigchld_seen
                 || (self.ch.data_ready() > 0 && ws.pending < OUTPUT_HIGH_WATER)
             {
                 PollTimeout::ZERO
@@ -532,6 +537,7 @@ pub fn run<C: DataChannel + ?Sized>(
         program: local.program,
         signals: local.signals,
         switched: false,
+        sigchld_seen: false,
         warned_stdin_type: false,
         decoder: MessageDecoder::new(DecoderMode::Data { chunk_limit: limit }),
         rx: vec![0u8; limit + MSG_HEADER_SIZE],
