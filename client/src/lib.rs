@@ -5,7 +5,7 @@
 //! * [`proto`]: constants, message types, struct layouts, encoders and a
 //!   validating streaming decoder (pure, fuzzable);
 //! * [`names`]: local checks of target, service and source-qube arguments;
-//! * [`format`]: choosing the request format (option, env, marker file);
+//! * [`format`](mod@format): choosing the request format (option, env, marker file);
 //! * [`trigger`]: the exchange with the local agent;
 //! * [`channel`]: the [`channel::DataChannel`] trait the pump runs over;
 //! * [`socket_vchan`]: a vchan-socket compatible data channel (tests, interop);

@@ -306,6 +306,12 @@ impl DataChannel for SocketChannel {
             if self.wcap - self.wbuf.len() >= buf.len() {
                 self.wbuf.extend(buf);
                 self.flush();
+                if self.write_broken {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "vchan closed by the peer",
+                    ));
+                }
                 return Ok(());
             }
             let fd = self.connected_stream()?.as_fd();
