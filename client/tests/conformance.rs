@@ -556,6 +556,33 @@ fn local_program_gets_stdio_sockets_and_environment() {
 }
 
 #[test]
+fn local_program_starts_with_no_blocked_signals() {
+    // the client blocks SIGCHLD/SIGUSR1 for its signalfd; the program must
+    // not inherit that mask
+    let h = Harness::new();
+    let agent = h.agent(RequestFormat::V4, accept());
+    let svc = h.service(|s| {
+        s.hello(4);
+        s.read_hello();
+        let (got, _) = s.read_stdin_to_eof();
+        s.stdout(b"");
+        s.exit(0);
+        s.read_all();
+        String::from_utf8(got).unwrap()
+    });
+    let o = run(h.client(&[
+        "work",
+        "svc",
+        "/bin/sh",
+        "-c",
+        "grep SigBlk /proc/self/status",
+    ]));
+    assert_eq!(code(&o), 0, "{}", stderr_text(&o));
+    assert_eq!(svc.join().unwrap().trim(), "SigBlk:\t0000000000000000");
+    agent.join();
+}
+
+#[test]
 fn pass_local_stderr_adds_saved_fd_2() {
     let h = Harness::new();
     let agent = h.agent(RequestFormat::V4, accept());
