@@ -14,6 +14,7 @@
 //!   vms/<name>/qrexec-agent   the VM's agent socket (qrexec-client-vm --agent-socket)
 //!   vms/<name>/home/          the VM's home directory (services run there)
 //!   vms/<name>/env            shell variables to play this VM by hand
+//!   vms/<name>/agent.pid, daemon.pid   the VM's member processes
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -103,6 +103,23 @@ impl Proc {
         // The leader is alive or a zombie: the group id is still ours.
         let _ = killpg(pgid, Signal::SIGKILL);
         let _ = self.child.wait();
+        // The group's other processes (services) were re-parented to us,
+        // the subreaper: reap them, so nothing is left when we return.
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            match waitid(Id::PGid(pgid), WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG) {
+                Ok(WaitStatus::StillAlive) => {
+                    if Instant::now() > deadline {
+                        crate::log!("process group {pgid} of a {} does not go away", self.role);
+                        break;
+                    }
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
     }
 }
 
@@ -200,6 +217,12 @@ impl Inner {
                 return Err(e);
             }
         };
+        for (p, f) in [(&agent, "agent.pid"), (&daemon, "daemon.pid")] {
+            let _ = std::fs::write(
+                self.layout.vm_dir(&vm.name).join(f),
+                format!("{}\n", p.child.id()),
+            );
+        }
         let member = Member {
             vm: vm.clone(),
             agent,
@@ -446,6 +469,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
         .map_err(|e| Error::io("block signals", e.into()))?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| Error::io("signalfd", e.into()))?;
+    // Services of a member that dies are re-parented to us, so that we can
+    // reap them (see `Proc::stop`).
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| Error::io("become a child subreaper", e.into()))?;
     let layout = Layout::new(&opts.dir);
     if let Err(e) = prepare_dir(&layout) {
         if opts.owns_dir {

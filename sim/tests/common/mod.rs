@@ -212,10 +212,15 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
 
 /// The real `qrexec-client-vm`, built once per test process from the
 /// workspace (`cargo build -p qrexec --bin qrexec-client-vm`), found next
-/// to the test executable's directory (`target/<profile>/`).
+/// to the test executable's directory (`target/<profile>/`); or the one
+/// named by `QUBES_SIM_TEST_CLIENT`.
 pub fn client_vm() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
+        // Another build of the client may be tested by naming it.
+        if let Some(p) = std::env::var_os("QUBES_SIM_TEST_CLIENT") {
+            return PathBuf::from(p);
+        }
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let profile = profile_dir
