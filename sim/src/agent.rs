@@ -237,6 +237,10 @@ impl Agent {
     fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Request(s, mut req) => {
+                if self.pending.len() + self.connected.len() >= qrexec::proto::MAX_FDS {
+                    crate::log!("too many open requests: closing a new one");
+                    return;
+                }
                 let ident = format!("SOCKET{}", s.as_raw_fd());
                 let f = self.cfg.format;
                 let base = if f == RequestFormat::V2 {

@@ -333,26 +333,46 @@ fn big_transfer_with_buffer_size_above_64k() {
 }
 
 #[test]
-fn request_formats_v3_agent() {
-    let s = Sim::start("vm work format=v3\nvm personal\n", POLICY, SERVICES);
-    // A v3 client to a v3 agent works.
-    let out = s
-        .client("work", &["personal", "test.Echo"])
-        .env("QREXEC_REQUEST_FORMAT", "v3")
-        .stdin(Stdio::null())
-        .output()
+fn request_formats_v2_and_v3_agents() {
+    let s = Sim::start(
+        "vm work format=v3\nvm old format=v2\nvm personal\n",
+        POLICY,
+        SERVICES,
+    );
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    for (vm, format) in [("work", "v3"), ("old", "v2")] {
+        // A client speaking the agent's format works; with v2 the data
+        // channel negotiates version 2 and 4096-byte chunks.
+        let mut c = s.client(vm, &["personal", "test.Echo"]);
+        c.env("QREXEC_REQUEST_FORMAT", format);
+        let out = call_with(c, &data);
+        assert_eq!(out.status.code(), Some(0), "{vm}: {}", text(&out.stderr));
+        assert!(out.stdout == data, "{vm}: echo differs");
+        // A v4 request to an older agent is closed: the client can only
+        // report a refusal (spec §7.2).
+        let mut c = s.client(vm, &["personal", "test.Echo"]);
+        c.env("QREXEC_REQUEST_FORMAT", "v4");
+        let out = call_with(c, b"");
+        assert_eq!(out.status.code(), Some(126), "{vm}");
+        assert_eq!(text(&out.stderr), "Request refused\n");
+    }
+}
+
+fn call_with(mut c: std::process::Command, input: &[u8]) -> std::process::Output {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    // A v4 request to a v3 agent is closed: the client can only report a
-    // refusal (spec §7.2).
-    let out = s
-        .client("work", &["personal", "test.Echo"])
-        .env("QREXEC_REQUEST_FORMAT", "v4")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(126));
-    assert_eq!(text(&out.stderr), "Request refused\n");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut stdin, &input);
+    });
+    let out = common::wait_output(child, Duration::from_secs(60));
+    w.join().unwrap();
+    out
 }
 
 fn member_pids(s: &Sim) -> Vec<i32> {

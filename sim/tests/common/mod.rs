@@ -213,12 +213,12 @@ pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
 /// The real `qrexec-client-vm`, built once per test process from the
 /// workspace (`cargo build -p qrexec --bin qrexec-client-vm`), found next
 /// to the test executable's directory (`target/<profile>/`); or the one
-/// named by `QUBES_SIM_TEST_CLIENT`.
+/// named by `QUBES_SIM_CLIENT`.
 pub fn client_vm() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
         // Another build of the client may be tested by naming it.
-        if let Some(p) = std::env::var_os("QUBES_SIM_TEST_CLIENT") {
+        if let Some(p) = std::env::var_os("QUBES_SIM_CLIENT") {
             return PathBuf::from(p);
         }
         let exe = std::env::current_exe().unwrap();
