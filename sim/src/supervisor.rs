@@ -133,6 +133,11 @@ struct Member {
 #[derive(Debug)]
 struct State {
     members: Vec<Member>,
+    /// Member processes being started or stopped by another thread, which
+    /// reaps them itself.
+    unlisted: Vec<Pid>,
+    /// Set by `stop_all`: no new members any more.
+    shutting_down: bool,
     next_domid: u16,
     next_disp: u32,
 }
@@ -182,7 +187,59 @@ impl Inner {
         {
             let _ = writeln!(f, "{}", child.id());
         }
+        self.state().unlisted.push(Pid::from_raw(child.id() as i32));
         Ok(Proc { role, child })
+    }
+
+    /// Forget processes as unlisted (they are listed members now, or gone).
+    fn forget(&self, pids: &[Pid]) {
+        self.state().unlisted.retain(|p| !pids.contains(p));
+    }
+
+    /// Make a started VM a listed member.
+    fn enlist(&self, m: Member) -> Result<()> {
+        let pids = [m.agent.pid(), m.daemon.pid()];
+        let mut st = self.state();
+        if st.shutting_down {
+            drop(st);
+            m.daemon.stop();
+            m.agent.stop();
+            self.forget(&pids);
+            return Err(Error::other("the simulation is stopping"));
+        }
+        st.unlisted.retain(|p| !pids.contains(p));
+        st.members.push(m);
+        Ok(())
+    }
+
+    /// Reap exited processes that are not members: services re-parented
+    /// to us (we are a subreaper) after their parent went away.
+    fn reap_orphans(&self) {
+        loop {
+            let pid = match waitid(
+                Id::All,
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+            ) {
+                Ok(st) => match st.pid() {
+                    Some(p) => p,
+                    None => return,
+                },
+                Err(_) => return,
+            };
+            {
+                let st = self.state();
+                let known = st.unlisted.contains(&pid)
+                    || st
+                        .members
+                        .iter()
+                        .any(|m| m.agent.pid() == pid || m.daemon.pid() == pid);
+                if known {
+                    // A member: the crash check or its own stopper reaps it.
+                    return;
+                }
+            }
+            let _ = nix::sys::wait::waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        }
     }
 
     /// Start a VM's agent and daemon and wait until the daemon serves its
@@ -213,7 +270,9 @@ impl Inner {
         let daemon = match self.spawn("daemon", c) {
             Ok(d) => d,
             Err(e) => {
+                let pid = agent.pid();
                 agent.stop();
+                self.forget(&[pid]);
                 return Err(e);
             }
         };
@@ -245,8 +304,10 @@ impl Inner {
                     continue;
                 }
             };
+            let pids = [member.agent.pid(), member.daemon.pid()];
             member.agent.stop();
             member.daemon.stop();
+            self.forget(&pids);
             return Err(Error::other(format!(
                 "VM {} (domain {}) did not start: {why}",
                 vm.name, vm.domid
@@ -262,8 +323,7 @@ impl Inner {
              #   qrexec-client-vm --agent-socket=\"$QUBES_SIM_AGENT_SOCKET\" TARGET SERVICE\n\
              export {local}='{xen}'\n\
              export {dom}={domid}\n\
-             export QUBES_SIM_AGENT_SOCKET='{sock}'\n\
-             export QREXEC_AGENT_SOCKET='{sock}'\n",
+             export QUBES_SIM_AGENT_SOCKET='{sock}'\n",
             name = vm.name,
             domid = vm.domid,
             root = self.layout.root().display(),
@@ -313,7 +373,7 @@ impl Inner {
             Ok(m) => {
                 let _ = self.write_env(&vm);
                 crate::log!("DispVM {name} (domain {domid}) started from {template}");
-                self.state().members.push(m);
+                self.enlist(m)?;
                 Ok((name, domid))
             }
             Err(e) => {
@@ -332,10 +392,14 @@ impl Inner {
                 .iter()
                 .position(|m| m.vm.name == name && m.vm.dispvm_template.is_some())
                 .ok_or_else(|| Error::other(format!("no DispVM '{name}'")))?;
-            st.members.swap_remove(i)
+            let m = st.members.swap_remove(i);
+            st.unlisted.extend([m.agent.pid(), m.daemon.pid()]);
+            m
         };
+        let pids = [m.agent.pid(), m.daemon.pid()];
         m.daemon.stop();
         m.agent.stop();
+        self.forget(&pids);
         let _ = self.xen.remove_domain(m.vm.domid);
         let _ = std::fs::remove_file(self.layout.daemon_socket(m.vm.domid));
         let _ = std::fs::remove_file(self.layout.daemon_socket_by_name(name));
@@ -394,7 +458,19 @@ impl Inner {
     }
 
     fn stop_all(&self) {
-        let members: Vec<Member> = self.state().members.drain(..).collect();
+        let (members, unlisted) = {
+            let mut st = self.state();
+            st.shutting_down = true;
+            (
+                st.members.drain(..).collect::<Vec<_>>(),
+                st.unlisted.clone(),
+            )
+        };
+        // Processes another thread is starting or stopping: that thread
+        // reaps them; we only make sure they end.
+        for p in unlisted {
+            let _ = killpg(p, Signal::SIGKILL);
+        }
         // Send SIGTERM to everyone first, then wait for each.
         for m in &members {
             let _ = killpg(m.daemon.pid(), Signal::SIGTERM);
@@ -503,6 +579,8 @@ fn run_in(opts: &RunOptions, layout: &Layout, sfd: &SignalFd) -> Result<()> {
         xen,
         state: Mutex::new(State {
             members: Vec::new(),
+            unlisted: Vec::new(),
+            shutting_down: false,
             next_domid,
             next_disp: 1,
         }),
@@ -537,7 +615,7 @@ fn serve(
         };
         let m = inner.start_vm(&info, &vm.services, vm.format)?;
         inner.write_env(&info)?;
-        inner.state().members.push(m);
+        inner.enlist(m)?;
     }
     std::fs::write(inner.layout.ready_file(), "ready\n")
         .map_err(|e| Error::io("write the ready file", e))?;
@@ -590,6 +668,7 @@ fn serve(
         if let Some(why) = inner.crashed() {
             return Err(Error::other(why));
         }
+        inner.reap_orphans();
     }
 }
 

@@ -23,6 +23,7 @@ test.WhoAmI   *       @anyvm  @dispvm:dvm  allow\n\
 test.WhoAmI   *       @anyvm  @default  allow  target=personal\n\
 test.WhoAmI   *       @anyvm  @anyvm    allow\n\
 test.Secret   *       @anyvm  @anyvm    deny\n\
+test.Bg       *       @anyvm  @anyvm    allow\n\
 *             *       @anyvm  @anyvm    deny\n";
 
 const SERVICES: &[(&str, &str)] = &[
@@ -47,6 +48,11 @@ const SERVICES: &[(&str, &str)] = &[
         "#!/bin/sh\necho \"$QUBES_SIM_VM_NAME $QREXEC_REMOTE_DOMAIN\"\n",
     ),
     ("test.Secret", "#!/bin/sh\necho secret\n"),
+    // Leaves a process behind that outlives the service.
+    (
+        "test.Bg",
+        "#!/bin/sh\nsleep 0.2 </dev/null >/dev/null 2>&1 &\necho ok\n",
+    ),
 ];
 
 fn sim() -> Sim {
@@ -479,5 +485,50 @@ fn start_and_stop_commands() {
             Err(nix::errno::Errno::ESRCH),
             "process group {p} still alive"
         );
+    }
+}
+
+/// Children of `pid` that are zombies.
+fn zombie_children(pid: u32) -> Vec<String> {
+    let mut z = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split(' ').collect();
+        if f.len() > 1 && f[0] == "Z" && f[1] == pid.to_string() {
+            z.push(stat);
+        }
+    }
+    z
+}
+
+#[test]
+fn processes_left_by_services_are_reaped() {
+    let s = sim();
+    for _ in 0..3 {
+        let out = s.call("work", &["personal", "test.Bg"], b"");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+    let sup: u32 = std::fs::read_to_string(s.layout.pid_file())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The sleeps end after 0.2 s; re-parented to the supervisor (a
+    // subreaper), they must not stay zombies.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    std::thread::sleep(Duration::from_millis(400));
+    loop {
+        let z = zombie_children(sup);
+        if z.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "zombies: {z:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
