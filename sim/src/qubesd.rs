@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 /// How long a request may take (DispVM creation starts two processes).
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn request(sock: &Path, line: &str) -> Result<Vec<String>> {
     let what = || format!("qubesd request '{line}' on {}", sock.display());
