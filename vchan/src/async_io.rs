@@ -129,18 +129,24 @@ impl AsyncVchan {
         mut op: impl FnMut(&mut Vchan) -> io::Result<T>,
     ) -> Poll<io::Result<T>> {
         loop {
-            // Shared memory: progress of either kind is signalled by an
-            // event, i.e. read readiness. Socket: writes need writability.
+            // Try first: readiness only says that something changed since
+            // the last try, not that nothing can be done now.
+            self.v.consume_events();
+            match op(&mut self.v) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+            // The failed try requested a notification (and re-checked the
+            // ring after requesting it), so the next change arrives as an
+            // event: wait for it. Shared memory signals progress of either
+            // kind by an event (read readiness); a socket's writes need
+            // writability.
             let mut guard = if write && self.v.is_socket() {
                 ready!(self.fd.poll_write_ready(cx))?
             } else {
                 ready!(self.fd.poll_read_ready(cx))?
             };
-            self.v.consume_events();
-            match op(&mut self.v) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
-                r => return Poll::Ready(r),
-            }
+            guard.clear_ready();
         }
     }
 }
