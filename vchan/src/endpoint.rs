@@ -88,6 +88,30 @@ impl PeerState {
 /// Default bound of one wait before the shared state is re-validated.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Default bound of the busy-wait a blocking call does before it asks the
+/// peer for an event and sleeps (see [`Endpoint::set_spin`]).
+///
+/// A notification is expensive (on Xen a hypercall and an interrupt, on the
+/// Local transport two socket hops through the hub) and so is the sleep and
+/// wake-up around it; a peer that is running on another core usually frees
+/// space or produces data within a few microseconds. Spinning that long
+/// avoids both the request and the event; spinning longer would burn a core
+/// for a peer that is not coming.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+/// Peer-index checks between two looks at the clock while spinning.
+const SPIN_BATCH: u32 = 16;
+
+/// The least an adaptive spin shrinks to (see [`Endpoint::set_spin`]).
+const SPIN_FLOOR: Duration = Duration::from_micros(2);
+
+/// A blocking writer that finds the ring full spins until this much space
+/// is free (or half the ring, or what it has left to write, if less)
+/// rather than for the first free byte: copying slivers as the reader
+/// frees them costs a notify check and a bounce of the index cache line
+/// per sliver, and runs both sides at a fraction of memory speed.
+const WRITE_BATCH: u32 = 64 * 1024;
+
 /// One end of a vchan.
 ///
 /// Generic over the event source `E`, the shared header `H` and the ring
@@ -133,6 +157,11 @@ pub struct Endpoint<E: Events, H: SharedHeader = ControlPage, B: RingBytes = Raw
     blocking: bool,
     timeout: Option<Duration>,
     poll_interval: Duration,
+    spin: Duration,
+    /// The adaptive spin bound now in force (`SPIN_FLOOR..=spin`).
+    spin_now: Duration,
+    /// Fruitless spins in a row.
+    spin_misses: u32,
     closed: bool,
     events: E,
 }
@@ -147,6 +176,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> fmt::Debug for Endpoint<E, H, B> 
             .field("tx_prod", &self.tx.prod())
             .field("blocking", &self.blocking)
             .field("timeout", &self.timeout)
+            .field("spin", &self.spin)
             .field("closed", &self.closed)
             .field("events", &self.events)
             .finish_non_exhaustive()
@@ -253,6 +283,9 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             blocking: true,
             timeout: None,
             poll_interval: DEFAULT_POLL_INTERVAL,
+            spin: DEFAULT_SPIN,
+            spin_now: DEFAULT_SPIN,
+            spin_misses: 0,
             closed: false,
             events,
         })
@@ -315,6 +348,27 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         self.poll_interval = d.max(Duration::from_millis(1));
     }
 
+    /// How long a blocking call may busy-wait (re-loading the peer's index,
+    /// no notification requested) before it requests an event and sleeps
+    /// (default [`DEFAULT_SPIN`]; zero: never spin). Non-blocking calls and
+    /// [`Endpoint::wait`] never spin.
+    ///
+    /// The bound adapts: each fruitless spin after the first in a row
+    /// halves it (down to 2 µs), a spin that succeeds restores it. A peer
+    /// that shares our core (or is descheduled) cannot make progress while
+    /// we spin, so spin after fruitless spin would only delay it; a peer
+    /// running beside us answers within the bound and keeps it, and one
+    /// that was preempted once does not cost it.
+    pub fn set_spin(&mut self, d: Duration) {
+        self.spin = d;
+        self.spin_now = d;
+    }
+
+    /// The current spin bound.
+    pub fn spin(&self) -> Duration {
+        self.spin
+    }
+
     /// Whether [`Endpoint::close`] was called.
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -373,9 +427,21 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
         let want = clamp_u32(buf.len());
         let mut deadline = None;
+        // Until we have spun once, look without requesting a notification.
+        let mut spin = self.blocking;
         loop {
-            if self.rx.fast_ready(&self.header, want, 1)? > 0 {
+            let ready = if spin {
+                self.peek_ready(want)?
+            } else {
+                self.rx.fast_ready(&self.header, want, 1)?
+            };
+            if ready > 0 {
                 return self.consume(buf);
+            }
+            if spin {
+                spin = false;
+                self.spin_until(|ep| Ok(ep.rx.load_ready(&ep.header)? > 0))?;
+                continue;
             }
             // Empty. Liveness matters only now: data written before a close
             // is still delivered.
@@ -394,6 +460,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
                 return Err(RingError::WouldBlock);
             }
             self.block(&mut deadline)?;
+            spin = true;
         }
     }
 
@@ -421,14 +488,30 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
         let mut pos = 0;
         let mut deadline = None;
+        let mut spin = self.blocking;
+        let batch_cap = clamp_u32(self.write_ring_size() / 2).min(WRITE_BATCH);
         loop {
             let rest = &buf[pos..];
-            if self.tx.fast_space(&self.header, clamp_u32(rest.len()), 1)? > 0 {
+            let want = clamp_u32(rest.len());
+            // Until we have spun, write only in batches (see WRITE_BATCH).
+            let batch = if spin { want.min(batch_cap).max(1) } else { 1 };
+            let space = if spin {
+                self.peek_space(batch)?
+            } else {
+                self.tx.fast_space(&self.header, want, 1)?
+            };
+            if space >= batch {
                 pos += self.tx.push(&self.header, rest);
                 self.after_produce()?;
                 if pos == buf.len() || !self.blocking {
                     return Ok(pos);
                 }
+                spin = true;
+                continue;
+            }
+            if spin {
+                spin = false;
+                self.spin_until(|ep| Ok(ep.tx.load_space(&ep.header)? >= batch))?;
                 continue;
             }
             if !self.blocking {
@@ -446,6 +529,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
                     Err(RingError::PeerClosed)
                 };
             }
+            spin = true;
         }
     }
 
@@ -474,12 +558,23 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
         let n = clamp_u32(buf.len());
         let mut deadline = None;
+        let mut spin = self.blocking;
         loop {
-            if self.tx.fast_space(&self.header, n, n)? >= n {
+            let space = if spin {
+                self.peek_space(n)?
+            } else {
+                self.tx.fast_space(&self.header, n, n)?
+            };
+            if space >= n {
                 let written = self.tx.push(&self.header, buf);
                 debug_assert_eq!(written, buf.len());
                 self.after_produce()?;
                 return Ok(written);
+            }
+            if spin {
+                spin = false;
+                self.spin_until(|ep| Ok(ep.tx.load_space(&ep.header)? >= n))?;
+                continue;
             }
             if !self.blocking {
                 return Err(RingError::WouldBlock);
@@ -488,6 +583,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             if !self.peer_state().is_open() {
                 return Err(RingError::PeerClosed);
             }
+            spin = true;
         }
     }
 
@@ -514,9 +610,20 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
         let n = clamp_u32(buf.len());
         let mut deadline = None;
+        let mut spin = self.blocking;
         loop {
-            if self.rx.fast_ready(&self.header, n, n)? >= n {
+            let ready = if spin {
+                self.peek_ready(n)?
+            } else {
+                self.rx.fast_ready(&self.header, n, n)?
+            };
+            if ready >= n {
                 return self.consume(buf);
+            }
+            if spin {
+                spin = false;
+                self.spin_until(|ep| Ok(ep.rx.load_ready(&ep.header)? >= n))?;
+                continue;
             }
             if self.peer_state() == PeerState::Closed {
                 // As in `read`: re-load after seeing "closed".
@@ -529,6 +636,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
                 return Err(RingError::WouldBlock);
             }
             self.block(&mut deadline)?;
+            spin = true;
         }
     }
 
@@ -618,6 +726,64 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             Err(RingError::Closed)
         } else {
             Ok(())
+        }
+    }
+
+    /// Bytes ready without requesting a notification: the cached `prod` if
+    /// it shows `want` bytes, else one fresh load.
+    fn peek_ready(&mut self, want: u32) -> Result<u32, RingError> {
+        let cached = self.rx.cached_ready();
+        if cached >= want {
+            return Ok(cached);
+        }
+        self.rx.load_ready(&self.header)
+    }
+
+    /// Free space without requesting a notification (as [`Self::peek_ready`]).
+    fn peek_space(&mut self, want: u32) -> Result<u32, RingError> {
+        let cached = self.tx.cached_space();
+        if cached >= want {
+            return Ok(cached);
+        }
+        self.tx.load_space(&self.header)
+    }
+
+    /// Busy-waits for at most the spin bound until `done` says the peer
+    /// has moved its index far enough: `Ok(true)` if it did. Requests no
+    /// notification, so the peer sends no event for what we catch here;
+    /// after a fruitless spin the caller requests one, re-checks (the
+    /// Dekker re-load of spec §5.4) and only then sleeps.
+    ///
+    /// Under `loom` it looks exactly once: that path is modelled, a timed
+    /// spin is not.
+    fn spin_until(
+        &mut self,
+        mut done: impl FnMut(&mut Self) -> Result<bool, RingError>,
+    ) -> Result<bool, RingError> {
+        let budget = self.spin_now;
+        if budget.is_zero() {
+            return Ok(false);
+        }
+        let start = Instant::now();
+        loop {
+            for _ in 0..SPIN_BATCH {
+                if done(self)? {
+                    self.spin_now = self.spin;
+                    self.spin_misses = 0;
+                    return Ok(true);
+                }
+                if cfg!(loom) {
+                    return Ok(false);
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= budget {
+                self.spin_misses = self.spin_misses.saturating_add(1);
+                if self.spin_misses >= 2 {
+                    self.spin_now = (budget / 2).max(SPIN_FLOOR.min(self.spin));
+                }
+                return Ok(false);
+            }
         }
     }
 
