@@ -6,6 +6,7 @@
 //! cargo xtask bench vchan  [--quick] [--json PATH] [--reps N] [--mib N]
 //!                          [--rings 4K,64K,1M] [--chunks 4K,64K]
 //!                          [--ping-iters N] [--idle-ms N] [--parts stream,latency,idle]
+//!                          [--also NAME=WORKER]...
 //! cargo xtask bench qrexec [--quick] [--json PATH] [--reps N] [--mib N]
 //! ```
 //!
@@ -33,6 +34,8 @@ const GIB: u64 = 1 << 30;
 
 const USAGE: &str = "usage: cargo xtask bench vchan|qrexec [--quick] [--json PATH] [--reps N] [--mib N] [suite options]\n\
   vchan:  [--rings 4K,64K,1M] [--chunks 4K,64K] [--ping-iters N] [--idle-ms N] [--parts stream,latency,idle]\n\
+          [--also NAME=WORKER]  also run vchan with another build of the release worker\n\
+                                (target/release/xtask copied aside), for before/after in one run\n\
   qrexec: [--buffers 65536,1048576]";
 
 /// Options every suite takes.

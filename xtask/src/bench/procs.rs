@@ -238,7 +238,13 @@ impl Hub {
 
     /// A worker command playing domain `domid` here.
     pub fn worker(&self, domid: u16, args: &[String]) -> Command {
-        let mut c = worker(args);
+        self.worker_with(&worker_exe(), domid, args)
+    }
+
+    /// As [`Hub::worker`], with another build of the worker.
+    pub fn worker_with(&self, exe: &Path, domid: u16, args: &[String]) -> Command {
+        let mut c = Command::new(exe);
+        c.args(["bench", "worker"]).args(args);
         c.env("VCHAN_LOCAL_DIR", &self.dir)
             .env("VCHAN_DOMAIN", domid.to_string());
         c.env_remove("VCHAN_SOCKET_DIR")

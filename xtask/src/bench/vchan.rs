@@ -4,15 +4,13 @@
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use super::procs::{self, Hub, Line, Running};
 use super::report::{self, Json, Table, median, paired_ratio};
 use super::{Common, GIB};
-
-/// The stream variants, in the order they run and print.
-const VARIANTS: [&str; 5] = ["vchan", "rtrb", "socketpair", "pipe", "memcpy"];
 
 /// What one suite run covers.
 #[derive(Debug)]
@@ -24,6 +22,8 @@ struct Plan {
     ping_iters: usize,
     idle_ms: u64,
     parts: Vec<String>,
+    /// Other builds of the worker to run beside ours (`--also NAME=PATH`).
+    also: Vec<(String, PathBuf)>,
 }
 
 /// One stream run: wall seconds and CPU seconds (all processes involved).
@@ -46,6 +46,7 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
             ping_iters: 2000,
             idle_ms: 500,
             parts: vec!["stream".into(), "latency".into(), "idle".into()],
+            also: Vec::new(),
         }
     } else {
         Plan {
@@ -56,6 +57,7 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
             ping_iters: 20000,
             idle_ms: 2000,
             parts: vec!["stream".into(), "latency".into(), "idle".into()],
+            also: Vec::new(),
         }
     };
     let mut it = args.iter();
@@ -73,6 +75,11 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
             "--ping-iters" => plan.ping_iters = parse(&val()?)?,
             "--idle-ms" => plan.idle_ms = parse(&val()?)?,
             "--parts" => plan.parts = val()?.split(',').map(String::from).collect(),
+            "--also" => {
+                let v = val()?;
+                let (name, path) = v.split_once('=').ok_or("--also wants NAME=PATH")?;
+                plan.also.push((name.to_string(), PathBuf::from(path)));
+            }
             other => {
                 return Err(format!(
                     "bench vchan: unknown option {other:?}\n{}",
@@ -159,28 +166,68 @@ fn s(x: impl ToString) -> String {
 // ---------------------------------------------------------------------------
 // Stream
 
+/// One stream variant.
+#[derive(Debug, Clone)]
+enum Kind {
+    /// Two processes over the Local transport, with this worker binary.
+    Vchan(PathBuf),
+    Rtrb,
+    SocketPair,
+    Pipe,
+    Memcpy,
+}
+
+/// The variants in the order they run and print: ours, any `--also`
+/// builds of ours, then the baselines.
+fn variants(plan: &Plan) -> Vec<(String, Kind)> {
+    let mut v = vec![("vchan".to_string(), Kind::Vchan(procs::worker_exe()))];
+    for (name, exe) in &plan.also {
+        v.push((name.clone(), Kind::Vchan(exe.clone())));
+    }
+    v.push(("rtrb".into(), Kind::Rtrb));
+    v.push(("socketpair".into(), Kind::SocketPair));
+    v.push(("pipe".into(), Kind::Pipe));
+    v.push(("memcpy".into(), Kind::Memcpy));
+    v
+}
+
+/// Short column names.
+fn short(name: &str) -> String {
+    match name {
+        "socketpair" => "sock".into(),
+        n => n.into(),
+    }
+}
+
 fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Result<Json, String> {
-    let mut tp = Table::new(&[
-        "ring", "chunk", "vchan", "rtrb", "sockpair", "pipe", "memcpy", "v/rtrb", "v/sock",
-        "v/pipe", "v/memcpy",
-    ]);
-    let mut tc = Table::new(&[
-        "ring", "chunk", "vchan", "(hub)", "rtrb", "sockpair", "pipe", "memcpy",
-    ]);
+    let vars = variants(plan);
+    let mut head = vec![s("ring"), s("chunk")];
+    head.extend(vars.iter().map(|(n, _)| short(n)));
+    head.extend(vars[1..].iter().map(|(n, _)| format!("v/{}", short(n))));
+    let mut tp = Table::new(&head.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut head = vec![s("ring"), s("chunk")];
+    for (n, k) in &vars {
+        head.push(short(n));
+        if matches!(k, Kind::Vchan(_)) {
+            head.push(s("(hub)"));
+        }
+    }
+    let mut tc = Table::new(&head.iter().map(String::as_str).collect::<Vec<_>>());
     let mut points = Vec::new();
     for &ring in &plan.rings {
         for &chunk in &plan.chunks {
-            let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); VARIANTS.len()];
+            let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); vars.len()];
             for _ in 0..plan.reps {
-                for (i, v) in VARIANTS.iter().enumerate() {
-                    let smp = match *v {
-                        "vchan" => {
-                            vchan_stream(hub, ports.next().unwrap_or(0), ring, chunk, plan.bytes)?
+                for (i, (_, kind)) in vars.iter().enumerate() {
+                    let b = plan.bytes;
+                    let smp = match kind {
+                        Kind::Vchan(exe) => {
+                            vchan_stream(hub, exe, ports.next().unwrap_or(0), ring, chunk, b)?
                         }
-                        "rtrb" => inproc("rtrb", ring, chunk, plan.bytes)?,
-                        "memcpy" => inproc("memcpy", ring, chunk, plan.bytes)?,
-                        "pipe" => fd_stream(FdKind::Pipe(ring), chunk, plan.bytes)?,
-                        _ => fd_stream(FdKind::SocketPair, chunk, plan.bytes)?,
+                        Kind::Rtrb => inproc("rtrb", ring, chunk, b)?,
+                        Kind::Memcpy => inproc("memcpy", ring, chunk, b)?,
+                        Kind::Pipe => fd_stream(FdKind::Pipe(ring), chunk, b)?,
+                        Kind::SocketPair => fd_stream(FdKind::SocketPair, chunk, b)?,
                     };
                     samples[i].push(smp);
                 }
@@ -193,42 +240,53 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
                 .iter()
                 .map(|v| v.iter().map(|s| s.cpu_per_gib).collect())
                 .collect();
-            let hubs: Vec<f64> = samples[0].iter().map(|s| s.hub_per_gib).collect();
-            let ratios: Vec<f64> = (1..VARIANTS.len())
+            let hubs: Vec<Vec<f64>> = samples
+                .iter()
+                .map(|v| v.iter().map(|s| s.hub_per_gib).collect())
+                .collect();
+            let ratios: Vec<f64> = (1..vars.len())
                 .map(|i| paired_ratio(&tps[0], &tps[i]))
                 .collect();
-            let mut row = vec![s(report::size(ring as u64)), s(report::size(chunk as u64))];
+            let mut row = vec![report::size(ring as u64), report::size(chunk as u64)];
             row.extend(tps.iter().map(|v| report::mbps(median(v))));
             row.extend(ratios.iter().map(|&r| report::ratio(r)));
             tp.row(row);
-            let mut row = vec![s(report::size(ring as u64)), s(report::size(chunk as u64))];
-            row.push(report::fixed(median(&cpus[0]), 2));
-            row.push(report::fixed(median(&hubs), 2));
-            row.extend(cpus[1..].iter().map(|v| report::fixed(median(v), 2)));
+            let mut row = vec![report::size(ring as u64), report::size(chunk as u64)];
+            for (i, (_, k)) in vars.iter().enumerate() {
+                row.push(report::fixed(median(&cpus[i]), 2));
+                if matches!(k, Kind::Vchan(_)) {
+                    row.push(report::fixed(median(&hubs[i]), 2));
+                }
+            }
             tc.row(row);
+            let at = |name: &str| {
+                vars.iter()
+                    .position(|(n, _)| n == name)
+                    .map(|i| ratios[i - 1])
+            };
             eprintln!(
-                "  ring {} chunk {}: vchan {} MB/s, {:.2} x rtrb, {:.2} x socketpair",
+                "  ring {} chunk {}: vchan {} MB/s, {} x rtrb, {} x socketpair",
                 report::size(ring as u64),
                 report::size(chunk as u64),
                 report::mbps(median(&tps[0])),
-                ratios[0],
-                ratios[1]
+                report::ratio(at("rtrb").unwrap_or(f64::NAN)),
+                report::ratio(at("socketpair").unwrap_or(f64::NAN)),
             );
             let mut res = Vec::new();
-            for (i, v) in VARIANTS.iter().enumerate() {
+            for (i, (name, k)) in vars.iter().enumerate() {
                 let mut fields = vec![
                     ("bytes_per_sec", Json::nums(&tps[i])),
                     ("median_bytes_per_sec", Json::Num(median(&tps[i]))),
                     ("cpu_s_per_gib", Json::nums(&cpus[i])),
                     ("median_cpu_s_per_gib", Json::Num(median(&cpus[i]))),
                 ];
-                if i == 0 {
-                    fields.push(("hub_cpu_s_per_gib", Json::nums(&hubs)));
+                if matches!(k, Kind::Vchan(_)) {
+                    fields.push(("hub_cpu_s_per_gib", Json::nums(&hubs[i])));
                 }
-                res.push((v.to_string(), Json::obj(fields)));
+                res.push((name.clone(), Json::obj(fields)));
             }
-            let rat: Vec<(String, Json)> = (1..VARIANTS.len())
-                .map(|i| (format!("vchan/{}", VARIANTS[i]), Json::Num(ratios[i - 1])))
+            let rat: Vec<(String, Json)> = (1..vars.len())
+                .map(|i| (format!("vchan/{}", vars[i].0), Json::Num(ratios[i - 1])))
                 .collect();
             points.push(Json::obj([
                 ("ring", Json::Num(ring as f64)),
@@ -249,6 +307,7 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
 
 fn vchan_stream(
     hub: &Hub,
+    exe: &Path,
     port: u32,
     ring: usize,
     chunk: usize,
@@ -256,14 +315,19 @@ fn vchan_stream(
 ) -> Result<Sample, String> {
     let hub0 = hub.cpu()?;
     let send = Running::spawn(
-        hub.worker(
+        hub.worker_with(
+            exe,
             1,
             &[s("vchan-send"), s(2), s(port), s(ring), s(bytes), s(chunk)],
         ),
         "vchan sender",
     )?;
     let recv = Running::spawn(
-        hub.worker(2, &[s("vchan-recv"), s(1), s(port), s(bytes), s(chunk)]),
+        hub.worker_with(
+            exe,
+            2,
+            &[s("vchan-recv"), s(1), s(port), s(bytes), s(chunk)],
+        ),
         "vchan receiver",
     )?;
     let r = recv.result(limit(bytes))?;
@@ -341,28 +405,30 @@ fn latency(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Res
     const SIZE: usize = 64;
     let iters = plan.ping_iters.max(10);
     let lim = Duration::from_secs(60 + iters as u64 / 1000);
-    let mut v_p50 = Vec::new();
-    let mut v_mean = Vec::new();
-    let mut v_p99 = Vec::new();
-    let mut s_p50 = Vec::new();
-    let mut s_mean = Vec::new();
-    let mut s_p99 = Vec::new();
+    let mut names: Vec<String> = vec![s("vchan")];
+    let mut exes = vec![procs::worker_exe()];
+    for (n, e) in &plan.also {
+        names.push(n.clone());
+        exes.push(e.clone());
+    }
+    names.push(s("socketpair"));
+    // Per variant: p50, mean, p99 of each run.
+    let mut runs: Vec<[Vec<f64>; 3]> = vec![Default::default(); names.len()];
     for _ in 0..plan.reps {
-        let port = ports.next().unwrap_or(0);
-        let echo = Running::spawn(
-            hub.worker(1, &[s("vchan-echo"), s(2), s(port), s(SIZE)]),
-            "vchan echo",
-        )?;
-        let ping = Running::spawn(
-            hub.worker(2, &[s("vchan-ping"), s(1), s(port), s(iters), s(SIZE)]),
-            "vchan ping",
-        )?;
-        let p = ping.result(lim)?;
-        echo.result(lim)?;
-        v_p50.push(p.get("p50_us"));
-        v_mean.push(p.get("mean_us"));
-        v_p99.push(p.get("p99_us"));
-
+        for (i, exe) in exes.iter().enumerate() {
+            let port = ports.next().unwrap_or(0);
+            let echo = Running::spawn(
+                hub.worker_with(exe, 1, &[s("vchan-echo"), s(2), s(port), s(SIZE)]),
+                "vchan echo",
+            )?;
+            let ping = Running::spawn(
+                hub.worker_with(exe, 2, &[s("vchan-ping"), s(1), s(port), s(iters), s(SIZE)]),
+                "vchan ping",
+            )?;
+            let p = ping.result(lim)?;
+            echo.result(lim)?;
+            push_rtt(&mut runs[i], &p);
+        }
         let (a, b) = fd_pair(FdKind::SocketPair)?;
         let mut ec = procs::worker(&[s("fd-echo"), s(SIZE)]);
         ec.stdin(Stdio::from(a));
@@ -372,55 +438,56 @@ fn latency(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Res
         let ping = Running::spawn(pc, "socket ping")?;
         let p = ping.result(lim)?;
         echo.result(lim)?;
-        s_p50.push(p.get("p50_us"));
-        s_mean.push(p.get("mean_us"));
-        s_p99.push(p.get("p99_us"));
+        let last = runs.len() - 1;
+        push_rtt(&mut runs[last], &p);
     }
-    let ratio = paired_ratio(&v_p50, &s_p50);
-    let mut t = Table::new(&["64-byte round trip", "p50 us", "mean us", "p99 us"]);
-    t.row(vec![
-        s("vchan"),
-        report::fixed(median(&v_p50), 1),
-        report::fixed(median(&v_mean), 1),
-        report::fixed(median(&v_p99), 1),
+    let sock = &runs[runs.len() - 1];
+    let mut t = Table::new(&[
+        "64-byte round trip",
+        "p50 us",
+        "mean us",
+        "p99 us",
+        "p50/sock",
     ]);
-    t.row(vec![
-        s("socketpair"),
-        report::fixed(median(&s_p50), 1),
-        report::fixed(median(&s_mean), 1),
-        report::fixed(median(&s_p99), 1),
-    ]);
-    println!("\nround-trip latency, {iters} round trips per run, medians over runs");
-    print!("{t}");
+    let mut js = Vec::new();
+    for (n, r) in names.iter().zip(&runs) {
+        let ratio = paired_ratio(&r[0], &sock[0]);
+        t.row(vec![
+            n.clone(),
+            report::fixed(median(&r[0]), 2),
+            report::fixed(median(&r[1]), 2),
+            report::fixed(median(&r[2]), 2),
+            report::ratio(ratio),
+        ]);
+        js.push((
+            n.clone(),
+            Json::obj([
+                ("p50_us", Json::nums(&r[0])),
+                ("mean_us", Json::nums(&r[1])),
+                ("p99_us", Json::nums(&r[2])),
+                ("ratio_p50_to_socketpair", Json::Num(ratio)),
+                (
+                    "ratio_mean_to_socketpair",
+                    Json::Num(paired_ratio(&r[1], &sock[1])),
+                ),
+            ]),
+        ));
+    }
     println!(
-        "  vchan/socketpair p50 round trip: {} (target: <= 1.00)",
-        report::ratio(ratio)
+        "\nround-trip latency, {iters} round trips per run, medians over runs (target: vchan p50/sock <= 1.00)"
     );
+    print!("{t}");
     Ok(Json::obj([
         ("size", Json::Num(SIZE as f64)),
         ("iters", Json::Num(iters as f64)),
-        (
-            "vchan",
-            Json::obj([
-                ("p50_us", Json::nums(&v_p50)),
-                ("mean_us", Json::nums(&v_mean)),
-                ("p99_us", Json::nums(&v_p99)),
-            ]),
-        ),
-        (
-            "socketpair",
-            Json::obj([
-                ("p50_us", Json::nums(&s_p50)),
-                ("mean_us", Json::nums(&s_mean)),
-                ("p99_us", Json::nums(&s_p99)),
-            ]),
-        ),
-        ("ratio_p50_vchan/socketpair", Json::Num(ratio)),
-        (
-            "ratio_mean_vchan/socketpair",
-            Json::Num(paired_ratio(&v_mean, &s_mean)),
-        ),
+        ("results", Json::Obj(js)),
     ]))
+}
+
+fn push_rtt(r: &mut [Vec<f64>; 3], line: &Line) {
+    r[0].push(line.get("p50_us"));
+    r[1].push(line.get("mean_us"));
+    r[2].push(line.get("p99_us"));
 }
 
 // ---------------------------------------------------------------------------
@@ -459,7 +526,7 @@ fn idle(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Result
         report::fixed(per_s(cli_line.cpu()), 3),
     ]);
     t.row(vec![
-        s("hub (10 ms ticks)"),
+        s("hub (all its threads)"),
         report::fixed(hub_cpu * 1e3, 0),
         report::fixed(per_s(hub_cpu), 1),
     ]);
