@@ -77,7 +77,8 @@ struct Args {
     /// Opposite of --filter-escape-chars-stderr
     #[arg(long = "no-filter-escape-chars-stderr", action = ArgAction::Count)]
     no_filter_stderr: u8,
-    /// Path of the qrexec agent socket
+    /// Path of the qrexec agent socket (default: $QREXEC_AGENT_SOCKET, else
+    /// /var/run/qubes/qrexec-agent)
     #[arg(short = 'a', long = "agent-socket", value_name = "PATH", action = ArgAction::Append,
           default_value = QREXEC_AGENT_TRIGGER_PATH)]
     agent_socket: Vec<PathBuf>,
@@ -395,7 +396,31 @@ fn tri_state(m: &clap::ArgMatches, on: &str, off: &str) -> FilterSetting {
     }
 }
 
-/// Parse a full argv (including argv\[0\]). Pure: no environment access.
+/// Environment variable naming the agent socket when `--agent-socket` is
+/// not given (our addition: it lets a simulation point the unchanged
+/// command at its agent).
+pub const AGENT_SOCKET_ENV: &str = "QREXEC_AGENT_SOCKET";
+
+/// The agent socket: the option if given, else `$QREXEC_AGENT_SOCKET` if
+/// set and non-empty, else the Qubes default.
+///
+/// ```
+/// use std::path::PathBuf;
+/// use qrexec::cli::agent_socket_path;
+/// assert_eq!(agent_socket_path(false, None, Some("/tmp/a".into())), PathBuf::from("/tmp/a"));
+/// assert_eq!(agent_socket_path(true, Some("/o".into()), Some("/tmp/a".into())), PathBuf::from("/o"));
+/// assert_eq!(agent_socket_path(false, None, None), PathBuf::from("/var/run/qubes/qrexec-agent"));
+/// ```
+pub fn agent_socket_path(given: bool, option: Option<PathBuf>, env: Option<OsString>) -> PathBuf {
+    match (given, option, env) {
+        (true, Some(p), _) => p,
+        (_, _, Some(e)) if !e.is_empty() => PathBuf::from(e),
+        _ => PathBuf::from(QREXEC_AGENT_TRIGGER_PATH),
+    }
+}
+
+/// Parse a full argv (including argv\[0\]). The only environment access
+/// is [`AGENT_SOCKET_ENV`] when `--agent-socket` is not given.
 pub fn parse_args(argv: &[OsString]) -> Result<Options, CliError> {
     let (opts, positionals) = split_options(argv.get(1..).unwrap_or(&[]));
     let mut clap_argv: Vec<OsString> = vec![OsString::from("qrexec-client-vm")];
@@ -441,11 +466,11 @@ pub fn parse_args(argv: &[OsString]) -> Result<Options, CliError> {
         buffer_size,
         filter_stdout: tri_state(&matches, "filter_stdout", "no_filter_stdout"),
         filter_stderr: tri_state(&matches, "filter_stderr", "no_filter_stderr"),
-        agent_socket: args
-            .agent_socket
-            .last()
-            .cloned()
-            .unwrap_or_else(|| PathBuf::from(QREXEC_AGENT_TRIGGER_PATH)),
+        agent_socket: agent_socket_path(
+            matches.value_source("agent_socket") == Some(clap::parser::ValueSource::CommandLine),
+            args.agent_socket.last().cloned(),
+            std::env::var_os(AGENT_SOCKET_ENV),
+        ),
         prefix_data: args.prefix_data.into_iter().next().map(OsString::into_vec),
         use_stdin_socket: args.use_stdin_socket > 0,
         source_qube: args.source_qube.into_iter().next().map(OsString::into_vec),
