@@ -247,6 +247,7 @@ pub fn build_command(ctx: &VmContext, cmd: &Cmdline) -> Result<Command, StartErr
         .env("SHELL", "/bin/sh")
         .env("QUBES_SIM_VM_NAME", &ctx.name)
         .env("QUBES_SIM_AGENT_SOCKET", &ctx.agent_socket)
+        .env("QREXEC_AGENT_SOCKET", &ctx.agent_socket)
         .current_dir(&ctx.home);
     Ok(c)
 }

@@ -320,10 +320,11 @@ impl Inner {
         let text = format!(
             "# Play VM '{name}' (domain {domid}) of the simulation in {root}:\n\
              #   . {env}\n\
-             #   qrexec-client-vm --agent-socket=\"$QUBES_SIM_AGENT_SOCKET\" TARGET SERVICE\n\
+             #   qrexec-client-vm TARGET SERVICE\n\
              export {local}='{xen}'\n\
              export {dom}={domid}\n\
-             export QUBES_SIM_AGENT_SOCKET='{sock}'\n",
+             export QUBES_SIM_AGENT_SOCKET='{sock}'\n\
+             export QREXEC_AGENT_SOCKET='{sock}'\n",
             name = vm.name,
             domid = vm.domid,
             root = self.layout.root().display(),

@@ -136,7 +136,8 @@ impl Demo {
         c.envs(vm.env.iter().map(|(k, v)| (k, v)))
             .env_remove("VCHAN_SOCKET_DIR")
             .env_remove("VCHAN_TRANSPORT")
-            .arg(format!("--agent-socket={}", vm.agent_socket))
+            // Pointed at the simulation only by environment.
+            .env("QREXEC_AGENT_SOCKET", &vm.agent_socket)
             .args(args);
         c
     }
