@@ -264,7 +264,7 @@ impl Vchan {
             Inner::Shm(c) => {
                 let ep = c.endpoint();
                 match timeout {
-                    None => ep.wait().map(|()| true).map_err(Error::from),
+                    None => ep.wait().map(|()| true).map_err(ring_err),
                     Some(t) => ep
                         .events()
                         .wait_timeout(t)
@@ -289,7 +289,7 @@ impl Vchan {
     pub fn send(&mut self, buf: &[u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().send(buf).map_err(Error::from),
+            Inner::Shm(c) => c.endpoint().send(buf).map_err(ring_err),
             Inner::Socket(s) => s.send(buf, b),
         }
     }
@@ -298,7 +298,7 @@ impl Vchan {
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().recv(buf).map_err(Error::from),
+            Inner::Shm(c) => c.endpoint().recv(buf).map_err(ring_err),
             Inner::Socket(s) => s.recv(buf, b),
         }
     }
@@ -308,7 +308,7 @@ impl Vchan {
     pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().read(buf).map_err(Error::from),
+            Inner::Shm(c) => c.endpoint().read(buf).map_err(ring_err),
             Inner::Socket(s) => s.read(buf, b),
         }
     }
@@ -317,7 +317,7 @@ impl Vchan {
     pub fn write_some(&mut self, buf: &[u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().write(buf).map_err(Error::from),
+            Inner::Shm(c) => c.endpoint().write(buf).map_err(ring_err),
             Inner::Socket(s) => s.write(buf, b),
         }
     }
@@ -421,6 +421,16 @@ impl AsFd for Connecting {
             ConnInner::Shm(c) => c.fd(),
             ConnInner::Socket { idle, .. } => idle.as_fd(),
         }
+    }
+}
+
+/// One error vocabulary whatever the transport: the ring's "would block"
+/// and "peer closed" are the crate's own variants.
+fn ring_err(e: ring::RingError) -> Error {
+    match e {
+        ring::RingError::WouldBlock => Error::WouldBlock,
+        ring::RingError::PeerClosed => Error::PeerClosed,
+        e => Error::Ring(e),
     }
 }
 
