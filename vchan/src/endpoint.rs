@@ -105,6 +105,10 @@ const SPIN_BATCH: u32 = 16;
 /// The least an adaptive spin shrinks to (see [`Endpoint::set_spin`]).
 const SPIN_FLOOR: Duration = Duration::from_micros(2);
 
+/// Every this many spins below the full bound, one spins the full bound
+/// (see [`Endpoint::set_spin`]).
+const SPIN_PROBE_EVERY: u32 = 8;
+
 /// A blocking writer that finds the ring full spins until this much space
 /// is free (or half the ring, or what it has left to write, if less)
 /// rather than for the first free byte: copying slivers as the reader
@@ -162,6 +166,8 @@ pub struct Endpoint<E: Events, H: SharedHeader = ControlPage, B: RingBytes = Raw
     spin_now: Duration,
     /// Fruitless spins in a row.
     spin_misses: u32,
+    /// Spins below the full bound since the last full one.
+    spin_short: u32,
     closed: bool,
     events: E,
 }
@@ -286,6 +292,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             spin: DEFAULT_SPIN,
             spin_now: DEFAULT_SPIN,
             spin_misses: 0,
+            spin_short: 0,
             closed: false,
             events,
         })
@@ -354,11 +361,14 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// [`Endpoint::wait`] never spin.
     ///
     /// The bound adapts: each fruitless spin after the first in a row
-    /// halves it (down to 2 µs), a spin that succeeds restores it. A peer
+    /// halves it (down to 2 µs), a spin that succeeds restores it, and
+    /// every 8th spin below the full bound spins the full bound. A peer
     /// that shares our core (or is descheduled) cannot make progress while
     /// we spin, so spin after fruitless spin would only delay it; a peer
     /// running beside us answers within the bound and keeps it, and one
-    /// that was preempted once does not cost it.
+    /// that was preempted once does not cost it. The full-bound probes
+    /// end the state in which both ends sleep, each spinning less than
+    /// the other's wake-up takes.
     pub fn set_spin(&mut self, d: Duration) {
         self.spin = d;
         self.spin_now = d;
@@ -760,9 +770,16 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         &mut self,
         mut done: impl FnMut(&mut Self) -> Result<bool, RingError>,
     ) -> Result<bool, RingError> {
-        let budget = self.spin_now;
+        let mut budget = self.spin_now;
         if budget.is_zero() {
             return Ok(false);
+        }
+        if budget < self.spin {
+            self.spin_short += 1;
+            if self.spin_short >= SPIN_PROBE_EVERY {
+                self.spin_short = 0;
+                budget = self.spin;
+            }
         }
         let start = Instant::now();
         loop {
@@ -770,6 +787,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
                 if done(self)? {
                     self.spin_now = self.spin;
                     self.spin_misses = 0;
+                    self.spin_short = 0;
                     return Ok(true);
                 }
                 if cfg!(loom) {
@@ -780,7 +798,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             if start.elapsed() >= budget {
                 self.spin_misses = self.spin_misses.saturating_add(1);
                 if self.spin_misses >= 2 {
-                    self.spin_now = (budget / 2).max(SPIN_FLOOR.min(self.spin));
+                    self.spin_now = (self.spin_now / 2).max(SPIN_FLOOR.min(self.spin));
                 }
                 return Ok(false);
             }
