@@ -5,8 +5,8 @@
 //! ```text
 //! cargo xtask bench vchan  [--quick] [--json PATH] [--reps N] [--mib N]
 //!                          [--rings 4K,64K,1M] [--chunks 4K,64K]
-//!                          [--ping-iters N] [--idle-ms N] [--parts stream,latency,idle]
-//!                          [--also NAME=WORKER]...
+//!                          [--ping-iters N] [--idle-ms N] [--parts stream,latency,idle,cost]
+//!                          [--also NAME=WORKER]... [--pin]
 //! cargo xtask bench qrexec [--quick] [--json PATH] [--reps N] [--mib N]
 //! ```
 //!
@@ -33,9 +33,10 @@ use report::Json;
 const GIB: u64 = 1 << 30;
 
 const USAGE: &str = "usage: cargo xtask bench vchan|qrexec [--quick] [--json PATH] [--reps N] [--mib N] [suite options]\n\
-  vchan:  [--rings 4K,64K,1M] [--chunks 4K,64K] [--ping-iters N] [--idle-ms N] [--parts stream,latency,idle]\n\
+  vchan:  [--rings 4K,64K,1M] [--chunks 4K,64K] [--ping-iters N] [--idle-ms N] [--parts stream,latency,idle,cost]\n\
           [--also NAME=WORKER]  also run vchan with another build of the release worker\n\
                                 (target/release/xtask copied aside), for before/after in one run\n\
+          [--pin]               pin the two ends of every pair to CPUs 0 and 1\n\
   qrexec: [--buffers 65536,1048576]";
 
 /// Options every suite takes.

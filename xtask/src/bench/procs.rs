@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::util;
@@ -83,6 +84,12 @@ impl Running {
         })
     }
 
+    /// As [`Running::spawn`], pinned to `cpu` if pinning is on (see
+    /// [`on_cpu`]).
+    pub fn spawn_on(cpu: usize, cmd: Command, what: impl Into<String>) -> Result<Running, String> {
+        Running::spawn(on_cpu(cmd, cpu), what)
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
@@ -134,6 +141,48 @@ impl Drop for Running {
             let _ = c.wait();
         }
     }
+}
+
+/// Whether workers are pinned to CPUs (`--pin`).
+static PIN: AtomicBool = AtomicBool::new(false);
+
+/// The environment variable naming the CPU a worker pins itself to.
+pub const ENV_CPU: &str = "XTASK_BENCH_CPU";
+/// The CPU for a worker's second thread (the rtrb producer).
+pub const ENV_CPU2: &str = "XTASK_BENCH_CPU2";
+
+/// Turns pinning on or off for the workers started from now on.
+pub fn set_pinning(on: bool) {
+    PIN.store(on, Ordering::Relaxed);
+}
+
+/// Whether pinning is on.
+pub fn pinning() -> bool {
+    PIN.load(Ordering::Relaxed)
+}
+
+/// `cmd`, pinned to `cpu` if pinning is on (the sending side of a pair
+/// goes on CPU 0, the receiving side on CPU 1).
+pub fn on_cpu(mut cmd: Command, cpu: usize) -> Command {
+    if pinning() {
+        cmd.env(ENV_CPU, cpu.to_string());
+        cmd.env(ENV_CPU2, (1 - cpu.min(1)).to_string());
+    }
+    cmd
+}
+
+/// Pins the calling thread to the CPU named by `var`, if it is set.
+pub fn pin_from_env(var: &str) -> Result<(), String> {
+    let Ok(v) = std::env::var(var) else {
+        return Ok(());
+    };
+    let cpu: usize = v
+        .parse()
+        .map_err(|_| format!("{var}={v:?}: not a CPU number"))?;
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| format!("pin to CPU {cpu}: {e}"))
 }
 
 /// A worker command: `xtask bench worker <args>`.

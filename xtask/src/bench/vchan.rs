@@ -74,6 +74,7 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
             "--chunks" => plan.chunks = list(&val()?)?,
             "--ping-iters" => plan.ping_iters = parse(&val()?)?,
             "--idle-ms" => plan.idle_ms = parse(&val()?)?,
+            "--pin" => procs::set_pinning(true),
             "--parts" => plan.parts = val()?.split(',').map(String::from).collect(),
             "--also" => {
                 let v = val()?;
@@ -110,6 +111,9 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
     }
     if plan.parts.iter().any(|p| p == "latency") {
         out.push(("latency".into(), latency(&plan, &hub, &mut ports)?));
+    }
+    if plan.parts.iter().any(|p| p == "cost") {
+        out.push(("cost".into(), cost(&plan)?));
     }
     if plan.parts.iter().any(|p| p == "idle") {
         out.push(("idle".into(), idle(&plan, &hub, &mut ports)?));
@@ -151,6 +155,7 @@ fn plan_json(p: &Plan) -> Json {
         ("reps", Json::Num(p.reps as f64)),
         ("ping_iters", Json::Num(p.ping_iters as f64)),
         ("idle_ms", Json::Num(p.idle_ms as f64)),
+        ("pinned", Json::Bool(procs::pinning())),
     ])
 }
 
@@ -314,7 +319,8 @@ fn vchan_stream(
     bytes: u64,
 ) -> Result<Sample, String> {
     let hub0 = hub.cpu()?;
-    let send = Running::spawn(
+    let send = Running::spawn_on(
+        0,
         hub.worker_with(
             exe,
             1,
@@ -322,7 +328,8 @@ fn vchan_stream(
         ),
         "vchan sender",
     )?;
-    let recv = Running::spawn(
+    let recv = Running::spawn_on(
+        1,
         hub.worker_with(
             exe,
             2,
@@ -353,8 +360,12 @@ fn sample(bytes: u64, recv: &Line, cpu: f64, hub_cpu: f64) -> Sample {
 
 /// `rtrb` or `memcpy`: one process.
 fn inproc(mode: &str, ring: usize, chunk: usize, bytes: u64) -> Result<Sample, String> {
-    let r = Running::spawn(procs::worker(&[s(mode), s(ring), s(bytes), s(chunk)]), mode)?
-        .result(limit(bytes))?;
+    let r = Running::spawn_on(
+        1,
+        procs::worker(&[s(mode), s(ring), s(bytes), s(chunk)]),
+        mode,
+    )?
+    .result(limit(bytes))?;
     Ok(sample(bytes, &r, r.cpu(), 0.0))
 }
 
@@ -387,15 +398,72 @@ fn fd_stream(kind: FdKind, chunk: usize, bytes: u64) -> Result<Sample, String> {
     let (w, r) = fd_pair(kind)?;
     let mut sc = procs::worker(&[s("fd-send"), s(bytes), s(chunk)]);
     sc.stdin(Stdio::from(w));
-    let send = Running::spawn(sc, "fd sender")?;
+    let send = Running::spawn_on(0, sc, "fd sender")?;
     let mut rc = procs::worker(&[s("fd-recv"), s(bytes), s(chunk)]);
     rc.stdin(Stdio::from(r));
-    let recv = Running::spawn(rc, "fd receiver")?;
+    let recv = Running::spawn_on(1, rc, "fd receiver")?;
     // `Command` keeps its stdin fds until dropped: they went with sc/rc
     // into `spawn` and were closed in this process there.
     let r = recv.result(limit(bytes))?;
     let w = send.result(limit(bytes))?;
     Ok(sample(bytes, &r, r.cpu() + w.cpu(), 0.0))
+}
+
+// ---------------------------------------------------------------------------
+// One-core cost
+
+/// Nanoseconds per write + read of one chunk on one core, ours beside
+/// rtrb: the per-operation price without scheduling noise.
+fn cost(plan: &Plan) -> Result<Json, String> {
+    let mut names = vec![s("vchan")];
+    let mut exes = vec![procs::worker_exe()];
+    for (n, e) in &plan.also {
+        names.push(n.clone());
+        exes.push(e.clone());
+    }
+    names.push(s("rtrb"));
+    let mut head = vec![s("ring"), s("chunk")];
+    head.extend(names.iter().map(|n| format!("{n} ns")));
+    head.extend(names[1..].iter().map(|n| format!("v/{n}")));
+    let mut t = Table::new(&head.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut points = Vec::new();
+    for &ring in &plan.rings {
+        for &chunk in &plan.chunks {
+            let mut ns: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+            for _ in 0..plan.reps {
+                for (i, name) in names.iter().enumerate() {
+                    let (exe, mode) = if name == "rtrb" {
+                        (procs::worker_exe(), "rtrb-1core")
+                    } else {
+                        (exes[i].clone(), "vchan-1core")
+                    };
+                    let mut c = std::process::Command::new(&exe);
+                    c.args(["bench", "worker", mode])
+                        .args([s(ring), s(plan.bytes), s(chunk)]);
+                    let l = Running::spawn(c, mode)?.result(limit(plan.bytes))?;
+                    ns[i].push(l.get("secs") * 1e9 / l.get("ops"));
+                }
+            }
+            let mut row = vec![report::size(ring as u64), report::size(chunk as u64)];
+            row.extend(ns.iter().map(|v| report::fixed(median(v), 0)));
+            // Cost ratio: below 1 means ours is cheaper.
+            row.extend((1..names.len()).map(|i| report::ratio(paired_ratio(&ns[0], &ns[i]))));
+            t.row(row);
+            let res: Vec<(String, Json)> = names
+                .iter()
+                .zip(&ns)
+                .map(|(n, v)| (n.clone(), Json::nums(v)))
+                .collect();
+            points.push(Json::obj([
+                ("ring", Json::Num(ring as f64)),
+                ("chunk", Json::Num(chunk as f64)),
+                ("ns_per_op", Json::Obj(res)),
+            ]));
+        }
+    }
+    println!("\none-core cost: ns per write + read of one chunk (no second core, no waiting)");
+    print!("{t}");
+    Ok(Json::Arr(points))
 }
 
 // ---------------------------------------------------------------------------
@@ -417,11 +485,13 @@ fn latency(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Res
     for _ in 0..plan.reps {
         for (i, exe) in exes.iter().enumerate() {
             let port = ports.next().unwrap_or(0);
-            let echo = Running::spawn(
+            let echo = Running::spawn_on(
+                1,
                 hub.worker_with(exe, 1, &[s("vchan-echo"), s(2), s(port), s(SIZE)]),
                 "vchan echo",
             )?;
-            let ping = Running::spawn(
+            let ping = Running::spawn_on(
+                0,
                 hub.worker_with(exe, 2, &[s("vchan-ping"), s(1), s(port), s(iters), s(SIZE)]),
                 "vchan ping",
             )?;
@@ -432,10 +502,10 @@ fn latency(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Res
         let (a, b) = fd_pair(FdKind::SocketPair)?;
         let mut ec = procs::worker(&[s("fd-echo"), s(SIZE)]);
         ec.stdin(Stdio::from(a));
-        let echo = Running::spawn(ec, "socket echo")?;
+        let echo = Running::spawn_on(1, ec, "socket echo")?;
         let mut pc = procs::worker(&[s("fd-ping"), s(iters), s(SIZE)]);
         pc.stdin(Stdio::from(b));
-        let ping = Running::spawn(pc, "socket ping")?;
+        let ping = Running::spawn_on(0, pc, "socket ping")?;
         let p = ping.result(lim)?;
         echo.result(lim)?;
         let last = runs.len() - 1;

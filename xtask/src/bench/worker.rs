@@ -22,7 +22,14 @@
 //! fd-echo SIZE | fd-ping ITERS SIZE           ping-pong over the socket on stdin
 //! rtrb RING BYTES CHUNK                    two threads through an rtrb ring of RING bytes
 //! memcpy RING BYTES CHUNK                  one thread copying into a RING-byte buffer
+//! vchan-1core RING BYTES CHUNK             one thread: write a chunk, read it back, over
+//!                                          a vchan between two domains in this process
+//! rtrb-1core RING BYTES CHUNK              the same through an rtrb ring
 //! ```
+//!
+//! The `-1core` modes price one write + one read with no second core and
+//! no waiting: the per-operation cost (copies, fences, notify checks)
+//! without the scheduler's noise.
 //!
 //! The vchan modes take their transport from the environment
 //! (`VCHAN_LOCAL_DIR`, `VCHAN_DOMAIN`).
@@ -35,6 +42,8 @@ use std::time::{Duration, Instant};
 use nix::sys::resource::{UsageWho, getrusage};
 use vchan::{Transport, Vchan};
 
+use super::procs;
+
 /// How long a vchan end waits for its peer to show up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -44,6 +53,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Err("bench worker: which mode?".into());
     };
     let a = Args(rest);
+    procs::pin_from_env(procs::ENV_CPU)?;
     let line = match mode.as_str() {
         "hub" => return hub(a.str(0)?),
         "vchan-send" => vchan_send(a.u16(0)?, a.u32(1)?, a.usize(2)?, a.u64(3)?, a.usize(4)?),
@@ -58,6 +68,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "fd-ping" => fd_ping(a.usize(0)?, a.usize(1)?),
         "rtrb" => rtrb_ring(a.usize(0)?, a.u64(1)?, a.usize(2)?),
         "memcpy" => memcpy(a.usize(0)?, a.u64(1)?, a.usize(2)?),
+        "vchan-1core" => vchan_1core(a.usize(0)?, a.u64(1)?, a.usize(2)?),
+        "rtrb-1core" => rtrb_1core(a.usize(0)?, a.u64(1)?, a.usize(2)?),
         other => return Err(format!("bench worker: unknown mode {other:?}")),
     }
     .map_err(|e| format!("bench worker {mode}: {e}"))?;
@@ -252,6 +264,8 @@ fn rtrb_ring(ring: usize, bytes: u64, chunk: usize) -> io::Result<String> {
     let (mut tx, mut rx) = rtrb::RingBuffer::<u8>::new(ring);
     let mut m = Meter::start()?;
     let producer = std::thread::spawn(move || {
+        // A failure to pin shows as the unpinned number; nothing to report.
+        let _ = procs::pin_from_env(procs::ENV_CPU2);
         let buf = payload(chunk);
         let mut left = bytes;
         let mut misses = 0u32;
@@ -323,6 +337,58 @@ fn memcpy(ring: usize, bytes: u64, chunk: usize) -> io::Result<String> {
         std::hint::black_box(&mut dst);
     }
     m.finish(&format!("bytes={bytes}"))
+}
+
+/// One thread alternating a non-blocking write of `chunk` bytes and a read
+/// of everything there, through `tx` and `rx`, until `bytes` went through.
+fn one_core(
+    tx: &mut impl Write,
+    rx: &mut impl Read,
+    bytes: u64,
+    chunk: usize,
+) -> io::Result<String> {
+    let src = payload(chunk);
+    let mut dst = vec![0u8; chunk];
+    let m = Meter::start()?;
+    let mut got = 0u64;
+    let mut ops = 0u64;
+    while got < bytes {
+        let n = (bytes - got).min(chunk as u64) as usize;
+        let w = tx.write(&src[..n])?;
+        let mut r = 0;
+        while r < w {
+            r += rx.read(&mut dst[..w - r])?;
+        }
+        got += w as u64;
+        ops += 1;
+    }
+    std::hint::black_box(&dst);
+    m.finish(&format!("bytes={got} ops={ops}"))
+}
+
+fn vchan_1core(ring: usize, bytes: u64, chunk: usize) -> io::Result<String> {
+    let dir = std::env::temp_dir().join(format!("vchan-1core-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        let xen = vchan::LocalXen::start(&dir, &[0, 1, 2]).map_err(io_err)?;
+        let mut srv = Vchan::server(&xen.transport(1), 2, 1, ring, ring).map_err(io_err)?;
+        let mut cli = Vchan::client(&xen.transport(2), 1, 1, CONNECT_TIMEOUT).map_err(io_err)?;
+        srv.wait_connected(Some(CONNECT_TIMEOUT)).map_err(io_err)?;
+        srv.set_blocking(false);
+        cli.set_blocking(false);
+        let line = one_core(&mut srv, &mut cli, bytes, chunk)?;
+        drop(cli);
+        drop(srv);
+        xen.shutdown();
+        Ok(line)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn rtrb_1core(ring: usize, bytes: u64, chunk: usize) -> io::Result<String> {
+    let (mut tx, mut rx) = rtrb::RingBuffer::<u8>::new(ring);
+    one_core(&mut tx, &mut rx, bytes, chunk)
 }
 
 // ---------------------------------------------------------------------------
