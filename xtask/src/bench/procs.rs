@@ -195,6 +195,24 @@ pub fn worker(args: &[String]) -> Command {
 /// CPU seconds (user + sys, all threads, dead ones included) that process
 /// `pid` has used so far, from `/proc/<pid>/stat` (clock-tick resolution).
 pub fn proc_cpu(pid: u32) -> Result<f64, String> {
+    stat_cpu(pid, false)
+}
+
+/// As [`proc_cpu`], plus the CPU of the children it has waited for
+/// (`cutime`, `cstime`).
+pub fn proc_cpu_with_children(pid: u32) -> Result<f64, String> {
+    stat_cpu(pid, true)
+}
+
+/// CPU seconds (user + sys) of the children this process has waited for.
+pub fn children_cpu() -> Result<f64, String> {
+    let ru = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map_err(|e| format!("getrusage: {e}"))?;
+    let secs = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 * 1e-6;
+    Ok(secs(ru.user_time()) + secs(ru.system_time()))
+}
+
+fn stat_cpu(pid: u32, children: bool) -> Result<f64, String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(|e| format!("read /proc/{pid}/stat: {e}"))?;
     let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -211,7 +229,11 @@ pub fn proc_cpu(pid: u32) -> Result<f64, String> {
         .flatten()
         .filter(|&v| v > 0)
         .unwrap_or(100) as f64;
-    Ok((tick(11)? + tick(12)?) / hz)
+    let mut t = tick(11)? + tick(12)?;
+    if children {
+        t += tick(13)? + tick(14)?;
+    }
+    Ok(t / hz)
 }
 
 /// CPU seconds that process `pid`'s live threads have run, summed from

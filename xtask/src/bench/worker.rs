@@ -20,6 +20,9 @@
 //! vchan-idle-client PEER PORT              client: block in read until the server ends
 //! fd-send BYTES CHUNK | fd-recv BYTES CHUNK   the same over the fd on stdin (pipe, socket)
 //! fd-echo SIZE | fd-ping ITERS SIZE           ping-pong over the socket on stdin
+//! sink CHUNK                               read stdin to its end (a qrexec service)
+//! source BYTES CHUNK                       write BYTES to stdout (a qrexec service;
+//!                                          its result line goes to stderr)
 //! rtrb RING BYTES CHUNK                    two threads through an rtrb ring of RING bytes
 //! memcpy RING BYTES CHUNK                  one thread copying into a RING-byte buffer
 //! vchan-1core RING BYTES CHUNK             one thread: write a chunk, read it back, over
@@ -65,6 +68,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "fd-send" => fd_send(a.u64(0)?, a.usize(1)?),
         "fd-recv" => fd_recv(a.u64(0)?, a.usize(1)?),
         "fd-echo" => fd_echo(a.usize(0)?),
+        "sink" => sink(a.usize(0)?),
+        "source" => {
+            let line =
+                source(a.u64(0)?, a.usize(1)?).map_err(|e| format!("bench worker source: {e}"))?;
+            eprintln!("{line}");
+            return Ok(());
+        }
         "fd-ping" => fd_ping(a.usize(0)?, a.usize(1)?),
         "rtrb" => rtrb_ring(a.usize(0)?, a.u64(1)?, a.usize(2)?),
         "memcpy" => memcpy(a.usize(0)?, a.u64(1)?, a.usize(2)?),
@@ -255,6 +265,44 @@ fn fd_recv(bytes: u64, chunk: usize) -> io::Result<String> {
     let mut f = fd_stream()?;
     let mut m = Meter::start()?;
     recv_all(&mut f, bytes, chunk, &mut m)
+}
+
+/// Reads stdin until its end; the clock runs from the first byte.
+fn sink(chunk: usize) -> io::Result<String> {
+    let mut f = fd_stream()?;
+    let mut buf = vec![0u8; chunk.max(1)];
+    let mut m = Meter::start()?;
+    let mut got = 0u64;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        if got == 0 {
+            m.restart_clock();
+        }
+        got += n as u64;
+    }
+    std::hint::black_box(&buf);
+    m.finish(&format!("bytes={got}"))
+}
+
+/// Writes `bytes` to stdout, unbuffered, `chunk` bytes at a time.
+fn source(bytes: u64, chunk: usize) -> io::Result<String> {
+    let mut out = File::from(io::stdout().as_fd().try_clone_to_owned()?);
+    let m = Meter::start()?;
+    let buf = payload(chunk.max(1));
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        out.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    m.finish(&format!("bytes={bytes}"))
 }
 
 /// Two threads through an rtrb ring of `ring` bytes; both spin (with a
