@@ -6,7 +6,6 @@
 //! wired in.
 
 use crate::channel::DataChannel;
-use crate::socket_vchan::SocketChannel;
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -65,7 +64,9 @@ pub fn parse_own_domain(value: Option<&OsStr>) -> Result<u32, SetupError> {
 }
 
 /// Create our data vchan server toward `domain`/`port` with rings of at
-/// least `buffer_size` bytes, on the transport the environment selects.
+/// least `buffer_size` bytes, on the transport the environment selects
+/// (`VCHAN_SOCKET_DIR`: the `qubes-core-vchan-socket` stream; otherwise
+/// [`open_data_server`]).
 pub fn open_data_channel(
     domain: u16,
     port: u32,
@@ -80,7 +81,8 @@ pub fn open_data_channel(
     }
 }
 
-/// The vchan-socket server at `dir/vchan.<own>.<domain>.<port>.sock`.
+/// The vchan-socket server at `dir/vchan.<own>.<domain>.<port>.sock`
+/// (the vchan crate's socket transport).
 pub fn open_socket_server(
     dir: &Path,
     own_domain: u32,
@@ -90,9 +92,18 @@ pub fn open_socket_server(
 ) -> Result<Box<dyn DataChannel>, SetupError> {
     let path = crate::socket_vchan::socket_path(dir, own_domain, domain.into(), port);
     crate::vlog!("listening for the service on {}", path.display());
-    let ch = SocketChannel::listen(&path, buffer_size, buffer_size)
-        .map_err(|source| SetupError::Listen { path, source })?;
-    Ok(Box::new(ch))
+    let own =
+        u16::try_from(own_domain).map_err(|_| SetupError::BadOwnDomain(own_domain.to_string()))?;
+    let t = vchan::Transport::Socket {
+        dir: dir.to_path_buf(),
+        domid: own,
+    };
+    let v =
+        vchan::Vchan::server(&t, domain, port, buffer_size, buffer_size).map_err(|e| match e {
+            vchan::Error::Io { source, .. } => SetupError::Listen { path, source },
+            e => SetupError::Other(Box::new(e)),
+        })?;
+    Ok(Box::new(VchanChannel(v)))
 }
 
 /// The data vchan server on the real transports: Xen, or the vchan crate's
