@@ -100,7 +100,7 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// Peer-index checks between two looks at the clock while spinning.
-const SPIN_BATCH: u32 = 16;
+const SPIN_BATCH: u32 = 8;
 
 /// The least an adaptive spin shrinks to (see [`Endpoint::set_spin`]).
 const SPIN_FLOOR: Duration = Duration::from_micros(2);
@@ -108,6 +108,10 @@ const SPIN_FLOOR: Duration = Duration::from_micros(2);
 /// Every this many spins below the full bound, one spins the full bound
 /// (see [`Endpoint::set_spin`]).
 const SPIN_PROBE_EVERY: u32 = 8;
+
+/// After this long a spin yields the CPU between looks (see
+/// [`Endpoint::set_spin`]).
+const SPIN_YIELD_AFTER: Duration = Duration::from_micros(1);
 
 /// A blocking writer that finds the ring full spins until this much space
 /// is free (or half the ring, or what it has left to write, if less)
@@ -369,6 +373,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// that was preempted once does not cost it. The full-bound probes
     /// end the state in which both ends sleep, each spinning less than
     /// the other's wake-up takes.
+    ///
+    /// After the first microsecond the spin yields the CPU
+    /// (`sched_yield`) between looks: a peer that shares our core then
+    /// runs at once, which costs a context switch instead of a fruitless
+    /// spin, a notification and two wake-ups; with nothing else runnable
+    /// on our core the yield returns at once.
     pub fn set_spin(&mut self, d: Duration) {
         self.spin = d;
         self.spin_now = d;
@@ -795,7 +805,11 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
                 }
                 std::hint::spin_loop();
             }
-            if start.elapsed() >= budget {
+            let spent = start.elapsed();
+            if spent >= SPIN_YIELD_AFTER && spent < budget {
+                std::thread::yield_now();
+            }
+            if spent >= budget {
                 self.spin_misses = self.spin_misses.saturating_add(1);
                 if self.spin_misses >= 2 {
                     self.spin_now = (self.spin_now / 2).max(SPIN_FLOOR.min(self.spin));
