@@ -77,17 +77,25 @@ impl Lab {
         }
     }
 
-    /// Creates a domU (no-op if it exists) and waits for its agent.
-    pub fn create_domu(&self, name: &str) -> Result<(), String> {
-        let r = self.dom0(
-            &format!("lab-domu create {name} {}", self.cfg.domu_mem),
-            self.cfg.boot_timeout,
-        )?;
-        if r.ok() {
-            Ok(())
-        } else {
-            Err(format!("creating {name} failed: {}", r.all()))
+    /// Creates domUs (a no-op for those that exist), all at once, and waits
+    /// for their agents.
+    pub fn create_domus(&self, names: &[String]) -> Result<(), String> {
+        let mut script = String::new();
+        for (i, n) in names.iter().enumerate() {
+            script.push_str(&format!(
+                "lab-domu create {n} {} > /run/lab/create-{i}.log 2>&1 & p{i}=$!; ",
+                self.cfg.domu_mem
+            ));
         }
+        script.push_str("rc=0; ");
+        for (i, n) in names.iter().enumerate() {
+            script.push_str(&format!(
+                "if ! wait $p{i}; then rc=1; echo \"creating {n} failed:\"; cat /run/lab/create-{i}.log; fi; "
+            ));
+        }
+        script.push_str("exit $rc");
+        let r = self.dom0(&script, self.cfg.boot_timeout)?;
+        if r.ok() { Ok(()) } else { Err(r.all()) }
     }
 
     /// The domain id of a domain (`dom0` is 0).
@@ -149,7 +157,7 @@ impl Lab {
 
 /// Copies `src` over `dst` through a temporary name, so that a guest that
 /// still runs the old file (9p) keeps its inode.
-fn copy_replacing(src: &Path, dst: &Path) -> Result<(), String> {
+pub(super) fn copy_replacing(src: &Path, dst: &Path) -> Result<(), String> {
     let tmp = dst.with_extension("lab-tmp");
     std::fs::copy(src, &tmp).map_err(|e| format!("copy {}: {e}", src.display()))?;
     std::fs::rename(&tmp, dst).map_err(|e| format!("rename {}: {e}", tmp.display()))

@@ -458,7 +458,8 @@ fn copy_elf(rootfs: &Path, dst: &Path, paths: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-fn mkcpio(dir: &Path, out: &Path) -> Result<(), String> {
+/// Packs `dir` into a gzipped newc cpio archive (an initramfs).
+pub(super) fn mkcpio(dir: &Path, out: &Path) -> Result<(), String> {
     sh(&format!(
         "cd {} && find . -print0 | cpio --null -o -H newc --quiet | gzip -6 > {}",
         q(dir),

@@ -239,10 +239,10 @@ pub fn start(cfg: &Config) -> Result<Guard, String> {
         guard
     };
     let lab = Lab::attach(cfg)?;
-    for d in &cfg.domus {
+    if !cfg.domus.is_empty() {
         let t1 = Instant::now();
-        lab.create_domu(d)?;
-        eprintln!("lab: {d} ready after {}s", secs(t1));
+        lab.create_domus(&cfg.domus)?;
+        eprintln!("lab: {} ready after {}s", cfg.domus.join(" "), secs(t1));
     }
     let l = lab.dom0("xl list", Duration::from_secs(60))?;
     eprint!("{}", l.stdout);
