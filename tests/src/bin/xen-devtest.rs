@@ -6,6 +6,8 @@
 //! xen-devtest a|b PEER TAG [--third DOMID] [--xenstored o|c] [--only CHECK,...]
 //! xen-devtest child-share PEER OFFSET             (internal: a sharer to SIGKILL)
 //! xen-devtest child-map GRANTER REF PORT OFFSET   (internal: a mapper to SIGKILL)
+//! xen-devtest probe-peer DOMID                    (IS_DOMAIN_INTRODUCED and a read of /local/domain/DOMID)
+//! xen-devtest watch-release SECS                  (print @releaseDomain events)
 //! ```
 //!
 //! Side `a` shares pages and binds unbound ports; side `b` maps and binds
@@ -28,6 +30,7 @@
 //! | `xs-tx` | isolation before commit, commit, abort, conflict → EAGAIN, `Xs::transaction` retries |
 //! | `xs-watch` | registration event, change events, unwatch, `@releaseDomain` |
 //! | `xs-perms` | the peer reads a node granted `r`, not an ungranted one (EACCES) nor writes; missing-node errno per daemon |
+//! | `xs-introduced` | (probe) whether `XS_IS_DOMAIN_INTRODUCED` answers here; if it does, the answers must be right |
 //! | `evt-bind-notify` | bind unbound/interdomain, the binder's bind wake-up, notify both ways, N notifies → 1 or 2 wake-ups |
 //! | `evt-wrong-domain` | binding a port unbound towards another domain → EINVAL |
 //! | `evt-peer-close` | a close shows nothing, notify still succeeds, the port can be bound again |
@@ -498,6 +501,143 @@ fn xs_perms(c: &Ctx) -> R {
             c.put(K, "done", "1")
         }
     }
+}
+
+/// `XS_IS_DOMAIN_INTRODUCED` on a fresh connection (our `Xs` has no method
+/// for it): `Ok(Ok(true/false))`, or `Ok(Err(errno name))` if the daemon
+/// refuses.
+fn is_introduced(dom: u16) -> R<Result<bool, String>> {
+    use std::io::Read;
+    use xenstore::wire::{FrameReader, Message, MsgType, parse_error_reply};
+    let sock = std::path::Path::new("/run/xenstored/socket");
+    let mut conn: Box<dyn ReadWrite> = if sock.exists() {
+        Box::new(std::os::unix::net::UnixStream::connect(sock).map_err(e2s)?)
+    } else {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/xen/xenbus")
+                .map_err(e2s)?,
+        )
+    };
+    let arg = format!("{dom}\0");
+    let msg = Message::new(MsgType::IsDomainIntroduced, 7, 0, arg.into_bytes()).map_err(e2s)?;
+    conn.write_all(&msg.to_bytes()).map_err(e2s)?;
+    let mut fr = FrameReader::new();
+    let mut buf = [0u8; 256];
+    let reply = loop {
+        if let Some(m) = fr.next_message().map_err(e2s)? {
+            break m;
+        }
+        let n = conn.read(&mut buf).map_err(e2s)?;
+        if n == 0 {
+            return Err("xenstored closed the connection".into());
+        }
+        fr.feed(&buf[..n]);
+    };
+    match reply.header.msg_type() {
+        Some(MsgType::Error) => Ok(Err(parse_error_reply(&reply.payload)
+            .map(|e| e.to_string())
+            .map_err(e2s)?)),
+        Some(MsgType::IsDomainIntroduced) => match reply.payload.as_slice() {
+            b"T\0" | b"T" => Ok(Ok(true)),
+            b"F\0" | b"F" => Ok(Ok(false)),
+            p => Err(format!("IS_DOMAIN_INTRODUCED answered {p:?}")),
+        },
+        t => Err(format!("IS_DOMAIN_INTRODUCED: reply type {t:?}")),
+    }
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+fn fmt_introduced(r: &Result<bool, String>) -> String {
+    match r {
+        Ok(true) => "T".into(),
+        Ok(false) => "F".into(),
+        Err(e) => format!("refused ({e})"),
+    }
+}
+
+/// Informational: can this domain ask xenstored whether a domain exists?
+/// (A liveness test that works where reading `/local/domain/<peer>` cannot
+/// tell a missing domain from an unreadable one: C xenstored in a domU.)
+fn xs_introduced(c: &Ctx) -> R {
+    const K: &str = "xs-introduced";
+    let me = is_introduced(c.me)?;
+    let peer = is_introduced(c.peer)?;
+    let none = is_introduced(30000)?;
+    c.note(
+        K,
+        &format!(
+            "IS_DOMAIN_INTRODUCED self {}, peer {}, dom30000 {}",
+            fmt_introduced(&me),
+            fmt_introduced(&peer),
+            fmt_introduced(&none)
+        ),
+    );
+    if let (Ok(p), Ok(n)) = (&peer, &none) {
+        ensure(*p && !*n, || {
+            format!("peer {p}, missing domain {n}: expected true, false")
+        })?;
+    }
+    Ok(())
+}
+
+/// `watch-release SECS`: waits at most SECS seconds for an `@releaseDomain`
+/// event after the registration one, and prints when it came (does a
+/// domain hear of other domains' deaths, and when?).
+fn watch_release(args: &[String]) -> R {
+    let [secs] = args else {
+        return Err("watch-release SECS".into());
+    };
+    let secs: u64 = parse_num(secs, "SECS")?;
+    let w = Watcher::open().map_err(e2s)?;
+    w.watch("@releaseDomain", "rel").map_err(e2s)?;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut n = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match w.next_event_timeout(left).map_err(e2s)? {
+            Some(ev) => {
+                n += 1;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                println!("event {n} at {now}: {} ({})", ev.path, ev.token);
+                let _ = std::io::stdout().flush();
+                if n >= 2 {
+                    return Ok(());
+                }
+            }
+            None => break,
+        }
+    }
+    println!("no @releaseDomain event in {secs}s after the registration");
+    Ok(())
+}
+
+/// `probe-peer DOMID`: what a domain can learn about another's existence.
+fn probe_peer(args: &[String]) -> R {
+    let [dom] = args else {
+        return Err("probe-peer DOMID".into());
+    };
+    let dom: u16 = parse_num(dom, "DOMID")?;
+    println!(
+        "is_domain_introduced({dom}) = {}",
+        fmt_introduced(&is_introduced(dom)?)
+    );
+    let xs = Xs::open().map_err(e2s)?;
+    let r = match xs.read(&format!("/local/domain/{dom}")) {
+        Ok(_) => "readable".to_string(),
+        Err(e) => e.errno().map_or_else(|| e.to_string(), |n| n.to_string()),
+    };
+    println!("read /local/domain/{dom} = {r}");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -1043,6 +1183,7 @@ const CHECKS: &[(&str, Check)] = &[
     ("xs-tx", xs_tx),
     ("xs-watch", xs_watch),
     ("xs-perms", xs_perms),
+    ("xs-introduced", xs_introduced),
     ("evt-bind-notify", evt_bind_notify),
     ("evt-wrong-domain", evt_wrong_domain),
     ("evt-peer-close", evt_peer_close),
@@ -1095,6 +1236,24 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("child-share") => {
             return match child_share(&args[1..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    println!("ERROR {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some("probe-peer") => {
+            return match probe_peer(&args[1..]) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    println!("ERROR {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some("watch-release") => {
+            return match watch_release(&args[1..]) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     println!("ERROR {e}");

@@ -118,8 +118,9 @@ struct Row {
 struct Tput {
     ring_kib: u32,
     dir: &'static str,
-    c: Option<f64>,
-    ours: Option<f64>,
+    /// Best receiver rate for (sender, receiver) = (C, C), (ours, ours),
+    /// (C, ours), (ours, C).
+    rates: [Option<f64>; 4],
 }
 
 #[derive(Debug, Default)]
@@ -204,21 +205,29 @@ impl Report {
             let _ = writeln!(
                 s,
                 "\n## Throughput (receiver's MiB/s, best run; domU1 server, domU2 client)\n\n\
-                 | ring | direction | C libxenvchan | ours | ours / C |\n|---|---|---:|---:|---:|"
+                 `ours/C` compares ours→ours with C→C; `recv` compares C→ours with C→C (our\n\
+                 receive path alone; our *sender* also pays for vchan-peer's data generator).\n\n\
+                 | ring | direction | C→C | ours→ours | C→ours | ours→C | ours/C | recv |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|"
             );
             for t in &self.tput {
                 let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
-                let ratio = match (t.ours, t.c) {
-                    (Some(o), Some(c)) if c > 0.0 => format!("{:.2}", o / c),
+                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
                     _ => "-".into(),
                 };
+                let r = &t.rates;
                 let _ = writeln!(
                     s,
-                    "| {} KiB | {} | {} | {} | {ratio} |",
+                    "| {} KiB | {} | {} | {} | {} | {} | {} | {} |",
                     t.ring_kib,
                     t.dir,
-                    f(t.c),
-                    f(t.ours)
+                    f(r[0]),
+                    f(r[1]),
+                    f(r[2]),
+                    f(r[3]),
+                    ratio(r[1], r[0]),
+                    ratio(r[2], r[0])
                 );
             }
         }
@@ -844,6 +853,21 @@ fn kill_case(
 
 fn phase_throughput(run: &mut Run) -> Result<(), String> {
     let reps = if run.quick { 1 } else { 3 };
+    // (sender, receiver); quick leaves out ours→C.
+    let combos: &[(Impl, Impl)] = if run.quick {
+        &[
+            (Impl::C, Impl::C),
+            (Impl::Ours, Impl::Ours),
+            (Impl::C, Impl::Ours),
+        ]
+    } else {
+        &[
+            (Impl::C, Impl::C),
+            (Impl::Ours, Impl::Ours),
+            (Impl::C, Impl::Ours),
+            (Impl::Ours, Impl::C),
+        ]
+    };
     for ring in [64u32, 1024] {
         for server_sends in [true, false] {
             let mib = match (ring, run.quick) {
@@ -852,21 +876,26 @@ fn phase_throughput(run: &mut Run) -> Result<(), String> {
                 (_, true) => 32,
                 (_, false) => 128,
             };
-            let mut best = [None::<f64>, None];
+            let mut best = [None::<f64>; 4];
             for _ in 0..reps {
-                for (i, imp) in [Impl::C, Impl::Ours].into_iter().enumerate() {
+                for (i, &(sender, receiver)) in combos.iter().enumerate() {
+                    let (server, client) = if server_sends {
+                        (sender, receiver)
+                    } else {
+                        (receiver, sender)
+                    };
                     let x = Xfer {
                         server_dom: "domU1".into(),
                         client_dom: "domU2".into(),
-                        server: imp,
-                        client: imp,
+                        server,
+                        client,
                         ring_kib: ring,
                         mib,
                         server_sends,
                         packet: None,
                     };
                     let r = run.xfer(&x)?;
-                    let name = format!("{} {}", imp.name(), xfer_name(&x));
+                    let name = xfer_name(&x);
                     run.save_log(&format!("throughput-{name}"), &r.log);
                     if r.ok {
                         if let Some(rate) = r.rate {
@@ -882,8 +911,9 @@ fn phase_throughput(run: &mut Run) -> Result<(), String> {
             } else {
                 "client→server"
             };
+            let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
             let ratio = match best {
-                [Some(c), Some(o)] if c > 0.0 => format!("{:.2}", o / c),
+                [Some(c), Some(o), ..] if c > 0.0 => format!("{:.2}", o / c),
                 _ => "-".into(),
             };
             run.rep.add(
@@ -891,16 +921,17 @@ fn phase_throughput(run: &mut Run) -> Result<(), String> {
                 format!("{ring} KiB {dir}"),
                 St::Info,
                 format!(
-                    "C {} MiB/s, ours {} MiB/s, ours/C {ratio}",
-                    best[0].map_or("-".into(), |v| format!("{v:.1}")),
-                    best[1].map_or("-".into(), |v| format!("{v:.1}"))
+                    "C→C {}, ours→ours {}, C→ours {}, ours→C {} MiB/s; ours/C {ratio}",
+                    f(best[0]),
+                    f(best[1]),
+                    f(best[2]),
+                    f(best[3])
                 ),
             );
             run.rep.tput.push(Tput {
                 ring_kib: ring,
                 dir,
-                c: best[0],
-                ours: best[1],
+                rates: best,
             });
         }
     }
@@ -1039,6 +1070,22 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
         )?;
         eprint!("{}", r.all());
     }
+    let probe = |run: &Run, when: &str| -> Result<Vec<(String, String)>, String> {
+        let mut v = Vec::new();
+        for dom in ["dom0", "domU1"] {
+            let r = run.on(
+                dom,
+                &format!("/mnt/host/xen-devtest probe-peer {i2} 2>&1"),
+                Duration::from_secs(60),
+            )?;
+            v.push((format!("{dom} {when}"), r.all().trim().replace('\n', "; ")));
+        }
+        Ok(v)
+    };
+    for dom in ["dom0", "domU1"] {
+        run.bg(dom, "rel", "/mnt/host/xen-devtest watch-release 240", 300)?;
+    }
+    let before = probe(run, "before")?;
     std::thread::sleep(Duration::from_secs(2));
     let d = run.on(
         "dom0",
@@ -1051,6 +1098,15 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
         destroyed_at.map_or("?".into(), |t| t.to_string()),
         last_line(&d.all())
     ));
+    let after = probe(run, "after")?;
+    for (k, v) in before.into_iter().chain(after) {
+        run.rep.add(
+            "xl destroy",
+            format!("{k} the destroy: xenstore's view of domU2 (dom{i2})"),
+            St::Info,
+            v,
+        );
+    }
     let deadline = 40;
     for dom in ["dom0", "domU1"] {
         let mine: Vec<&Survivor> = survivors.iter().filter(|s| s.dom == dom).collect();
@@ -1062,7 +1118,7 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
             "t=0; while [ $t -lt {n} ]; do done=1; for n in {ours}; do [ -s /tmp/lab-$n.rc ] || done=0; done; \
              [ $done = 1 ] && break; sleep 0.5; t=$((t+1)); done; sleep 1; \
              for n in {all}; do echo \"@@$n rc=$(cat /tmp/lab-$n.rc 2>/dev/null || echo running) end=$(cat /tmp/lab-$n.end 2>/dev/null || echo -)\"; \
-             sed \"s/^/@@$n: /\" /tmp/lab-$n.log | tail -n 20; kill -9 $(cat /tmp/lab-$n.pid) 2>/dev/null; done; true",
+             sed \"s/^/@@$n: /\" /tmp/lab-$n.log | tail -n 20; kill -9 $(cat /tmp/lab-$n.pid) 2>/dev/null; done; echo \"@@killed=$(date +%s)\"; true",
             n = deadline * 2,
             ours = ours.join(" "),
             all = all.join(" "),
@@ -1071,6 +1127,11 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
             .on(dom, &script, Duration::from_secs(deadline + 90))?
             .all();
         run.save_log(&format!("destroy-{dom}"), &out);
+        if let Some(k) = out.lines().find_map(|l| l.strip_prefix("@@killed=")) {
+            run.rep.notes.push(format!(
+                "destroy phase: the survivors left in {dom} were killed at {k}"
+            ));
+        }
         for s in mine {
             let head = format!("@@{} rc=", s.name);
             let status = out
@@ -1123,6 +1184,22 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
             };
             run.rep.add("xl destroy", s.what, st, detail);
         }
+    }
+    for dom in ["dom0", "domU1"] {
+        // The event may wait for the end of every foreign mapping of the
+        // dead domain's pages (our survivors were killed just above).
+        let (_, out) = run.collect(dom, "rel", 20)?;
+        let _ = run.on(
+            dom,
+            "kill -9 $(cat /tmp/lab-rel.pid) 2>/dev/null; true",
+            Duration::from_secs(30),
+        );
+        run.rep.add(
+            "xl destroy",
+            format!("{dom}: @releaseDomain watch during the destroy"),
+            St::Info,
+            out.trim().replace('\n', "; "),
+        );
     }
     Ok(())
 }
