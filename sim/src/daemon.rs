@@ -17,7 +17,7 @@
 
 use crate::ctrl::{Control, Msg, WakeHandle, Waker};
 use crate::layout::Layout;
-use crate::policy::{Decision, Policy, Request, Target};
+use crate::policy::{Decision, Policy, Request, SystemInfo, Target};
 use crate::wire::{CLIENT_PROTOCOL_VERSION, read_hello, read_msg, write_hello, write_msg};
 use crate::{Error, Result};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -62,6 +62,39 @@ pub struct DaemonConfig {
     pub policy: PathBuf,
     /// How long to wait for the agent's control channel.
     pub agent_timeout: Duration,
+    /// A fixed list of VMs (a standalone daemon, e.g. in a real dom0);
+    /// `None`: ask the supervisor's admin socket for every call (and
+    /// DispVMs are possible).
+    pub vms: Option<SystemInfo>,
+}
+
+/// The VMs of a configuration, as a standalone daemon's fixed VM list
+/// ([`DaemonConfig::vms`]).
+///
+/// ```
+/// use qubes_sim::config::SimConfig;
+/// let c = SimConfig::parse("vm a domid=4\nvm b\npolicy p\n", std::path::Path::new("/"), "x").unwrap();
+/// let sys = qubes_sim::daemon::fixed_vms(&c);
+/// assert_eq!(sys.vm("a").unwrap().domid, 4);
+/// assert_eq!(sys.vms.len(), 2);
+/// ```
+pub fn fixed_vms(config: &crate::config::SimConfig) -> SystemInfo {
+    SystemInfo {
+        vms: config
+            .vms
+            .iter()
+            .map(|v| crate::policy::VmInfo {
+                name: v.name.clone(),
+                domid: v.domid,
+                dispvm_template: None,
+                template_for_dispvms: v.template_for_dispvms,
+                default_dispvm: v
+                    .default_dispvm
+                    .clone()
+                    .or_else(|| config.default_dispvm.clone()),
+            })
+            .collect(),
+    }
 }
 
 /// A trigger after the daemon's checks (spec §9.1).
@@ -279,6 +312,9 @@ pub fn run(cfg: DaemonConfig) -> Result<()> {
     )?;
     crate::vlog!("connected to the agent (version {})", ctrl.version());
     let path = cfg.layout.daemon_socket(cfg.domid);
+    let run_dir = cfg.layout.run_dir();
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).map_err(|e| Error::io(format!("bind {}", path.display()), e))?;
@@ -409,6 +445,7 @@ impl Daemon {
                             domid: self.cfg.domid,
                             layout: self.cfg.layout.clone(),
                             policy: self.cfg.policy.clone(),
+                            vms: self.cfg.vms.clone(),
                         };
                         let tx = self.tx.clone();
                         let wake = self.waker.handle()?;
@@ -545,6 +582,7 @@ struct RouteCtx {
     domid: u16,
     layout: Layout,
     policy: PathBuf,
+    vms: Option<SystemInfo>,
 }
 
 /// Connect to a daemon socket and do the dom0 client HELLO.
@@ -563,7 +601,10 @@ fn dom0_client(path: &std::path::Path) -> std::io::Result<UnixStream> {
 /// The policy child: decide, then set the call up. `Err` = refuse.
 fn route(ctx: &RouteCtx, t: &CheckedTrigger) -> std::result::Result<(), String> {
     let qubesd = ctx.layout.qubesd_socket();
-    let sys = crate::qubesd::list(&qubesd).map_err(|e| e.to_string())?;
+    let sys = match &ctx.vms {
+        Some(fixed) => fixed.clone(),
+        None => crate::qubesd::list(&qubesd).map_err(|e| e.to_string())?,
+    };
     let policy = Policy::load(&ctx.policy).map_err(|e| format!("policy: {e}"))?;
     let decision = policy.evaluate(
         &sys,
@@ -586,6 +627,11 @@ fn route(ctx: &RouteCtx, t: &CheckedTrigger) -> std::result::Result<(), String> 
         Target::Vm(n) => {
             let vm = sys.vm(n).ok_or_else(|| format!("target '{n}' vanished"))?;
             (n.clone(), vm.domid, false)
+        }
+        Target::NewDispVm(_) if ctx.vms.is_some() => {
+            return Err(
+                "DispVMs need the supervisor (a standalone daemon has a fixed VM list)".into(),
+            );
         }
         Target::NewDispVm(tpl) => {
             let (n, d) =

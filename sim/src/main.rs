@@ -1,5 +1,9 @@
 //! `qubes-sim`: a simulated Qubes (dom0 qrexec daemons, policy, VM agents,
 //! services) over the Local vchan transport. See the crate's README.
+//!
+//! `agent` and `daemon` also run on their own, on real Xen too
+//! (`--transport xen`): an agent in each domU, a daemon per domU in dom0
+//! with the VM list from `--config` (no supervisor, no DispVMs).
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
@@ -64,32 +68,97 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// (internal) A VM's qrexec agent.
-    #[command(hide = true)]
+    /// A VM's qrexec agent, on its own: the supervisor starts one per VM;
+    /// on real Xen run it in the domU (`--transport xen`, no `--dir`).
     Agent {
+        /// vchan transport: `local` (the simulation's doubles in DIR/xen)
+        /// or `xen` (/dev/xen and xenstore of the domain it runs in).
+        #[arg(long, value_enum, default_value_t = TransportArg::Local)]
+        transport: TransportArg,
+        /// Simulation directory (needed for `--transport local`; gives the
+        /// default socket and home).
         #[arg(long)]
-        dir: PathBuf,
+        dir: Option<PathBuf>,
+        /// The VM's name.
         #[arg(long)]
         vm: String,
+        /// The VM's domain id (needed for `--transport local`; Xen knows it).
         #[arg(long)]
-        domid: u16,
+        domid: Option<u16>,
+        /// The one request format accepted on the agent socket.
         #[arg(long, default_value = "v4")]
         format: String,
+        /// Service directories (':'-separated, first match wins).
         #[arg(long, default_value = "")]
         services: std::ffi::OsString,
+        /// The agent socket (default DIR/vms/VM/qrexec-agent).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Where services run (default DIR/vms/VM/home, or $HOME, or /).
+        #[arg(long)]
+        home: Option<PathBuf>,
+        /// Seconds to wait for the dom0 daemon to connect.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
     },
-    /// (internal) A VM's dom0 qrexec daemon.
-    #[command(hide = true)]
+    /// A VM's dom0 qrexec daemon, on its own: the supervisor starts one per
+    /// VM; on real Xen run one per domU in dom0 (`--transport xen`) with
+    /// the VM list from `--config`.
     Daemon {
+        /// vchan transport: `local` (DIR/xen) or `xen`.
+        #[arg(long, value_enum, default_value_t = TransportArg::Local)]
+        transport: TransportArg,
+        /// Directory of the daemon sockets (DIR/run/qrexec.<domid>), shared
+        /// by the daemons that route calls to each other.
         #[arg(long)]
         dir: PathBuf,
+        /// The VM's name.
         #[arg(long)]
         vm: String,
+        /// The VM's domain id (the agent to connect to).
         #[arg(long)]
         domid: u16,
+        /// The policy file (default: the one `--config` names).
         #[arg(long)]
-        policy: PathBuf,
+        policy: Option<PathBuf>,
+        /// A configuration file whose VMs (names and domain ids) are the
+        /// fixed VM list for the policy; without it the daemon asks the
+        /// supervisor's admin socket (DIR/run/qubesd.sock).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Seconds to wait for the agent's control channel.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
     },
+}
+
+/// The `--transport` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TransportArg {
+    /// The same-host doubles of a simulation directory.
+    Local,
+    /// Real Xen devices.
+    Xen,
+}
+
+/// The transport for `--transport`, `--dir` and `--domid`.
+fn transport(
+    t: TransportArg,
+    dir: Option<&Layout>,
+    domid: Option<u16>,
+) -> qubes_sim::Result<Transport> {
+    match t {
+        TransportArg::Xen => Ok(Transport::Xen),
+        TransportArg::Local => match (dir, domid) {
+            (Some(l), Some(domid)) => Ok(Transport::Local {
+                dir: l.xen_dir(),
+                domid,
+            }),
+            _ => Err(qubes_sim::Error::other(
+                "--transport local needs --dir and --domid",
+            )),
+        },
+    }
 }
 
 fn abs(p: PathBuf) -> PathBuf {
@@ -152,58 +221,86 @@ fn main() -> ExitCode {
             Ok(())
         })(),
         Cmd::Agent {
+            transport: t,
             dir,
             vm,
             domid,
             format,
             services,
+            socket,
+            home,
+            timeout,
         } => {
             qubes_sim::log::set_name(format!("{vm}/agent"));
             (|| {
-                let layout = Layout::new(abs(dir));
+                let layout = dir.map(|d| Layout::new(abs(d)));
                 let format = qrexec::format::parse_format(&format)
                     .map_err(|e| qubes_sim::Error::other(e.to_string()))?;
+                let socket = match (socket, &layout) {
+                    (Some(s), _) => abs(s),
+                    (None, Some(l)) => l.agent_socket(&vm),
+                    (None, None) => {
+                        return Err(qubes_sim::Error::other("--socket or --dir is needed"));
+                    }
+                };
+                let home = match (home, &layout) {
+                    (Some(h), _) => abs(h),
+                    (None, Some(l)) => l.home(&vm),
+                    (None, None) => std::env::var_os("HOME")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from("/")),
+                };
                 let ctx = VmContext {
                     name: vm.clone(),
-                    transport: Transport::Local {
-                        dir: layout.xen_dir(),
-                        domid,
-                    },
+                    transport: transport(t, layout.as_ref(), domid)?,
                     services: std::env::split_paths(&services)
                         .filter(|p| !p.as_os_str().is_empty())
+                        .map(abs)
                         .collect(),
-                    home: layout.home(&vm),
-                    agent_socket: layout.agent_socket(&vm),
+                    home,
+                    agent_socket: socket.clone(),
                     version: format.protocol_version(),
                     connect_timeout: qubes_sim::service::DATA_CONNECT_TIMEOUT,
                 };
                 qubes_sim::agent::run(qubes_sim::agent::AgentConfig {
                     ctx,
                     format,
-                    socket: layout.agent_socket(&vm),
-                    daemon_timeout: Duration::from_secs(30),
+                    socket,
+                    daemon_timeout: Duration::from_secs(timeout),
                 })
             })()
         }
         Cmd::Daemon {
+            transport: t,
             dir,
             vm,
             domid,
             policy,
+            config,
+            timeout,
         } => {
             qubes_sim::log::set_name(format!("{vm}/daemon"));
-            let layout = Layout::new(abs(dir));
-            qubes_sim::daemon::run(qubes_sim::daemon::DaemonConfig {
-                name: vm,
-                domid,
-                transport: Transport::Local {
-                    dir: layout.xen_dir(),
-                    domid: 0,
-                },
-                layout,
-                policy: abs(policy),
-                agent_timeout: Duration::from_secs(30),
-            })
+            (|| {
+                let layout = Layout::new(abs(dir));
+                let config = config.map(|c| SimConfig::load(&abs(c))).transpose()?;
+                let policy = match (policy, &config) {
+                    (Some(p), _) => abs(p),
+                    (None, Some(c)) => c.policy.clone(),
+                    (None, None) => {
+                        return Err(qubes_sim::Error::other("--policy or --config is needed"));
+                    }
+                };
+                qubes_sim::policy::Policy::load(&policy)?;
+                qubes_sim::daemon::run(qubes_sim::daemon::DaemonConfig {
+                    name: vm,
+                    domid,
+                    transport: transport(t, Some(&layout), Some(0))?,
+                    layout,
+                    policy,
+                    agent_timeout: Duration::from_secs(timeout),
+                    vms: config.as_ref().map(qubes_sim::daemon::fixed_vms),
+                })
+            })()
         }
     };
     match r {
