@@ -10,7 +10,7 @@
 //! | `matrix` | interop: {ours+C, C+ours, ours+ours} × {dom0↔domU1, domU1↔domU2} × rings {1, 4, 64, 1024} KiB × {stream, packet}; checksums compared on both ends |
 //! | `kill` | kill -9 of our peer mid-transfer; the survivor (C or ours) must end |
 //! | `throughput` | ours vs C, rings 64 KiB and 1 MiB, both directions |
-//! | `qrexec` | hook for qrexec-client-vm on real Xen (not yet) |
+//! | `qrexec` | `qrexec-client-vm` in domU1 calling services in domU2 through `qubes-sim` agents (domUs) and daemons (dom0), all on Xen (see `qrexec.rs`) |
 //! | `destroy` | `xl destroy` of the peer's domain while connected and while waiting (last: domU2 is gone after it) |
 //! | `cxenstored` | (full run) reboot with C xenstored: devtest, a matrix subset, destroy |
 //!
@@ -206,9 +206,10 @@ impl Report {
                 s,
                 "\n## Throughput (receiver's MiB/s, best run; domU1 server, domU2 client)\n\n\
                  `ours/C` compares ours→ours with C→C; `recv` compares C→ours with C→C (our\n\
-                 receive path alone; our *sender* also pays for vchan-peer's data generator).\n\n\
-                 | ring | direction | C→C | ours→ours | C→ours | ours→C | ours/C | recv |\n\
-                 |---|---|---:|---:|---:|---:|---:|---:|"
+                 receive path alone), `send` ours→C with C→C (our send path alone). Both peers\n\
+                 generate the same xorshift64 stream and hash it with the same word-wise FNV.\n\n\
+                 | ring | direction | C→C | ours→ours | C→ours | ours→C | ours/C | recv | send |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|"
             );
             for t in &self.tput {
                 let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
@@ -219,7 +220,7 @@ impl Report {
                 let r = &t.rates;
                 let _ = writeln!(
                     s,
-                    "| {} KiB | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} KiB | {} | {} | {} | {} | {} | {} | {} | {} |",
                     t.ring_kib,
                     t.dir,
                     f(r[0]),
@@ -227,7 +228,8 @@ impl Report {
                     f(r[2]),
                     f(r[3]),
                     ratio(r[1], r[0]),
-                    ratio(r[2], r[0])
+                    ratio(r[2], r[0]),
+                    ratio(r[3], r[0])
                 );
             }
         }
@@ -853,21 +855,15 @@ fn kill_case(
 
 fn phase_throughput(run: &mut Run) -> Result<(), String> {
     let reps = if run.quick { 1 } else { 3 };
-    // (sender, receiver); quick leaves out ours→C.
-    let combos: &[(Impl, Impl)] = if run.quick {
-        &[
-            (Impl::C, Impl::C),
-            (Impl::Ours, Impl::Ours),
-            (Impl::C, Impl::Ours),
-        ]
-    } else {
-        &[
-            (Impl::C, Impl::C),
-            (Impl::Ours, Impl::Ours),
-            (Impl::C, Impl::Ours),
-            (Impl::Ours, Impl::C),
-        ]
-    };
+    // (sender, receiver): ours against ours, and each of our halves alone
+    // against the C peer (C→ours: our receive path, ours→C: our send
+    // path), all beside C→C.
+    let combos: &[(Impl, Impl)] = &[
+        (Impl::C, Impl::C),
+        (Impl::Ours, Impl::Ours),
+        (Impl::C, Impl::Ours),
+        (Impl::Ours, Impl::C),
+    ];
     for ring in [64u32, 1024] {
         for server_sends in [true, false] {
             let mib = match (ring, run.quick) {
@@ -939,19 +935,13 @@ fn phase_throughput(run: &mut Run) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------
-// phase: qrexec (hook)
+// phase: qrexec (qrexec-client-vm, qubes-sim agents and daemons on Xen)
+
+#[path = "qrexec.rs"]
+mod qrexec;
 
 fn phase_qrexec(run: &mut Run) -> Result<(), String> {
-    // Hook: once qrexec-client-vm can run against a real Qubes-like dom0
-    // daemon in the lab, push it (static build of `-p qrexec --bin
-    // qrexec-client-vm`) and drive it here.
-    run.rep.add(
-        "qrexec",
-        "qrexec-client-vm on real Xen",
-        St::Skip,
-        "not yet: needs a qrexec daemon/agent pair in the lab guests",
-    );
-    Ok(())
+    qrexec::phase(run)
 }
 
 // ---------------------------------------------------------------------------
@@ -1210,7 +1200,7 @@ fn build_binaries() -> Result<Vec<PathBuf>, String> {
     let target = crate::util::target_dir().join("lab-static");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!(
-        "lab test: building static vchan-peer and xen-devtest ({})",
+        "lab test: building static vchan-peer, xen-devtest, qrexec-client-vm, qubes-sim ({})",
         target.display()
     );
     let st = Command::new(cargo)
@@ -1233,6 +1223,14 @@ fn build_binaries() -> Result<Vec<PathBuf>, String> {
             "tests",
             "--bin",
             "xen-devtest",
+            "-p",
+            "qrexec",
+            "--bin",
+            "qrexec-client-vm",
+            "-p",
+            "qubes-sim",
+            "--bin",
+            "qubes-sim",
         ])
         .status()
         .map_err(|e| format!("cargo build: {e}"))?;
@@ -1240,7 +1238,12 @@ fn build_binaries() -> Result<Vec<PathBuf>, String> {
         return Err(format!("cargo build of the lab binaries failed ({st})"));
     }
     let dir = target.join("x86_64-unknown-linux-gnu/release");
-    Ok(vec![dir.join("vchan-peer"), dir.join("xen-devtest")])
+    Ok(
+        ["vchan-peer", "xen-devtest", "qrexec-client-vm", "qubes-sim"]
+            .iter()
+            .map(|b| dir.join(b))
+            .collect(),
+    )
 }
 
 /// Puts the binaries where the guests find them at boot: the 9p share
