@@ -59,9 +59,17 @@
 //!   [`EventChannel::notify`] returns before the peer's port is pending
 //!   (the ioctl returns after). Ordering between different connections is
 //!   not defined.
-//! * Domain ids are whatever the processes claim. There is no domain
-//!   creation or destruction (so no `ESRCH` for a missing remote domain),
-//!   no `DOMID_SELF`, and reserved domain ids (`>= 0x7FF0`) get `EINVAL`.
+//! * Domain ids are whatever the processes claim: every id exists until
+//!   [`local::Hub::destroy_domain`] destroys it (then binds naming it get
+//!   `ESRCH`, as on Xen, and [`Backend::probe_domain`] says
+//!   [`DomainProbe::NoSuchDomain`]). A destroyed domain is released at once
+//!   (Xen keeps it as a zombie while others map its grants) and its id is
+//!   never reused. There is no `DOMID_SELF`, and reserved domain ids
+//!   (`>= 0x7FF0`) get `EINVAL`.
+//! * Port status is known to every domain (like dom0), unless the hub was
+//!   told to treat a domain as a restricted domU
+//!   ([`local::Hub::refuse_status`]): then its [`EventChannel::status`]
+//!   answers `Ok(None)`, as the [`Xen`] backend's does there.
 //! * Ports are numbered per domain from 1, lowest free first, at most 4095
 //!   per domain (`ENOSPC` after). Xen allocates the same way, but in a real
 //!   domain the kernel already owns the low ports.
@@ -278,6 +286,20 @@ pub enum PortStatus {
     },
 }
 
+/// What [`Backend::probe_domain`] learned about a domain id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainProbe {
+    /// The hypervisor knows a domain with this id: running, paused, or dead
+    /// but not yet released. A destroyed domain lingers (as a nameless
+    /// "zombie" in `xl list`) while another domain still maps pages it
+    /// granted, so "exists" is not "alive".
+    Exists,
+    /// The hypervisor knows no domain with this id (`ESRCH`): it was never
+    /// created, or it was destroyed and released. This is definite for the
+    /// moment of the call; the id may be reused by a new domain later.
+    NoSuchDomain,
+}
+
 /// One bound port behind one fd.
 ///
 /// The fd ([`AsFd`]) is readable (`POLLIN`) exactly when an event is queued;
@@ -322,11 +344,62 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     /// Binds a new local port to `remote_port` of domain `remote`, which must
     /// be unbound towards our domain (`IOCTL_EVTCHN_BIND_INTERDOMAIN`);
     /// `EINVAL` otherwise. The new port starts with one event pending.
+    /// `ESRCH` when no domain `remote` exists.
     fn bind_interdomain(
         &self,
         remote: DomId,
         remote_port: Port,
     ) -> Result<Box<dyn EventChannel>, Error>;
+
+    /// Asks the hypervisor whether a domain with id `dom` exists, with
+    /// nothing but the event channel device, so that it works in an
+    /// unprivileged domU (where `EVTCHNOP_status` through privcmd and
+    /// xenstore's view of other domains are refused).
+    ///
+    /// It asks for an interdomain bind to port 0 of `dom`. Xen looks the
+    /// remote domain up first (none: `ESRCH`, [`DomainProbe::NoSuchDomain`])
+    /// and port 0 is never unbound, so an existing domain gives `EINVAL`
+    /// ([`DomainProbe::Exists`]). Nothing is ever bound; should a port come
+    /// back anyway, it is unbound at once and the answer is an error. Any
+    /// other failure is an error too ("unknown"), never an answer.
+    ///
+    /// Soundness: `NoSuchDomain` is definite, `Exists` is not "alive" (see
+    /// [`DomainProbe::Exists`]: a destroyed domain whose grants someone
+    /// still maps exists until they are unmapped). The local double answers
+    /// `NoSuchDomain` for domains destroyed with
+    /// [`local::Hub::destroy_domain`] and `Exists` for any other id.
+    ///
+    /// ```no_run
+    /// use evtchn::{Backend, DomainProbe, Xen};
+    /// match Xen.probe_domain(5)? {
+    ///     DomainProbe::NoSuchDomain => println!("domain 5 is gone"),
+    ///     DomainProbe::Exists => println!("domain 5 exists (alive or dying)"),
+    /// }
+    /// # Ok::<(), evtchn::Error>(())
+    /// ```
+    fn probe_domain(&self, dom: DomId) -> Result<DomainProbe, Error> {
+        match self.bind_interdomain(dom, 0) {
+            Err(Error::Bind {
+                source: Errno::ESRCH,
+                ..
+            }) => Ok(DomainProbe::NoSuchDomain),
+            Err(Error::Bind {
+                source: Errno::EINVAL,
+                ..
+            }) => Ok(DomainProbe::Exists),
+            Err(e) => Err(e),
+            Ok(ch) => {
+                let port = ch.local_port();
+                drop(ch); // unbinds
+                Err(Error::Protocol {
+                    op: "probe_domain",
+                    detail: format!(
+                        "a bind to port 0 of domain {dom} succeeded (local port {port}, unbound again)"
+                    ),
+                })
+            }
+        }
+    }
 }
 
 /// Converts a duration into a `poll` timeout in milliseconds, rounding up so

@@ -26,14 +26,26 @@
 //!
 //! | check | dom0 | domU (Linux ≥ 6.1.167) | Local transport |
 //! |---|---|---|---|
-//! | our port turned unbound after being connected (`EVTCHNOP_status` through privcmd) | works | `EPERM`: "unknown", never "alive" | works (the hub) |
-//! | `/local/domain/<peer>` missing in xenstore | works | works with oxenstored (`ENOENT`); C xenstored answers `EACCES`, which tells nothing | works |
+//! | our port turned unbound after being connected (`EVTCHNOP_status` through privcmd) | works | `EPERM`: "unknown", never "alive" | works (the hub), unless [`LocalXenConfig::restricted`] |
+//! | event-channel probe: Xen knows no domain with the peer's id ([`evtchn::Backend::probe_domain`], `ESRCH`) | works once the dead domain is released | the same: works under oxenstored and C xenstored | works ([`LocalXen::remove_domain`]) |
+//! | `/local/domain/<peer>` missing in xenstore | works | works with oxenstored (`ENOENT`); C xenstored answers `EACCES`, which tells nothing | works, unless [`LocalXenConfig::c_xenstored`] |
 //!
-//! Measured in the lab (`cargo xtask lab test`, Xen 4.17, oxenstored): after
-//! `xl destroy` of the peer, our server waiting for a client and our
-//! connected endpoints ended within 1–4 s, in dom0 and in a domU; the C
-//! libxenvchan survivors were still waiting 40 s later. Where neither check
-//! can tell (a domU under C xenstored), bound the wait yourself:
+//! "Released": Xen keeps a destroyed domain as a zombie while any other
+//! domain still maps pages it granted, and the probe finds it until then.
+//! A vchan *client* maps its server's pages, so a client whose server's
+//! domain died keeps that domain alive by itself: in a domU under C
+//! xenstored, where nothing else tells, such a client does not notice
+//! (and, while it lives, neither does anyone else in any domain through
+//! the probe). Servers, waiting clients, and everything in dom0 or under
+//! oxenstored do. The Local transport releases at once (no zombie).
+//!
+//! Measured in the lab (`cargo xtask lab test`, Xen 4.17, lab/README.md):
+//! after `xl destroy` of the peer, our servers (waiting or connected) and
+//! our connected clients ended within 1–4 s in dom0 and in a domU under
+//! oxenstored; in a domU under C xenstored our servers ended through the
+//! probe once the dead domain was released, and our client of the dead
+//! server did not. The C libxenvchan survivors were still waiting 40 s
+//! later everywhere. Where nothing can tell, bound the wait yourself:
 //! connects take a timeout, I/O takes [`Vchan::set_io_timeout`].
 
 #[cfg(feature = "tokio")]
@@ -56,7 +68,7 @@ use std::time::Duration;
 #[cfg(feature = "tokio")]
 pub use async_io::AsyncVchan;
 pub use error::{Error, Result};
-pub use local_xen::LocalXen;
+pub use local_xen::{LocalXen, LocalXenConfig};
 pub use shm::local_xenstore_socket;
 pub use socket::socket_path;
 pub use transport::{

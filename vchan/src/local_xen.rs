@@ -21,16 +21,48 @@ use crate::transport::{DomId, Transport};
 /// ```
 #[derive(Debug)]
 pub struct LocalXen {
+    config: LocalXenConfig,
     dir: PathBuf,
     evt: evtchn::local::Hub,
     gnt: gnttab::local::Hub,
     xs: xenstore::server::Server,
 }
 
+/// What kind of Xen [`LocalXen::start_with`] imitates.
+///
+/// The default is [`LocalXen::start`]'s: oxenstored, and every domain may
+/// ask for the status of its event-channel ports (as dom0 can).
+///
+/// ```no_run
+/// use vchan::{LocalXen, LocalXenConfig};
+/// // Domains 1 and 2 as restricted domUs under C xenstored.
+/// let config = LocalXenConfig { c_xenstored: true, restricted: vec![1, 2] };
+/// let dir = std::env::temp_dir().join("my-local-xen-c");
+/// std::fs::create_dir_all(&dir)?;
+/// let xen = LocalXen::start_with(&dir, &[0, 1, 2], config)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalXenConfig {
+    /// Imitate C xenstored: a missing node is `EACCES` unless the caller
+    /// may read its nearest existing ancestor (so a domU cannot see that
+    /// `/local/domain/<other>` went). Otherwise oxenstored (`ENOENT`).
+    pub c_xenstored: bool,
+    /// Domains that play restricted domUs: the status of their own
+    /// event-channel ports is unknown to them (no privcmd hypercalls,
+    /// spec §16 row P).
+    pub restricted: Vec<DomId>,
+}
+
 impl LocalXen {
     /// Starts the hubs and a xenstored (answering `ENOENT` for missing
     /// nodes, like oxenstored) in `dir`, with the given domains.
     pub fn start(dir: &Path, domains: &[DomId]) -> Result<LocalXen> {
+        Self::start_with(dir, domains, LocalXenConfig::default())
+    }
+
+    /// Like [`LocalXen::start`], imitating the Xen that `config` describes.
+    pub fn start_with(dir: &Path, domains: &[DomId], config: LocalXenConfig) -> Result<LocalXen> {
         let xs_dir = dir.join("xenstore");
         std::fs::create_dir_all(&xs_dir).map_err(|e| Error::io("create xenstore dir", e))?;
         let evt = evtchn::local::Hub::start(dir).map_err(|source| Error::Evtchn {
@@ -41,17 +73,25 @@ impl LocalXen {
             step: "start grant hub",
             source,
         })?;
-        let config = xenstore::server::Config {
-            missing_node: xenstore::server::MissingNodeError::Enoent,
+        let xs_config = xenstore::server::Config {
+            missing_node: if config.c_xenstored {
+                xenstore::server::MissingNodeError::Eacces
+            } else {
+                xenstore::server::MissingNodeError::Enoent
+            },
             ..Default::default()
         };
-        let xs = xenstore::server::Server::start_with(&xs_dir, config).map_err(|source| {
+        for &d in &config.restricted {
+            evt.refuse_status(d);
+        }
+        let xs = xenstore::server::Server::start_with(&xs_dir, xs_config).map_err(|source| {
             Error::Xenstore {
                 step: "start xenstored",
                 source,
             }
         })?;
         let me = LocalXen {
+            config,
             dir: dir.to_path_buf(),
             evt,
             gnt,
@@ -63,8 +103,10 @@ impl LocalXen {
         Ok(me)
     }
 
-    /// Introduces a domain (its xenstore socket and home nodes).
+    /// Introduces a domain (its xenstore socket and home nodes); a
+    /// destroyed id comes back as a new domain.
     pub fn add_domain(&self, domid: DomId) -> Result<()> {
+        self.evt.create_domain(domid);
         self.xs
             .add_domain(domid)
             .map(|_| ())
@@ -74,9 +116,17 @@ impl LocalXen {
             })
     }
 
-    /// Destroys a domain as far as xenstore can tell (`xl destroy`): its
-    /// nodes go and `@releaseDomain` fires. Its processes keep running.
+    /// Destroys a domain (`xl destroy`): its event-channel ports close at
+    /// once (the peers' ports turn unbound, with no event), the hypervisor
+    /// knows it no more (binds naming it get `ESRCH`, see
+    /// [`evtchn::Backend::probe_domain`]), its xenstore nodes go and
+    /// `@releaseDomain` fires. Its processes keep running (and its pages
+    /// stay mapped by its peers), but its channels own nothing.
+    ///
+    /// Unlike Xen, the domain is released at once even while others map
+    /// its grants (on Xen it lingers as a zombie until they unmap).
     pub fn remove_domain(&self, domid: DomId) -> Result<()> {
+        self.evt.destroy_domain(domid);
         self.xs
             .remove_domain(domid)
             .map_err(|source| Error::Xenstore {
@@ -91,6 +141,11 @@ impl LocalXen {
             dir: self.dir.clone(),
             domid,
         }
+    }
+
+    /// What this local Xen imitates.
+    pub fn config(&self) -> &LocalXenConfig {
+        &self.config
     }
 
     /// The rendezvous directory.

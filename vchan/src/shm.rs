@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::control::{self, CLI_LIVE, ControlPage, Layout, RingId, RingLocation, SRV_LIVE, Side};
@@ -26,6 +27,7 @@ pub(crate) struct EvtchnEvents {
 /// What we can ask about the peer domain, and when we last asked.
 #[derive(Debug)]
 struct Liveness {
+    evt: Arc<dyn evtchn::Backend>,
     xs: Xs,
     peer: DomId,
     last: std::cell::Cell<Instant>,
@@ -37,8 +39,14 @@ struct Liveness {
 const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl EvtchnEvents {
-    fn new(ch: Box<dyn evtchn::EventChannel>, xs: Option<Xs>, peer: DomId) -> Self {
+    fn new(
+        ch: Box<dyn evtchn::EventChannel>,
+        evt: &Arc<dyn evtchn::Backend>,
+        xs: Option<Xs>,
+        peer: DomId,
+    ) -> Self {
         let liveness = xs.map(|xs| Liveness {
+            evt: evt.clone(),
             xs,
             peer,
             last: std::cell::Cell::new(Instant::now()),
@@ -47,9 +55,10 @@ impl EvtchnEvents {
         EvtchnEvents { ch, liveness }
     }
 
-    /// Whether the peer domain is known to be gone: our port turned
-    /// unbound after having been connected (the local double and, with
-    /// privcmd, dom0 can see this), or its xenstore home is missing.
+    /// Whether the peer domain is known to be gone (asked at most once per
+    /// [`LIVENESS_INTERVAL`]): our port turned unbound after having been
+    /// connected (the local double and, with privcmd, dom0 can see this),
+    /// or see [`peer_domain_gone`].
     fn peer_gone(&self) -> Option<DomId> {
         let l = self.liveness.as_ref()?;
         if l.last.get().elapsed() < LIVENESS_INTERVAL {
@@ -65,7 +74,15 @@ impl EvtchnEvents {
             }
             _ => {}
         }
-        peer_domain_gone(&l.xs, l.peer).then_some(l.peer)
+        peer_domain_gone(&*l.evt, &l.xs, l.peer).then_some(l.peer)
+    }
+
+    /// [`peer_domain_gone`] now, without the rate limit (`false` when this
+    /// endpoint has no liveness check).
+    fn peer_domain_gone_now(&self) -> bool {
+        self.liveness
+            .as_ref()
+            .is_some_and(|l| peer_domain_gone(&*l.evt, &l.xs, l.peer))
     }
 }
 
@@ -98,7 +115,7 @@ impl Events for EvtchnEvents {
 #[derive(Debug)]
 struct Backends {
     gnt: Box<dyn gnttab::Backend>,
-    evt: Box<dyn evtchn::Backend>,
+    evt: Arc<dyn evtchn::Backend>,
     xs_path: Option<std::path::PathBuf>,
 }
 
@@ -109,13 +126,13 @@ impl Backends {
                 t.check_available()?;
                 Ok(Backends {
                     gnt: Box::new(gnttab::Xen),
-                    evt: Box::new(evtchn::Xen),
+                    evt: Arc::new(evtchn::Xen),
                     xs_path: None,
                 })
             }
             Transport::Local { dir, domid } => Ok(Backends {
                 gnt: Box::new(gnttab::local::Local::new(dir.clone(), *domid)),
-                evt: Box::new(evtchn::local::Local::new(dir.clone(), *domid)),
+                evt: Arc::new(evtchn::local::Local::new(dir.clone(), *domid)),
                 xs_path: Some(local_xenstore_socket(dir, *domid)),
             }),
             Transport::Socket { .. } => Err(Error::config("not a shared-memory transport")),
@@ -163,11 +180,22 @@ fn own_domid(xs: &Xs, peer: DomId) -> Result<DomId> {
     Ok(own)
 }
 
-/// Whether xenstore shows the peer domain gone: `/local/domain/<peer>`
-/// missing (ENOENT). A daemon that answers EACCES for missing nodes (C
-/// xenstored, seen from a domU) can't tell, and then we say "not known to
-/// be gone"; the caller's timeout bounds the wait.
-fn peer_domain_gone(xs: &Xs, peer: DomId) -> bool {
+/// Whether the peer domain is known to be gone. Two questions, each
+/// answering "gone" only when the answer is definite:
+///
+/// 1. The event-channel probe ([`evtchn::Backend::probe_domain`]): Xen
+///    knows no domain with the peer's id (`ESRCH`). Works in dom0 and in a
+///    domU alike. A destroyed peer whose granted pages someone still maps
+///    lingers and counts as existing; any error is "unknown".
+/// 2. xenstore: `/local/domain/<peer>` missing (ENOENT). A daemon that
+///    answers EACCES for missing nodes (C xenstored, seen from a domU)
+///    can't tell, and then we say "not known to be gone".
+///
+/// Otherwise the caller's timeout bounds the wait.
+fn peer_domain_gone(evt: &dyn evtchn::Backend, xs: &Xs, peer: DomId) -> bool {
+    if let Ok(evtchn::DomainProbe::NoSuchDomain) = evt.probe_domain(peer) {
+        return true;
+    }
     match xs.read(&format!("/local/domain/{peer}")) {
         Err(e) => e.is_enoent(),
         Ok(_) => false,
@@ -201,8 +229,6 @@ pub(crate) struct ShmChan {
     peer: DomId,
     /// Server: xenstore and the relative base path still to remove.
     xs_nodes: Option<(Xs, String)>,
-    /// Xenstore connection for liveness checks.
-    xs: Option<Xs>,
 }
 
 /// The ring pointer argument `Endpoint::new` wants for `ring`.
@@ -290,7 +316,7 @@ impl ShmChan {
                 &layout,
                 left,
                 right,
-                EvtchnEvents::new(evt, Some(be.xs()?), peer),
+                EvtchnEvents::new(evt, &be.evt, Some(be.xs()?), peer),
             )
         }?;
 
@@ -320,7 +346,6 @@ impl ShmChan {
             Ok(())
         })
         .map_err(xs_err("publish ring-ref and event-channel"))?;
-        let xs2 = be.xs()?;
         Ok(ShmChan {
             rings,
             ctrl: Some(Pages::Shared(ctrl)),
@@ -328,7 +353,6 @@ impl ShmChan {
             side: Side::Server,
             peer,
             xs_nodes: Some((xs, base)),
-            xs: Some(xs2),
         })
     }
 
@@ -431,7 +455,7 @@ impl ShmChan {
                 &layout,
                 left,
                 right,
-                EvtchnEvents::new(evt, Some(be.xs()?), peer),
+                EvtchnEvents::new(evt, &be.evt, Some(xs), peer),
             )
         }?;
         control::announce_client_connected(&header);
@@ -445,7 +469,6 @@ impl ShmChan {
             side: Side::Client,
             peer,
             xs_nodes: None,
-            xs: Some(xs),
         })
     }
 
@@ -514,15 +537,11 @@ impl ShmChan {
                 .events()
                 .wait_timeout(wait)
                 .map_err(|source| Error::io("wait for client event", source))?;
-            if !got {
-                if let Some(xs) = &self.xs {
-                    if peer_domain_gone(xs, self.peer) {
-                        return Err(Error::PeerGone {
-                            step: "wait for vchan client",
-                            domid: self.peer,
-                        });
-                    }
-                }
+            if !got && self.ep.events().peer_domain_gone_now() {
+                return Err(Error::PeerGone {
+                    step: "wait for vchan client",
+                    domid: self.peer,
+                });
             }
         }
     }
@@ -619,7 +638,7 @@ impl ShmConnecting {
             }
             Ok(_) => Ok(None),
             Err(e) if e.is_enoent() || e.is_eacces() => {
-                if peer_domain_gone(xs, peer) {
+                if peer_domain_gone(&*self.be.evt, xs, peer) {
                     return Err(Error::PeerGone {
                         step: "wait for vchan server",
                         domid: peer,

@@ -1,7 +1,7 @@
 //! The hub: the local double's hypervisor. It owns the state of every port
 //! of every domain and serves clients over `<dir>/evtchn.sock`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,6 +90,10 @@ struct State {
     threads: Vec<JoinHandle<()>>,
     next_conn: u64,
     stopped: bool,
+    /// Domains destroyed with [`Hub::destroy_domain`].
+    destroyed: BTreeSet<DomId>,
+    /// Domains whose port-status requests are refused (no privcmd).
+    status_refused: BTreeSet<DomId>,
 }
 
 /// Sends an event packet. The owner's receive queue holds at most one event
@@ -134,6 +138,10 @@ impl State {
     }
 
     fn bind_unbound(&mut self, dom: DomId, remote: DomId, owner: Owner) -> Result<Port, Errno> {
+        // Xen does not check that the remote domain exists here.
+        if self.destroyed.contains(&dom) {
+            return Err(Errno::ESRCH);
+        }
         let port = self.alloc_port(dom)?;
         self.insert(dom, port, Bound::Unbound { remote }, owner);
         Ok(port)
@@ -146,6 +154,10 @@ impl State {
         remote_port: Port,
         owner: Owner,
     ) -> Result<Port, Errno> {
+        // Xen looks the remote domain up before anything else.
+        if self.destroyed.contains(&remote) || self.destroyed.contains(&dom) {
+            return Err(Errno::ESRCH);
+        }
         match self.ports.get(&(remote, remote_port)) {
             Some(e) if e.bound == Bound::Unbound { remote: dom } => {}
             _ => return Err(Errno::EINVAL),
@@ -256,6 +268,25 @@ impl State {
         self.free_unless_held(dom, port);
     }
 
+    /// Xen's `evtchn_destroy` of a dying domain: every port of `dom` closes
+    /// (held or not), and each connected peer's port turns unbound towards
+    /// `dom`. The owners' connections stay open but own nothing.
+    fn destroy_domain(&mut self, dom: DomId) {
+        self.destroyed.insert(dom);
+        let ports: Vec<Port> = self
+            .ports
+            .range((dom, 0)..=(dom, Port::MAX))
+            .map(|(&(_, p), _)| p)
+            .collect();
+        for port in ports {
+            if let Some(e) = self.ports.get_mut(&(dom, port)) {
+                e.holds = 0;
+                e.owner = None;
+            }
+            self.free_unless_held(dom, port);
+        }
+    }
+
     fn status(&self, dom: DomId, port: Port) -> PortStatus {
         self.ports
             .get(&(dom, port))
@@ -324,9 +355,13 @@ fn serve_conn(shared: &Shared, id: u64, fd: &Arc<OwnedFd>) {
         let mut st = shared.lock();
         let (dom, res) = match connect {
             Connect::Status { dom, port } => {
-                let status = st.status(dom, port);
+                let (errno, status) = if st.status_refused.contains(&dom) {
+                    (Errno::EPERM as u32, PortStatus::Closed)
+                } else {
+                    (0, st.status(dom, port))
+                };
                 drop(st);
-                send_reply(fd, &wire::encode_status_reply(0, status));
+                send_reply(fd, &wire::encode_status_reply(errno, status));
                 return;
             }
             Connect::BindUnbound { dom, remote } => (dom, st.bind_unbound(dom, remote, owner)),
@@ -589,6 +624,56 @@ impl Hub {
         })
     }
 
+    /// Destroys domain `dom` as `xl destroy` does, as far as event
+    /// channels go: every port of `dom` closes at once (held ones too), the
+    /// connected peers' ports turn unbound towards `dom` (no event, as on
+    /// Xen), and from now on binds naming `dom` (as the remote domain or as
+    /// the binder) fail with `ESRCH`, so that [`Backend::probe_domain`]
+    /// answers [`DomainProbe::NoSuchDomain`]. The processes that played
+    /// `dom` keep running; their channels own nothing any more.
+    ///
+    /// Differences from Xen: the domain is released at once (no zombie that
+    /// lingers while others map its grants; [`DomainProbe::Exists`] says
+    /// why that matters). Ids that were never used are not "missing" here:
+    /// every id but a destroyed one exists. [`Hub::create_domain`] makes a
+    /// destroyed id usable again (a new domain that reuses the id).
+    ///
+    /// [`Backend::probe_domain`]: crate::Backend::probe_domain
+    /// [`DomainProbe::NoSuchDomain`]: crate::DomainProbe::NoSuchDomain
+    /// [`DomainProbe::Exists`]: crate::DomainProbe::Exists
+    ///
+    /// ```no_run
+    /// use evtchn::{Backend, DomainProbe, local::{Hub, Local}};
+    /// # let dir = std::path::Path::new("/tmp");
+    /// let hub = Hub::start(dir)?;
+    /// let dom1 = Local::new(dir, 1);
+    /// assert_eq!(dom1.probe_domain(2)?, DomainProbe::Exists);
+    /// hub.destroy_domain(2);
+    /// assert_eq!(dom1.probe_domain(2)?, DomainProbe::NoSuchDomain);
+    /// # Ok::<(), evtchn::Error>(())
+    /// ```
+    pub fn destroy_domain(&self, dom: DomId) {
+        self.inner.shared.lock().destroy_domain(dom);
+    }
+
+    /// A new domain with id `dom`: undoes [`Hub::destroy_domain`] for that
+    /// id (Xen may reuse the id of a released domain). A no-op for an id
+    /// that was not destroyed.
+    pub fn create_domain(&self, dom: DomId) {
+        self.inner.shared.lock().destroyed.remove(&dom);
+    }
+
+    /// Makes domain `dom` a restricted domU as far as port status goes:
+    /// [`EventChannel::status`] of its ports answers `Ok(None)`
+    /// ("unknown"), as the [`Xen`](crate::Xen) backend does where the
+    /// kernel refuses privcmd hypercalls (a domU; spec §16 row P). By
+    /// default every domain may ask, like dom0.
+    ///
+    /// [`EventChannel::status`]: crate::EventChannel::status
+    pub fn refuse_status(&self, dom: DomId) {
+        self.inner.shared.lock().status_refused.insert(dom);
+    }
+
     /// The state of port `port` of domain `dom` (`Closed` if not bound).
     pub fn status(&self, dom: DomId, port: Port) -> PortStatus {
         self.inner.shared.lock().status(dom, port)
@@ -656,8 +741,8 @@ impl Drop for HeldPort {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Backend;
     use crate::local::Local;
+    use crate::{Backend, DomainProbe};
 
     #[test]
     fn in_process_smoke() {
@@ -783,5 +868,75 @@ mod tests {
         assert_eq!(st.status(2, q), PortStatus::Closed);
         assert_eq!(st.status(1, p), PortStatus::Unbound { remote: 2 });
         assert!(st.bind_interdomain(2, 1, p, dummy_owner(5)).is_ok());
+    }
+
+    /// `destroy_domain` is Xen's `evtchn_destroy`: the dead domain's ports
+    /// close (held ones too), the peers' ports turn unbound towards it, and
+    /// binds naming it (either way) get `ESRCH`; `probe_domain` tells a
+    /// destroyed domain from a live one, and never binds anything.
+    #[test]
+    fn destroyed_domain_is_no_such_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::start(dir.path()).unwrap();
+        let d1 = Local::new(dir.path(), 1);
+        let d2 = Local::new(dir.path(), 2);
+        let a = d1.bind_unbound(2).unwrap();
+        let b = d2.bind_interdomain(1, a.local_port()).unwrap();
+        let held = hub.hold(2, b.local_port()).unwrap();
+        let waiting = d1.bind_unbound(2).unwrap();
+        assert_eq!(d1.probe_domain(2).unwrap(), DomainProbe::Exists);
+        assert_eq!(d1.probe_domain(3).unwrap(), DomainProbe::Exists);
+        assert_eq!(d2.probe_domain(1).unwrap(), DomainProbe::Exists);
+        // The probe never leaves a port behind.
+        assert_eq!(hub.status(1, 3), PortStatus::Closed);
+
+        hub.destroy_domain(2);
+        assert_eq!(d1.probe_domain(2).unwrap(), DomainProbe::NoSuchDomain);
+        assert_eq!(d1.probe_domain(3).unwrap(), DomainProbe::Exists);
+        assert_eq!(hub.status(2, b.local_port()), PortStatus::Closed);
+        assert_eq!(a.status().unwrap(), Some(PortStatus::Unbound { remote: 2 }));
+        assert_eq!(
+            waiting.status().unwrap(),
+            Some(PortStatus::Unbound { remote: 2 })
+        );
+        assert!(!a.consume_pending().unwrap(), "a dead domain sends nothing");
+        held.notify(); // reaches nobody
+        assert!(!a.wait_timeout(Duration::from_millis(50)).unwrap());
+        drop(held);
+        let e = d1
+            .bind_interdomain(2, b.local_port())
+            .expect_err("no such domain");
+        assert_eq!(e.errno(), Some(Errno::ESRCH));
+        let e = d2
+            .bind_unbound(1)
+            .expect_err("the dead domain binds nothing");
+        assert_eq!(e.errno(), Some(Errno::ESRCH));
+        // Its old channels own nothing; notify is a silent no-op.
+        b.notify().unwrap();
+        assert!(!a.wait_timeout(Duration::from_millis(50)).unwrap());
+        drop(b);
+        hub.shutdown();
+    }
+
+    /// A domain the hub treats as a restricted domU gets "unknown" for the
+    /// status of its own ports; others still see theirs.
+    #[test]
+    fn refused_status_is_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = Hub::start(dir.path()).unwrap();
+        hub.refuse_status(1);
+        let a = Local::new(dir.path(), 1).bind_unbound(2).unwrap();
+        let b = Local::new(dir.path(), 2)
+            .bind_interdomain(1, a.local_port())
+            .unwrap();
+        assert_eq!(a.status().unwrap(), None);
+        assert_eq!(
+            b.status().unwrap(),
+            Some(PortStatus::Interdomain {
+                remote: 1,
+                remote_port: a.local_port()
+            })
+        );
+        hub.shutdown();
     }
 }

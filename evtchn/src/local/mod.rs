@@ -323,6 +323,8 @@ impl EventChannel for LocalChannel {
         })?;
         match wire::decode_status_reply(&buf[..n]) {
             Some(Ok(st)) => Ok(Some(st)),
+            // A domain the hub treats as a restricted domU: unknown.
+            Some(Err(errno)) if errno == Errno::EPERM as u32 => Ok(None),
             Some(Err(errno)) => Err(Error::Hub {
                 op: "status",
                 path: self.path.clone(),

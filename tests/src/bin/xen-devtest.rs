@@ -6,7 +6,8 @@
 //! xen-devtest a|b PEER TAG [--third DOMID] [--xenstored o|c] [--only CHECK,...]
 //! xen-devtest child-share PEER OFFSET             (internal: a sharer to SIGKILL)
 //! xen-devtest child-map GRANTER REF PORT OFFSET   (internal: a mapper to SIGKILL)
-//! xen-devtest probe-peer DOMID                    (IS_DOMAIN_INTRODUCED and a read of /local/domain/DOMID)
+//! xen-devtest probe-peer DOMID [REF]              (IS_DOMAIN_INTRODUCED, a read of /local/domain/DOMID,
+//!                                                  event-channel and grant probes of DOMID)
 //! xen-devtest watch-release SECS                  (print @releaseDomain events)
 //! ```
 //!
@@ -621,10 +622,11 @@ fn watch_release(args: &[String]) -> R {
     Ok(())
 }
 
-/// `probe-peer DOMID`: what a domain can learn about another's existence.
+/// `probe-peer DOMID [REF]`: what a domain can learn about another's
+/// existence (REF: a grant of DOMID's to map afresh).
 fn probe_peer(args: &[String]) -> R {
-    let [dom] = args else {
-        return Err("probe-peer DOMID".into());
+    let [dom, rest @ ..] = args else {
+        return Err("probe-peer DOMID [REF]".into());
     };
     let dom: u16 = parse_num(dom, "DOMID")?;
     println!(
@@ -637,6 +639,29 @@ fn probe_peer(args: &[String]) -> R {
         Err(e) => e.errno().map_or_else(|| e.to_string(), |n| n.to_string()),
     };
     println!("read /local/domain/{dom} = {r}");
+    // Event-channel probe: Xen looks the remote domain up first (ESRCH when
+    // there is none) and port 0 is never unbound (EINVAL).
+    let r = match evtchn::Xen.bind_interdomain(dom, 0) {
+        Ok(ch) => format!("BOUND port {} (unbound again)", ch.local_port()),
+        Err(e) => e.errno().map_or_else(|| e.to_string(), |n| n.to_string()),
+    };
+    println!("evtchn bind_interdomain({dom}, 0) = {r}");
+    let r = match evtchn::Xen.bind_unbound(dom) {
+        Ok(ch) => format!("ok (port {})", ch.local_port()),
+        Err(e) => e.errno().map_or_else(|| e.to_string(), |n| n.to_string()),
+    };
+    println!("evtchn bind_unbound({dom}) = {r}");
+    if let Some(gref) = rest.first() {
+        let gref: u32 = parse_num(gref, "REF")?;
+        let r = match gnttab::Xen.map(dom, &[gref], false) {
+            Ok(_) => "mapped".to_string(),
+            Err(e) => e.raw_os_error().map_or_else(
+                || e.to_string(),
+                |n| nix::errno::Errno::from_raw(n).to_string(),
+            ),
+        };
+        println!("gnttab map({dom}, ref {gref}, ro) = {r}");
+    }
     Ok(())
 }
 
