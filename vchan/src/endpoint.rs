@@ -8,6 +8,7 @@
 //! | [`write`](Endpoint::write) | [`PeerClosed`](RingError::PeerClosed) if the peer is not open at entry (or closes while we wait before anything was written); blocking: all bytes; non-blocking: what fits, or `WouldBlock` |
 //! | [`send`](Endpoint::send) / [`recv`](Endpoint::recv) | all or nothing; larger than the ring → [`TooBig`](RingError::TooBig) at once; `recv` with the peer closed and too few bytes left → `PeerClosed` |
 //! | [`data_ready`](Endpoint::data_ready) / [`buffer_space`](Endpoint::buffer_space) | request a notification, then report |
+//! | [`peek_data_ready`](Endpoint::peek_data_ready) / [`peek_buffer_space`](Endpoint::peek_buffer_space) | report only (one load, no shared write, no event asked for) |
 //! | [`wait`](Endpoint::wait) | block until an event (or a change the events missed) |
 //! | [`close`](Endpoint::close) | own live byte = 0, then one event |
 //!
@@ -440,6 +441,62 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// [`RingError::Corrupt`].
     pub fn buffer_space(&mut self) -> Result<usize, RingError> {
         Ok(self.tx.buffer_space(&self.header)? as usize)
+    }
+
+    /// Bytes ready to read, **without** requesting a notification: one load
+    /// of the peer's `prod`, nothing written to shared memory.
+    ///
+    /// For the hot path of an event loop. A caller that is about to sleep
+    /// on the event channel must call [`Endpoint::data_ready`] instead (it
+    /// requests the event, then re-loads) and sleep only if that still
+    /// reports 0 — else the peer's next write may come without an event.
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn peek_data_ready(&mut self) -> Result<usize, RingError> {
+        Ok(self.rx.load_ready(&self.header)? as usize)
+    }
+
+    /// Free space in our write ring, **without** requesting a notification
+    /// (as [`Endpoint::peek_data_ready`]; before sleeping for space use
+    /// [`Endpoint::buffer_space`]).
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn peek_buffer_space(&mut self) -> Result<usize, RingError> {
+        Ok(self.tx.load_space(&self.header)? as usize)
+    }
+
+    /// Busy-waits, for at most the adaptive spin bound (see
+    /// [`Endpoint::set_spin`]), until at least `want` bytes (clamped to
+    /// `1..=` the ring size) are ready to read: `Ok(true)` if they are.
+    /// Requests no notification. For event loops that would otherwise
+    /// sleep on the event channel right away: a peer running on another
+    /// core is usually faster than an event and two wake-ups. After
+    /// `Ok(false)`, request, re-check and sleep as usual
+    /// ([`Endpoint::data_ready`]).
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn spin_for_data(&mut self, want: usize) -> Result<bool, RingError> {
+        let want = clamp_u32(want.clamp(1, self.read_ring_size()));
+        if self.rx.load_ready(&self.header)? >= want {
+            return Ok(true);
+        }
+        self.spin_until(|ep| Ok(ep.rx.load_ready(&ep.header)? >= want))
+    }
+
+    /// As [`Endpoint::spin_for_data`], for at least `want` bytes of free
+    /// space in our write ring (before sleeping: [`Endpoint::buffer_space`]).
+    ///
+    /// # Errors
+    /// [`RingError::Corrupt`].
+    pub fn spin_for_space(&mut self, want: usize) -> Result<bool, RingError> {
+        let want = clamp_u32(want.clamp(1, self.write_ring_size()));
+        if self.tx.load_space(&self.header)? >= want {
+            return Ok(true);
+        }
+        self.spin_until(|ep| Ok(ep.tx.load_space(&ep.header)? >= want))
     }
 
     /// Stream read: up to `buf.len()` bytes.

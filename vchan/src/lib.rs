@@ -253,7 +253,9 @@ impl Vchan {
         self.blocking
     }
 
-    /// Bytes ready to read now.
+    /// Bytes ready to read now; on shared memory it first asks the peer for
+    /// an event at its next write (libxenvchan's `data_ready`), so the
+    /// caller can sleep on the fd next.
     pub fn data_ready(&mut self) -> usize {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().data_ready().unwrap_or(0),
@@ -261,11 +263,54 @@ impl Vchan {
         }
     }
 
-    /// Bytes that can be written now without waiting.
+    /// Bytes that can be written now without waiting; on shared memory it
+    /// first asks the peer for an event at its next read.
     pub fn buffer_space(&mut self) -> usize {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().buffer_space().unwrap_or(0),
             Inner::Socket(s) => s.buffer_space(),
+        }
+    }
+
+    /// Bytes ready to read now, without asking the peer for an event (no
+    /// write to shared memory): for the busy path of an event loop. Before
+    /// sleeping on the fd, call [`Vchan::data_ready`] (it asks for the
+    /// event, then looks again) and sleep only if it still says 0.
+    pub fn peek_data_ready(&mut self) -> usize {
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().peek_data_ready().unwrap_or(0),
+            Inner::Socket(s) => s.data_ready(),
+        }
+    }
+
+    /// Free space now, without asking the peer for an event (as
+    /// [`Vchan::peek_data_ready`]; before sleeping for space, call
+    /// [`Vchan::buffer_space`]).
+    pub fn peek_buffer_space(&mut self) -> usize {
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().peek_buffer_space().unwrap_or(0),
+            Inner::Socket(s) => s.buffer_space(),
+        }
+    }
+
+    /// Busy-waits at most the endpoint's adaptive spin bound (≤ 50 µs by
+    /// default, yielding the CPU between looks; none on a one-CPU machine)
+    /// for `want` bytes to read, asking
+    /// for no event: `true` if they came. For event loops, before they ask
+    /// for an event ([`Vchan::data_ready`]) and sleep. The socket
+    /// transport does not spin (`false`).
+    pub fn spin_for_data(&mut self, want: usize) -> bool {
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().spin_for_data(want).unwrap_or(false),
+            Inner::Socket(_) => false,
+        }
+    }
+
+    /// As [`Vchan::spin_for_data`], for `want` bytes of free space.
+    pub fn spin_for_space(&mut self, want: usize) -> bool {
+        match &mut self.inner {
+            Inner::Shm(c) => c.endpoint().spin_for_space(want).unwrap_or(false),
+            Inner::Socket(_) => false,
         }
     }
 
