@@ -51,6 +51,31 @@ pub trait DataChannel: AsFd + fmt::Debug {
     /// Bytes that can be sent now without blocking.
     fn buffer_space(&mut self) -> usize;
 
+    /// As [`DataChannel::data_ready`], but without asking the peer for an
+    /// event: for the busy path. Before sleeping on the descriptor the pump
+    /// calls `data_ready` (ask, then look again). Defaults to `data_ready`.
+    fn peek_data_ready(&mut self) -> usize {
+        self.data_ready()
+    }
+
+    /// As [`DataChannel::buffer_space`], without asking for an event
+    /// (see [`DataChannel::peek_data_ready`]).
+    fn peek_buffer_space(&mut self) -> usize {
+        self.buffer_space()
+    }
+
+    /// Busy-wait briefly (a few microseconds, adaptive) for `want` bytes to
+    /// read, without asking for an event: `true` if they came. The pump
+    /// calls it before it would sleep on data alone. Default: no spin.
+    fn spin_for_data(&mut self, _want: usize) -> bool {
+        false
+    }
+
+    /// As [`DataChannel::spin_for_data`], for `want` bytes of free space.
+    fn spin_for_space(&mut self, _want: usize) -> bool {
+        false
+    }
+
     /// False once the peer has gone (data already received may still be
     /// readable: check `is_open` before `data_ready`).
     fn is_open(&mut self) -> bool;

@@ -313,13 +313,18 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     }
 
     /// Read and handle messages while the local output is not congested.
+    ///
+    /// Looks without asking the peer for events (the run loop asks right
+    /// before it sleeps) and takes all that is ready, up to one buffer, in
+    /// one ring operation: headers and payloads of several messages
+    /// together, split up here in private memory.
     fn receive(&mut self) -> Result<(), PumpError> {
         while self.writer.status().pending < OUTPUT_HIGH_WATER {
-            let ready = self.ch.data_ready();
+            let ready = self.ch.peek_data_ready();
             if ready == 0 {
                 break;
             }
-            let want = self.decoder.wanted().min(ready).min(self.rx.len());
+            let want = ready.min(self.rx.len());
             let n = self
                 .ch
                 .read_ready(&mut self.rx[..want])
@@ -327,13 +332,19 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             if n == 0 {
                 break;
             }
-            let (_, msg) = self.decoder.feed(&self.rx[..n])?;
-            if let Some(m) = msg {
-                if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
-                    self.warned_stdin_type = true;
-                    crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
+            let mut off = 0;
+            while off < n {
+                let (used, msg) = self.decoder.feed(&self.rx[off..n])?;
+                off += used;
+                if let Some(m) = msg {
+                    if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
+                        self.warned_stdin_type = true;
+                        crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
+                    }
+                    self.handle(m);
+                } else if used == 0 {
+                    break; // cannot happen (feed takes at least one byte)
                 }
-                self.handle(m);
             }
         }
         Ok(())
@@ -355,7 +366,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// Move prefix data and local input into the channel while it has room.
     fn send(&mut self) {
         while self.sending && self.input.is_some() {
-            let space = self.ch.buffer_space();
+            let space = self.ch.peek_buffer_space();
             if space <= MSG_HEADER_SIZE {
                 break;
             }
@@ -448,16 +459,35 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 return Ok(());
             }
 
-            // Wait for something to happen.
-            let want_input = self.sending
-                && self.input.is_some()
-                && self.prefix_left() == 0
-                && !self.input_readable
-                && self.ch.buffer_space() > MSG_HEADER_SIZE;
+            // Wait for something to happen. Ask the peer for an event only
+            // for what we would sleep on, and only now, then look again
+            // (request, re-check, sleep: spec §5.4): the busy path above
+            // only peeks, so the peer sends no event per message.
+            let has_input = self.sending && self.input.is_some();
+            // Before asking for events, spin a little (adaptive, none on one
+            // CPU) when the ring is all we would wait for: the peer usually
+            // moves within microseconds, far sooner than an event and two
+            // wake-ups.
+            if has_input && self.ch.peek_buffer_space() <= MSG_HEADER_SIZE {
+                self.ch.spin_for_space(MSG_HEADER_SIZE + self.limit / 2);
+            } else if !has_input
+                && !self.sigchld_seen
+                && ws.pending < OUTPUT_HIGH_WATER
+                && self.ch.peek_data_ready() == 0
+            {
+                self.ch.spin_for_data(1);
+            }
+            let room = has_input
+                && (self.ch.peek_buffer_space() > MSG_HEADER_SIZE
+                    || self.ch.buffer_space() > MSG_HEADER_SIZE);
+            let want_input = room && self.prefix_left() == 0 && !self.input_readable;
+            let data_now = ws.pending < OUTPUT_HIGH_WATER
+                && (self.ch.peek_data_ready() > 0 || self.ch.data_ready() > 0);
             let ch_events = self.ch.poll_events();
             let timeout = if self.input_readable
                 || self.sigchld_seen
-                || (self.ch.data_ready() > 0 && ws.pending < OUTPUT_HIGH_WATER)
+                || data_now
+                || (room && self.prefix_left() > 0)
             {
                 PollTimeout::ZERO
             } else {

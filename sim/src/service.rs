@@ -410,6 +410,15 @@ enum Rx {
     },
 }
 
+impl Rx {
+    fn header() -> Rx {
+        Rx::Header {
+            got: 0,
+            buf: [0; MSG_HEADER_SIZE],
+        }
+    }
+}
+
 /// The service side of a data channel: child stdio ⇄ vchan messages.
 #[derive(Debug)]
 struct Pump {
@@ -421,8 +430,13 @@ struct Pump {
     stderr: Option<std::process::ChildStderr>,
     status: Option<i32>,
     rx: Rx,
-    /// Data for the child's stdin: `inbuf[in_pos..in_len]` is pending.
+    /// What one ring read brought (headers and payloads of several
+    /// messages): `inbuf[raw_pos..raw_len]` is not parsed yet.
     inbuf: Vec<u8>,
+    raw_pos: usize,
+    raw_len: usize,
+    /// Payload for the child's stdin, inside `inbuf`: `inbuf[in_pos..in_len]`
+    /// is still to be written.
     in_pos: usize,
     in_len: usize,
     /// Header + payload of the next outgoing message.
@@ -450,6 +464,9 @@ impl Pump {
         }
         ch.set_blocking(false);
         ch.set_io_timeout(None);
+        // One ring read takes up to a whole message with its header, or
+        // several small ones.
+        let inlen = (MSG_HEADER_SIZE + chunk).min(ch.read_ring_size().max(MSG_HEADER_SIZE));
         Ok(Pump {
             ch,
             chunk,
@@ -458,11 +475,10 @@ impl Pump {
             stdout,
             stderr,
             status: None,
-            rx: Rx::Header {
-                got: 0,
-                buf: [0; MSG_HEADER_SIZE],
-            },
-            inbuf: vec![0; chunk],
+            rx: Rx::header(),
+            inbuf: vec![0; inlen],
+            raw_pos: 0,
+            raw_len: 0,
             in_pos: 0,
             in_len: 0,
             outbuf: vec![0; MSG_HEADER_SIZE + chunk],
@@ -490,7 +506,7 @@ impl Pump {
         Ok(())
     }
 
-    /// Write pending stdin data; `Ok(true)` when the buffer is empty.
+    /// Write pending stdin data; `Ok(true)` when nothing is pending.
     fn flush_stdin(&mut self) -> bool {
         while self.in_pos < self.in_len {
             let Some(s) = &mut self.stdin else {
@@ -515,20 +531,39 @@ impl Pump {
     }
 
     /// Handle what the client sent, as long as the child keeps up.
+    ///
+    /// One ring read takes everything that is ready (up to `inbuf`), the
+    /// messages in it are split up here in private memory, and stdin
+    /// payload is written to the child straight from `inbuf`; the ring is
+    /// read again only when all of that is done (backpressure).
     fn receive(&mut self) -> Result<()> {
-        let mut scratch = [0u8; 4096];
         loop {
             if !self.flush_stdin() {
                 return Ok(());
             }
+            if self.raw_pos == self.raw_len {
+                self.raw_pos = 0;
+                self.raw_len = 0;
+                // Look without asking for an event: `poll_once` asks
+                // only after its spin, right before it sleeps.
+                if self.ch.peek_data_ready() == 0 {
+                    return Ok(());
+                }
+                match self.ch.read_some(&mut self.inbuf[..]) {
+                    Ok(0) => return Ok(()),
+                    Err(ref e) if crate::ctrl::would_block(e) => return Ok(()),
+                    Ok(n) => self.raw_len = n,
+                    Err(e) => return Err(Error::vchan("read from the caller", e)),
+                }
+            }
+            let avail = self.raw_len - self.raw_pos;
             match &mut self.rx {
                 Rx::Header { got, buf } => {
-                    match self.ch.read_some(&mut buf[*got..]) {
-                        Ok(0) => return Ok(()),
-                        Err(ref e) if crate::ctrl::would_block(e) => return Ok(()),
-                        Ok(n) => *got += n,
-                        Err(e) => return Err(Error::vchan("read from the caller", e)),
-                    }
+                    let take = (MSG_HEADER_SIZE - *got).min(avail);
+                    buf[*got..*got + take]
+                        .copy_from_slice(&self.inbuf[self.raw_pos..self.raw_pos + take]);
+                    *got += take;
+                    self.raw_pos += take;
                     if *got < MSG_HEADER_SIZE {
                         continue;
                     }
@@ -559,10 +594,7 @@ impl Pump {
                         }
                     }
                     self.rx = if len == 0 {
-                        Rx::Header {
-                            got: 0,
-                            buf: [0; MSG_HEADER_SIZE],
-                        }
+                        Rx::header()
                     } else {
                         Rx::Payload {
                             ty: hdr.ty,
@@ -574,30 +606,16 @@ impl Pump {
                     let to_stdin = (*ty == MsgType::DataStdin.as_u32()
                         || *ty == MsgType::DataStdout.as_u32())
                         && self.stdin.is_some();
-                    let r = if to_stdin {
-                        let want = (*remaining).min(self.inbuf.len());
-                        self.ch.read_some(&mut self.inbuf[..want])
-                    } else {
-                        let want = (*remaining).min(scratch.len());
-                        self.ch.read_some(&mut scratch[..want])
-                    };
-                    let n = match r {
-                        Ok(0) => return Ok(()),
-                        Err(ref e) if crate::ctrl::would_block(e) => return Ok(()),
-                        Ok(n) => n,
-                        Err(e) => return Err(Error::vchan("read from the caller", e)),
-                    };
-                    *remaining -= n;
+                    let take = (*remaining).min(avail);
+                    *remaining -= take;
                     if *remaining == 0 {
-                        self.rx = Rx::Header {
-                            got: 0,
-                            buf: [0; MSG_HEADER_SIZE],
-                        };
+                        self.rx = Rx::header();
                     }
                     if to_stdin {
-                        self.in_pos = 0;
-                        self.in_len = n;
+                        self.in_pos = self.raw_pos;
+                        self.in_len = self.raw_pos + take;
                     }
+                    self.raw_pos += take;
                 }
             }
         }
@@ -607,7 +625,9 @@ impl Pump {
     /// it reached EOF (after sending the empty message).
     fn forward(&mut self, which: MsgType) -> Result<bool> {
         loop {
-            let space = self.ch.buffer_space();
+            // Peek: the poll loop asks for a space event only before it
+            // sleeps for space.
+            let space = self.ch.peek_buffer_space();
             if space <= MSG_HEADER_SIZE {
                 return Ok(false);
             }
@@ -696,7 +716,11 @@ impl Pump {
             }
             // The caller is gone and nothing of it is left to handle.
             let open = self.ch.state() == State::Connected;
-            if !open && self.ch.data_ready() == 0 && self.in_pos == self.in_len {
+            if !open
+                && self.ch.data_ready() == 0
+                && self.in_pos == self.in_len
+                && self.raw_pos == self.raw_len
+            {
                 crate::vlog!("caller closed the vchan early");
                 return Ok(None);
             }
@@ -712,9 +736,23 @@ impl Pump {
     }
 
     fn poll_once(&mut self) -> Result<()> {
-        let space = self.ch.buffer_space() > MSG_HEADER_SIZE;
-        let pending_in = self.in_pos < self.in_len;
-        let busy = !pending_in && self.ch.data_ready() > 0;
+        // Request, re-check, sleep (spec §5.4), and request only what we
+        // would sleep on: space when an output has no room (then its pipe
+        // is not polled), data when nothing is pending for stdin.
+        let outputs = self.stdout.is_some() || self.stderr.is_some();
+        let pending_in = self.in_pos < self.in_len || self.raw_pos < self.raw_len;
+        // Spin a little first (adaptive, none on one CPU) when the ring is
+        // what we would wait for: the caller usually moves within
+        // microseconds, far sooner than an event and two wake-ups.
+        if outputs && self.ch.peek_buffer_space() <= MSG_HEADER_SIZE {
+            self.ch.spin_for_space(MSG_HEADER_SIZE + self.chunk / 2);
+        } else if !pending_in && self.stdin.is_some() && self.ch.peek_data_ready() == 0 {
+            self.ch.spin_for_data(1);
+        }
+        let space = outputs
+            && (self.ch.peek_buffer_space() > MSG_HEADER_SIZE
+                || self.ch.buffer_space() > MSG_HEADER_SIZE);
+        let busy = !pending_in && (self.ch.peek_data_ready() > 0 || self.ch.data_ready() > 0);
         let mut fds = Vec::with_capacity(4);
         fds.push(PollFd::new(self.ch.as_fd(), PollFlags::POLLIN));
         if let Some(s) = &self.stdin {
