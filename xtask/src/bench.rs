@@ -8,6 +8,7 @@
 //!                          [--ping-iters N] [--idle-ms N] [--parts stream,latency,idle,cost]
 //!                          [--also NAME=WORKER]... [--pin]
 //! cargo xtask bench qrexec [--quick] [--json PATH] [--reps N] [--mib N]
+//!                          [--buffers 65536,1048576] [--also NAME=DIR]...
 //! ```
 //!
 //! Each suite prints its tables and writes JSON to `--json PATH` or to
@@ -37,7 +38,8 @@ const USAGE: &str = "usage: cargo xtask bench vchan|qrexec [--quick] [--json PAT
           [--also NAME=WORKER]  also run vchan with another build of the release worker\n\
                                 (target/release/xtask copied aside), for before/after in one run\n\
           [--pin]               pin the two ends of every pair to CPUs 0 and 1\n\
-  qrexec: [--buffers 65536,1048576]";
+  qrexec: [--buffers 65536,1048576]\n\
+          [--also NAME=DIR]     also run DIR/qubes-sim with DIR/qrexec-client-vm (another build)";
 
 /// Options every suite takes.
 #[derive(Debug)]

@@ -36,6 +36,10 @@ struct Plan {
     bytes: u64,
     reps: usize,
     buffers: Vec<usize>,
+    /// `--also NAME=DIR`: other builds (`DIR/qubes-sim` and
+    /// `DIR/qrexec-client-vm`) measured in the same run, each with its own
+    /// simulation, for before/after comparisons.
+    also: Vec<(String, PathBuf)>,
 }
 
 /// Runs the suite.
@@ -45,12 +49,14 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
             bytes: 32 << 20,
             reps: 1,
             buffers: vec![65536, 1 << 20],
+            also: Vec::new(),
         }
     } else {
         Plan {
             bytes: GIB,
             reps: 3,
             buffers: vec![65536, 1 << 20],
+            also: Vec::new(),
         }
     };
     let mut it = args.iter();
@@ -68,6 +74,13 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
                     .split(',')
                     .map(|x| parse(x.trim()))
                     .collect::<Result<_, _>>()?
+            }
+            "--also" => {
+                let v = val()?;
+                let (n, d) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--also {v:?}: expected NAME=DIR"))?;
+                plan.also.push((n.to_string(), PathBuf::from(d)));
             }
             "--pin" => return Err("bench qrexec: --pin is a vchan option".into()),
             other => {
@@ -91,15 +104,28 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
         .join(format!("bench-qrexec-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let result = (|| {
-        let sim = Sim::start(&bin.join("qubes-sim"), &base)?;
+        let mut builds = vec![Build {
+            name: String::new(),
+            sim: Sim::start(&bin.join("qubes-sim"), &base)?,
+            client,
+        }];
+        for (i, (name, dir)) in plan.also.iter().enumerate() {
+            builds.push(Build {
+                name: name.clone(),
+                sim: Sim::start(&dir.join("qubes-sim"), &base.join(format!("also{i}")))?,
+                client: dir.join("qrexec-client-vm"),
+            });
+        }
         println!(
             "bench qrexec: {} per run, {} repetition(s), medians; load {}",
             report::size(plan.bytes),
             plan.reps,
             super::loadavg()
         );
-        let j = measure(&plan, &sim, &client, &cat)?;
-        sim.stop()?;
+        let j = measure(&plan, &builds, &cat)?;
+        for b in builds {
+            b.sim.stop()?;
+        }
         Ok::<Json, String>(j)
     })();
     let _ = std::fs::remove_dir_all(&base);
@@ -149,6 +175,14 @@ fn limit(bytes: u64) -> Duration {
 
 // ---------------------------------------------------------------------------
 // The simulation
+
+/// One build under test: its simulation and its client.
+struct Build {
+    /// Empty for the build of this tree, else the `--also` name.
+    name: String,
+    sim: Sim,
+    client: PathBuf,
+}
 
 /// A running `qubes-sim` with two VMs, `work` (the caller) and `personal`
 /// (the services); stopped and removed on drop.
@@ -335,31 +369,51 @@ struct Sample {
     cpu_per_gib: f64,
 }
 
+/// What one run measures; the `usize` after the buffer size indexes the
+/// builds (0: this tree, then the `--also` ones).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
-    Send(usize),
-    Recv(usize),
+    Send(usize, usize),
+    Recv(usize, usize),
     Cat,
 }
 
-fn name(k: Kind) -> String {
+fn name_of(k: Kind, builds: &[Build]) -> String {
+    let tag = |v: usize| {
+        let n = &builds[v].name;
+        if n.is_empty() {
+            String::new()
+        } else {
+            format!("[{n}]")
+        }
+    };
     match k {
-        Kind::Send(b) => format!("send@{}", report::size(b as u64)),
-        Kind::Recv(b) => format!("recv@{}", report::size(b as u64)),
+        Kind::Send(b, v) => format!("send@{}{}", report::size(b as u64), tag(v)),
+        Kind::Recv(b, v) => format!("recv@{}{}", report::size(b as u64), tag(v)),
         Kind::Cat => "cat".into(),
     }
 }
 
-fn measure(plan: &Plan, sim: &Sim, client: &Path, cat: &Path) -> Result<Json, String> {
-    let mut kinds: Vec<Kind> = plan.buffers.iter().map(|&b| Kind::Send(b)).collect();
-    kinds.extend(plan.buffers.iter().map(|&b| Kind::Recv(b)));
+fn measure(plan: &Plan, builds: &[Build], cat: &Path) -> Result<Json, String> {
+    let name = |k: Kind| name_of(k, builds);
+    let mut kinds: Vec<Kind> = Vec::new();
+    for &b in &plan.buffers {
+        for v in 0..builds.len() {
+            kinds.push(Kind::Send(b, v));
+        }
+    }
+    for &b in &plan.buffers {
+        for v in 0..builds.len() {
+            kinds.push(Kind::Recv(b, v));
+        }
+    }
     kinds.push(Kind::Cat);
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); kinds.len()];
     for _ in 0..plan.reps {
         for (i, &k) in kinds.iter().enumerate() {
-            let smp = one(plan.bytes, k, sim, client, cat)?;
+            let smp = one(plan.bytes, k, builds, cat)?;
             eprintln!(
-                "  {:<10} {} MB/s (wall {} MB/s), {:.2} CPU s/GiB",
+                "  {:<16} {} MB/s (wall {} MB/s), {:.2} CPU s/GiB",
                 name(k),
                 report::mbps(smp.bytes_per_sec),
                 report::mbps(smp.wall_bytes_per_sec),
@@ -430,13 +484,18 @@ fn measure(plan: &Plan, sim: &Sim, client: &Path, cat: &Path) -> Result<Json, St
 }
 
 /// One run of `kind`: source -> middle -> sink, all measured.
-fn one(bytes: u64, kind: Kind, sim: &Sim, client: &Path, cat: &Path) -> Result<Sample, String> {
+fn one(bytes: u64, kind: Kind, builds: &[Build], cat: &Path) -> Result<Sample, String> {
     let lim = limit(bytes);
+    let v = match kind {
+        Kind::Send(_, v) | Kind::Recv(_, v) => v,
+        Kind::Cat => 0,
+    };
+    let (sim, client) = (&builds[v].sim, builds[v].client.as_path());
     let sim0 = sim.cpu()?;
     let kids0 = procs::children_cpu()?;
     let started = Instant::now();
     let (secs, wall) = match kind {
-        Kind::Send(buf) => {
+        Kind::Send(buf, _) => {
             // source | qrexec-client-vm personal bench.Sink
             let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
             let mut src = procs::worker(&[s("fd-send"), s(bytes), s(CHUNK)]);
@@ -452,7 +511,7 @@ fn one(bytes: u64, kind: Kind, sim: &Sim, client: &Path, cat: &Path) -> Result<S
             check_bytes(&l, bytes, "bench.Sink")?;
             (l.get("secs"), wall)
         }
-        Kind::Recv(buf) => {
+        Kind::Recv(buf, _) => {
             // qrexec-client-vm personal bench.Source+N | sink
             let (r, w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
             let svc = format!("bench.Source+{bytes}");
