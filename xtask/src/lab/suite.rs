@@ -1323,6 +1323,10 @@ fn stage_binaries(cfg: &Config, bins: &[PathBuf]) -> Result<(), String> {
         super::guest::copy_replacing(b, &share.join(name))?;
         std::fs::copy(b, host.join(name)).map_err(|e| format!("{}: {e}", b.display()))?;
     }
+    let stamp = stamp_of(bins)?;
+    for d in [&share, &host] {
+        std::fs::write(d.join(STAMP), &stamp).map_err(|e| e.to_string())?;
+    }
     setup::mkcpio(&st, &share.join("domU-extra.cpio.gz"))
 }
 
@@ -1338,32 +1342,42 @@ fn sha256(p: &std::path::Path) -> Result<String, String> {
         .ok_or_else(|| format!("sha256sum {}: no output", p.display()))
 }
 
-/// Pushes the binaries to the domUs that do not have these very files
-/// (a lab that was already running, or domUs made without the archive).
-fn ensure_binaries(lab: &Lab, bins: &[PathBuf]) -> Result<(), String> {
-    let mut want = Vec::new();
+/// The file beside the binaries in every guest that names them by hash.
+const STAMP: &str = "lab-bins.sha256";
+
+/// `HASH NAME` per binary (hashed here: hashing 10 MB in an emulated domU
+/// takes over a minute).
+fn stamp_of(bins: &[PathBuf]) -> Result<String, String> {
+    let mut s = String::new();
     for b in bins {
-        let name = b
-            .file_name()
-            .ok_or("bad binary path")?
-            .to_string_lossy()
-            .into_owned();
-        want.push((name, sha256(b)?));
+        let name = b.file_name().ok_or("bad binary path")?.to_string_lossy();
+        let _ = writeln!(s, "{} {name}", sha256(b)?);
     }
-    let files: Vec<String> = want.iter().map(|(n, _)| format!("/mnt/host/{n}")).collect();
+    Ok(s)
+}
+
+/// Pushes the binaries to the domUs that do not have these very files
+/// (a lab that was already running, or domUs made without the archive),
+/// as their stamp file says.
+fn ensure_binaries(lab: &Lab, bins: &[PathBuf]) -> Result<(), String> {
+    let want = stamp_of(bins)?;
     let mut stale = Vec::new();
     for d in lab.running_domus()? {
         let out = lab.domu(
             &d,
-            &format!("sha256sum {} 2>&1", files.join(" ")),
+            &format!("cat /mnt/host/{STAMP} 2>&1"),
             Duration::from_secs(60),
         )?;
-        if !want.iter().all(|(_, h)| out.stdout.contains(h.as_str())) {
+        if out.stdout.trim() != want.trim() {
             stale.push(d);
         }
     }
     if !stale.is_empty() {
-        lab.push(bins, Some(&stale))?;
+        let stamp = lab.cfg().share_dir().join(STAMP);
+        std::fs::write(&stamp, &want).map_err(|e| e.to_string())?;
+        let mut files = bins.to_vec();
+        files.push(stamp);
+        lab.push(&files, Some(&stale))?;
     }
     Ok(())
 }
@@ -1475,7 +1489,24 @@ pub fn test(cfg: &Config, args: &[String]) -> Result<(), String> {
     rep.time("stage binaries", t);
 
     let t = Instant::now();
-    let guard = vm::start(cfg)?;
+    // A boot that fails (QEMU, the guest agent or a domU not coming up in
+    // time) is an infrastructure failure: one retry. Failed cases are not
+    // retried.
+    let was_running = vm::running_pid(cfg).is_some();
+    let guard = match vm::start(cfg) {
+        Ok(g) => g,
+        // (Never stop a lab this run did not start.)
+        Err(e) if !was_running => {
+            eprintln!("lab test: the boot failed, retrying once: {e}");
+            rep.notes.push(format!(
+                "the first boot failed and was retried: {}",
+                first_line(&e)
+            ));
+            vm::stop(cfg)?;
+            vm::start(cfg)?
+        }
+        Err(e) => return Err(e),
+    };
     rep.time("start", t);
     let owned = guard.owns();
     if !owned {
