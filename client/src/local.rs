@@ -228,8 +228,10 @@ impl WriterShared {
     }
 }
 
-/// Pending-output level above which the pump stops reading the channel.
-pub const OUTPUT_HIGH_WATER: usize = crate::proto::MAX_DATA_CHUNK_V3;
+/// Pending-output level above which the pump stops reading the channel:
+/// four full chunks, so that the pump can drain the ring while the writer
+/// thread writes (with one chunk the two threads took turns per message).
+pub const OUTPUT_HIGH_WATER: usize = 4 * crate::proto::MAX_DATA_CHUNK_V3;
 
 /// A writer thread for one local output (see the module documentation).
 #[derive(Debug)]
@@ -348,6 +350,7 @@ fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
                 write_all_fd(output.fd.as_fd(), &buf)
             };
             let mut st = shared.lock();
+            let before = st.pending;
             st.pending -= buf.len();
             if let Err(e) = result {
                 let quiet = matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET));
@@ -359,8 +362,16 @@ fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
                 st.pending -= dropped;
                 st.queue.clear();
             }
+            // Wake the pump only for what it may be waiting for: room
+            // below the high-water mark again, all written, or broken (one
+            // eventfd write and one wake-up less per chunk otherwise).
+            let wake = st.broken.is_some()
+                || st.pending == 0
+                || (before >= OUTPUT_HIGH_WATER && st.pending < OUTPUT_HIGH_WATER);
             drop(st);
-            shared.notify_main();
+            if wake {
+                shared.notify_main();
+            }
             continue;
         }
         // queue empty and close requested

@@ -933,6 +933,61 @@ impl MessageDecoder {
         }
     }
 
+    /// Payload bytes still missing of the message being decoded; `None` at a
+    /// message boundary or inside a header.
+    ///
+    /// ```
+    /// use qrexec::proto::{DecoderMode, MessageDecoder, MsgHeader, MsgType};
+    /// let mut d = MessageDecoder::new(DecoderMode::Data { chunk_limit: 65536 });
+    /// assert_eq!(d.payload_missing(), None);
+    /// d.feed(&MsgHeader::new(MsgType::DataStdout, 5).encode()).unwrap();
+    /// assert_eq!(d.payload_missing(), Some(5));
+    /// ```
+    pub fn payload_missing(&self) -> Option<usize> {
+        self.current.map(|(_, len)| len - self.payload.len())
+    }
+
+    /// Lets `read` put up to `max` payload bytes (at most what is missing)
+    /// straight into the message's own buffer, saving the copy through an
+    /// intermediate one; `read` returns how many bytes it wrote at the start
+    /// of the slice it gets. Returns the message if that completed it.
+    /// Outside a payload nothing is read and `Ok(None)` is returned.
+    ///
+    /// # Errors
+    /// Whatever `read` returns (the decoder is unchanged then).
+    ///
+    /// ```
+    /// use qrexec::proto::{DecoderMode, Message, MessageDecoder, MsgHeader, MsgType};
+    /// let mut d = MessageDecoder::new(DecoderMode::Data { chunk_limit: 65536 });
+    /// d.feed(&MsgHeader::new(MsgType::DataStdout, 2).encode()).unwrap();
+    /// let m = d.fill_payload(10, |b| { b.copy_from_slice(b"ok"); Ok::<_, ()>(2) }).unwrap();
+    /// assert_eq!(m, Some(Message::Stdout(b"ok".to_vec())));
+    /// ```
+    pub fn fill_payload<E>(
+        &mut self,
+        max: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<Option<Message>, E> {
+        let Some((ty, len)) = self.current else {
+            return Ok(None);
+        };
+        let have = self.payload.len();
+        let n = (len - have).min(max);
+        self.payload.resize(have + n, 0);
+        match read(&mut self.payload[have..]) {
+            Ok(got) => self.payload.truncate(have + got.min(n)),
+            Err(e) => {
+                self.payload.truncate(have);
+                return Err(e);
+            }
+        }
+        if self.payload.len() == len {
+            Ok(Some(self.finish(ty)))
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Consume bytes from `input`: returns how many were used and the message
     /// completed by them, if any. Stops right after a complete message. After
     /// an error the decoder must not be used again.

@@ -192,6 +192,10 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
     }
 }
 
+/// Payloads at least this large are read from the ring straight into the
+/// message's buffer (see `Pump::receive`); smaller ones are batched.
+const DIRECT_PAYLOAD: usize = 4096;
+
 /// Build a STDIN message in `tx` (payload already at `tx[8..8 + n]`).
 fn stdin_header(tx: &mut [u8], n: usize) {
     tx[..MSG_HEADER_SIZE].copy_from_slice(&MsgHeader::new(MsgType::DataStdin, n as u32).encode());
@@ -315,16 +319,60 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// Read and handle messages while the local output is not congested.
     ///
     /// Looks without asking the peer for events (the run loop asks right
-    /// before it sleeps) and takes all that is ready, up to one buffer, in
-    /// one ring operation: headers and payloads of several messages
-    /// together, split up here in private memory.
+    /// before it sleeps). A large payload (at least [`DIRECT_PAYLOAD`]
+    /// bytes) is read from the ring straight into the message's own buffer,
+    /// which goes to the output thread as is: no intermediate copy. Small
+    /// messages are read in batches: all that is ready, up to one buffer,
+    /// in one ring operation, split up here in private memory.
     fn receive(&mut self) -> Result<(), PumpError> {
         while self.writer.status().pending < OUTPUT_HIGH_WATER {
             let ready = self.ch.peek_data_ready();
             if ready == 0 {
                 break;
             }
+            match self.decoder.payload_missing() {
+                Some(missing) if missing >= DIRECT_PAYLOAD => {
+                    let ch = &mut *self.ch;
+                    let msg = self
+                        .decoder
+                        .fill_payload(ready, |b| ch.read_ready(b))
+                        .map_err(chan_err("read"))?;
+                    if let Some(m) = msg {
+                        self.dispatch(m);
+                    }
+                    continue;
+                }
+                Some(_) => {}
+                None => {
+                    // A message boundary: take the header alone, to learn
+                    // whether its payload is worth reading directly.
+                    let want = self.decoder.wanted().min(ready);
+                    let n = self
+                        .ch
+                        .read_ready(&mut self.rx[..want])
+                        .map_err(chan_err("read"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    let (_, msg) = self.decoder.feed(&self.rx[..n])?;
+                    if let Some(m) = msg {
+                        self.dispatch(m);
+                    }
+                    if self
+                        .decoder
+                        .payload_missing()
+                        .is_none_or(|m| m >= DIRECT_PAYLOAD)
+                    {
+                        continue;
+                    }
+                }
+            }
+            // A small payload: batch it with what follows.
+            let ready = self.ch.peek_data_ready();
             let want = ready.min(self.rx.len());
+            if want == 0 {
+                break;
+            }
             let n = self
                 .ch
                 .read_ready(&mut self.rx[..want])
@@ -337,17 +385,21 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 let (used, msg) = self.decoder.feed(&self.rx[off..n])?;
                 off += used;
                 if let Some(m) = msg {
-                    if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
-                        self.warned_stdin_type = true;
-                        crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
-                    }
-                    self.handle(m);
+                    self.dispatch(m);
                 } else if used == 0 {
                     break; // cannot happen (feed takes at least one byte)
                 }
             }
         }
         Ok(())
+    }
+
+    fn dispatch(&mut self, m: Message) {
+        if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
+            self.warned_stdin_type = true;
+            crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
+        }
+        self.handle(m);
     }
 
     /// Send a STDIN message whose payload is at `tx[8..8 + n]`. A failure
