@@ -40,12 +40,12 @@
 //! oxenstored do. The Local transport releases at once (no zombie).
 //!
 //! Measured in the lab (`cargo xtask lab test`, Xen 4.17, lab/README.md):
-//! after `xl destroy` of the peer, our servers (waiting or connected) and
-//! our connected clients ended within 1–4 s in dom0 and in a domU under
-//! oxenstored; in a domU under C xenstored our servers ended through the
-//! probe once the dead domain was released, and our client of the dead
-//! server did not. The C libxenvchan survivors were still waiting 40 s
-//! later everywhere. Where nothing can tell, bound the wait yourself:
+//! after `xl destroy` of the peer, our survivors in dom0 ended within
+//! 2–4 s under both daemons, and those in a domU within 1–4 s under
+//! oxenstored; in a domU under C xenstored our servers (waiting or
+//! connected) ended through the probe within a second of the dead domain's
+//! release, and our client of the dead server did not end. The C
+//! libxenvchan survivors were still waiting 40 s later everywhere. Where nothing can tell, bound the wait yourself:
 //! connects take a timeout, I/O takes [`Vchan::set_io_timeout`].
 
 #[cfg(feature = "tokio")]
