@@ -74,6 +74,15 @@ fn services() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The value after the first line of `text` that starts with `key` (the
+/// guest scripts print `@@key=value` lines), trimmed; empty if none.
+fn marker(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn sum_of(s: &str) -> Option<String> {
     let i = s.find("checksum=")? + "checksum=".len();
     let hex: String = s[i..].chars().take_while(char::is_ascii_hexdigit).collect();
@@ -218,12 +227,7 @@ fn cases(run: &mut Run) -> Result<(), String> {
     )?;
     let srv = run.on("domU2", "cat /tmp/q-sum.srv", Duration::from_secs(60))?;
     let text = out.all();
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
+    let field = |k: &str| marker(&text, k);
     let (rc, secs) = (field("@@rc="), field("@@secs=").parse::<f64>().ok());
     let (sent, back) = (sum_of(&field("@@sent=")), sum_of(&field("@@back=")));
     let got = sum_of(&srv.all());
@@ -256,12 +260,7 @@ fn cases(run: &mut Run) -> Result<(), String> {
         Duration::from_secs(300),
     )?;
     let text = out.all();
-    let rc = text
-        .lines()
-        .find_map(|l| l.strip_prefix("@@rc="))
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let rc = marker(&text, "@@rc=");
     let ok = rc == "126" && text.contains("Request refused");
     run.rep.add(
         SECTION,
@@ -284,12 +283,7 @@ fn cases(run: &mut Run) -> Result<(), String> {
     )?;
     let srv = run.on("domU2", "cat /tmp/q-gen.srv", Duration::from_secs(60))?;
     let text = out.all();
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
+    let field = |k: &str| marker(&text, k);
     let (rc, secs) = (field("@@rc="), field("@@secs=").parse::<f64>().ok());
     let got = sum_of(&field("@@got="));
     let sent = sum_of(&srv.all());
@@ -319,12 +313,7 @@ fn cases(run: &mut Run) -> Result<(), String> {
         Duration::from_secs(300),
     )?;
     let text = out.all();
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
+    let field = |k: &str| marker(&text, k);
     let ok = field("@@rc=") == "3" && text.lines().any(|l| l == "out") && field("@@err=") == "err";
     run.rep.add(
         SECTION,
