@@ -351,34 +351,17 @@ fn request_formats_v2_and_v3_agents() {
         // channel negotiates version 2 and 4096-byte chunks.
         let mut c = s.client(vm, &["personal", "test.Echo"]);
         c.env("QREXEC_REQUEST_FORMAT", format);
-        let out = call_with(c, &data);
+        let out = common::call_with(c, &data);
         assert_eq!(out.status.code(), Some(0), "{vm}: {}", text(&out.stderr));
         assert!(out.stdout == data, "{vm}: echo differs");
         // A v4 request to an older agent is closed: the client can only
         // report a refusal (spec §7.2).
         let mut c = s.client(vm, &["personal", "test.Echo"]);
         c.env("QREXEC_REQUEST_FORMAT", "v4");
-        let out = call_with(c, b"");
+        let out = common::call_with(c, b"");
         assert_eq!(out.status.code(), Some(126), "{vm}");
         assert_eq!(text(&out.stderr), "Request refused\n");
     }
-}
-
-fn call_with(mut c: std::process::Command, input: &[u8]) -> std::process::Output {
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = std::io::Write::write_all(&mut stdin, &input);
-    });
-    let out = common::wait_output(child, Duration::from_secs(60));
-    w.join().unwrap();
-    out
 }
 
 fn member_pids(s: &Sim) -> Vec<i32> {

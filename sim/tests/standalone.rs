@@ -21,26 +21,9 @@ impl Drop for Procs {
     }
 }
 
-fn call_with(mut c: Command, input: &[u8]) -> std::process::Output {
-    let mut child = c
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let w = std::thread::spawn(move || {
-        let _ = std::io::Write::write_all(&mut stdin, &input);
-    });
-    let out = common::wait_output(child, Duration::from_secs(60));
-    w.join().unwrap();
-    out
-}
-
 /// What `cksum` prints for the data (read from stdin).
 fn cksum(data: &[u8]) -> String {
-    let out = call_with(Command::new("cksum"), data);
+    let out = common::call_with(Command::new("cksum"), data);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -122,7 +105,7 @@ fn standalone_agents_and_daemons_route_calls() {
             .env_remove("VCHAN_TRANSPORT")
             .env("QREXEC_AGENT_SOCKET", sock("a"))
             .args(args);
-        call_with(c, input)
+        common::call_with(c, input)
     };
     let data: Vec<u8> = (0..(1u32 << 20)).map(|i| ((i * 7) >> 3) as u8).collect();
     let out = call(&["b", "test.Sum"], &data);

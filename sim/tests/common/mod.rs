@@ -106,21 +106,7 @@ impl Sim {
 
     /// Run the client with `input` on stdin; collect its output.
     pub fn call(&self, vm: &str, args: &[&str], input: &[u8]) -> Output {
-        let mut c = self.client(vm, args);
-        let mut child = c
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let input = input.to_vec();
-        let w = std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-        let out = wait_output(child, Duration::from_secs(60));
-        w.join().unwrap();
-        out
+        call_with(self.client(vm, args), input)
     }
 
     /// Whether the supervisor is still running.
@@ -170,6 +156,26 @@ impl Drop for Sim {
             }
         }
     }
+}
+
+/// Run `c` with `input` on stdin (written from a thread, so a child that
+/// writes before it reads cannot deadlock us); collect its output (60 s
+/// safety net).
+pub fn call_with(mut c: Command, input: &[u8]) -> Output {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = wait_output(child, Duration::from_secs(60));
+    w.join().unwrap();
+    out
 }
 
 /// Wait for a child's output, killing it after `timeout` (a safety net:
