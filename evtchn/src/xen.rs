@@ -275,9 +275,11 @@ fn privcmd_port_status(port: Port) -> Option<PortStatus> {
             0,
         ],
     };
-    // SAFETY: IOCTL_PRIVCMD_HYPERCALL reads a `struct privcmd_hypercall`;
-    // the hypercall writes at most `size_of::<EvtchnStatus>()` bytes at
-    // `st_ptr`, a live, exclusively borrowed local of that type.
+    // SAFETY: `ioctl_with`'s contract holds: IOCTL_PRIVCMD_HYPERCALL reads
+    // a `struct privcmd_hypercall` (= `call`) and writes nothing back into
+    // it. The hypercall itself writes at most `size_of::<EvtchnStatus>()`
+    // bytes at `st_ptr`, a live local of that type that nothing else
+    // borrows during the call.
     unsafe { ioctl_with(dev.as_fd(), sys::IOCTL_PRIVCMD_HYPERCALL, &call) }.ok()?;
     // SAFETY: `st_ptr` points to `st`, initialised above and possibly
     // rewritten by the hypervisor; a volatile read keeps the compiler from
