@@ -5,6 +5,7 @@
 //! cargo xtask demo [--quick]     the main job on its built-in default
 //! cargo xtask bench [...]        benchmarks with baselines in the same run
 //! cargo xtask lab <cmd>          the real-Xen lab (setup|start|stop|status|test)
+//! cargo xtask upstream <cmd>     the real C qrexec stack as a test peer (build|suite|cases)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,7 @@ mod demo;
 // The lab's test suite is landing in steps; some helpers are used only by it.
 #[allow(dead_code)]
 mod lab;
+mod upstream;
 mod util;
 
 use std::process::ExitCode;
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         "demo" => demo::run(rest),
         "bench" => bench::run(rest),
         "lab" => lab::run(rest),
+        "upstream" => upstream::run(rest),
         "-h" | "--help" | "help" => return usage_ok(),
         _ => return usage(),
     };
@@ -43,7 +46,8 @@ fn usage_text() -> &'static str {
     "usage: cargo xtask <command>\n\
      \n  demo [--quick]   run the demo (the README's first command)\
      \n  bench [...]      benchmarks with baselines in the same run\
-     \n  lab <cmd>        real Xen under QEMU: setup | start | stop | status | test [--quick]"
+     \n  lab <cmd>        real Xen under QEMU: setup | start | stop | status | test [--quick]\
+     \n  upstream <cmd>   the real C qrexec stack: build | suite | cases [--quick]"
 }
 
 fn usage() -> ExitCode {

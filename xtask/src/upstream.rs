@@ -1,0 +1,457 @@
+//! `cargo xtask upstream …`: the real C Qubes qrexec stack as a test peer.
+//!
+//! Builds Qubes' own C programs (`qrexec-agent`, `qrexec-daemon`,
+//! `qrexec-client`, the C `qrexec-client-vm`, `libqrexec-utils`) from the
+//! pinned snapshots in `../shared/upstream/` over `libvchan-socket`, into
+//! `target/upstream/` (cached by a stamp of the snapshots), and runs:
+//!
+//! ```text
+//! cargo xtask upstream build            build (or reuse) the C stack
+//! cargo xtask upstream suite            upstream's socket test suite (qrexec/tests/socket),
+//!                                       with their C client, then TestClientVm with ours
+//! cargo xtask upstream cases [--quick]  our real-stack cases: C agents and daemons, our
+//!                                       client and the C client side by side
+//! ```
+//!
+//! Upstream's programs refuse to run services as another user unless they
+//! run as root with PAM set up; as root we therefore run every C program
+//! and both clients as an unprivileged user (`qrexec-test`, created if
+//! missing) from a world-readable staging copy under `/tmp`, as upstream's
+//! own test instructions require. Nothing is installed system-wide except
+//! `libpam0g-dev` (apt) and that user.
+
+mod cases;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use crate::util;
+
+/// Bumped whenever the build recipe changes, so cached builds are redone.
+const RECIPE: &str = "1";
+
+/// The unprivileged user the C stack runs as when we are root.
+pub const TEST_USER: &str = "qrexec-test";
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let Some(cmd) = args.first() else {
+        return Err(usage());
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "build" => {
+            let b = build()?;
+            println!("C stack ready in {}", b.qrexec.display());
+            Ok(())
+        }
+        "suite" => suite(rest),
+        "cases" => cases::run(rest),
+        // Internal: the cases runner re-executed as the test user.
+        "cases-inner" => cases::inner(rest),
+        _ => Err(usage()),
+    }
+}
+
+fn usage() -> String {
+    "usage: cargo xtask upstream build | suite [--ours-only|--c-only] | cases [--quick]".into()
+}
+
+/// Where the pinned upstream snapshots are.
+fn snapshots() -> Result<PathBuf, String> {
+    let cands = [
+        std::env::var_os("UPSTREAM_DIR").map(PathBuf::from),
+        Some(util::root().join("../shared/upstream")),
+    ];
+    cands
+        .into_iter()
+        .flatten()
+        .find(|p| p.join("qubes-core-qrexec.tar.gz").is_file())
+        .ok_or_else(|| {
+            "no upstream snapshots: expected ../shared/upstream/qubes-core-qrexec.tar.gz \
+             (or UPSTREAM_DIR)"
+                .to_string()
+        })
+}
+
+/// Runs a command; an error with its name if it fails.
+pub(crate) fn sh(cmd: &mut Command) -> Result<(), String> {
+    let what = format!("{cmd:?}");
+    let st = cmd.status().map_err(|e| format!("{what}: {e}"))?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({st})"))
+    }
+}
+
+/// A built C stack.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The built `qubes-core-qrexec` tree (upstream's tests expect its layout).
+    pub qrexec: PathBuf,
+    /// The prefix holding `lib/libvchan-socket.so`.
+    pub prefix: PathBuf,
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Makes sure the PAM headers are there (upstream's agent needs them to
+/// pass its own tests); installs them with apt when we are root.
+fn ensure_pam_headers() -> Result<(), String> {
+    if Path::new("/usr/include/security/pam_appl.h").exists() {
+        return Ok(());
+    }
+    if !is_root() {
+        println!(
+            "  (no PAM headers: the agent is built without PAM; some upstream tests then fail)"
+        );
+        return Ok(());
+    }
+    println!("  installing libpam0g-dev (apt)");
+    let quiet = |c: &mut Command| {
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+    };
+    let mut up = Command::new("apt-get");
+    up.args(["update", "-qq"]);
+    quiet(&mut up);
+    sh(&mut up)?;
+    let mut inst = Command::new("apt-get");
+    inst.args(["install", "-y", "-qq", "libpam0g-dev"]);
+    quiet(&mut inst);
+    sh(&mut inst)
+}
+
+/// Builds (or reuses) the socket flavour of the C stack.
+pub fn build() -> Result<Built, String> {
+    let snaps = snapshots()?;
+    let base = util::target_dir().join("upstream");
+    let out = base.join("socket");
+    let mut stamp = format!("recipe {RECIPE}\n");
+    for name in ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-socket.tar.gz"] {
+        let m = fs::metadata(snaps.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        stamp.push_str(&format!("{name} {}\n", m.len()));
+    }
+    stamp.push_str(&format!(
+        "pam {}\n",
+        Path::new("/usr/include/security/pam_appl.h").exists()
+    ));
+    let built = Built {
+        qrexec: out.join("qubes-core-qrexec"),
+        prefix: out.join("prefix"),
+    };
+    ensure_pam_headers()?;
+    let stamp_path = out.join("stamp");
+    let stamp = stamp.replace(
+        "pam false",
+        if Path::new("/usr/include/security/pam_appl.h").exists() {
+            "pam true"
+        } else {
+            "pam false"
+        },
+    );
+    if fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str())
+        && built.qrexec.join("agent/qrexec-agent").is_file()
+    {
+        return Ok(built);
+    }
+    let t0 = Instant::now();
+    println!("== building the C qrexec stack (upstream snapshots, BACKEND_VMM=socket)");
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for name in ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-socket.tar.gz"] {
+        sh(Command::new("tar")
+            .arg("xzf")
+            .arg(snaps.join(name))
+            .arg("-C")
+            .arg(&out))?;
+    }
+    let p = &built.prefix;
+    let vs = out.join("qubes-core-vchan-socket/vchan");
+    sh(Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&vs)
+        .args(["libvchan-socket.so", "vchan-socket.pc"])
+        .arg(format!("PREFIX={}", p.display()))
+        .arg(format!("LIBDIR={}", p.join("lib").display()))
+        .arg(format!("INCLUDEDIR={}", p.join("include").display())))?;
+    for d in ["lib/pkgconfig", "include/vchan-socket"] {
+        fs::create_dir_all(p.join(d)).map_err(|e| e.to_string())?;
+    }
+    for (from, to) in [
+        ("libvchan.h", "include/vchan-socket/libvchan.h"),
+        ("vchan-socket.pc", "lib/pkgconfig/vchan-socket.pc"),
+        ("libvchan-socket.so", "lib/libvchan-socket.so"),
+    ] {
+        fs::copy(vs.join(from), p.join(to)).map_err(|e| format!("copy {from}: {e}"))?;
+    }
+    make_qrexec(&built.qrexec, p)?;
+    fs::write(&stamp_path, stamp).map_err(|e| e.to_string())?;
+    println!("   built in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(built)
+}
+
+/// Builds libqrexec, the agent side and the daemon side of an unpacked
+/// `qubes-core-qrexec` against the `vchan-socket` package found in
+/// `prefix` (pkg-config), then puts `libvchan-socket.so` beside
+/// `libqrexec-utils`: the programs' rpath is `$ORIGIN/../libqrexec`, so the
+/// tree is self-contained and can be copied anywhere (the test user runs a
+/// staged copy).
+pub fn make_qrexec(tree: &Path, prefix: &Path) -> Result<(), String> {
+    // `$$` for make, `\$` for the shell the recipe runs in.
+    let ldflags = format!(
+        "-L{lib} -Wl,-rpath,\\$$ORIGIN/../libqrexec",
+        lib = prefix.join("lib").display(),
+    );
+    let make = |dir: &str, targets: &[&str]| -> Result<(), String> {
+        sh(Command::new("make")
+            .arg("-s")
+            .arg("-j2")
+            .arg("-C")
+            .arg(tree.join(dir))
+            .arg("BACKEND_VMM=socket")
+            .args(targets)
+            .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+            .env("LDFLAGS", &ldflags)
+            // libqrexec's Makefile also asks pkg-config for a plain `vchan`
+            // package, which the socket build does not need.
+            .stderr(std::process::Stdio::null()))
+    };
+    make("libqrexec", &["all"])?;
+    make("agent", &["qrexec-agent", "qrexec-client-vm"])?;
+    make("daemon", &["qrexec-daemon", "qrexec-client"])?;
+    fs::copy(
+        prefix.join("lib/libvchan-socket.so"),
+        tree.join("libqrexec/libvchan-socket.so"),
+    )
+    .map_err(|e| format!("copy libvchan-socket.so: {e}"))?;
+    Ok(())
+}
+
+/// Creates the unprivileged test user if we are root and it is missing.
+pub(crate) fn ensure_test_user() -> Result<(), String> {
+    if !is_root() {
+        return Ok(());
+    }
+    let known = Command::new("id")
+        .arg("-u")
+        .arg(TEST_USER)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if known {
+        return Ok(());
+    }
+    sh(Command::new("useradd")
+        .args(["--system", "--no-create-home", "--shell", "/bin/bash"])
+        .arg(TEST_USER))
+}
+
+/// A world-readable scratch directory owned by the test user (as root) or
+/// by us, removed on drop.
+pub(crate) struct Stage {
+    pub dir: PathBuf,
+}
+
+impl Stage {
+    pub(crate) fn new(name: &str) -> Result<Stage, String> {
+        let dir = std::env::temp_dir().join(format!("rust-vchan-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        sh(Command::new("chmod").arg("755").arg(&dir))?;
+        Ok(Stage { dir })
+    }
+
+    /// Hands the whole stage to the test user (as root).
+    pub(crate) fn give_to_test_user(&self) -> Result<(), String> {
+        if is_root() {
+            sh(Command::new("chown")
+                .arg("-R")
+                .arg(format!("{TEST_USER}:"))
+                .arg(&self.dir))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        if std::env::var_os("UPSTREAM_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Copies a directory tree (`cp -a`).
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    sh(Command::new("cp").arg("-a").arg(from).arg(to))
+}
+
+/// A Python virtual environment with pytest and psutil, cached under
+/// `/var/tmp` (world-readable: the test user runs it).
+fn venv() -> Result<PathBuf, String> {
+    let v = PathBuf::from("/var/tmp/rust-vchan-upstream-venv");
+    let py = v.join("bin/python3");
+    let ok = Command::new(&py)
+        .args(["-c", "import pytest, psutil, pytest_timeout"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return Ok(py);
+    }
+    println!(
+        "== python venv with pytest, psutil, pytest-timeout ({})",
+        v.display()
+    );
+    let _ = fs::remove_dir_all(&v);
+    // The system interpreter: a pyenv one under /root is not reachable
+    // for the test user.
+    let system = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    sh(Command::new(system).arg("-m").arg("venv").arg(&v))?;
+    sh(Command::new(v.join("bin/pip")).args([
+        "install",
+        "-q",
+        "pytest",
+        "psutil",
+        "pytest-timeout",
+    ]))?;
+    sh(Command::new("chmod").arg("-R").arg("a+rX").arg(&v))?;
+    Ok(py)
+}
+
+/// Our release `qrexec-client-vm` (built on demand).
+pub(crate) fn our_client() -> Result<PathBuf, String> {
+    util::cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "qrexec",
+        "--bin",
+        "qrexec-client-vm",
+    ])?;
+    Ok(util::target_dir().join("release/qrexec-client-vm"))
+}
+
+/// The pass/fail counts pytest printed on its last line.
+fn pytest_counts(out: &str) -> (u32, u32) {
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| l.contains(" passed") || l.contains(" failed"))
+        .unwrap_or("");
+    let count = |word: &str| -> u32 {
+        let words: Vec<&str> = last
+            .split([' ', ',', '='])
+            .filter(|w| !w.is_empty())
+            .collect();
+        words
+            .windows(2)
+            .find(|w| w[1].starts_with(word))
+            .and_then(|w| w[0].parse().ok())
+            .unwrap_or(0)
+    };
+    (count("passed"), count("failed") + count("error"))
+}
+
+/// Runs pytest on `tests` inside `tree` as the test user, with bash as
+/// `/bin/sh` in a private mount namespace (upstream's test scripts need
+/// bash's `read`). Returns (passed, failed) and keeps the output.
+fn pytest(tree: &Path, tests: &str, log: &Path) -> Result<(u32, u32), String> {
+    let py = venv()?;
+    let mut inner = format!(
+        "cd '{}' && exec env HOME='{}' PATH=/usr/local/bin:/usr/bin:/bin \
+         '{}' -m pytest -q -p no:cacheprovider -o 'python_files=*.py' --timeout=120 {} ",
+        tree.display(),
+        tree.display(),
+        py.display(),
+        tests
+    );
+    let mut cmd = if is_root() {
+        inner = format!(
+            "mount --bind /bin/bash /bin/sh && exec runuser -u {TEST_USER} -- sh -c \"{}\"",
+            inner.replace('"', "\\\"")
+        );
+        let mut c = Command::new("unshare");
+        c.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+            .arg(&inner);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(&inner);
+        c
+    };
+    let out = cmd.output().map_err(|e| format!("pytest: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::write(log, &text).map_err(|e| e.to_string())?;
+    Ok(pytest_counts(&text))
+}
+
+/// `cargo xtask upstream suite`: upstream's socket suite with its own C
+/// programs, then its `TestClientVm` class with our `qrexec-client-vm` in
+/// place of theirs. Fails unless everything passes.
+fn suite(args: &[String]) -> Result<(), String> {
+    let ours_only = args.iter().any(|a| a == "--ours-only");
+    let c_only = args.iter().any(|a| a == "--c-only");
+    let built = build()?;
+    ensure_test_user()?;
+    let logs = util::target_dir().join("upstream/logs");
+    fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+    let mut failed = Vec::new();
+    if !ours_only {
+        let t0 = Instant::now();
+        let stage = Stage::new("suite-c")?;
+        let tree = stage.dir.join("qubes-core-qrexec");
+        copy_tree(&built.qrexec, &tree)?;
+        stage.give_to_test_user()?;
+        let log = logs.join("suite-c.log");
+        let (p, f) = pytest(&tree, "qrexec/tests/socket", &log)?;
+        let line = format!(
+            "upstream socket suite, upstream C programs: {p} passed, {f} failed ({:.0} s; {})",
+            t0.elapsed().as_secs_f64(),
+            log.display()
+        );
+        println!("{line}");
+        if f > 0 || p == 0 {
+            failed.push("upstream suite (C programs)");
+        }
+    }
+    if !c_only {
+        let t0 = Instant::now();
+        let ours = our_client()?;
+        let stage = Stage::new("suite-ours")?;
+        let tree = stage.dir.join("qubes-core-qrexec");
+        copy_tree(&built.qrexec, &tree)?;
+        fs::copy(&ours, tree.join("agent/qrexec-client-vm"))
+            .map_err(|e| format!("copy our client: {e}"))?;
+        stage.give_to_test_user()?;
+        let log = logs.join("suite-ours.log");
+        let (p, f) = pytest(&tree, "qrexec/tests/socket/agent.py::TestClientVm", &log)?;
+        let line = format!(
+            "upstream TestClientVm with our qrexec-client-vm: {p} passed, {f} failed ({:.0} s; {})",
+            t0.elapsed().as_secs_f64(),
+            log.display()
+        );
+        println!("{line}");
+        if f > 0 || p == 0 {
+            failed.push("TestClientVm (our client)");
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("failed: {}", failed.join(", ")))
+    }
+}
