@@ -186,7 +186,11 @@ impl DataChannel for VchanChannel {
     }
 
     fn poll_events(&self) -> nix::poll::PollFlags {
-        nix::poll::PollFlags::POLLIN
+        // The transport knows: the event channel, or on the socket
+        // transport POLLOUT while output is held back and no POLLIN while
+        // the receive buffer is full (a slow local reader must not make
+        // the loop spin).
+        self.0.poll_interest()
     }
 
     fn wait(&mut self) -> io::Result<()> {

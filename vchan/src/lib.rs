@@ -399,11 +399,44 @@ impl Vchan {
         }
     }
 
-    /// Consumes pending events (re-arming the event channel) without
-    /// blocking; for callers that poll the fd themselves.
+    /// What to wait for on [`AsFd::as_fd`] right now, for callers that run
+    /// their own `poll`/epoll loop: on shared memory always `POLLIN` (the
+    /// event channel); on the socket transport `POLLIN` while there is
+    /// room to receive, `POLLOUT` while unsent bytes are held back (a
+    /// `send` or `write` that did not fit into the socket), `POLLRDHUP`
+    /// until the peer has shut down, and nothing when no socket event can
+    /// change this end's state. Poll for exactly these flags, then call
+    /// [`Vchan::consume_events`] when the fd fired: asking only for
+    /// `POLLIN` would leave held-back output unsent until something else
+    /// happens.
+    ///
+    /// ```
+    /// use nix::poll::PollFlags;
+    /// let dir = tempfile::tempdir()?;
+    /// let t = vchan::Transport::Socket { dir: dir.path().into(), domid: 0 };
+    /// let srv = vchan::Vchan::server(&t, 1, 4242, 4096, 4096)?;
+    /// // Waiting for the client: the listening socket becomes readable.
+    /// assert_eq!(srv.poll_interest(), PollFlags::POLLIN);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn poll_interest(&self) -> nix::poll::PollFlags {
+        match &self.inner {
+            Inner::Shm(_) => nix::poll::PollFlags::POLLIN,
+            Inner::Socket(s) => s.poll_interest(),
+        }
+    }
+
+    /// Consumes what `poll` reported on the fd without blocking, for
+    /// callers that poll the fd themselves: on shared memory the pending
+    /// events (re-arming the event channel); on the socket transport it
+    /// accepts a waiting client, flushes held-back output and takes in
+    /// what arrived.
     pub fn consume_events(&mut self) {
-        if let Inner::Shm(c) = &mut self.inner {
-            while matches!(c.endpoint().consume_pending(), Ok(true)) {}
+        match &mut self.inner {
+            Inner::Shm(c) => while matches!(c.endpoint().consume_pending(), Ok(true)) {},
+            Inner::Socket(s) => {
+                let _ = s.handle_ready();
+            }
         }
     }
 

@@ -293,6 +293,40 @@ impl SocketChan {
         self.tx_cap
     }
 
+    /// What to poll the socket for now: the connection while listening;
+    /// once connected, readable while our receive buffer has room and the
+    /// peer may still send, writable while we hold unsent bytes. Empty when
+    /// nothing on the socket can change our state (then a hang-up would
+    /// only make `poll` return at once, again and again).
+    pub(crate) fn poll_interest(&self) -> PollFlags {
+        if !self.is_connected() {
+            return PollFlags::POLLIN;
+        }
+        let mut flags = PollFlags::empty();
+        if !self.eof {
+            // POLLRDHUP even with a full buffer: a peer that shut down is
+            // noticed without reading (`pump` then sets `eof`).
+            flags |= POLLRDHUP;
+            if self.rx.len() < self.rx_cap {
+                flags |= PollFlags::POLLIN;
+            }
+        }
+        if !self.tx.is_empty() && !self.broken {
+            flags |= PollFlags::POLLOUT;
+        }
+        flags
+    }
+
+    /// Moves data after `poll` reported the socket ready (accepting a
+    /// waiting client first); never blocks.
+    pub(crate) fn handle_ready(&mut self) -> Result<()> {
+        if !self.is_connected() {
+            self.poll_accept()?;
+        }
+        self.pump();
+        Ok(())
+    }
+
     /// Waits for something to happen on the socket (readable, writable if we
     /// have pending output, hang-up), then moves data. `Ok(false)` on timeout.
     pub(crate) fn wait(&mut self, timeout: Option<Duration>) -> Result<bool> {
