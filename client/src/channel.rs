@@ -1,6 +1,7 @@
 //! The data channel the pump runs over: the small part of the vchan API that
-//! qrexec-client-vm needs (spec §15), as a trait so that the pump can be tested
-//! over a Unix socket and run over `vchan::Vchan` in production.
+//! qrexec-client-vm needs (spec §15). Its one implementation is
+//! [`crate::transport::VchanChannel`] over `vchan::Vchan` (every transport:
+//! Xen, Local, Socket), which is also what the pump tests run over.
 //!
 //! Semantics follow libvchan: `send_all` is all-or-nothing, `buffer_space`
 //! and `data_ready` report the free and filled parts of the rings, and the
@@ -20,17 +21,21 @@ use std::time::Duration;
 /// `Vchan::wait_connected`, `send_all` → `Vchan::send` (all or nothing),
 /// `read_ready` → `Vchan::recv` of `min(buf.len(), data_ready())` bytes (0
 /// when nothing is ready, without blocking), `data_ready`/`buffer_space` as
-/// is, `is_open` → `state()` is connected, `poll_events` → `POLLIN` on the
-/// event-channel fd, `wait` → `Vchan::wait` (consumes the pending event).
+/// is, `is_open` → `state()` is connected, `poll_events` →
+/// `Vchan::poll_interest` (the event channel, or on the socket transport
+/// `POLLOUT` while output is held back), `wait` → `Vchan::consume_events`.
 ///
 /// ```
 /// use qrexec::channel::DataChannel;
-/// use qrexec::socket_vchan::SocketChannel;
-/// use std::os::unix::net::UnixStream;
-/// let (a, _b) = UnixStream::pair().unwrap();
-/// let mut ch = SocketChannel::from_stream(a, 4096, 4096).unwrap();
+/// use qrexec::transport::VchanChannel;
+/// let dir = tempfile::tempdir()?;
+/// let t = vchan::Transport::Socket { dir: dir.path().into(), domid: 0 };
+/// let mut ch = VchanChannel(vchan::Vchan::server(&t, 5, 513, 4096, 4096)?);
+/// let _peer = std::os::unix::net::UnixStream::connect(vchan::socket_path(dir.path(), 0, 5, 513))?;
+/// ch.wait_connected(std::time::Duration::from_secs(5))?;
 /// assert_eq!(ch.buffer_space(), 4096);
 /// assert_eq!(ch.data_ready(), 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait DataChannel: AsFd + fmt::Debug {
     /// Wait until the peer has connected, at most `timeout`. Errors with

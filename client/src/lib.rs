@@ -8,7 +8,6 @@
 //! * [`format`](mod@format): choosing the request format (option, env, marker file);
 //! * [`trigger`]: the exchange with the local agent;
 //! * [`channel`]: the [`channel::DataChannel`] trait the pump runs over;
-//! * [`socket_vchan`]: a vchan-socket compatible data channel (tests, interop);
 //! * [`transport`]: which data channel the command uses;
 //! * [`local`], [`pump`]: local I/O, local program, and the data pump;
 //! * [`filter`]: escape-character filtering;
@@ -26,7 +25,6 @@ pub mod local;
 pub mod names;
 pub mod proto;
 pub mod pump;
-pub mod socket_vchan;
 pub mod transport;
 pub mod trigger;
 

@@ -3,8 +3,8 @@
 //! `MSG_DATA_STDERR` → stderr, `MSG_DATA_EXIT_CODE`, EOF and half-close
 //! rules, escape filtering, backpressure, SIGUSR1 and the exit status.
 //!
-//! Generic over [`DataChannel`], so the same code runs over a vchan and over
-//! the socket test double.
+//! Generic over [`DataChannel`], whose one implementation is the vchan
+//! (`crate::transport::VchanChannel`, any transport).
 
 use crate::channel::DataChannel;
 use crate::filter::replace_escape_chars;

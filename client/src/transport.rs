@@ -1,9 +1,11 @@
 //! Choosing the data-channel transport for the vchan server.
 //!
 //! With `VCHAN_SOCKET_DIR` set, the server is a `qubes-core-vchan-socket`
-//! compatible socket ([`crate::socket_vchan`]). Everything else goes through
-//! [`open_data_server`], the single place where the real `vchan` crate is
-//! wired in.
+//! compatible socket (the `vchan` crate's socket transport, through
+//! [`open_socket_server`]); everything else goes through
+//! [`open_data_server`] (Xen, or the Local transport). Both give a
+//! [`VchanChannel`]: one data channel implementation ships, and the tests
+//! run the pump over it.
 
 use crate::channel::DataChannel;
 use std::ffi::OsStr;
@@ -90,10 +92,10 @@ pub fn open_socket_server(
     port: u32,
     buffer_size: usize,
 ) -> Result<Box<dyn DataChannel>, SetupError> {
-    let path = crate::socket_vchan::socket_path(dir, own_domain, domain.into(), port);
-    crate::vlog!("listening for the service on {}", path.display());
     let own =
         u16::try_from(own_domain).map_err(|_| SetupError::BadOwnDomain(own_domain.to_string()))?;
+    let path = vchan::socket_path(dir, own, domain, port);
+    crate::vlog!("listening for the service on {}", path.display());
     let t = vchan::Transport::Socket {
         dir: dir.to_path_buf(),
         domid: own,

@@ -991,7 +991,7 @@ fn verbose_logs_to_stderr_and_is_silent_otherwise() {
 fn vchan_domain_names_the_socket() {
     let h = Harness::new();
     let agent = h.agent(RequestFormat::V4, accept());
-    let path = qrexec::socket_vchan::socket_path(h.dir.path(), 9, DOMAIN, PORT);
+    let path = vchan::socket_path(h.dir.path(), 9, DOMAIN as u16, PORT);
     let svc = std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + TIMEOUT;
         let mut s = loop {

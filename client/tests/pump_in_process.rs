@@ -1,66 +1,26 @@
-//! The pump used as a library, in process, over socket pairs: shows that it
-//! is generic over `DataChannel` and pins flow-control details that are
-//! awkward to reach through the binary.
+//! The pump used as a library, in process, over the vchan crate's real
+//! transports (the same code `qrexec-client-vm` ships): the socket
+//! transport with a scripted peer on the raw byte stream (which is what a
+//! `qubes-core-vchan-socket` peer sends), and the Local shared-memory
+//! transport with a peer that is a real vchan client. Pins flow-control
+//! details that are awkward to reach through the binary.
 
-use nix::poll::PollFlags;
 use qrexec::channel::DataChannel;
 use qrexec::local::{CloseMode, LocalFd, LocalInput, LocalOutput};
 use qrexec::proto::{MsgHeader, MsgType, encode_data, encode_exit_code, encode_hello};
 use qrexec::pump::{LocalSide, PumpConfig, PumpError, run_session};
-use qrexec::socket_vchan::SocketChannel;
+use qrexec::transport::VchanChannel;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vchan::{LocalXen, Transport, Vchan};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A channel whose free space is capped: every message must fit `cap`.
-#[derive(Debug)]
-struct Capped {
-    inner: SocketChannel,
-    cap: usize,
-}
-
-impl AsFd for Capped {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.inner.as_fd()
-    }
-}
-
-impl DataChannel for Capped {
-    fn wait_connected(&mut self, t: Duration) -> io::Result<()> {
-        self.inner.wait_connected(t)
-    }
-    fn send_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        assert!(
-            buf.len() <= self.cap,
-            "pump sent {} > space {}",
-            buf.len(),
-            self.cap
-        );
-        self.inner.send_all(buf)
-    }
-    fn read_ready(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read_ready(buf)
-    }
-    fn data_ready(&mut self) -> usize {
-        self.inner.data_ready()
-    }
-    fn buffer_space(&mut self) -> usize {
-        self.inner.buffer_space().min(self.cap)
-    }
-    fn is_open(&mut self) -> bool {
-        self.inner.is_open()
-    }
-    fn poll_events(&self) -> PollFlags {
-        self.inner.poll_events()
-    }
-    fn wait(&mut self) -> io::Result<()> {
-        self.inner.wait()
-    }
-}
+const PEER: u16 = 5;
+const PORT: u32 = 513;
 
 #[derive(Clone, Default)]
 struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -108,7 +68,7 @@ fn local_ends() -> Ends {
     }
 }
 
-fn read_msg(s: &mut UnixStream) -> Option<(u32, Vec<u8>)> {
+fn read_msg(s: &mut impl Read) -> Option<(u32, Vec<u8>)> {
     let mut h = [0u8; 8];
     if s.read_exact(&mut h).is_err() {
         return None;
@@ -119,14 +79,27 @@ fn read_msg(s: &mut UnixStream) -> Option<(u32, Vec<u8>)> {
     Some((h.ty, b))
 }
 
-#[test]
-fn capped_space_bounds_every_message_and_prefix_goes_first() {
-    let (ours, mut svc) = UnixStream::pair().unwrap();
-    svc.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut ch = Capped {
-        inner: SocketChannel::from_stream(ours, 65536, 65536).unwrap(),
-        cap: 100,
+/// Our data vchan server on the socket transport (domain 0, rings of
+/// `ring` bytes each way) and a raw stream connected to it as the peer in
+/// domain 5: the bytes a `qubes-core-vchan-socket` service would send.
+fn socket_pair(dir: &Path, ring: usize) -> (VchanChannel, UnixStream) {
+    let t = Transport::Socket {
+        dir: dir.to_path_buf(),
+        domid: 0,
     };
+    let srv = Vchan::server(&t, PEER, PORT, ring, ring).unwrap();
+    let mut ch = VchanChannel(srv);
+    let peer = UnixStream::connect(vchan::socket_path(dir, 0, PEER, PORT)).unwrap();
+    peer.set_read_timeout(Some(TIMEOUT)).unwrap();
+    ch.wait_connected(TIMEOUT).unwrap();
+    (ch, peer)
+}
+
+#[test]
+fn small_ring_bounds_every_message_and_prefix_goes_first() {
+    // A 1024-byte ring (the smallest): every STDIN message must fit it.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ch, mut svc) = socket_pair(dir.path(), 1024);
     let mut ends = local_ends();
     let service = std::thread::spawn(move || {
         svc.write_all(&encode_hello(4)).unwrap();
@@ -153,104 +126,97 @@ fn capped_space_bounds_every_message_and_prefix_goes_first() {
     });
     let mut feeder = ends.input_peer.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
-        feeder.write_all(&[b'z'; 1000]).unwrap();
+        feeder.write_all(&[b'z'; 5000]).unwrap();
         feeder.shutdown(std::net::Shutdown::Write).unwrap();
     });
     let cfg = PumpConfig {
-        prefix: b"P".repeat(150),
+        prefix: b"P".repeat(1500),
         ..PumpConfig::default()
     };
     let outcome = run_session(&mut ch, 4, &cfg, ends.local).unwrap();
     writer.join().unwrap();
     assert_eq!(outcome.exit_code(), 9);
     let (data, sizes) = service.join().unwrap();
-    assert!(sizes.iter().all(|&s| s <= 92), "{sizes:?}");
-    assert_eq!(&data[..150], &b"P".repeat(150)[..]);
-    assert_eq!(&data[150..], &[b'z'; 1000][..]);
+    assert!(sizes.iter().all(|&s| s <= 1024 - 8), "{sizes:?}");
+    assert!(
+        sizes.len() >= 7,
+        "6500 bytes in ≤1016-byte messages: {sizes:?}"
+    );
+    assert_eq!(&data[..1500], &b"P".repeat(1500)[..]);
+    assert_eq!(&data[1500..], &[b'z'; 5000][..]);
     let mut out = Vec::new();
     ends.output_peer.read_to_end(&mut out).unwrap();
     assert_eq!(out, b"done");
     assert_eq!(*ends.stderr.0.lock().unwrap(), b"warn");
 }
 
-/// A channel whose sends start failing after `ok_sends` successful ones
-/// (a peer that went away), while receiving keeps working.
-#[derive(Debug)]
-struct FailingSend {
-    inner: SocketChannel,
-    ok_sends: usize,
-    failed: Option<std::sync::mpsc::Sender<()>>,
-}
-
-impl AsFd for FailingSend {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.inner.as_fd()
-    }
-}
-
-impl DataChannel for FailingSend {
-    fn wait_connected(&mut self, t: Duration) -> io::Result<()> {
-        self.inner.wait_connected(t)
-    }
-    fn send_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        if self.ok_sends == 0 {
-            if let Some(tx) = self.failed.take() {
-                tx.send(()).unwrap();
+#[test]
+fn held_back_output_is_flushed_without_waiting_for_the_peer() {
+    // The socket transport keeps what the socket does not take in a private
+    // buffer; the pump must poll for POLLOUT and flush it. 16 MiB upload to
+    // a peer that only reads, then answers. (Before the fix this stalled
+    // for the pump's 10 s poll timeout again and again; that the interest
+    // includes POLLOUT is pinned without clocks in the vchan crate's
+    // `socket_poll_interest` tests, and the real-stack cases bound it.)
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ch, mut svc) = socket_pair(dir.path(), 65536);
+    let ends = local_ends();
+    const N: usize = 16 << 20;
+    let service = std::thread::spawn(move || {
+        svc.write_all(&encode_hello(4)).unwrap();
+        assert_eq!(read_msg(&mut svc).unwrap().0, 0x300);
+        let mut n = 0usize;
+        loop {
+            let (ty, b) = read_msg(&mut svc).unwrap();
+            assert_eq!(ty, 0x190);
+            if b.is_empty() {
+                break;
             }
-            return Err(io::ErrorKind::BrokenPipe.into());
+            n += b.len();
         }
-        self.ok_sends -= 1;
-        self.inner.send_all(buf)
-    }
-    fn read_ready(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read_ready(buf)
-    }
-    fn data_ready(&mut self) -> usize {
-        self.inner.data_ready()
-    }
-    fn buffer_space(&mut self) -> usize {
-        self.inner.buffer_space()
-    }
-    fn is_open(&mut self) -> bool {
-        self.inner.is_open()
-    }
-    fn poll_events(&self) -> PollFlags {
-        self.inner.poll_events()
-    }
-    fn wait(&mut self) -> io::Result<()> {
-        self.inner.wait()
-    }
+        svc.write_all(&encode_data(MsgType::DataStdout, b""))
+            .unwrap();
+        svc.write_all(&encode_exit_code(0)).unwrap();
+        n
+    });
+    let mut feeder = ends.input_peer.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![7u8; 65536];
+        for _ in 0..N / chunk.len() {
+            feeder.write_all(&chunk).unwrap();
+        }
+        feeder.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let outcome = run_session(&mut ch, 4, &PumpConfig::default(), ends.local).unwrap();
+    writer.join().unwrap();
+    assert_eq!(outcome.exit_code(), 0);
+    assert_eq!(service.join().unwrap(), N);
 }
 
 #[test]
 fn send_failure_stops_sending_but_keeps_receiving_the_exit_code() {
-    // Our sends fail before the service's result arrives: no EOF is sent,
-    // input is no longer read, and the exit code is still reported
+    // The peer stops reading (shutdown of its receiving side) while our
+    // input is endless: our sends fail, no EOF is sent, input is no longer
+    // read, and the exit code it sends afterwards is still reported
     // (66c1519) instead of 1.
-    let (ours, mut svc) = UnixStream::pair().unwrap();
-    svc.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut ch = FailingSend {
-        inner: SocketChannel::from_stream(ours, 65536, 65536).unwrap(),
-        ok_sends: 3, // HELLO and two STDIN chunks
-        failed: Some(tx),
-    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ch, mut svc) = socket_pair(dir.path(), 65536);
     let ends = local_ends();
     let mut feeder = ends.input_peer.try_clone().unwrap();
     let service = std::thread::spawn(move || {
         svc.write_all(&encode_hello(4)).unwrap();
         assert_eq!(read_msg(&mut svc).unwrap().0, 0x300);
-        rx.recv_timeout(TIMEOUT).expect("no send failed");
+        let first = read_msg(&mut svc).unwrap();
+        assert_eq!(first.0, 0x190);
+        assert!(!first.1.is_empty());
+        svc.shutdown(std::net::Shutdown::Read).unwrap();
+        // Give our side time to hit the failing send.
+        std::thread::sleep(Duration::from_millis(200));
         svc.write_all(&encode_data(MsgType::DataStdout, b"bye"))
             .unwrap();
         svc.write_all(&encode_data(MsgType::DataStdout, b""))
             .unwrap();
         svc.write_all(&encode_exit_code(5)).unwrap();
-        let mut got = Vec::new();
-        while let Some(m) = read_msg(&mut svc) {
-            got.push(m);
-        }
-        got
     });
     let writer = std::thread::spawn(move || {
         // endless input; ends when the pump stops reading it
@@ -266,17 +232,14 @@ fn send_failure_stops_sending_but_keeps_receiving_the_exit_code() {
     assert_eq!(out, b"bye");
     drop(ends.input_peer);
     writer.join().unwrap();
-    drop(ch);
-    let got = service.join().unwrap();
-    assert_eq!(got.len(), 2, "two STDIN chunks and no EOF: {:?}", got.len());
-    assert!(got.iter().all(|(t, b)| *t == 0x190 && !b.is_empty()));
+    service.join().unwrap();
 }
 
 #[test]
 fn closed_channel_during_handshake_is_an_error() {
-    let (ours, svc) = UnixStream::pair().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ch, svc) = socket_pair(dir.path(), 65536);
     drop(svc);
-    let mut ch = SocketChannel::from_stream(ours, 65536, 65536).unwrap();
     let ends = local_ends();
     let e = run_session(&mut ch, 4, &PumpConfig::default(), ends.local).unwrap_err();
     assert!(
@@ -286,4 +249,57 @@ fn closed_channel_during_handshake_is_an_error() {
         ),
         "{e}"
     );
+}
+
+#[test]
+fn whole_session_over_local_shared_memory() {
+    // The Local transport: real shared-memory rings between our server in
+    // domain 0 and a vchan client in domain 5 that plays a `cat` service.
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, PEER]).unwrap();
+    let srv = Vchan::server(&xen.transport(0), PEER, PORT, 4096, 4096).unwrap();
+    let mut ch = VchanChannel(srv);
+    let peer_t = xen.transport(PEER);
+    let service = std::thread::spawn(move || {
+        let mut v = Vchan::client(&peer_t, 0, PORT, TIMEOUT).unwrap();
+        v.set_io_timeout(Some(TIMEOUT));
+        v.write_all(&encode_hello(4)).unwrap();
+        assert_eq!(read_msg(&mut v).unwrap().0, 0x300);
+        let mut n = 0usize;
+        loop {
+            let (ty, b) = read_msg(&mut v).unwrap();
+            assert_eq!(ty, 0x190);
+            if b.is_empty() {
+                break;
+            }
+            n += b.len();
+            v.write_all(&encode_data(MsgType::DataStdout, &b)).unwrap();
+        }
+        v.write_all(&encode_data(MsgType::DataStdout, b"")).unwrap();
+        v.write_all(&encode_exit_code(3)).unwrap();
+        n
+    });
+    ch.wait_connected(TIMEOUT).unwrap();
+    let ends = local_ends();
+    let mut feeder = ends.input_peer.try_clone().unwrap();
+    const N: usize = 1 << 20;
+    let writer = std::thread::spawn(move || {
+        let data: Vec<u8> = (0..N).map(|i| (i % 251) as u8).collect();
+        feeder.write_all(&data).unwrap();
+        feeder.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut op = ends.output_peer.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        op.read_to_end(&mut out).unwrap();
+        out
+    });
+    let outcome = run_session(&mut ch, 4, &PumpConfig::default(), ends.local).unwrap();
+    writer.join().unwrap();
+    assert_eq!(outcome.exit_code(), 3);
+    assert_eq!(service.join().unwrap(), N);
+    let out = reader.join().unwrap();
+    assert_eq!(out.len(), N);
+    assert!(out.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    drop(xen);
 }

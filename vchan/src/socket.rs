@@ -264,11 +264,19 @@ impl SocketChan {
         }
     }
 
-    /// Whether the peer is still there (false once it closed, even if data
-    /// remains to be read).
+    /// Whether the peer is still there: false once it closed its sending
+    /// side, even if data remains to be read. A peer that stopped reading
+    /// (our writes fail) but still sends is open: what it sends (say, an
+    /// exit code after a service stopped reading its input) is still read.
     pub(crate) fn is_open(&mut self) -> bool {
         self.pump();
-        self.is_connected() && !self.eof && !self.broken
+        self.is_connected() && !self.eof
+    }
+
+    /// Whether we can still send: connected, and the peer neither closed
+    /// nor stopped reading.
+    fn can_send(&mut self) -> bool {
+        self.is_open() && !self.broken
     }
 
     pub(crate) fn data_ready(&mut self) -> usize {
@@ -374,7 +382,7 @@ impl SocketChan {
     pub(crate) fn write(&mut self, buf: &[u8], blocking: bool) -> Result<usize> {
         let mut done = 0;
         loop {
-            if !self.is_open() {
+            if !self.can_send() {
                 return if done > 0 {
                     Ok(done)
                 } else {
@@ -410,7 +418,7 @@ impl SocketChan {
             )));
         }
         loop {
-            if !self.is_open() {
+            if !self.can_send() {
                 return Err(Error::PeerClosed);
             }
             if self.tx_cap - self.tx.len() >= buf.len() {
@@ -444,7 +452,7 @@ impl SocketChan {
                 }
                 return Ok(buf.len());
             }
-            if self.eof || self.broken {
+            if self.eof {
                 return Err(Error::PeerClosed);
             }
             if !blocking {

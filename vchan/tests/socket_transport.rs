@@ -152,3 +152,102 @@ fn non_blocking_connect_retries_on_its_interval() {
     v.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"ok");
 }
+
+/// Fills the peer's socket buffer with non-blocking sends until our end
+/// holds bytes back; returns how many bytes the vchan accepted.
+fn send_until_held_back(v: &mut Vchan) -> usize {
+    v.set_blocking(false);
+    let chunk = vec![0xabu8; 4096];
+    let mut sent = 0;
+    for _ in 0..100_000 {
+        match v.send(&chunk) {
+            Ok(n) => sent += n,
+            Err(vchan::Error::WouldBlock) => break,
+            Err(e) => panic!("send: {e}"),
+        }
+        if v.poll_interest().contains(nix::poll::PollFlags::POLLOUT) {
+            break;
+        }
+    }
+    sent
+}
+
+#[test]
+fn socket_poll_interest_asks_for_pollout_while_output_is_held_back() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Vchan::server(&transport(dir.path(), 0), 5, 513, 65536, 65536).unwrap();
+    // Listening: the new connection makes the socket readable.
+    assert_eq!(srv.poll_interest(), PollFlags::POLLIN);
+    let path = dir.path().join("vchan.0.5.513.sock");
+    let mut peer = UnixStream::connect(&path).unwrap();
+    srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+    let idle = srv.poll_interest();
+    assert!(idle.contains(PollFlags::POLLIN), "{idle:?}");
+    assert!(
+        !idle.contains(PollFlags::POLLOUT),
+        "nothing held back: {idle:?}"
+    );
+
+    // The peer reads nothing: the socket fills up and our end holds bytes.
+    let sent = send_until_held_back(&mut srv);
+    let held = srv.poll_interest();
+    assert!(
+        held.contains(PollFlags::POLLOUT),
+        "{held:?} after {sent} bytes"
+    );
+
+    // The peer drains everything; the fd turns writable for exactly the
+    // interest we were given, and consume_events flushes the rest.
+    let reader = thread::spawn(move || {
+        let mut got = vec![0u8; sent];
+        peer.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 0xab));
+        peer
+    });
+    for _ in 0..1000 {
+        let want = srv.poll_interest();
+        if !want.contains(PollFlags::POLLOUT) {
+            break;
+        }
+        let mut fds = [PollFd::new(srv.as_fd(), want)];
+        let n = poll(&mut fds, PollTimeout::from(10_000u16)).unwrap();
+        assert_eq!(n, 1, "the fd must fire for the interest it gave");
+        srv.consume_events();
+    }
+    assert!(!srv.poll_interest().contains(PollFlags::POLLOUT));
+    reader.join().unwrap();
+}
+
+#[test]
+fn socket_poll_interest_drops_pollin_while_the_receive_buffer_is_full() {
+    use nix::poll::PollFlags;
+    let dir = tempfile::tempdir().unwrap();
+    // 1024-byte buffers: the peer's 4 KiB fills ours.
+    let mut srv = Vchan::server(&transport(dir.path(), 0), 5, 513, 1024, 1024).unwrap();
+    let path = dir.path().join("vchan.0.5.513.sock");
+    let mut peer = UnixStream::connect(&path).unwrap();
+    srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+    peer.write_all(&[1u8; 4096]).unwrap();
+    for _ in 0..1000 {
+        if srv.data_ready() == 1024 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(srv.data_ready(), 1024);
+    // A slow reader of ours must not make a poll loop spin on POLLIN.
+    let full = srv.poll_interest();
+    assert!(!full.contains(PollFlags::POLLIN), "{full:?}");
+    let mut buf = [0u8; 1024];
+    srv.recv(&mut buf).unwrap();
+    assert!(srv.poll_interest().contains(PollFlags::POLLIN));
+    // Once the peer is gone and that is known, nothing is asked for (a
+    // hang-up would make poll return at once, forever).
+    drop(peer);
+    let mut rest = Vec::new();
+    srv.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest.len(), 4096 - 1024);
+    assert_eq!(srv.poll_interest(), PollFlags::empty());
+}

@@ -67,7 +67,7 @@ impl Harness {
     }
 
     pub fn data_socket(&self) -> PathBuf {
-        qrexec::socket_vchan::socket_path(self.dir.path(), 0, DOMAIN, PORT)
+        vchan::socket_path(self.dir.path(), 0, DOMAIN as u16, PORT)
     }
 
     /// Start the fake agent. It reads one request in `format`, answers with

@@ -548,9 +548,7 @@ fn call(world: &World, client: &Path, case: &Case) -> Result<Run, String> {
     let input = case.input.clone();
     let data = world.dir.join("data");
     let feeder = std::thread::spawn(move || {
-        let Some(mut w) = stdin.take() else {
-            return None;
-        };
+        let mut w = stdin.take()?;
         match input {
             Input::Bytes(b) => {
                 let _ = w.write_all(&b);
