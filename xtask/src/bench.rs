@@ -39,6 +39,8 @@ const USAGE: &str = "usage: cargo xtask bench vchan|qrexec [--quick] [--json PAT
                                 (target/release/xtask copied aside), for before/after in one run\n\
           [--pin]               pin the two ends of every pair to CPUs 0 and 1\n\
   qrexec: [--buffers 65536,1048576]\n\
+          [--peer c-stack]      ours and the C client through the real C stack (upstream agents and\n\
+                                daemons over libvchan-socket): MB/s, CPU s/GiB, echo latency\n\
           [--also NAME=DIR]     also run DIR/qubes-sim with DIR/qrexec-client-vm (another build)";
 
 /// Options every suite takes.

@@ -20,7 +20,7 @@
 //! own test instructions require. Nothing is installed system-wide except
 //! `libpam0g-dev` (apt) and that user.
 
-mod cases;
+pub(crate) mod cases;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -44,6 +44,23 @@ struct Plan {
 
 /// Runs the suite.
 pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
+    // `--peer c-stack`: ours and the C client through the real C stack
+    // (upstream agents and daemons), instead of the simulated Qubes.
+    if let Some(i) = args.iter().position(|a| a == "--peer") {
+        return match args.get(i + 1).map(String::as_str) {
+            Some("c-stack") => {
+                let reps = args
+                    .iter()
+                    .position(|a| a == "--reps")
+                    .and_then(|i| args.get(i + 1))
+                    .map(|r| parse::<usize>(r))
+                    .transpose()?
+                    .unwrap_or(if common.quick { 1 } else { 5 });
+                crate::upstream::cases::bench(reps)
+            }
+            other => Err(format!("--peer {other:?}: the one peer is c-stack")),
+        };
+    }
     let mut plan = if common.quick {
         Plan {
             bytes: 32 << 20,

@@ -27,6 +27,16 @@ use super::{Stage, TEST_USER, copy_tree, ensure_test_user, sh};
 const HANG: Duration = Duration::from_secs(60);
 const MIB: usize = 1 << 20;
 
+/// `cargo xtask bench qrexec --peer c-stack`: the transfer cases `reps`
+/// times each and the echo latency, ours and C, through the real stack.
+pub fn bench(reps: usize) -> Result<(), String> {
+    run(&[
+        "--bench".to_string(),
+        "--reps".to_string(),
+        reps.to_string(),
+    ])
+}
+
 /// The outer command: build, stage, then run [`inner`] as the test user.
 pub fn run(args: &[String]) -> Result<(), String> {
     let built = super::build()?;
@@ -743,6 +753,15 @@ pub fn inner(args: &[String]) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    if args.iter().any(|a| a == "--bench") {
+        let reps = args
+            .iter()
+            .position(|a| a == "--reps")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(3usize);
+        return bench_inner(&world, &ours, &c, reps);
+    }
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut rows = Vec::new();
     let mut failures = Vec::new();
@@ -782,5 +801,56 @@ pub fn inner(args: &[String]) -> Result<(), String> {
     if failed > 0 {
         return Err(format!("{failed} real-stack checks failed"));
     }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The bench: each transfer case `reps` times per client (interleaved,
+/// ours then C), median MB/s and CPU seconds per GiB of the client
+/// process; then the mean latency of 100 sequential echo calls.
+fn bench_inner(world: &World, ours: &Path, c: &Path, reps: usize) -> Result<(), String> {
+    println!(
+        "== bench: ours vs the C qrexec-client-vm through the real C stack ({reps} reps, median)"
+    );
+    println!("| transfer | ours MB/s | C MB/s | ours/C | ours CPU s/GiB | C CPU s/GiB |");
+    println!("|---|---|---|---|---|---|");
+    let picks = [
+        "upload 64 MiB",
+        "download 64 MiB",
+        "cat 64 MiB each way",
+        "--buffer-size=1048576 cat 16 MiB",
+    ];
+    for case in cases(&world.dir)
+        .into_iter()
+        .filter(|c| picks.contains(&c.name))
+    {
+        let mut rates = [Vec::new(), Vec::new()];
+        let mut cpus = [Vec::new(), Vec::new()];
+        for _ in 0..reps {
+            for (i, client) in [ours, c].into_iter().enumerate() {
+                let r = call(world, client, &case)?;
+                judge(world, &case, &r).map_err(|e| format!("{}: {e}", case.name))?;
+                rates[i].push(case.bytes as f64 / r.secs / 1e6);
+                cpus[i].push(r.cpu / (case.bytes as f64 / (1u64 << 30) as f64));
+            }
+        }
+        let [ro, rc] = rates.map(median);
+        let [co, cc] = cpus.map(median);
+        println!(
+            "| {} | {ro:.0} | {rc:.0} | {:.2} | {co:.2} | {cc:.2} |",
+            case.name,
+            ro / rc
+        );
+    }
+    let lo = latency(world, ours, 100)?;
+    let lc = latency(world, c, 100)?;
+    println!(
+        "| echo latency (100 sequential calls) | {lo:.1} ms | {lc:.1} ms | {:.2} | | |",
+        lo / lc
+    );
     Ok(())
 }
