@@ -33,8 +33,8 @@ use std::time::Duration;
 /// let mut ch = VchanChannel(vchan::Vchan::server(&t, 5, 513, 4096, 4096)?);
 /// let _peer = std::os::unix::net::UnixStream::connect(vchan::socket_path(dir.path(), 0, 5, 513))?;
 /// ch.wait_connected(std::time::Duration::from_secs(5))?;
-/// assert_eq!(ch.buffer_space(), 4096);
-/// assert_eq!(ch.data_ready(), 0);
+/// assert_eq!(ch.buffer_space()?, 4096);
+/// assert_eq!(ch.data_ready()?, 0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait DataChannel: AsFd + fmt::Debug {
@@ -50,35 +50,37 @@ pub trait DataChannel: AsFd + fmt::Debug {
     /// Never blocks: returns 0 when nothing is ready.
     fn read_ready(&mut self, buf: &mut [u8]) -> io::Result<usize>;
 
-    /// Bytes ready to be read.
-    fn data_ready(&mut self) -> usize;
+    /// Bytes ready to be read. An error when the peer corrupted the ring:
+    /// never a silent 0 that would leave the pump waiting forever.
+    fn data_ready(&mut self) -> io::Result<usize>;
 
-    /// Bytes that can be sent now without blocking.
-    fn buffer_space(&mut self) -> usize;
+    /// Bytes that can be sent now without blocking (an error as for
+    /// [`DataChannel::data_ready`]).
+    fn buffer_space(&mut self) -> io::Result<usize>;
 
     /// As [`DataChannel::data_ready`], but without asking the peer for an
     /// event: for the busy path. Before sleeping on the descriptor the pump
     /// calls `data_ready` (ask, then look again). Defaults to `data_ready`.
-    fn peek_data_ready(&mut self) -> usize {
+    fn peek_data_ready(&mut self) -> io::Result<usize> {
         self.data_ready()
     }
 
     /// As [`DataChannel::buffer_space`], without asking for an event
     /// (see [`DataChannel::peek_data_ready`]).
-    fn peek_buffer_space(&mut self) -> usize {
+    fn peek_buffer_space(&mut self) -> io::Result<usize> {
         self.buffer_space()
     }
 
     /// Busy-wait briefly (a few microseconds, adaptive) for `want` bytes to
     /// read, without asking for an event: `true` if they came. The pump
     /// calls it before it would sleep on data alone. Default: no spin.
-    fn spin_for_data(&mut self, _want: usize) -> bool {
-        false
+    fn spin_for_data(&mut self, _want: usize) -> io::Result<bool> {
+        Ok(false)
     }
 
     /// As [`DataChannel::spin_for_data`], for `want` bytes of free space.
-    fn spin_for_space(&mut self, _want: usize) -> bool {
-        false
+    fn spin_for_space(&mut self, _want: usize) -> io::Result<bool> {
+        Ok(false)
     }
 
     /// False once the peer has gone (data already received may still be

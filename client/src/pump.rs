@@ -57,6 +57,13 @@ fn chan_err(op: &'static str) -> impl FnOnce(io::Error) -> PumpError {
     move |source| PumpError::Channel { op, source }
 }
 
+/// Whether a data-channel error says the peer corrupted the shared ring
+/// (the vchan crate's `Error::Ring`, which converts to `InvalidData`): it
+/// ends the call, unlike a peer that merely went away.
+fn is_ring_corruption(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::InvalidData
+}
+
 /// How the pump treats data.
 #[derive(Debug, Clone, Default)]
 pub struct PumpConfig {
@@ -168,7 +175,7 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
         // is_open before data_ready: a HELLO that arrived just before the
         // close must not be lost.
         let open = ch.is_open();
-        let ready = ch.data_ready();
+        let ready = ch.data_ready().map_err(chan_err("look at the ring"))?;
         if ready > 0 {
             let want = decoder.wanted().min(ready).min(buf.len());
             let n = ch.read_ready(&mut buf[..want]).map_err(chan_err("read"))?;
@@ -228,12 +235,17 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     }
 
     /// Stop reading local input; `send_eof` says whether to tell the service.
-    fn close_input(&mut self, send_eof: bool) {
+    fn close_input(&mut self, send_eof: bool) -> Result<(), PumpError> {
         if let Some(inp) = self.input.take() {
             if send_eof && self.sending {
                 // An EOF that cannot be sent is ignored (4c51f26): the peer
                 // has usually gone already. Never block on it.
-                if self.ch.buffer_space() >= MSG_HEADER_SIZE {
+                if self
+                    .ch
+                    .buffer_space()
+                    .map_err(chan_err("look at the ring"))?
+                    >= MSG_HEADER_SIZE
+                {
                     let hdr = MsgHeader::new(MsgType::DataStdin, 0).encode();
                     if let Err(e) = self.ch.send_all(&hdr) {
                         crate::vlog!("sending STDIN EOF failed (ignored): {e}");
@@ -245,6 +257,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             inp.close();
             self.input_readable = false;
         }
+        Ok(())
     }
 
     /// SIGUSR1: read from the local program's stdin socket instead (§12).
@@ -279,16 +292,16 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         }
     }
 
-    fn handle(&mut self, msg: Message) {
+    fn handle(&mut self, msg: Message) -> Result<(), PumpError> {
         match msg {
             Message::Stdout(mut data) | Message::Stdin(mut data) => {
                 if self.writer.close_requested() {
-                    return; // output already ended: discard
+                    return Ok(()); // output already ended: discard
                 }
                 if data.is_empty() {
                     crate::vlog!("service stdout EOF");
                     self.writer.request_close();
-                    return;
+                    return Ok(());
                 }
                 if self.cfg.filter_stdout {
                     replace_escape_chars(&mut data);
@@ -297,7 +310,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             }
             Message::Stderr(mut data) => {
                 if data.is_empty() {
-                    return;
+                    return Ok(());
                 }
                 if self.cfg.filter_stderr {
                     replace_escape_chars(&mut data);
@@ -309,11 +322,12 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             Message::ExitCode(code) => {
                 crate::vlog!("service exit code {code}");
                 self.remote_status = Some(code);
-                self.close_input(true);
+                self.close_input(true)?;
             }
             // The data-mode decoder rejects HELLO before it gets here.
             Message::Hello(_) => {}
         }
+        Ok(())
     }
 
     /// Read and handle messages while the local output is not congested.
@@ -326,7 +340,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// in one ring operation, split up here in private memory.
     fn receive(&mut self) -> Result<(), PumpError> {
         while self.writer.status().pending < OUTPUT_HIGH_WATER {
-            let ready = self.ch.peek_data_ready();
+            let ready = self
+                .ch
+                .peek_data_ready()
+                .map_err(chan_err("look at the ring"))?;
             if ready == 0 {
                 break;
             }
@@ -338,7 +355,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                         .fill_payload(ready, |b| ch.read_ready(b))
                         .map_err(chan_err("read"))?;
                     if let Some(m) = msg {
-                        self.dispatch(m);
+                        self.dispatch(m)?;
                     }
                     continue;
                 }
@@ -356,7 +373,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     }
                     let (_, msg) = self.decoder.feed(&self.rx[..n])?;
                     if let Some(m) = msg {
-                        self.dispatch(m);
+                        self.dispatch(m)?;
                     }
                     if self
                         .decoder
@@ -368,7 +385,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 }
             }
             // A small payload: batch it with what follows.
-            let ready = self.ch.peek_data_ready();
+            let ready = self
+                .ch
+                .peek_data_ready()
+                .map_err(chan_err("look at the ring"))?;
             let want = ready.min(self.rx.len());
             if want == 0 {
                 break;
@@ -385,7 +405,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 let (used, msg) = self.decoder.feed(&self.rx[off..n])?;
                 off += used;
                 if let Some(m) = msg {
-                    self.dispatch(m);
+                    self.dispatch(m)?;
                 } else if used == 0 {
                     break; // cannot happen (feed takes at least one byte)
                 }
@@ -394,31 +414,42 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         Ok(())
     }
 
-    fn dispatch(&mut self, m: Message) {
+    fn dispatch(&mut self, m: Message) -> Result<(), PumpError> {
         if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
             self.warned_stdin_type = true;
             crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
         }
-        self.handle(m);
+        self.handle(m)
     }
 
     /// Send a STDIN message whose payload is at `tx[8..8 + n]`. A failure
     /// stops sending but not receiving (66c1519): no EOF is sent then.
-    fn send_stdin(&mut self, n: usize) {
+    fn send_stdin(&mut self, n: usize) -> Result<(), PumpError> {
         stdin_header(&mut self.tx, n);
         if let Err(e) = self.ch.send_all(&self.tx[..MSG_HEADER_SIZE + n]) {
-            // Like #5597: not worth an error line when the exit code still
-            // arrives; "closed early" is reported if it does not.
+            // A corrupted ring ends the call; anything else (the peer went
+            // away) is like #5597: not worth an error line when the exit
+            // code still arrives; "closed early" is reported if it does not.
+            if is_ring_corruption(&e) {
+                return Err(PumpError::Channel {
+                    op: "send",
+                    source: e,
+                });
+            }
             crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
             self.sending = false;
-            self.close_input(false);
+            self.close_input(false)?;
         }
+        Ok(())
     }
 
     /// Move prefix data and local input into the channel while it has room.
-    fn send(&mut self) {
+    fn send(&mut self) -> Result<(), PumpError> {
         while self.sending && self.input.is_some() {
-            let space = self.ch.peek_buffer_space();
+            let space = self
+                .ch
+                .peek_buffer_space()
+                .map_err(chan_err("look at the ring"))?;
             if space <= MSG_HEADER_SIZE {
                 break;
             }
@@ -430,7 +461,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 self.tx[MSG_HEADER_SIZE..MSG_HEADER_SIZE + n]
                     .copy_from_slice(&self.cfg.prefix[start..start + n]);
                 self.prefix_sent += n;
-                self.send_stdin(n);
+                self.send_stdin(n)?;
                 continue;
             }
             if !self.input_readable {
@@ -451,18 +482,19 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                         continue;
                     }
                     crate::vlog!("local input EOF");
-                    self.close_input(true);
+                    self.close_input(true)?;
                 }
-                Ok(n) => self.send_stdin(n),
+                Ok(n) => self.send_stdin(n)?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.input_readable = false;
                 }
                 Err(e) => {
                     crate::log_error(&format!("error reading local input: {e}"));
-                    self.close_input(true);
+                    self.close_input(true)?;
                 }
             }
         }
+        Ok(())
     }
 
     fn child_running(&self) -> bool {
@@ -488,7 +520,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             }
 
             self.receive()?;
-            self.send();
+            self.send()?;
 
             // All done: both local directions closed, exit code received,
             // local program reaped.
@@ -502,7 +534,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             }
             // The peer has gone: is_open before data_ready (bd07c52).
             let open = self.ch.is_open();
-            if !open && self.ch.data_ready() == 0 && ws.pending == 0 {
+            if !open
+                && self.ch.data_ready().map_err(chan_err("look at the ring"))? == 0
+                && ws.pending == 0
+            {
                 if self.remote_status.is_none() {
                     crate::log_error(
                         "vchan connection closed early (no exit code from the service)",
@@ -520,21 +555,48 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             // CPU) when the ring is all we would wait for: the peer usually
             // moves within microseconds, far sooner than an event and two
             // wake-ups.
-            if has_input && self.ch.peek_buffer_space() <= MSG_HEADER_SIZE {
-                self.ch.spin_for_space(MSG_HEADER_SIZE + self.limit / 2);
+            if has_input
+                && self
+                    .ch
+                    .peek_buffer_space()
+                    .map_err(chan_err("look at the ring"))?
+                    <= MSG_HEADER_SIZE
+            {
+                self.ch
+                    .spin_for_space(MSG_HEADER_SIZE + self.limit / 2)
+                    .map_err(chan_err("spin for space"))?;
             } else if !has_input
                 && !self.sigchld_seen
                 && ws.pending < OUTPUT_HIGH_WATER
-                && self.ch.peek_data_ready() == 0
+                && self
+                    .ch
+                    .peek_data_ready()
+                    .map_err(chan_err("look at the ring"))?
+                    == 0
             {
-                self.ch.spin_for_data(1);
+                self.ch
+                    .spin_for_data(1)
+                    .map_err(chan_err("spin for data"))?;
             }
             let room = has_input
-                && (self.ch.peek_buffer_space() > MSG_HEADER_SIZE
-                    || self.ch.buffer_space() > MSG_HEADER_SIZE);
+                && (self
+                    .ch
+                    .peek_buffer_space()
+                    .map_err(chan_err("look at the ring"))?
+                    > MSG_HEADER_SIZE
+                    || self
+                        .ch
+                        .buffer_space()
+                        .map_err(chan_err("look at the ring"))?
+                        > MSG_HEADER_SIZE);
             let want_input = room && self.prefix_left() == 0 && !self.input_readable;
             let data_now = ws.pending < OUTPUT_HIGH_WATER
-                && (self.ch.peek_data_ready() > 0 || self.ch.data_ready() > 0);
+                && (self
+                    .ch
+                    .peek_data_ready()
+                    .map_err(chan_err("look at the ring"))?
+                    > 0
+                    || self.ch.data_ready().map_err(chan_err("look at the ring"))? > 0);
             let ch_events = self.ch.poll_events();
             let timeout = if self.input_readable
                 || self.sigchld_seen

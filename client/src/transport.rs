@@ -152,35 +152,35 @@ impl DataChannel for VchanChannel {
     }
 
     fn read_ready(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = buf.len().min(self.0.peek_data_ready());
+        let n = buf.len().min(self.0.peek_data_ready()?);
         if n == 0 {
             return Ok(0);
         }
         self.0.recv(&mut buf[..n]).map_err(io::Error::from)
     }
 
-    fn data_ready(&mut self) -> usize {
-        self.0.data_ready()
+    fn data_ready(&mut self) -> io::Result<usize> {
+        Ok(self.0.data_ready()?)
     }
 
-    fn buffer_space(&mut self) -> usize {
-        self.0.buffer_space()
+    fn buffer_space(&mut self) -> io::Result<usize> {
+        Ok(self.0.buffer_space()?)
     }
 
-    fn peek_data_ready(&mut self) -> usize {
-        self.0.peek_data_ready()
+    fn peek_data_ready(&mut self) -> io::Result<usize> {
+        Ok(self.0.peek_data_ready()?)
     }
 
-    fn peek_buffer_space(&mut self) -> usize {
-        self.0.peek_buffer_space()
+    fn peek_buffer_space(&mut self) -> io::Result<usize> {
+        Ok(self.0.peek_buffer_space()?)
     }
 
-    fn spin_for_data(&mut self, want: usize) -> bool {
-        self.0.spin_for_data(want)
+    fn spin_for_data(&mut self, want: usize) -> io::Result<bool> {
+        Ok(self.0.spin_for_data(want)?)
     }
 
-    fn spin_for_space(&mut self, want: usize) -> bool {
-        self.0.spin_for_space(want)
+    fn spin_for_space(&mut self, want: usize) -> io::Result<bool> {
+        Ok(self.0.spin_for_space(want)?)
     }
 
     fn is_open(&mut self) -> bool {
@@ -196,7 +196,6 @@ impl DataChannel for VchanChannel {
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        self.0.consume_events();
-        Ok(())
+        Ok(self.0.consume_events()?)
     }
 }

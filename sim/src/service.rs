@@ -546,7 +546,12 @@ impl Pump {
                 self.raw_len = 0;
                 // Look without asking for an event: `poll_once` asks
                 // only after its spin, right before it sleeps.
-                if self.ch.peek_data_ready() == 0 {
+                if self
+                    .ch
+                    .peek_data_ready()
+                    .map_err(ring("look at the ring"))?
+                    == 0
+                {
                     return Ok(());
                 }
                 match self.ch.read_some(&mut self.inbuf[..]) {
@@ -627,7 +632,10 @@ impl Pump {
         loop {
             // Peek: the poll loop asks for a space event only before it
             // sleeps for space.
-            let space = self.ch.peek_buffer_space();
+            let space = self
+                .ch
+                .peek_buffer_space()
+                .map_err(ring("look at the ring"))?;
             if space <= MSG_HEADER_SIZE {
                 return Ok(false);
             }
@@ -717,7 +725,7 @@ impl Pump {
             // The caller is gone and nothing of it is left to handle.
             let open = self.ch.state() == State::Connected;
             if !open
-                && self.ch.data_ready() == 0
+                && self.ch.data_ready().map_err(ring("look at the ring"))? == 0
                 && self.in_pos == self.in_len
                 && self.raw_pos == self.raw_len
             {
@@ -744,15 +752,40 @@ impl Pump {
         // Spin a little first (adaptive, none on one CPU) when the ring is
         // what we would wait for: the caller usually moves within
         // microseconds, far sooner than an event and two wake-ups.
-        if outputs && self.ch.peek_buffer_space() <= MSG_HEADER_SIZE {
-            self.ch.spin_for_space(MSG_HEADER_SIZE + self.chunk / 2);
-        } else if !pending_in && self.stdin.is_some() && self.ch.peek_data_ready() == 0 {
-            self.ch.spin_for_data(1);
+        if outputs
+            && self
+                .ch
+                .peek_buffer_space()
+                .map_err(ring("look at the ring"))?
+                <= MSG_HEADER_SIZE
+        {
+            self.ch
+                .spin_for_space(MSG_HEADER_SIZE + self.chunk / 2)
+                .map_err(ring("spin for space"))?;
+        } else if !pending_in
+            && self.stdin.is_some()
+            && self
+                .ch
+                .peek_data_ready()
+                .map_err(ring("look at the ring"))?
+                == 0
+        {
+            self.ch.spin_for_data(1).map_err(ring("spin for data"))?;
         }
         let space = outputs
-            && (self.ch.peek_buffer_space() > MSG_HEADER_SIZE
-                || self.ch.buffer_space() > MSG_HEADER_SIZE);
-        let busy = !pending_in && (self.ch.peek_data_ready() > 0 || self.ch.data_ready() > 0);
+            && (self
+                .ch
+                .peek_buffer_space()
+                .map_err(ring("look at the ring"))?
+                > MSG_HEADER_SIZE
+                || self.ch.buffer_space().map_err(ring("look at the ring"))? > MSG_HEADER_SIZE);
+        let busy = !pending_in
+            && (self
+                .ch
+                .peek_data_ready()
+                .map_err(ring("look at the ring"))?
+                > 0
+                || self.ch.data_ready().map_err(ring("look at the ring"))? > 0);
         let mut fds = Vec::with_capacity(4);
         fds.push(PollFd::new(self.ch.as_fd(), PollFlags::POLLIN));
         if let Some(s) = &self.stdin {
@@ -799,6 +832,12 @@ impl Pump {
         }
         Ok(())
     }
+}
+
+/// Maps a vchan error (a corrupted ring among them) to this crate's error,
+/// naming what was being done: such an error ends the service call.
+fn ring(op: &'static str) -> impl FnOnce(vchan::Error) -> Error {
+    move |e| Error::vchan(op, e)
 }
 
 #[cfg(test)]

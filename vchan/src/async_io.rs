@@ -131,7 +131,9 @@ impl AsyncVchan {
         loop {
             // Try first: readiness only says that something changed since
             // the last try, not that nothing can be done now.
-            self.v.consume_events();
+            if let Err(e) = self.v.consume_events() {
+                return Poll::Ready(Err(e.into()));
+            }
             match op(&mut self.v) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return Poll::Ready(r),

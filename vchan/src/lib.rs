@@ -256,19 +256,25 @@ impl Vchan {
     /// Bytes ready to read now; on shared memory it first asks the peer for
     /// an event at its next write (libxenvchan's `data_ready`), so the
     /// caller can sleep on the fd next.
-    pub fn data_ready(&mut self) -> usize {
+    ///
+    /// An error when the peer corrupted the shared indices
+    /// ([`Error::Ring`]): never a silent 0, which would leave the caller
+    /// waiting forever for data that cannot come (libxenvchan's hang on a
+    /// corrupted ring, qubes-issues #10833).
+    pub fn data_ready(&mut self) -> Result<usize> {
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().data_ready().unwrap_or(0),
-            Inner::Socket(s) => s.data_ready(),
+            Inner::Shm(c) => c.endpoint().data_ready().map_err(ring_err),
+            Inner::Socket(s) => Ok(s.data_ready()),
         }
     }
 
     /// Bytes that can be written now without waiting; on shared memory it
-    /// first asks the peer for an event at its next read.
-    pub fn buffer_space(&mut self) -> usize {
+    /// first asks the peer for an event at its next read. An error when the
+    /// peer corrupted the shared indices (as [`Vchan::data_ready`]).
+    pub fn buffer_space(&mut self) -> Result<usize> {
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().buffer_space().unwrap_or(0),
-            Inner::Socket(s) => s.buffer_space(),
+            Inner::Shm(c) => c.endpoint().buffer_space().map_err(ring_err),
+            Inner::Socket(s) => Ok(s.buffer_space()),
         }
     }
 
@@ -276,20 +282,20 @@ impl Vchan {
     /// write to shared memory): for the busy path of an event loop. Before
     /// sleeping on the fd, call [`Vchan::data_ready`] (it asks for the
     /// event, then looks again) and sleep only if it still says 0.
-    pub fn peek_data_ready(&mut self) -> usize {
+    pub fn peek_data_ready(&mut self) -> Result<usize> {
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().peek_data_ready().unwrap_or(0),
-            Inner::Socket(s) => s.data_ready(),
+            Inner::Shm(c) => c.endpoint().peek_data_ready().map_err(ring_err),
+            Inner::Socket(s) => Ok(s.data_ready()),
         }
     }
 
     /// Free space now, without asking the peer for an event (as
     /// [`Vchan::peek_data_ready`]; before sleeping for space, call
     /// [`Vchan::buffer_space`]).
-    pub fn peek_buffer_space(&mut self) -> usize {
+    pub fn peek_buffer_space(&mut self) -> Result<usize> {
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().peek_buffer_space().unwrap_or(0),
-            Inner::Socket(s) => s.buffer_space(),
+            Inner::Shm(c) => c.endpoint().peek_buffer_space().map_err(ring_err),
+            Inner::Socket(s) => Ok(s.buffer_space()),
         }
     }
 
@@ -299,18 +305,18 @@ impl Vchan {
     /// for no event: `true` if they came. For event loops, before they ask
     /// for an event ([`Vchan::data_ready`]) and sleep. The socket
     /// transport does not spin (`false`).
-    pub fn spin_for_data(&mut self, want: usize) -> bool {
+    pub fn spin_for_data(&mut self, want: usize) -> Result<bool> {
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().spin_for_data(want).unwrap_or(false),
-            Inner::Socket(_) => false,
+            Inner::Shm(c) => c.endpoint().spin_for_data(want).map_err(ring_err),
+            Inner::Socket(_) => Ok(false),
         }
     }
 
     /// As [`Vchan::spin_for_data`], for `want` bytes of free space.
-    pub fn spin_for_space(&mut self, want: usize) -> bool {
+    pub fn spin_for_space(&mut self, want: usize) -> Result<bool> {
         match &mut self.inner {
-            Inner::Shm(c) => c.endpoint().spin_for_space(want).unwrap_or(false),
-            Inner::Socket(_) => false,
+            Inner::Shm(c) => c.endpoint().spin_for_space(want).map_err(ring_err),
+            Inner::Socket(_) => Ok(false),
         }
     }
 
@@ -430,13 +436,15 @@ impl Vchan {
     /// callers that poll the fd themselves: on shared memory the pending
     /// events (re-arming the event channel); on the socket transport it
     /// accepts a waiting client, flushes held-back output and takes in
-    /// what arrived.
-    pub fn consume_events(&mut self) {
+    /// what arrived. An error if the event channel failed or accepting
+    /// the client did.
+    pub fn consume_events(&mut self) -> Result<()> {
         match &mut self.inner {
-            Inner::Shm(c) => while matches!(c.endpoint().consume_pending(), Ok(true)) {},
-            Inner::Socket(s) => {
-                let _ = s.handle_ready();
+            Inner::Shm(c) => {
+                while c.endpoint().consume_pending().map_err(ring_err)? {}
+                Ok(())
             }
+            Inner::Socket(s) => s.handle_ready(),
         }
     }
 

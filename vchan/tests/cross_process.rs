@@ -156,7 +156,7 @@ fn survivor_after_sigkill(kill_server: bool) {
             break;
         }
     }
-    assert_eq!(v.data_ready(), bytes);
+    assert_eq!(v.data_ready().unwrap(), bytes);
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     let killed = Instant::now();
