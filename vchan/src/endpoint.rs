@@ -22,6 +22,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,28 @@ pub trait Events: fmt::Debug + Send {
     /// Consumes a pending event without blocking: `Ok(true)` if there was
     /// one.
     fn consume_pending(&self) -> io::Result<bool>;
+}
+
+/// The error of [`Endpoint::read_from_fd`] and [`Endpoint::write_to_fd`]:
+/// the ring's, or the file descriptor's, kept apart so that a caller can
+/// tell "the ring is full" from "the fd is empty".
+#[derive(Debug, thiserror::Error)]
+pub enum FdError {
+    /// The ring (full or empty: [`RingError::WouldBlock`], corrupted, closed…).
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// `read(2)` or `write(2)` on the file descriptor failed.
+    #[error("file descriptor: {0}")]
+    Fd(#[source] io::Error),
+}
+
+impl From<FdError> for io::Error {
+    fn from(e: FdError) -> io::Error {
+        match e {
+            FdError::Ring(r) => r.into(),
+            FdError::Fd(e) => e,
+        }
+    }
 }
 
 /// The peer's state as its live byte shows it.
@@ -619,6 +642,82 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             }
             spin = true;
         }
+    }
+
+    /// Moves at most `max` bytes from `fd` straight into the write ring's
+    /// free space with one `read(2)` (no buffer in between: the one-copy
+    /// path of qubes-issues #9077), publishes them and notifies the peer if
+    /// it asked. Never waits for ring space, whatever the blocking mode.
+    /// `Ok(0)`: end of file on `fd` (or `max == 0`).
+    ///
+    /// The kernel writes into the ring memory; no Rust reference to it is
+    /// made and the indices stay private, so a peer that scribbles on the
+    /// free space can only spoil the bytes it is about to receive.
+    ///
+    /// # Errors
+    /// [`FdError::Ring`] with [`RingError::WouldBlock`] when the ring is
+    /// full (a notification has then been requested: poll the event fd),
+    /// [`RingError::PeerClosed`], [`RingError::Corrupt`], …;
+    /// [`FdError::Fd`] with the error of `read(2)` (`WouldBlock` for an
+    /// empty non-blocking fd).
+    pub fn read_from_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize, FdError> {
+        self.ensure_not_closed()?;
+        if !self.peer_state().is_open() {
+            return Err(RingError::PeerClosed.into());
+        }
+        if max == 0 {
+            return Ok(0);
+        }
+        let space = self.tx.fast_space(&self.header, clamp_u32(max), 1)?;
+        if space == 0 {
+            return Err(RingError::WouldBlock.into());
+        }
+        let n = self
+            .tx
+            .push_from_fd(&self.header, fd, max)
+            .map_err(FdError::Fd)?;
+        if n > 0 {
+            self.after_produce()?;
+        }
+        Ok(n)
+    }
+
+    /// Moves at most `max` ready bytes from the read ring straight to `fd`
+    /// with one `write(2)`, consumes what the kernel took and notifies the
+    /// peer if it asked. Never waits for data, whatever the blocking mode.
+    /// `Ok(0)`: end of stream (the peer closed and everything was read), or
+    /// `max == 0`.
+    ///
+    /// # Errors
+    /// [`FdError::Ring`] with [`RingError::WouldBlock`] when nothing is
+    /// ready (a notification has then been requested), [`RingError::Corrupt`],
+    /// …; [`FdError::Fd`] with the error of `write(2)` (nothing is consumed
+    /// then).
+    pub fn write_to_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize, FdError> {
+        self.ensure_not_closed()?;
+        if max == 0 {
+            return Ok(0);
+        }
+        let mut ready = self.rx.fast_ready(&self.header, clamp_u32(max), 1)?;
+        if ready == 0 {
+            if self.peer_state() != PeerState::Closed {
+                return Err(RingError::WouldBlock.into());
+            }
+            // Closed: what it wrote before closing is still delivered
+            // (`peer_state`'s acquire fence makes this load see it).
+            ready = self.rx.load_ready(&self.header)?;
+            if ready == 0 {
+                return Ok(0);
+            }
+        }
+        let n = self
+            .rx
+            .pop_to_fd(&self.header, fd, max)
+            .map_err(FdError::Fd)?;
+        if n > 0 {
+            self.after_consume()?;
+        }
+        Ok(n)
     }
 
     /// Packet send: all of `buf` or nothing. Returns `buf.len()`.

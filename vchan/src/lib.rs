@@ -448,6 +448,65 @@ impl Vchan {
         }
     }
 
+    /// Moves at most `max` bytes from `fd` into the vchan with one
+    /// `read(2)`, without waiting for ring space (whatever the blocking
+    /// mode). On shared memory the kernel reads straight into the ring's
+    /// free space: no buffer in between, no Rust reference into shared
+    /// memory, indices private (qubes-issues #9077's one-copy path). `Ok(0)`:
+    /// end of file on `fd`.
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`] when the ring is full (a notification has been
+    /// requested: poll [`Vchan::poll_interest`] on the fd, then try again);
+    /// [`Error::Io`] with step `"read from fd"` for the fd's own errors
+    /// (`WouldBlock` there means `fd` is empty); [`Error::PeerClosed`],
+    /// [`Error::Ring`] (a corrupted ring).
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::os::fd::AsFd;
+    /// let dir = tempfile::tempdir()?;
+    /// let xen = vchan::LocalXen::start(dir.path(), &[0, 1])?;
+    /// let mut srv = vchan::Vchan::server(&xen.transport(0), 1, 77, 4096, 4096)?;
+    /// let mut cli = vchan::Vchan::client(&xen.transport(1), 0, 77, std::time::Duration::from_secs(5))?;
+    /// srv.wait_connected(None)?;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair()?;
+    /// w.write_all(b"from a pipe")?;
+    /// assert_eq!(srv.read_from_fd(r.as_fd(), 4096)?, 11);
+    /// let mut got = [0u8; 11];
+    /// cli.read_exact(&mut got)?;
+    /// assert_eq!(&got, b"from a pipe");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn read_from_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize> {
+        match &mut self.inner {
+            Inner::Shm(c) => c
+                .endpoint()
+                .read_from_fd(fd, max)
+                .map_err(|e| fd_err("read from fd", e)),
+            Inner::Socket(s) => s.read_from_fd(fd, max),
+        }
+    }
+
+    /// Moves at most `max` received bytes to `fd` with one `write(2)`,
+    /// without waiting for data (whatever the blocking mode). On shared
+    /// memory the kernel reads straight from the ring. `Ok(0)`: end of
+    /// stream (the peer closed and everything was read).
+    ///
+    /// # Errors
+    /// [`Error::WouldBlock`] when nothing is ready (a notification has been
+    /// requested); [`Error::Io`] with step `"write to fd"` for the fd's own
+    /// errors (nothing is consumed then); [`Error::Ring`].
+    pub fn write_to_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize> {
+        match &mut self.inner {
+            Inner::Shm(c) => c
+                .endpoint()
+                .write_to_fd(fd, max)
+                .map_err(|e| fd_err("write to fd", e)),
+            Inner::Socket(s) => s.write_to_fd(fd, max),
+        }
+    }
+
     /// Whether this vchan runs over the socket transport.
     pub fn is_socket(&self) -> bool {
         matches!(self.inner, Inner::Socket(_))
@@ -549,6 +608,14 @@ fn ring_err(e: ring::RingError) -> Error {
         ring::RingError::WouldBlock => Error::WouldBlock,
         ring::RingError::PeerClosed => Error::PeerClosed,
         e => Error::Ring(e),
+    }
+}
+
+/// The fd↔ring calls' errors in the crate's vocabulary.
+fn fd_err(step: &'static str, e: endpoint::FdError) -> Error {
+    match e {
+        endpoint::FdError::Ring(r) => ring_err(r),
+        endpoint::FdError::Fd(source) => Error::io(step, source),
     }
 }
 

@@ -59,6 +59,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::Ordering;
 
@@ -195,6 +196,54 @@ pub trait RingBytes: fmt::Debug {
     /// # Safety
     /// `off + dst.len() <= self.size()`.
     unsafe fn read_at(&self, off: usize, dst: &mut [u8]);
+
+    /// One `read(2)` from `fd` into the ring segments `segs` (offset,
+    /// length; at most two, filled in order): the bytes read land in the
+    /// first segment, then the second. Returns the count (0: end of file).
+    ///
+    /// The default goes through a private buffer and [`RingBytes::write_at`]
+    /// (for storage the kernel cannot address, like the `loom` model's);
+    /// [`RawRingBytes`] hands the ring memory to the kernel directly
+    /// (`readv`), with no copy in user space.
+    ///
+    /// # Safety
+    /// For every segment, `off + len <= self.size()`.
+    unsafe fn read_from_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        segs: &[(usize, usize)],
+    ) -> io::Result<usize> {
+        let total: usize = segs.iter().map(|s| s.1).sum();
+        let mut buf = vec![0u8; total];
+        let n = nix::unistd::read(fd, &mut buf).map_err(io::Error::from)?;
+        let mut done = 0;
+        for &(off, len) in segs {
+            let k = len.min(n - done);
+            // SAFETY: the caller guarantees `off + len <= size`, and
+            // `k <= len`.
+            unsafe { self.write_at(off, &buf[done..done + k]) };
+            done += k;
+        }
+        Ok(n)
+    }
+
+    /// One `write(2)` to `fd` of the ring segments `segs` (offset, length;
+    /// at most two, in order). Returns the count written. The default goes
+    /// through a private buffer; [`RawRingBytes`] uses `writev` on the ring
+    /// memory directly.
+    ///
+    /// # Safety
+    /// For every segment, `off + len <= self.size()`.
+    unsafe fn write_to_fd(&self, fd: BorrowedFd<'_>, segs: &[(usize, usize)]) -> io::Result<usize> {
+        let mut buf = Vec::new();
+        for &(off, len) in segs {
+            let at = buf.len();
+            buf.resize(at + len, 0);
+            // SAFETY: the caller guarantees `off + len <= size`.
+            unsafe { self.read_at(off, &mut buf[at..]) };
+        }
+        nix::unistd::write(fd, &buf).map_err(io::Error::from)
+    }
 }
 
 /// Ring bytes at a raw address (an in-page ring or mapped ring pages).
@@ -259,6 +308,64 @@ impl RingBytes for RawRingBytes {
         unsafe {
             ptr::copy_nonoverlapping(self.base.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
         }
+    }
+
+    unsafe fn read_from_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        segs: &[(usize, usize)],
+    ) -> io::Result<usize> {
+        let iov = self.iovecs(segs);
+        let cnt = segs.len().min(2) as libc::c_int;
+        // SAFETY: each iovec covers `off..off + len` of the ring, which the
+        // caller guarantees is inside it, and the constructor guarantees it
+        // is valid for writes (a producer's ring). The kernel writes into
+        // that memory directly; no Rust reference to it exists. The peer
+        // may write there too (it must not: it is free space), which can
+        // only spoil the bytes we publish next, never our indices, which
+        // live in private memory. `iov` outlives the call.
+        let r = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), cnt) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    unsafe fn write_to_fd(&self, fd: BorrowedFd<'_>, segs: &[(usize, usize)]) -> io::Result<usize> {
+        let iov = self.iovecs(segs);
+        let cnt = segs.len().min(2) as libc::c_int;
+        // SAFETY: each iovec covers `off..off + len` of the ring, inside it
+        // by the caller's guarantee and valid for reads by the
+        // constructor's. The kernel only reads it; a hostile peer changing
+        // those bytes during the call changes what we write to `fd` (its
+        // own data), nothing else. `iov` outlives the call.
+        let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), cnt) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+}
+
+impl RawRingBytes {
+    /// The iovecs for at most two ring segments (offsets and lengths were
+    /// checked by the caller of the `unsafe` trait method).
+    fn iovecs(&self, segs: &[(usize, usize)]) -> [libc::iovec; 2] {
+        let mut iov = [libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        }; 2];
+        for (v, &(off, len)) in iov.iter_mut().zip(segs) {
+            debug_assert!(off <= self.size && len <= self.size - off);
+            *v = libc::iovec {
+                // Address arithmetic only (`wrapping_add`): no access here.
+                iov_base: self.base.as_ptr().wrapping_add(off).cast(),
+                iov_len: len,
+            };
+        }
+        iov
     }
 }
 
@@ -535,6 +642,46 @@ impl<B: RingBytes> Consumer<B> {
         n
     }
 
+    /// As [`Consumer::pop`], but the bytes go from the ring straight to
+    /// `fd` with one `write(2)` (`writev` over the two segments of a
+    /// wrapped region): at most `min(max, cached_ready())` bytes, and `cons`
+    /// advances by what the kernel took. `Ok(0)` when nothing is ready or
+    /// `max` is 0. Call [`Consumer::notify_consumed`] afterwards.
+    ///
+    /// # Errors
+    /// The error of `write(2)` (nothing is consumed then).
+    pub fn pop_to_fd<H: SharedHeader>(
+        &mut self,
+        h: &H,
+        fd: BorrowedFd<'_>,
+        max: usize,
+    ) -> io::Result<usize> {
+        let n = to_u32_clamped(max).min(self.cached_ready());
+        if n == 0 {
+            return Ok(0);
+        }
+        let size = self.ring.size();
+        let off = self.cons & self.ring.mask();
+        let first = n.min(size - off);
+        // FENCE (xen_rmb): as in `pop`, the kernel's reads of the ring bytes
+        // must not happen before the load of `prod` that said they are there.
+        h.fence(Ordering::Acquire);
+        let (n, first, off) = (n as usize, first as usize, off as usize);
+        let segs = [(off, first), (0, n - first)];
+        let segs = if n > first { &segs[..] } else { &segs[..1] };
+        // SAFETY: `off < size` and `first = min(n, size − off)` so
+        // `off + first <= size`; a second segment exists only when wrapped,
+        // and then `n − first ≤ off < size` (as in `pop`).
+        let w = unsafe { self.ring.bytes.write_to_fd(fd, segs) }?;
+        let w = w.min(n); // the kernel never reports more than asked
+        // FENCE (xen_mb, "consume, then publish"): as in `pop`, the new
+        // `cons` must not be visible before the kernel has read the bytes.
+        h.fence(Ordering::SeqCst);
+        self.cons = self.cons.wrapping_add(w as u32);
+        h.store_u32(self.id.cons_offset(), self.cons);
+        Ok(w)
+    }
+
     /// After [`Consumer::pop`]: test-and-clear the peer's `NOTIFY_READ`
     /// request. `true` means one event must be sent.
     pub fn notify_consumed<H: SharedHeader>(&self, h: &H) -> bool {
@@ -704,6 +851,52 @@ impl<B: RingBytes> Producer<B> {
         n
     }
 
+    /// As [`Producer::push`], but the bytes come from `fd` straight into
+    /// the ring's free space with one `read(2)` (`readv` over the two
+    /// segments of a wrapped region): at most `min(max, cached_space())`
+    /// bytes, and `prod` advances by what the kernel delivered. `Ok(0)` at
+    /// end of file, or when there is no space or `max` is 0 (check the
+    /// space first to tell them apart). Call [`Producer::notify_produced`]
+    /// afterwards.
+    ///
+    /// # Errors
+    /// The error of `read(2)` (nothing is published then).
+    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    pub fn push_from_fd<H: SharedHeader>(
+        &mut self,
+        h: &H,
+        fd: BorrowedFd<'_>,
+        max: usize,
+    ) -> io::Result<usize> {
+        let n = to_u32_clamped(max).min(self.cached_space());
+        if n == 0 {
+            return Ok(0);
+        }
+        let size = self.ring.size();
+        let off = self.prod & self.ring.mask();
+        let first = n.min(size - off);
+        // FENCE (xen_mb, "read indexes, then write data"): as in `push`, the
+        // kernel's writes into the ring must not happen before the load of
+        // `cons` that said the space is free.
+        h.fence(Ordering::SeqCst);
+        let (n, first, off) = (n as usize, first as usize, off as usize);
+        let segs = [(off, first), (0, n - first)];
+        let segs = if n > first { &segs[..] } else { &segs[..1] };
+        // SAFETY: as in `pop_to_fd`: both segments lie inside the ring.
+        let r = unsafe { self.ring.bytes.read_from_fd(fd, segs) }?;
+        let r = r.min(n); // the kernel never reports more than asked
+        if r == 0 {
+            return Ok(0);
+        }
+        // FENCE (xen_wmb, "write data, then publish"): the new `prod` must
+        // not be visible before the bytes the kernel wrote.
+        #[cfg(not(all(loom, vchan_loom_no_wmb)))]
+        h.fence(Ordering::Release);
+        self.prod = self.prod.wrapping_add(r as u32);
+        h.store_u32(self.id.prod_offset(), self.prod);
+        Ok(r)
+    }
+
     /// After [`Producer::push`]: test-and-clear the peer's `NOTIFY_WRITE`
     /// request. `true` means one event must be sent.
     pub fn notify_produced<H: SharedHeader>(&self, h: &H) -> bool {
@@ -718,6 +911,7 @@ mod tests {
         CLI_NOTIFY, ControlPage, LEFT_CONS, LEFT_PROD, PAGE_SIZE, RIGHT_CONS, RIGHT_PROD,
         SRV_NOTIFY,
     };
+    use std::os::fd::AsFd;
 
     #[repr(C, align(4096))]
     struct Page([u8; PAGE_SIZE]);
@@ -758,6 +952,98 @@ mod tests {
         (0..n)
             .map(|i| (start as usize + i).wrapping_mul(31) as u8)
             .collect()
+    }
+
+    /// A pipe (read end, write end).
+    fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+        nix::unistd::pipe().unwrap()
+    }
+
+    /// Bytes go fd → ring → fd through `push_from_fd` / `pop_to_fd`, across
+    /// the wrap point (both segments of one `readv`/`writev`), with partial
+    /// reads, and arrive in order; `pop` and `push` see the same ring.
+    #[test]
+    fn fd_to_ring_to_fd_across_the_wrap() {
+        use std::io::{Read, Write};
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        let (src_r, src_w) = pipe();
+        let (dst_r, dst_w) = pipe();
+        let mut src_w = std::fs::File::from(src_w);
+        let mut dst_r = std::fs::File::from(dst_r);
+        let mut sent = Vec::new();
+        let mut got = Vec::new();
+        let mut start = 0u32;
+        // Chunk sizes chosen to land the indices on odd offsets and wrap.
+        for (i, len) in [3000usize, 1500, 4096, 1, 2500, 4095, 700]
+            .into_iter()
+            .enumerate()
+        {
+            let data = pattern(start, len);
+            start += len as u32;
+            src_w.write_all(&data).unwrap();
+            sent.extend_from_slice(&data);
+            let mut left = len;
+            while left > 0 {
+                tx.load_space(&h).unwrap();
+                // Odd rounds move bytes in two steps (a partial read).
+                let max = if i % 2 == 1 { left.div_ceil(2) } else { left };
+                let n = tx.push_from_fd(&h, src_r.as_fd(), max).unwrap();
+                assert!(n > 0 && n <= max);
+                left -= n;
+                rx.load_ready(&h).unwrap();
+                let w = rx.pop_to_fd(&h, dst_w.as_fd(), usize::MAX).unwrap();
+                assert_eq!(w, n, "the pipe takes everything ready");
+                let mut buf = vec![0u8; w];
+                dst_r.read_exact(&mut buf).unwrap();
+                got.extend_from_slice(&buf);
+            }
+        }
+        assert_eq!(got, sent);
+        assert_eq!(tx.prod(), rx.cons());
+        // Mixed with the private-buffer copies.
+        assert_eq!(tx.push(&h, b"abc"), 3);
+        rx.load_ready(&h).unwrap();
+        let mut three = [0u8; 3];
+        assert_eq!(rx.pop(&h, &mut three), 3);
+        assert_eq!(&three, b"abc");
+    }
+
+    /// `push_from_fd` never goes past the free space, `pop_to_fd` never
+    /// past what is ready, and an fd error publishes nothing.
+    #[test]
+    fn fd_moves_are_bounded_and_errors_publish_nothing() {
+        use std::io::Write;
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        let (src_r, src_w) = pipe();
+        let mut src_w = std::fs::File::from(src_w);
+        src_w.write_all(&[7u8; 6000]).unwrap();
+        tx.load_space(&h).unwrap();
+        assert_eq!(
+            tx.push_from_fd(&h, src_r.as_fd(), usize::MAX).unwrap(),
+            4096
+        );
+        assert_eq!(tx.cached_space(), 0);
+        assert_eq!(tx.push_from_fd(&h, src_r.as_fd(), usize::MAX).unwrap(), 0);
+        // Nothing ready yet for a consumer that has not looked: nothing moves.
+        let (dst_r, dst_w) = pipe();
+        assert_eq!(rx.pop_to_fd(&h, dst_w.as_fd(), 100).unwrap(), 0);
+        rx.load_ready(&h).unwrap();
+        assert_eq!(rx.pop_to_fd(&h, dst_w.as_fd(), 100).unwrap(), 100);
+        assert_eq!(rx.cons(), 100);
+        // A pipe whose read end is closed: EPIPE (the Rust runtime ignores
+        // SIGPIPE, so the write fails instead of killing the test).
+        drop(dst_r);
+        let r = rx.pop_to_fd(&h, dst_w.as_fd(), 100);
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(rx.cons(), 100, "a failed write consumes nothing");
+        assert_eq!(h.load_u32(RingId::Right.cons_offset()), 100);
+        // A read error (a write-only fd) publishes nothing.
+        let before = tx.prod();
+        tx.load_space(&h).unwrap();
+        assert!(tx.push_from_fd(&h, dst_w.as_fd(), 10).is_err());
+        assert_eq!(tx.prod(), before);
     }
 
     #[test]

@@ -462,6 +462,55 @@ impl SocketChan {
         }
     }
 
+    /// Reads at most `max` bytes from `fd` into the send buffer (one
+    /// `read(2)`; this transport has no shared ring, so one private copy)
+    /// and moves what the socket takes. Never waits for room.
+    pub(crate) fn read_from_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize> {
+        if !self.is_connected() {
+            return Err(Error::NotConnected);
+        }
+        if !self.can_send() {
+            return Err(Error::PeerClosed);
+        }
+        let n = max.min(self.tx_cap - self.tx.len()).min(65536);
+        if n == 0 {
+            return if max == 0 {
+                Ok(0)
+            } else {
+                Err(Error::WouldBlock)
+            };
+        }
+        let mut buf = vec![0u8; n];
+        let r = nix::unistd::read(fd, &mut buf).map_err(|e| Error::io("read from fd", e.into()))?;
+        self.tx.extend(&buf[..r]);
+        self.pump();
+        Ok(r)
+    }
+
+    /// Writes at most `max` received bytes to `fd` (one `write(2)`) and
+    /// drops what it took. `Ok(0)` at end of stream. Never waits for data.
+    pub(crate) fn write_to_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize> {
+        if !self.is_connected() {
+            return Err(Error::NotConnected);
+        }
+        self.pump();
+        if max == 0 {
+            return Ok(0);
+        }
+        if self.rx.is_empty() {
+            return if self.eof {
+                Ok(0)
+            } else {
+                Err(Error::WouldBlock)
+            };
+        }
+        let (a, _) = self.rx.as_slices();
+        let n = a.len().min(max);
+        let w = nix::unistd::write(fd, &a[..n]).map_err(|e| Error::io("write to fd", e.into()))?;
+        self.rx.drain(..w);
+        Ok(w)
+    }
+
     /// Flushes pending output (bounded: gives up after 10 s without
     /// progress), then shuts the connection down.
     pub(crate) fn close(&mut self) {

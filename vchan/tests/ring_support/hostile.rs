@@ -20,11 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::os::fd::AsFd;
 use vchan::control::{
     CLI_LIVE, GRANTS, LEFT_ORDER, LIVE_EXITED, Layout, PAGE_SIZE, RIGHT_ORDER, RingId,
     RingLocation, SharedHeader, Side, grant_offset,
 };
-use vchan::endpoint::{Endpoint, Events};
+use vchan::endpoint::{Endpoint, Events, FdError};
 use vchan::ring::RingError;
 
 use super::{TestEvents, VchanMemory, all_valid_order_pairs};
@@ -244,6 +245,18 @@ fn mutate(
     }
 }
 
+/// An fd↔ring result in the ring's terms: the pipe's own "would block"
+/// is fine; any other fd error (EFAULT: the kernel was handed memory
+/// outside the ring) is a bug of ours.
+fn fd_result(r: Result<usize, FdError>) -> Result<usize, RingError> {
+    match r {
+        Ok(n) => Ok(n),
+        Err(FdError::Ring(e)) => Err(e),
+        Err(FdError::Fd(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+        Err(FdError::Fd(e)) => panic!("fd error a peer must not be able to cause: {e}"),
+    }
+}
+
 /// One of our operations, decoded from `b`.
 fn our_op<E: Events>(b: &mut Bytes<'_>, ep: &mut Endpoint<E>, report: &mut Report) {
     let rd = ep.read_ring_size();
@@ -254,7 +267,7 @@ fn our_op<E: Events>(b: &mut Bytes<'_>, ep: &mut Endpoint<E>, report: &mut Repor
         2 => 0,
         _ => usize::from(b.u16()) % (size + 2),
     };
-    match b.u8() % 10 {
+    match b.u8() % 12 {
         0 | 1 => {
             let mut buf = vec![0u8; len(b, rd)];
             report.count(ep.read(&mut buf), |&n| n);
@@ -276,6 +289,31 @@ fn our_op<E: Events>(b: &mut Bytes<'_>, ep: &mut Endpoint<E>, report: &mut Repor
             report.count(ep.buffer_space(), |_| 0);
         }
         7 => ep.set_blocking(b.u8() & 1 == 0),
+        // The one-copy fd paths: the kernel reads into our write ring /
+        // writes from our read ring. A kernel access outside the ring
+        // would fail with EFAULT (guard pages), which is checked here.
+        10 => {
+            let n = len(b, wr);
+            let (r, w) = nix::unistd::pipe().expect("pipe");
+            let fill = n.min(60_000);
+            let _ = nix::unistd::write(&w, &vec![0x3Cu8; fill]);
+            nix::fcntl::fcntl(
+                &r,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .expect("O_NONBLOCK");
+            report.count(fd_result(ep.read_from_fd(r.as_fd(), n)), |&n| n);
+        }
+        11 => {
+            let n = len(b, rd);
+            let (_r, w) = nix::unistd::pipe().expect("pipe");
+            nix::fcntl::fcntl(
+                &w,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .expect("O_NONBLOCK");
+            report.count(fd_result(ep.write_to_fd(w.as_fd(), n)), |&n| n);
+        }
         8 => report.count(ep.wait(), |_| 0),
         _ => {
             let _ = ep.peer_state();
