@@ -9,11 +9,36 @@
 //! poll reports it ready the pump calls [`DataChannel::wait`] (which then
 //! must not block) to consume the event.
 
+use crate::proto::MSG_HEADER_SIZE;
 use nix::poll::PollFlags;
 use std::fmt;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
+
+/// What [`DataChannel::send_message_from_fd`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FromFd {
+    /// A message with this many payload bytes was sent.
+    Sent(usize),
+    /// End of file on the descriptor: nothing was sent.
+    Eof,
+    /// No room in the channel for a header and one byte: nothing was read.
+    NoRoom,
+}
+
+/// Why [`DataChannel::send_message_from_fd`] failed: the local descriptor
+/// or the channel, kept apart (a local read error ends local input, a
+/// channel error is the peer's doing).
+#[derive(Debug, thiserror::Error)]
+pub enum FromFdError {
+    /// `read(2)` on the local descriptor failed (`WouldBlock`: it is empty).
+    #[error("reading local input: {0}")]
+    Fd(#[source] io::Error),
+    /// The channel failed (closed, corrupted ring, event channel).
+    #[error("{0}")]
+    Channel(#[source] io::Error),
+}
 
 /// A connected (or connecting) data vchan, seen from the vchan server side.
 ///
@@ -45,6 +70,19 @@ pub trait DataChannel: AsFd + fmt::Debug {
     /// Send all of `buf` or nothing: blocks until it fits. Errors when `buf`
     /// is larger than the ring or the channel is closed.
     fn send_all(&mut self, buf: &[u8]) -> io::Result<()>;
+
+    /// Send one message whose payload is read from `fd` straight into the
+    /// channel (at most `max` bytes, one `read(2)`; on shared memory
+    /// directly into the ring), with `header(len)` in front; never blocks.
+    /// The descriptor must not be a socket the caller wants read with
+    /// `MSG_DONTWAIT`: a blocking descriptor should have been reported
+    /// readable by `poll` first.
+    fn send_message_from_fd(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        max: usize,
+        header: &dyn Fn(usize) -> [u8; MSG_HEADER_SIZE],
+    ) -> Result<FromFd, FromFdError>;
 
     /// Copy up to `buf.len()` bytes that have already arrived into `buf`.
     /// Never blocks: returns 0 when nothing is ready.

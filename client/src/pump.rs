@@ -6,7 +6,7 @@
 //! Generic over [`DataChannel`], whose one implementation is the vchan
 //! (`crate::transport::VchanChannel`, any transport).
 
-use crate::channel::DataChannel;
+use crate::channel::{DataChannel, FromFd, FromFdError};
 use crate::filter::replace_escape_chars;
 use crate::local::{
     CloseMode, LocalFd, LocalInput, LocalOutput, LocalProgram, OUTPUT_HIGH_WATER, OutputWriter,
@@ -471,6 +471,16 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 break;
             };
             let socket = inp.is_socket();
+            if !socket {
+                // Pipes and files: the payload goes from the descriptor
+                // straight into the ring, the header in front of it from
+                // private memory (one copy, no bounce buffer). Sockets keep
+                // the buffered path: they are read with MSG_DONTWAIT.
+                if self.send_from_input(max)? {
+                    continue;
+                }
+                break;
+            }
             let r = inp.read(&mut self.tx[MSG_HEADER_SIZE..MSG_HEADER_SIZE + max]);
             // Non-sockets are read once per poll; sockets until EAGAIN.
             self.input_readable = socket;
@@ -495,6 +505,57 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             }
         }
         Ok(())
+    }
+
+    /// One STDIN message read from a non-socket input straight into the
+    /// channel (read once per poll, as before). Returns whether to go on
+    /// sending in this round.
+    fn send_from_input(&mut self, max: usize) -> Result<bool, PumpError> {
+        let Some(inp) = self.input.as_ref() else {
+            return Ok(false);
+        };
+        let header = |n: usize| MsgHeader::new(MsgType::DataStdin, n as u32).encode();
+        let r = self.ch.send_message_from_fd(inp.fd.as_fd(), max, &header);
+        self.input_readable = false;
+        match r {
+            Ok(FromFd::Sent(_)) => Ok(true),
+            Ok(FromFd::NoRoom) => {
+                // Nothing was read: the input is still readable.
+                self.input_readable = true;
+                Ok(false)
+            }
+            Ok(FromFd::Eof) => {
+                // A SIGUSR1 sent before the program closed its stdout wins
+                // over that EOF.
+                if !self.check_signals() {
+                    crate::vlog!("local input EOF");
+                    self.close_input(true)?;
+                }
+                Ok(true)
+            }
+            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                self.input_readable = true;
+                Ok(true)
+            }
+            Err(FromFdError::Fd(e)) => {
+                crate::log_error(&format!("error reading local input: {e}"));
+                self.close_input(true)?;
+                Ok(true)
+            }
+            Err(FromFdError::Channel(e)) => {
+                if is_ring_corruption(&e) {
+                    return Err(PumpError::Channel {
+                        op: "send",
+                        source: e,
+                    });
+                }
+                crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
+                self.sending = false;
+                self.close_input(false)?;
+                Ok(false)
+            }
+        }
     }
 
     fn child_running(&self) -> bool {

@@ -151,6 +151,25 @@ impl DataChannel for VchanChannel {
         self.0.send(buf).map(|_| ()).map_err(io::Error::from)
     }
 
+    fn send_message_from_fd(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        max: usize,
+        header: &dyn Fn(usize) -> [u8; crate::proto::MSG_HEADER_SIZE],
+    ) -> Result<crate::channel::FromFd, crate::channel::FromFdError> {
+        use crate::channel::{FromFd, FromFdError};
+        match self.0.send_framed_from_fd(fd, max, header) {
+            Ok(0) => Ok(FromFd::Eof),
+            Ok(n) => Ok(FromFd::Sent(n)),
+            Err(vchan::Error::WouldBlock) => Ok(FromFd::NoRoom),
+            Err(vchan::Error::Io {
+                step: "read from fd",
+                source,
+            }) => Err(FromFdError::Fd(source)),
+            Err(e) => Err(FromFdError::Channel(e.into())),
+        }
+    }
+
     fn read_ready(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = buf.len().min(self.0.peek_data_ready()?);
         if n == 0 {

@@ -266,6 +266,7 @@ fn whole_session_over_local_shared_memory() {
         v.write_all(&encode_hello(4)).unwrap();
         assert_eq!(read_msg(&mut v).unwrap().0, 0x300);
         let mut n = 0usize;
+        let mut sizes = Vec::new();
         loop {
             let (ty, b) = read_msg(&mut v).unwrap();
             assert_eq!(ty, 0x190);
@@ -273,20 +274,26 @@ fn whole_session_over_local_shared_memory() {
                 break;
             }
             n += b.len();
+            sizes.push(b.len());
             v.write_all(&encode_data(MsgType::DataStdout, &b)).unwrap();
         }
         v.write_all(&encode_data(MsgType::DataStdout, b"")).unwrap();
         v.write_all(&encode_exit_code(3)).unwrap();
+        // Every message fits the 4 KiB ring with its header.
+        assert!(sizes.iter().all(|&s| s <= 4096 - 8), "{sizes:?}");
         n
     });
     ch.wait_connected(TIMEOUT).unwrap();
-    let ends = local_ends();
-    let mut feeder = ends.input_peer.try_clone().unwrap();
+    let mut ends = local_ends();
+    // Input from a pipe: the pump's one-copy path (payload read from the
+    // pipe straight into the shared ring, header written in front).
+    let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
+    ends.local.input = LocalInput::new(LocalFd::Owned(Arc::new(pipe_r)), CloseMode::Shutdown);
+    let mut feeder = std::fs::File::from(pipe_w);
     const N: usize = 1 << 20;
     let writer = std::thread::spawn(move || {
         let data: Vec<u8> = (0..N).map(|i| (i % 251) as u8).collect();
         feeder.write_all(&data).unwrap();
-        feeder.shutdown(std::net::Shutdown::Write).unwrap();
     });
     let mut op = ends.output_peer.try_clone().unwrap();
     let reader = std::thread::spawn(move || {

@@ -682,6 +682,47 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         Ok(n)
     }
 
+    /// One framed message straight from `fd` (see
+    /// [`Producer::push_framed_from_fd`](crate::ring::Producer::push_framed_from_fd)):
+    /// at most `max` payload bytes read into the ring behind room for an
+    /// `N`-byte header, then `header(len)` in front, published together;
+    /// notifies the peer if it asked. Never waits for space. `Ok(0)`: end
+    /// of file on `fd` (nothing sent), or `max == 0`.
+    ///
+    /// # Errors
+    /// As [`Endpoint::read_from_fd`]; [`RingError::WouldBlock`] when there
+    /// is no room for the header and one byte.
+    pub fn send_framed_from_fd<const N: usize>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        max: usize,
+        header: impl FnOnce(usize) -> [u8; N],
+    ) -> Result<usize, FdError> {
+        self.ensure_not_closed()?;
+        if !self.peer_state().is_open() {
+            return Err(RingError::PeerClosed.into());
+        }
+        if max == 0 {
+            return Ok(0);
+        }
+        let hdr = clamp_u32(N);
+        let want = clamp_u32(max).saturating_add(hdr);
+        let space = self
+            .tx
+            .fast_space(&self.header, want, hdr.saturating_add(1))?;
+        if space <= hdr {
+            return Err(RingError::WouldBlock.into());
+        }
+        let n = self
+            .tx
+            .push_framed_from_fd(&self.header, fd, max, header)
+            .map_err(FdError::Fd)?;
+        if n > 0 {
+            self.after_produce()?;
+        }
+        Ok(n)
+    }
+
     /// Moves at most `max` ready bytes from the read ring straight to `fd`
     /// with one `write(2)`, consumes what the kernel took and notifies the
     /// peer if it asked. Never waits for data, whatever the blocking mode.

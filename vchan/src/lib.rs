@@ -488,6 +488,51 @@ impl Vchan {
         }
     }
 
+    /// Sends one framed message whose payload comes straight from `fd`:
+    /// at most `max` bytes are read (one `read(2)`, on shared memory
+    /// directly into the ring behind room for the header), then
+    /// `header(len)` is written in front from private memory, and both are
+    /// published together: the peer never sees a header without its
+    /// payload. Never waits for space. `Ok(0)`: end of file on `fd`,
+    /// nothing sent. For protocols like qrexec's (an 8-byte header per
+    /// data chunk): no bounce buffer between the local fd and the ring.
+    ///
+    /// # Errors
+    /// As [`Vchan::read_from_fd`]; [`Error::WouldBlock`] when there is no
+    /// room for the header and one byte.
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::os::fd::AsFd;
+    /// let dir = tempfile::tempdir()?;
+    /// let xen = vchan::LocalXen::start(dir.path(), &[0, 1])?;
+    /// let mut srv = vchan::Vchan::server(&xen.transport(0), 1, 78, 4096, 4096)?;
+    /// let mut cli = vchan::Vchan::client(&xen.transport(1), 0, 78, std::time::Duration::from_secs(5))?;
+    /// srv.wait_connected(None)?;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair()?;
+    /// w.write_all(b"payload")?;
+    /// let n = srv.send_framed_from_fd(r.as_fd(), 4096, |n| (n as u16).to_le_bytes())?;
+    /// assert_eq!(n, 7);
+    /// let mut got = [0u8; 9];
+    /// cli.read_exact(&mut got)?;
+    /// assert_eq!(&got, b"\x07\x00payload");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send_framed_from_fd<const N: usize>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        max: usize,
+        header: impl FnOnce(usize) -> [u8; N],
+    ) -> Result<usize> {
+        match &mut self.inner {
+            Inner::Shm(c) => c
+                .endpoint()
+                .send_framed_from_fd(fd, max, header)
+                .map_err(|e| fd_err("read from fd", e)),
+            Inner::Socket(s) => s.send_framed_from_fd(fd, max, header),
+        }
+    }
+
     /// Moves at most `max` received bytes to `fd` with one `write(2)`,
     /// without waiting for data (whatever the blocking mode). On shared
     /// memory the kernel reads straight from the ring. `Ok(0)`: end of

@@ -897,6 +897,74 @@ impl<B: RingBytes> Producer<B> {
         Ok(r)
     }
 
+    /// One framed message straight from `fd`: reads at most
+    /// `min(max, cached_space() − N)` payload bytes from `fd` into the ring
+    /// *after* room for an `N`-byte header (one `readv`), then writes
+    /// `header(len)` in front of them from private memory and publishes
+    /// header and payload together, so the peer never sees a header
+    /// without its payload. `Ok(0)`: end of file (nothing published), or
+    /// no room for a header and one byte, or `max == 0`. Call
+    /// [`Producer::notify_produced`] afterwards.
+    ///
+    /// # Errors
+    /// The error of `read(2)` (nothing is published then).
+    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    pub fn push_framed_from_fd<H: SharedHeader, const N: usize>(
+        &mut self,
+        h: &H,
+        fd: BorrowedFd<'_>,
+        max: usize,
+        header: impl FnOnce(usize) -> [u8; N],
+    ) -> io::Result<usize> {
+        let hdr_len = to_u32_clamped(N);
+        let space = self.cached_space();
+        if space <= hdr_len {
+            return Ok(0);
+        }
+        let n = to_u32_clamped(max).min(space - hdr_len);
+        if n == 0 {
+            return Ok(0);
+        }
+        let size = self.ring.size();
+        let mask = self.ring.mask();
+        let off = self.prod.wrapping_add(hdr_len) & mask;
+        let first = n.min(size - off);
+        // FENCE (xen_mb, "read indexes, then write data"): as in `push`.
+        h.fence(Ordering::SeqCst);
+        let (nn, first_u, off_u) = (n as usize, first as usize, off as usize);
+        let segs = [(off_u, first_u), (0, nn - first_u)];
+        let segs = if nn > first_u { &segs[..] } else { &segs[..1] };
+        // SAFETY: the payload is `n` bytes starting `N` bytes after `prod`,
+        // and `N + n ≤ space ≤ size`, so it overlaps neither the header nor
+        // itself. `off < size` and `first = min(n, size − off)` keep the
+        // first segment inside the ring; a second one (`n − first` bytes at
+        // offset 0) exists only when the payload wraps, and `n − first < size`.
+        let r = unsafe { self.ring.bytes.read_from_fd(fd, segs) }?;
+        let r = r.min(nn);
+        if r == 0 {
+            return Ok(0);
+        }
+        let hdr = header(r);
+        let hoff = (self.prod & mask) as usize;
+        let hfirst = N.min(size as usize - hoff);
+        // SAFETY: `hoff < size` and `hfirst = min(N, size − hoff)`; the
+        // wrapped rest (N − hfirst bytes) starts at 0 and is shorter than
+        // N ≤ space ≤ size. Header and payload ranges do not overlap: the
+        // payload starts N bytes after the header's start.
+        unsafe { self.ring.bytes.write_at(hoff, &hdr[..hfirst]) };
+        if N > hfirst {
+            // SAFETY: as above.
+            unsafe { self.ring.bytes.write_at(0, &hdr[hfirst..]) };
+        }
+        // FENCE (xen_wmb, "write data, then publish"): header and payload
+        // before the new `prod`.
+        #[cfg(not(all(loom, vchan_loom_no_wmb)))]
+        h.fence(Ordering::Release);
+        self.prod = self.prod.wrapping_add(hdr_len + r as u32);
+        h.store_u32(self.id.prod_offset(), self.prod);
+        Ok(r)
+    }
+
     /// After [`Producer::push`]: test-and-clear the peer's `NOTIFY_WRITE`
     /// request. `true` means one event must be sent.
     pub fn notify_produced<H: SharedHeader>(&self, h: &H) -> bool {
@@ -1007,6 +1075,54 @@ mod tests {
         let mut three = [0u8; 3];
         assert_eq!(rx.pop(&h, &mut three), 3);
         assert_eq!(&three, b"abc");
+    }
+
+    /// Framed messages from an fd: header written in front of the payload
+    /// (both may wrap), published together; EOF publishes nothing.
+    #[test]
+    fn framed_from_fd_puts_the_header_in_front() {
+        use std::io::Write;
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        let (src_r, src_w) = pipe();
+        let mut src_w = std::fs::File::from(src_w);
+        let mut expect = Vec::new();
+        let mut got = Vec::new();
+        let mut start = 0u32;
+        // Sizes that put the header and the payload across the wrap point.
+        for len in [4090usize, 3, 2000, 4000, 1, 4087, 9] {
+            let data = pattern(start, len);
+            start += len as u32;
+            src_w.write_all(&data).unwrap();
+            let mut left = len;
+            while left > 0 {
+                tx.load_space(&h).unwrap();
+                let n = tx
+                    .push_framed_from_fd(&h, src_r.as_fd(), left, |n| (n as u32).to_le_bytes())
+                    .unwrap();
+                assert!(n > 0);
+                expect.extend_from_slice(&(n as u32).to_le_bytes());
+                expect.extend_from_slice(&data[len - left..len - left + n]);
+                left -= n;
+                rx.load_ready(&h).unwrap();
+                let mut buf = vec![0u8; 4096];
+                let k = rx.pop(&h, &mut buf);
+                assert_eq!(k, 4 + n, "header and payload arrive together");
+                got.extend_from_slice(&buf[..k]);
+            }
+        }
+        assert_eq!(got, expect);
+        // End of file: nothing is published, not even a header.
+        drop(src_w);
+        tx.load_space(&h).unwrap();
+        let before = tx.prod();
+        assert_eq!(
+            tx.push_framed_from_fd(&h, src_r.as_fd(), 100, |n| (n as u32).to_le_bytes())
+                .unwrap(),
+            0
+        );
+        assert_eq!(tx.prod(), before);
+        assert_eq!(h.load_u32(RingId::Right.prod_offset()), before);
     }
 
     /// `push_from_fd` never goes past the free space, `pop_to_fd` never

@@ -487,6 +487,38 @@ impl SocketChan {
         Ok(r)
     }
 
+    /// A framed message from `fd`: the payload (at most `max` bytes, one
+    /// `read(2)`) and `header(len)` in front of it go into the send buffer
+    /// together. `Ok(0)` at end of file. Never waits for room.
+    pub(crate) fn send_framed_from_fd<const N: usize>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        max: usize,
+        header: impl FnOnce(usize) -> [u8; N],
+    ) -> Result<usize> {
+        if !self.is_connected() {
+            return Err(Error::NotConnected);
+        }
+        if !self.can_send() {
+            return Err(Error::PeerClosed);
+        }
+        if max == 0 {
+            return Ok(0);
+        }
+        let room = self.tx_cap - self.tx.len();
+        if room <= N {
+            return Err(Error::WouldBlock);
+        }
+        let mut buf = vec![0u8; max.min(room - N).min(65536)];
+        let r = nix::unistd::read(fd, &mut buf).map_err(|e| Error::io("read from fd", e.into()))?;
+        if r > 0 {
+            self.tx.extend(header(r));
+            self.tx.extend(&buf[..r]);
+            self.pump();
+        }
+        Ok(r)
+    }
+
     /// Writes at most `max` received bytes to `fd` (one `write(2)`) and
     /// drops what it took. `Ok(0)` at end of stream. Never waits for data.
     pub(crate) fn write_to_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize> {
