@@ -383,8 +383,11 @@ fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
     }
 }
 
-/// Status of a local program as the C client reports it: the exit code, or
-/// 128 + the signal number.
+/// The shell-convention status of a finished process, as the C client
+/// reports a local program's and the C agent a service's: the exit code,
+/// or 128 + the signal number (255 for a status that is neither, which
+/// `wait` never returns for a finished process). The one home of this
+/// rule: the simulated agent uses it too.
 pub fn status_code(status: ExitStatus) -> i32 {
     match (status.code(), status.signal()) {
         (Some(c), _) => c,

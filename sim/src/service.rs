@@ -30,9 +30,8 @@ use qrexec::proto::{
 };
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use vchan::{State, Transport, Vchan};
 
@@ -258,14 +257,6 @@ fn start_error(e: io::Error, what: &Path) -> StartError {
     } else {
         StartError::Problem(format!("cannot run {}: {e}", what.display()))
     }
-}
-
-/// The shell-convention status of a finished process: its exit code, or
-/// 128 + the signal that killed it.
-pub fn status_code(st: ExitStatus) -> i32 {
-    st.code()
-        .or_else(|| st.signal().map(|s| 128 + s))
-        .unwrap_or(QREXEC_EXIT_PROBLEM)
 }
 
 fn set_nonblocking(fd: impl AsFd) -> io::Result<()> {
@@ -499,7 +490,7 @@ impl Pump {
                 .try_wait()
                 .map_err(|e| Error::io("wait for the service", e))?
         {
-            self.status = Some(status_code(st));
+            self.status = Some(qrexec::local::status_code(st));
             // The service is gone: nobody reads its stdin any more.
             self.close_stdin();
         }
@@ -692,7 +683,7 @@ impl Pump {
         self.stderr = None;
         if self.status.is_none() {
             if let Ok(st) = self.child.wait() {
-                self.status = Some(status_code(st));
+                self.status = Some(qrexec::local::status_code(st));
             }
         }
         result
@@ -709,7 +700,7 @@ impl Pump {
             if outputs_done && self.stdin.is_none() {
                 let code = match self.status {
                     Some(c) => c,
-                    None => status_code(
+                    None => qrexec::local::status_code(
                         self.child
                             .wait()
                             .map_err(|e| Error::io("wait for the service", e))?,

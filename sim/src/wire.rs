@@ -1,30 +1,16 @@
 //! qrexec messages on blocking byte streams (the dom0 `qrexec.<domid>`
 //! sockets): whole-message writes and bounded reads.
 
-use qrexec::proto::{MSG_HEADER_SIZE, MsgHeader, MsgType, encode_hello};
+use qrexec::proto::{MSG_HEADER_SIZE, MsgHeader, MsgType, encode_data, encode_hello};
 use std::io::{self, Read, Write};
 
 /// Version dom0 clients announce on the daemon socket
 /// (`QREXEC_CLIENT_PROTOCOL_VERSION`, spec §6).
 pub const CLIENT_PROTOCOL_VERSION: u32 = 3;
 
-/// A header and its payload as one buffer.
-///
-/// ```
-/// use qrexec::proto::MsgType;
-/// let m = qubes_sim::wire::frame(MsgType::ConnectionTerminated, &[1, 0, 0, 0, 2, 2, 0, 0]);
-/// assert_eq!(&m[..8], &[0x11, 0x02, 0, 0, 8, 0, 0, 0]);
-/// ```
-pub fn frame(ty: MsgType, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(MSG_HEADER_SIZE + payload.len());
-    out.extend_from_slice(&MsgHeader::new(ty, payload.len() as u32).encode());
-    out.extend_from_slice(payload);
-    out
-}
-
 /// Write a whole message in one `write_all`.
 pub fn write_msg(w: &mut impl Write, ty: MsgType, payload: &[u8]) -> io::Result<()> {
-    w.write_all(&frame(ty, payload))
+    w.write_all(&encode_data(ty, payload))
 }
 
 /// Read one message whose payload is at most `max_len` bytes.
@@ -72,7 +58,7 @@ mod tests {
 
     #[test]
     fn bounded_reads() {
-        let m = frame(MsgType::ServiceRefused, &[0u8; 32]);
+        let m = qrexec::proto::encode_data(MsgType::ServiceRefused, &[0u8; 32]);
         let (h, p) = read_msg(&mut &m[..], 32).unwrap();
         assert_eq!(h.ty, 0x203);
         assert_eq!(p.len(), 32);

@@ -77,7 +77,7 @@ pub use transport::{
 };
 
 /// The largest ring size per direction (order 20).
-pub const MAX_RING_SIZE: usize = 1 << 20;
+pub use control::MAX_RING_SIZE;
 
 /// Where a vchan stands, as seen from this end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
