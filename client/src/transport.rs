@@ -41,13 +41,17 @@ pub enum SetupError {
     Other(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Parse `VCHAN_DOMAIN` (unset or empty → 0).
+/// Parse `VCHAN_DOMAIN` (unset or empty → 0) as strictly as the vchan crate
+/// does for every transport ([`vchan::parse_domid`]: decimal, no sign, no
+/// spaces, no leading zeros).
 ///
 /// ```
 /// # use qrexec::transport::parse_own_domain;
 /// assert_eq!(parse_own_domain(None).unwrap(), 0);
 /// assert_eq!(parse_own_domain(Some("12".as_ref())).unwrap(), 12);
 /// assert!(parse_own_domain(Some("x".as_ref())).is_err());
+/// assert!(parse_own_domain(Some("+5".as_ref())).is_err());
+/// assert!(parse_own_domain(Some(" 05".as_ref())).is_err());
 /// ```
 pub fn parse_own_domain(value: Option<&OsStr>) -> Result<u32, SetupError> {
     match value {
@@ -55,11 +59,9 @@ pub fn parse_own_domain(value: Option<&OsStr>) -> Result<u32, SetupError> {
         Some(v) if v.is_empty() => Ok(0),
         Some(v) => {
             let s = v.to_string_lossy();
-            s.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|&d| u32::from(d) <= crate::trigger::MAX_DOMID)
+            vchan::parse_domid(&s)
                 .map(u32::from)
+                .filter(|&d| d <= crate::trigger::MAX_DOMID)
                 .ok_or_else(|| SetupError::BadOwnDomain(s.into_owned()))
         }
     }
