@@ -28,7 +28,7 @@ use qrexec::proto::{
     QREXEC_EXIT_SERVICE_NOT_FOUND, RPC_REQUEST_COMMAND, chunk_limit, encode_exit_code,
     encode_hello, negotiate,
 };
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -631,26 +631,42 @@ impl Pump {
                 return Ok(false);
             }
             let want = (space - MSG_HEADER_SIZE).min(self.chunk);
-            let buf = &mut self.outbuf[MSG_HEADER_SIZE..MSG_HEADER_SIZE + want];
-            let r = match which {
-                MsgType::DataStdout => self.stdout.as_mut().map(|s| s.read(buf)),
-                _ => self.stderr.as_mut().map(|s| s.read(buf)),
+            let fd = match which {
+                MsgType::DataStdout => self.stdout.as_ref().map(|s| s.as_fd()),
+                _ => self.stderr.as_ref().map(|s| s.as_fd()),
             };
-            let n = match r {
-                None => return Ok(true),
-                Some(Ok(n)) => n,
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Some(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => 0,
-                Some(Err(e)) => return Err(Error::io("read from the service", e)),
-            };
-            self.outbuf[..MSG_HEADER_SIZE]
-                .copy_from_slice(&MsgHeader::new(which, n as u32).encode());
-            self.send(MSG_HEADER_SIZE + n)?;
-            if n == 0 {
+            let Some(fd) = fd else {
                 return Ok(true);
+            };
+            // The service's output goes from its pipe straight into the
+            // ring, the header written in front (one copy).
+            let header = |n: usize| MsgHeader::new(which, n as u32).encode();
+            match self.ch.send_framed_from_fd(fd, want, header) {
+                Ok(0) => return self.send_eof(which),
+                Ok(_) => {}
+                Err(vchan::Error::WouldBlock) => return Ok(false),
+                Err(vchan::Error::Io {
+                    step: "read from fd",
+                    source,
+                }) => match source.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(false),
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::ConnectionReset => return self.send_eof(which),
+                    _ => return Err(Error::io("read from the service", source)),
+                },
+                Err(e) => {
+                    self.peer_closed = true;
+                    return Err(Error::vchan("send to the caller", e));
+                }
             }
         }
+    }
+
+    /// The empty message that ends one output stream.
+    fn send_eof(&mut self, which: MsgType) -> Result<bool> {
+        self.outbuf[..MSG_HEADER_SIZE].copy_from_slice(&MsgHeader::new(which, 0).encode());
+        self.send(MSG_HEADER_SIZE)?;
+        Ok(true)
     }
 
     fn send(&mut self, len: usize) -> Result<()> {
