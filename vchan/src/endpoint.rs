@@ -208,6 +208,11 @@ pub struct Endpoint<E: Events, H: SharedHeader = ControlPage, B: RingBytes = Raw
     /// Spins below the full bound since the last full one.
     spin_short: u32,
     closed: bool,
+    /// ocaml-vchan's reader: `cons` is published at the next read, not
+    /// after the copy (see [`Endpoint::set_lazy_ack`]).
+    lazy_ack: bool,
+    /// Bytes taken out of the read ring but not yet acknowledged.
+    unacked: bool,
     events: E,
 }
 
@@ -333,6 +338,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             spin_misses: 0,
             spin_short: 0,
             closed: false,
+            lazy_ack: false,
+            unacked: false,
             events,
         })
     }
@@ -422,6 +429,34 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// The current spin bound.
     pub fn spin(&self) -> Duration {
         self.spin
+    }
+
+    /// Reads the way ocaml-vchan does (spec §12.1): a read acknowledges
+    /// (publishes `cons` for, and sends the `NOTIFY_READ` event of) the
+    /// *previous* read's bytes, then returns new ones without
+    /// acknowledging them, and a stream read stops at the ring's wrap
+    /// point. The peer's writer sees the space only when we read again.
+    /// Off by default; turning it off acknowledges what is pending.
+    ///
+    /// ```
+    /// # use vchan::endpoint::{Endpoint, Events};
+    /// # fn f<E: Events>(ep: &mut Endpoint<E>) {
+    /// ep.set_lazy_ack(true); // behave like a MirageOS reader
+    /// assert!(ep.lazy_ack());
+    /// # }
+    /// ```
+    pub fn set_lazy_ack(&mut self, on: bool) {
+        if !on && self.unacked {
+            self.rx.publish_cons(&self.header);
+            self.unacked = false;
+            let _ = self.after_consume();
+        }
+        self.lazy_ack = on;
+    }
+
+    /// Whether reads acknowledge lazily ([`Endpoint::set_lazy_ack`]).
+    pub fn lazy_ack(&self) -> bool {
+        self.lazy_ack
     }
 
     /// Whether [`Endpoint::close`] was called.
@@ -533,9 +568,17 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
         self.ensure_not_closed()?;
+        self.ack_previous()?;
         if buf.is_empty() {
             return Ok(0);
         }
+        // ocaml-vchan hands out one contiguous piece of the ring per read.
+        let buf = if self.lazy_ack {
+            let n = buf.len().min(self.rx.contiguous() as usize);
+            &mut buf[..n]
+        } else {
+            buf
+        };
         let want = clamp_u32(buf.len());
         let mut deadline = None;
         // Until we have spun once, look without requesting a notification.
@@ -826,6 +869,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
         self.ensure_not_closed()?;
+        self.ack_previous()?;
         let size = self.read_ring_size();
         if buf.len() > size {
             return Err(RingError::TooBig {
@@ -1030,9 +1074,28 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// Copies out what the last validated `prod` allows (all of `buf` for
     /// `recv`, whose caller checked), publishes `cons`, notifies if asked.
     fn consume(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
+        if self.lazy_ack {
+            let n = self.rx.take(&self.header, buf);
+            self.unacked |= n > 0;
+            return Ok(n);
+        }
         let n = self.rx.pop(&self.header, buf);
         self.after_consume()?;
         Ok(n)
+    }
+
+    /// Lazy mode only: publishes `cons` for what the previous read took and
+    /// test-and-clears the peer's `NOTIFY_READ` request, as ocaml-vchan does
+    /// at the start of every read (even when there is nothing to publish).
+    fn ack_previous(&mut self) -> Result<(), RingError> {
+        if !self.lazy_ack {
+            return Ok(());
+        }
+        if self.unacked {
+            self.rx.publish_cons(&self.header);
+            self.unacked = false;
+        }
+        self.after_consume()
     }
 
     fn after_consume(&mut self) -> Result<(), RingError> {

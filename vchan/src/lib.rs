@@ -50,6 +50,7 @@
 
 #[cfg(feature = "tokio")]
 mod async_io;
+pub mod compat;
 pub mod control;
 pub mod endpoint;
 mod error;
@@ -67,6 +68,7 @@ use std::time::Duration;
 
 #[cfg(feature = "tokio")]
 pub use async_io::AsyncVchan;
+pub use compat::{Compat, PortName};
 pub use error::{Error, Result};
 pub use local_xen::{LocalXen, LocalXenConfig};
 pub use shm::local_xenstore_socket;

@@ -607,6 +607,19 @@ impl<B: RingBytes> Consumer<B> {
     /// `dst` and publishes the new `cons` (spec §5.3). Returns the count.
     /// Call [`Consumer::notify_consumed`] afterwards.
     pub fn pop<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
+        let n = self.take(h, dst);
+        if n > 0 {
+            self.publish_cons(h);
+        }
+        n
+    }
+
+    /// As [`Consumer::pop`] but without publishing `cons`: the bytes are
+    /// ours (copied out) but the producer still sees them as unread until
+    /// [`Consumer::publish_cons`]. This is ocaml-vchan's reader, which
+    /// acknowledges a chunk only at its next read (spec §12.1); our own
+    /// reads always publish at once.
+    pub fn take<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
         let ready = self.cached_ready();
         let n = to_u32_clamped(dst.len()).min(ready);
         if n == 0 {
@@ -631,15 +644,27 @@ impl<B: RingBytes> Consumer<B> {
             // SAFETY: `0 + (n − first) <= size` as shown above.
             unsafe { self.ring.bytes.read_at(0, &mut dst[first..n]) };
         }
+        self.cons = self.cons.wrapping_add(n as u32);
+        n
+    }
+
+    /// Bytes from `cons` to the end of the ring's storage: how much one
+    /// contiguous copy can take before it wraps (ocaml-vchan's reads stop
+    /// there).
+    pub fn contiguous(&self) -> u32 {
+        self.ring.size() - (self.cons & self.ring.mask())
+    }
+
+    /// Publishes our private `cons` (after [`Consumer::take`]; [`Consumer::pop`]
+    /// does it itself).
+    pub fn publish_cons<H: SharedHeader>(&self, h: &H) {
         // FENCE (xen_mb, "consume, then publish").
         // Forbids: the store of the new `cons` becoming visible before our
         // reads of the ring bytes are complete. Without it the producer
         // could see the space as free and overwrite bytes we are still
         // copying (we would return corrupted data).
         h.fence(Ordering::SeqCst);
-        self.cons = self.cons.wrapping_add(n as u32);
         h.store_u32(self.id.cons_offset(), self.cons);
-        n
     }
 
     /// As [`Consumer::pop`], but the bytes go from the ring straight to

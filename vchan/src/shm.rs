@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::compat::{Compat, PortName};
 use crate::control::{self, CLI_LIVE, ControlPage, Layout, RingId, RingLocation, SRV_LIVE, Side};
 use crate::endpoint::{Endpoint, Events, PeerState};
 use crate::error::{Error, Result};
@@ -227,8 +228,10 @@ pub(crate) struct ShmChan {
     ep: Endpoint<EvtchnEvents>,
     side: Side,
     peer: DomId,
-    /// Server: xenstore and the relative base path still to remove.
+    /// Server: xenstore and the base path still to remove.
     xs_nodes: Option<(Xs, String)>,
+    /// Whose behaviour we reproduce (setup, close, reads).
+    compat: Compat,
 }
 
 /// The ring pointer argument `Endpoint::new` wants for `ring`.
@@ -248,8 +251,33 @@ impl ShmChan {
         read_min: usize,
         write_min: usize,
     ) -> Result<ShmChan> {
-        let layout = control::server_layout(read_min, write_min)
-            .map_err(|e| Error::config(e.to_string()))?;
+        Self::server_opts(
+            t,
+            peer,
+            &PortName::from(port),
+            read_min,
+            write_min,
+            Compat::Libxenvchan,
+        )
+    }
+
+    /// Server setup as libxenvchan (spec §9.2) or as ocaml-vchan (§12,
+    /// [`crate::compat`]); returns with the client not yet connected.
+    pub(crate) fn server_opts(
+        t: &Transport,
+        peer: DomId,
+        port: &PortName,
+        read_min: usize,
+        write_min: usize,
+        compat: Compat,
+    ) -> Result<ShmChan> {
+        let ocaml = compat == Compat::OcamlVchan;
+        let layout = if ocaml {
+            crate::compat::ocaml_server_layout(read_min, write_min)
+        } else {
+            control::server_layout(read_min, write_min)
+                .map_err(|e| Error::config(e.to_string()))?
+        };
         let be = Backends::new(t)?;
         let xs = be.xs()?;
         let own = own_domid(&xs, peer)?;
@@ -261,12 +289,16 @@ impl ShmChan {
             }
         }
 
-        // Event channel first: the unmap-notify below needs a bound port.
-        let evt = be.evt.bind_unbound(peer).map_err(|source| Error::Evtchn {
-            step: "bind unbound port",
-            source,
-        })?;
-        let evt_port = evt.local_port();
+        let bind = || {
+            be.evt.bind_unbound(peer).map_err(|source| Error::Evtchn {
+                step: "bind unbound port",
+                source,
+            })
+        };
+        // libxenvchan binds the event channel first: the unmap-notify below
+        // needs a bound port. ocaml-vchan sets no unmap-notify and binds
+        // after sharing its pages.
+        let early_evt = if ocaml { None } else { Some(bind()?) };
 
         let mut ctrl = be
             .gnt
@@ -275,11 +307,13 @@ impl ShmChan {
                 step: "share control page",
                 source,
             })?;
-        ctrl.set_unmap_notify(SRV_LIVE, evt_port)
-            .map_err(|source| Error::Gnttab {
-                step: "set unmap-notify on srv_live",
-                source,
-            })?;
+        if let Some(evt) = &early_evt {
+            ctrl.set_unmap_notify(SRV_LIVE, evt.local_port())
+                .map_err(|source| Error::Gnttab {
+                    step: "set unmap-notify on srv_live",
+                    source,
+                })?;
+        }
         let ctrl_ref = ctrl.refs()[0];
 
         let mut rings = Vec::new();
@@ -302,14 +336,23 @@ impl ShmChan {
         // SAFETY: `ctrl` is our fresh 4 KiB shared mapping; it stays mapped
         // until `Drop`, after the last use of the header.
         let header = unsafe { ControlPage::new(ctrl.as_ptr()) };
-        control::init_server_page(&header, &layout, &grants[0], &grants[1])
-            .map_err(|e| Error::config(e.to_string()))?;
+        if ocaml {
+            crate::compat::init_server_page_ocaml(&header, &layout, &grants[0], &grants[1])
+        } else {
+            control::init_server_page(&header, &layout, &grants[0], &grants[1])
+        }
+        .map_err(|e| Error::config(e.to_string()))?;
+        let evt = match early_evt {
+            Some(evt) => evt,
+            None => bind()?,
+        };
+        let evt_port = evt.local_port();
         let left = ring_ptr(&layout, RingId::Left, ring_pages[0].map(|i| &rings[i]));
         let right = ring_ptr(&layout, RingId::Right, ring_pages[1].map(|i| &rings[i]));
         // SAFETY: the page and the rings are mapped read-write for us and
         // stay mapped until `Drop`, which closes the endpoint before
         // unmapping; no references to ring bytes exist.
-        let ep = unsafe {
+        let mut ep = unsafe {
             Endpoint::new(
                 ctrl.as_ptr(),
                 Side::Server,
@@ -319,9 +362,18 @@ impl ShmChan {
                 EvtchnEvents::new(evt, &be.evt, Some(be.xs()?), peer),
             )
         }?;
+        ep.set_lazy_ack(ocaml);
 
-        // Publish in one transaction, readable by the client only.
-        let base = format!("data/vchan/{peer}/{port}");
+        // Publish in one transaction, readable by the client only; Qubes
+        // passes a relative path, ocaml-vchan builds the absolute one.
+        let base = if ocaml {
+            let home = xs
+                .get_domain_path(own)
+                .map_err(xs_err("get own domain path"))?;
+            format!("{home}/data/vchan/{peer}/{port}")
+        } else {
+            format!("data/vchan/{peer}/{port}")
+        };
         let perms = [
             NodePerm {
                 dom: own,
@@ -353,6 +405,7 @@ impl ShmChan {
             side: Side::Server,
             peer,
             xs_nodes: Some((xs, base)),
+            compat,
         })
     }
 
@@ -364,7 +417,18 @@ impl ShmChan {
         port: u32,
         timeout: Duration,
     ) -> Result<ShmChan> {
-        let mut c = ShmConnecting::start(t, peer, port)?;
+        Self::client_opts(t, peer, &PortName::from(port), timeout, Compat::Libxenvchan)
+    }
+
+    /// Client setup as libxenvchan or as ocaml-vchan ([`crate::compat`]).
+    pub(crate) fn client_opts(
+        t: &Transport,
+        peer: DomId,
+        port: &PortName,
+        timeout: Duration,
+        compat: Compat,
+    ) -> Result<ShmChan> {
+        let mut c = ShmConnecting::start_opts(t, peer, port.clone(), compat)?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(ch) = c.poll()? {
@@ -391,14 +455,20 @@ impl ShmChan {
         peer: DomId,
         ring_ref: u32,
         evt_port: u32,
+        compat: Compat,
     ) -> Result<ShmChan> {
-        let evt = be
-            .evt
-            .bind_interdomain(peer, evt_port)
-            .map_err(|source| Error::Evtchn {
-                step: "bind interdomain port",
-                source,
-            })?;
+        let ocaml = compat == Compat::OcamlVchan;
+        let bind = || {
+            be.evt
+                .bind_interdomain(peer, evt_port)
+                .map_err(|source| Error::Evtchn {
+                    step: "bind interdomain port",
+                    source,
+                })
+        };
+        // libxenvchan binds first (its unmap-notify needs the port);
+        // ocaml-vchan maps the page first and sets no unmap-notify.
+        let early_evt = if ocaml { None } else { Some(bind()?) };
         let mut ctrl = be
             .gnt
             .map(peer, &[ring_ref], true)
@@ -406,11 +476,13 @@ impl ShmChan {
                 step: "map control page",
                 source,
             })?;
-        ctrl.set_unmap_notify(CLI_LIVE, evt.local_port())
-            .map_err(|source| Error::Gnttab {
-                step: "set unmap-notify on cli_live",
-                source,
-            })?;
+        if let Some(evt) = &early_evt {
+            ctrl.set_unmap_notify(CLI_LIVE, evt.local_port())
+                .map_err(|source| Error::Gnttab {
+                    step: "set unmap-notify on cli_live",
+                    source,
+                })?;
+        }
         // SAFETY: `ctrl` is a read-write mapping of one page that stays
         // mapped until `Drop`.
         let header = unsafe { ControlPage::new(ctrl.as_ptr()) };
@@ -423,10 +495,15 @@ impl ShmChan {
             );
         }
         let (left_grants, right_grants) = control::read_grants(&header, &layout);
+        let evt = match early_evt {
+            Some(evt) => evt,
+            None => bind()?,
+        };
         let mut rings = Vec::new();
         let mut idx: [Option<usize>; 2] = [None, None];
-        // Left ring: we write (read-write); right ring: we read (read-only).
-        for (i, (grants, writable)) in [(left_grants, true), (right_grants, false)]
+        // Left ring: we write (read-write); right ring: we read (read-only;
+        // ocaml-vchan maps it read-write too).
+        for (i, (grants, writable)) in [(left_grants, true), (right_grants, ocaml)]
             .into_iter()
             .enumerate()
         {
@@ -446,9 +523,10 @@ impl ShmChan {
         let left = ring_ptr(&layout, RingId::Left, idx[0].map(|i| &rings[i]));
         let right = ring_ptr(&layout, RingId::Right, idx[1].map(|i| &rings[i]));
         // SAFETY: the control page is mapped read-write, the left ring
-        // read-write and the right ring (our read ring) read-only, exactly
-        // as `Endpoint::new` requires; all stay mapped until `Drop`.
-        let ep = unsafe {
+        // read-write and the right ring (our read ring) read-only or (as
+        // ocaml-vchan) read-write, which `Endpoint::new` allows; all stay
+        // mapped until `Drop`.
+        let mut ep = unsafe {
             Endpoint::new(
                 ctrl.as_ptr(),
                 Side::Client,
@@ -458,6 +536,7 @@ impl ShmChan {
                 EvtchnEvents::new(evt, &be.evt, Some(xs), peer),
             )
         }?;
+        ep.set_lazy_ack(ocaml);
         control::announce_client_connected(&header);
         ep.events()
             .notify()
@@ -469,6 +548,7 @@ impl ShmChan {
             side: Side::Client,
             peer,
             xs_nodes: None,
+            compat,
         })
     }
 
@@ -480,11 +560,17 @@ impl ShmChan {
         &self.ep
     }
 
+    pub(crate) fn compat(&self) -> Compat {
+        self.compat
+    }
+
     /// The peer's state; once a client shows up, the server removes its
     /// xenstore nodes (Qubes: no second client, no stale entries).
     pub(crate) fn peer_state(&mut self) -> PeerState {
         let s = self.ep.peer_state();
-        if self.side == Side::Server && s != PeerState::Waiting {
+        // ocaml-vchan leaves its nodes until it closes.
+        if self.side == Side::Server && s != PeerState::Waiting && self.compat == Compat::Libxenvchan
+        {
             self.remove_nodes();
         }
         s
@@ -572,12 +658,22 @@ pub(crate) struct ShmConnecting {
     xs: Option<Xs>,
     watcher: Watcher,
     peer: DomId,
-    port: u32,
+    port: PortName,
     watched: Option<String>,
+    compat: Compat,
 }
 
 impl ShmConnecting {
     pub(crate) fn start(t: &Transport, peer: DomId, port: u32) -> Result<ShmConnecting> {
+        Self::start_opts(t, peer, PortName::from(port), Compat::Libxenvchan)
+    }
+
+    pub(crate) fn start_opts(
+        t: &Transport,
+        peer: DomId,
+        port: PortName,
+        compat: Compat,
+    ) -> Result<ShmConnecting> {
         let be = Backends::new(t)?;
         let xs = be.xs()?;
         own_domid(&xs, peer)?;
@@ -595,6 +691,7 @@ impl ShmConnecting {
             peer,
             port,
             watched: None,
+            compat,
         })
     }
 
@@ -610,7 +707,7 @@ impl ShmConnecting {
         let Some(xs) = self.xs.as_ref() else {
             return Err(Error::config("connect already finished"));
         };
-        let (peer, port) = (self.peer, self.port);
+        let (peer, port) = (self.peer, self.port.clone());
         let own = own_domid(xs, peer)?;
         let base = format!("/local/domain/{peer}/data/vchan/{own}/{port}");
         let evt_path = format!("{base}/{}", control::XS_EVENT_CHANNEL);
@@ -634,7 +731,8 @@ impl ShmConnecting {
                 let _ = self.watcher.unwatch(&evt_path, &evt_path);
                 self.watched = None;
                 let xs = self.xs.take().expect("checked above");
-                ShmChan::client_finish(&self.be, xs, peer, ring_ref, evt_port).map(Some)
+                ShmChan::client_finish(&self.be, xs, peer, ring_ref, evt_port, self.compat)
+                    .map(Some)
             }
             Ok(_) => Ok(None),
             Err(e) if e.is_enoent() || e.is_eacces() => {
@@ -672,6 +770,23 @@ fn parse_positive(s: &str, what: &str) -> Result<u32> {
 
 impl Drop for ShmChan {
     fn drop(&mut self) {
+        if self.compat == Compat::OcamlVchan {
+            // ocaml-vchan's close: own live byte 0 and one event; the
+            // server withdraws its xenstore nodes; then the read ring, the
+            // write ring and the page go (no unmap-notify fires); the event
+            // channel goes with the endpoint.
+            let _ = self.ep.close();
+            self.remove_nodes();
+            // `rings` holds the external rings left first; the read ring
+            // goes first (the client reads the right one).
+            if self.side == Side::Client {
+                while self.rings.pop().is_some() {}
+            } else {
+                self.rings.clear();
+            }
+            self.ctrl = None;
+            return;
+        }
         // libxenvchan close order (spec §10.1): unmap the data rings, own
         // live byte 0, unmap the control page (the unmap-notify clears the
         // byte again and sends an event), an explicit event, then the
