@@ -21,6 +21,11 @@
 //!   match wins (as `QREXEC_SERVICE_PATH`); default: the `services` directive;
 //! * `format=v4|v3|v2`: the one request format the VM's agent accepts on its
 //!   socket (an R4.3+, R4.1/4.2 or R4.0 agent); default `v4`;
+//! * `flavour=qubes|mirage|mirage-upstream`: the VM's agent; `mirage` is a
+//!   MirageOS unikernel's (mirage-qubes over ocaml-vchan, protocol 3 at
+//!   most, see [`crate::mirage`]; implies `format=v3`), `mirage-upstream`
+//!   the same with mirage-qubes 2.0's request id in place of the service
+//!   name in its own calls; default `qubes`;
 //! * `template_for_dispvms=yes|no`: may serve as a DispVM template;
 //! * `default_dispvm=NAME`: DispVM template for this VM's `@dispvm` calls.
 //!
@@ -43,10 +48,56 @@ pub struct VmConfig {
     pub services: Vec<PathBuf>,
     /// The request format its agent accepts.
     pub format: RequestFormat,
+    /// Which agent it runs.
+    pub flavour: AgentFlavour,
     /// Whether it may be a DispVM template.
     pub template_for_dispvms: bool,
     /// Its own default DispVM template.
     pub default_dispvm: Option<String>,
+}
+
+/// Which qrexec agent a VM runs.
+///
+/// ```
+/// use qubes_sim::config::AgentFlavour;
+/// assert_eq!("mirage".parse::<AgentFlavour>().unwrap(), AgentFlavour::Mirage);
+/// assert_eq!(AgentFlavour::MirageUpstream.to_string(), "mirage-upstream");
+/// assert!("xen".parse::<AgentFlavour>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentFlavour {
+    /// Qubes' own agent ([`crate::agent`]).
+    #[default]
+    Qubes,
+    /// A MirageOS unikernel's ([`crate::mirage`]).
+    Mirage,
+    /// [`AgentFlavour::Mirage`] with mirage-qubes 2.0's trigger quirk
+    /// ([`crate::mirage::MirageOptions::upstream_trigger`]).
+    MirageUpstream,
+}
+
+impl std::str::FromStr for AgentFlavour {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "qubes" => Ok(AgentFlavour::Qubes),
+            "mirage" => Ok(AgentFlavour::Mirage),
+            "mirage-upstream" => Ok(AgentFlavour::MirageUpstream),
+            _ => Err(format!(
+                "unknown agent flavour '{s}' (qubes, mirage, mirage-upstream)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AgentFlavour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentFlavour::Qubes => "qubes",
+            AgentFlavour::Mirage => "mirage",
+            AgentFlavour::MirageUpstream => "mirage-upstream",
+        })
+    }
 }
 
 /// The whole configuration.
@@ -173,12 +224,14 @@ impl SimConfig {
                             domid: 0,
                             services: Vec::new(),
                             format: RequestFormat::V4,
+                            flavour: AgentFlavour::Qubes,
                             template_for_dispvms: false,
                             default_dispvm: None,
                         },
                         domid_given: false,
                         services_given: false,
                     };
+                    let mut format_given = false;
                     for opt in opts {
                         let Some((k, v)) = opt.split_once('=') else {
                             return Err(err(n, format!("expected key=value, got '{opt}'")));
@@ -198,7 +251,9 @@ impl SimConfig {
                             "format" => {
                                 vm.cfg.format = qrexec::format::parse_format(v)
                                     .map_err(|e| err(n, e.to_string()))?;
+                                format_given = true;
                             }
+                            "flavour" => vm.cfg.flavour = v.parse().map_err(|e| err(n, e))?,
                             "template_for_dispvms" => {
                                 vm.cfg.template_for_dispvms = parse_bool(v).ok_or_else(|| {
                                     err(n, format!("expected yes or no, got '{v}'"))
@@ -207,6 +262,13 @@ impl SimConfig {
                             "default_dispvm" => vm.cfg.default_dispvm = Some(v.to_string()),
                             _ => return Err(err(n, format!("unknown vm option '{k}'"))),
                         }
+                    }
+                    if vm.cfg.flavour != AgentFlavour::Qubes {
+                        // mirage-qubes speaks protocol 3 at most.
+                        if format_given && vm.cfg.format != RequestFormat::V3 {
+                            return Err(err(n, "a mirage agent speaks format=v3 only".into()));
+                        }
+                        vm.cfg.format = RequestFormat::V3;
                     }
                     vms.push(vm);
                 }

@@ -58,8 +58,30 @@ impl Control {
     /// Agent side: vchan server for dom0 on port 512 (4096/4096), wait at
     /// most `timeout` for the daemon, send our HELLO, read the daemon's.
     pub fn serve(t: &Transport, version: u32, timeout: Duration) -> Result<Control> {
+        Self::serve_with(
+            t,
+            version,
+            timeout,
+            vchan::Compat::Libxenvchan,
+            CONTROL_RING,
+            CONTROL_RING,
+        )
+    }
+
+    /// As [`Control::serve`], with the vchan behaving like `compat` and
+    /// asking for `read`/`write` ring sizes (a Mirage-like agent:
+    /// ocaml-vchan's 1024/1024, see [`crate::mirage`]).
+    pub fn serve_with(
+        t: &Transport,
+        version: u32,
+        timeout: Duration,
+        compat: vchan::Compat,
+        read: usize,
+        write: usize,
+    ) -> Result<Control> {
         let peer = "dom0 daemon";
-        let mut ch = Vchan::server(t, 0, VCHAN_BASE_PORT, CONTROL_RING, CONTROL_RING)
+        let port = vchan::PortName::from(VCHAN_BASE_PORT);
+        let mut ch = Vchan::server_with(t, 0, &port, read, write, compat)
             .map_err(|e| Error::vchan("control vchan server", e))?;
         ch.wait_connected(Some(timeout))
             .map_err(|e| Error::vchan("wait for the daemon", e))?;

@@ -28,6 +28,7 @@ pub mod daemon;
 mod error;
 pub mod layout;
 pub mod log;
+pub mod mirage;
 pub mod policy;
 pub mod qubesd;
 pub mod service;

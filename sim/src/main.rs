@@ -88,6 +88,11 @@ enum Cmd {
         /// The one request format accepted on the agent socket.
         #[arg(long, default_value = "v4")]
         format: String,
+        /// Which agent: `qubes`, or `mirage` / `mirage-upstream` for a
+        /// MirageOS unikernel's (protocol 3, ocaml-vchan; its socket is a
+        /// test handle, see the `mirage` module).
+        #[arg(long, default_value = "qubes")]
+        flavour: String,
         /// Service directories (':'-separated, first match wins).
         #[arg(long, default_value = "")]
         services: std::ffi::OsString,
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
             vm,
             domid,
             format,
+            flavour,
             services,
             socket,
             home,
@@ -262,6 +268,18 @@ fn main() -> ExitCode {
                     version: format.protocol_version(),
                     connect_timeout: qubes_sim::service::DATA_CONNECT_TIMEOUT,
                 };
+                let flavour: qubes_sim::config::AgentFlavour =
+                    flavour.parse().map_err(qubes_sim::Error::other)?;
+                if flavour != qubes_sim::config::AgentFlavour::Qubes {
+                    let ctx = VmContext {
+                        version: qubes_sim::mirage::MIRAGE_VERSION,
+                        ..ctx
+                    };
+                    let opts = qubes_sim::mirage::MirageOptions {
+                        upstream_trigger: flavour == qubes_sim::config::AgentFlavour::MirageUpstream,
+                    };
+                    return qubes_sim::mirage::run(ctx, socket, Duration::from_secs(timeout), opts);
+                }
                 qubes_sim::agent::run(qubes_sim::agent::AgentConfig {
                     ctx,
                     format,

@@ -244,7 +244,13 @@ impl Inner {
 
     /// Start a VM's agent and daemon and wait until the daemon serves its
     /// socket.
-    fn start_vm(&self, vm: &VmInfo, services: &[PathBuf], format: RequestFormat) -> Result<Member> {
+    fn start_vm(
+        &self,
+        vm: &VmInfo,
+        services: &[PathBuf],
+        format: RequestFormat,
+        flavour: crate::config::AgentFlavour,
+    ) -> Result<Member> {
         let home = self.layout.home(&vm.name);
         std::fs::create_dir_all(&home)
             .map_err(|e| Error::io(format!("create {}", home.display()), e))?;
@@ -261,6 +267,8 @@ impl Inner {
                 &domid,
                 "--format",
                 &format.to_string(),
+                "--flavour",
+                &flavour.to_string(),
             ],
         );
         c.arg("--services").arg(&services);
@@ -370,7 +378,7 @@ impl Inner {
         self.xen
             .add_domain(domid)
             .map_err(|e| Error::vchan(format!("add domain {domid}"), e))?;
-        match self.start_vm(&vm, &tpl_cfg.services, tpl_cfg.format) {
+        match self.start_vm(&vm, &tpl_cfg.services, tpl_cfg.format, tpl_cfg.flavour) {
             Ok(m) => {
                 let _ = self.write_env(&vm);
                 crate::log!("DispVM {name} (domain {domid}) started from {template}");
@@ -614,7 +622,7 @@ fn serve(
             template_for_dispvms: vm.template_for_dispvms,
             default_dispvm: vm.default_dispvm.clone().or_else(|| global_dispvm.clone()),
         };
-        let m = inner.start_vm(&info, &vm.services, vm.format)?;
+        let m = inner.start_vm(&info, &vm.services, vm.format, vm.flavour)?;
         inner.write_env(&info)?;
         inner.enlist(m)?;
     }

@@ -7,6 +7,14 @@
 //!   --packet N     use all-or-nothing send/recv of N-byte packets
 //!   --chunk N      write/read chunk size (default 262144)
 //!   --timeout S    connect timeout in seconds (default $VCHAN_WAIT or 60)
+//!   --compat ocaml behave like MirageOS's ocaml-vchan (`vchan::Compat`):
+//!                  its ring orders (RING_KIB 1 = its default 1024/1024,
+//!                  in-page rings of 1 and 2 KiB), no unmap-notify, lazy
+//!                  reads, its xenstore and close sequences
+//!   --compat libxenvchan   the default
+//!   --io-timeout S bound every blocking read/write (a Mirage peer that
+//!                  dies leaves no trace in shared memory)
+//! PORT is a number or, as ocaml-vchan allows, a name of [a-zA-Z0-9_-].
 //! vchan-peer gen MIB     the sender's stream (MIB MiB) to stdout
 //! vchan-peer sum         checksum of stdin: `bytes=N checksum=...`
 //! ```
@@ -28,7 +36,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use vchan::{Transport, Vchan};
+use vchan::{Compat, PortName, Transport, Vchan};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -115,7 +123,9 @@ fn fill_prng(state: &mut u64, buf: &mut [u8]) {
 struct Opts {
     server: bool,
     peer: u16,
-    port: u32,
+    port: PortName,
+    compat: Compat,
+    io_timeout: Option<Duration>,
     sending: bool,
     bytes: u64,
     ring: usize,
@@ -127,7 +137,8 @@ struct Opts {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: vchan-peer server|client PEER_DOMID PORT send|recv MIB [RING_KIB] \
-         [--bytes N] [--packet N] [--chunk N] [--timeout S]\n       vchan-peer gen MIB | vchan-peer sum"
+         [--bytes N] [--packet N] [--chunk N] [--timeout S] \
+         [--compat ocaml|libxenvchan] [--io-timeout S]\n       vchan-peer gen MIB | vchan-peer sum"
     );
     ExitCode::from(2)
 }
@@ -142,8 +153,18 @@ fn parse() -> Result<Opts, String> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let mut compat = Compat::Libxenvchan;
+    let mut io_timeout = None;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
+        if a == "--compat" {
+            compat = match it.next().as_deref() {
+                Some("ocaml") | Some("ocaml-vchan") | Some("mirage") => Compat::OcamlVchan,
+                Some("libxenvchan") => Compat::Libxenvchan,
+                _ => return Err("--compat: ocaml or libxenvchan".into()),
+            };
+            continue;
+        }
         let mut val = |name: &str| -> Result<u64, String> {
             it.next()
                 .and_then(|v| v.parse().ok())
@@ -154,6 +175,7 @@ fn parse() -> Result<Opts, String> {
             "--packet" => packet = Some(val("--packet")? as usize),
             "--chunk" => chunk = val("--chunk")? as usize,
             "--timeout" => timeout = val("--timeout")?,
+            "--io-timeout" => io_timeout = Some(Duration::from_secs(val("--io-timeout")?)),
             _ => pos.push(a),
         }
     }
@@ -186,7 +208,9 @@ fn parse() -> Result<Opts, String> {
     Ok(Opts {
         server,
         peer: vchan::parse_domid(&pos[1]).ok_or("PEER_DOMID: not a domain id")?,
-        port: num(&pos[2], "PORT")? as u32,
+        port: PortName::new(&pos[2]).map_err(|e| format!("PORT: {e}"))?,
+        compat,
+        io_timeout,
         sending,
         bytes: bytes.unwrap_or(mib * 1024 * 1024),
         ring,
@@ -254,18 +278,20 @@ fn recv_side(v: &mut Vchan, o: &Opts) -> Result<(u64, u64), vchan::Error> {
 fn run(o: &Opts) -> Result<bool, vchan::Error> {
     let t = Transport::from_env()?;
     let mut v = if o.server {
-        let mut v = Vchan::server(&t, o.peer, o.port, o.ring, o.ring)?;
+        let mut v = Vchan::server_with(&t, o.peer, &o.port, o.ring, o.ring, o.compat)?;
         eprintln!(
-            "server: waiting for dom{} on port {} (ring {} KiB)",
+            "server: waiting for dom{} on port {} (ring {} KiB, {:?})",
             o.peer,
             o.port,
-            o.ring / 1024
+            o.ring / 1024,
+            o.compat
         );
         v.wait_connected(Some(o.timeout))?;
         v
     } else {
-        Vchan::client(&t, o.peer, o.port, o.timeout)?
+        Vchan::client_with(&t, o.peer, &o.port, o.timeout, o.compat)?
     };
+    v.set_io_timeout(o.io_timeout);
     eprintln!(
         "connected to dom{} (read ring {} B, write ring {} B)",
         o.peer,
