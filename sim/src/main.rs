@@ -276,7 +276,8 @@ fn main() -> ExitCode {
                         ..ctx
                     };
                     let opts = qubes_sim::mirage::MirageOptions {
-                        upstream_trigger: flavour == qubes_sim::config::AgentFlavour::MirageUpstream,
+                        upstream_trigger: flavour
+                            == qubes_sim::config::AgentFlavour::MirageUpstream,
                     };
                     return qubes_sim::mirage::run(ctx, socket, Duration::from_secs(timeout), opts);
                 }

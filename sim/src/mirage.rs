@@ -457,11 +457,7 @@ fn parse_cmdline(cmd: &[u8]) -> Result<(String, String)> {
 
 /// Relays one call: the requester's bytes as `STDIN`, the service's
 /// messages back verbatim, until the exit code.
-fn client_call(
-    t: &vchan::Transport,
-    params: ConnectionParams,
-    mut sock: UnixStream,
-) -> Result<()> {
+fn client_call(t: &vchan::Transport, params: ConnectionParams, mut sock: UnixStream) -> Result<()> {
     let domid = u16::try_from(params.connect_domain)
         .map_err(|_| Error::protocol("dom0", "invalid connect_domain"))?;
     let mut ch = Vchan::server_with(
@@ -500,9 +496,8 @@ fn client_call(
                     progress = true;
                 }
                 Ok(n) => {
-                    to_vchan.extend_from_slice(
-                        &MsgHeader::new(MsgType::DataStdin, n as u32).encode(),
-                    );
+                    to_vchan
+                        .extend_from_slice(&MsgHeader::new(MsgType::DataStdin, n as u32).encode());
                     to_vchan.extend_from_slice(&buf[..n]);
                     progress = true;
                 }
@@ -565,7 +560,10 @@ fn client_call(
                     done = true;
                 }
                 _ => {
-                    crate::log!("unexpected message of type {:#x} received; closing connection", hdr.ty);
+                    crate::log!(
+                        "unexpected message of type {:#x} received; closing connection",
+                        hdr.ty
+                    );
                     return Ok(());
                 }
             }
@@ -750,7 +748,9 @@ fn handle_ctrl(
     payload: Vec<u8>,
 ) -> Result<()> {
     match MsgType::from_u32(hdr.ty) {
-        Some(t @ (MsgType::ExecCmdline | MsgType::JustExec)) if payload.len() > EXEC_PARAMS_SIZE => {
+        Some(t @ (MsgType::ExecCmdline | MsgType::JustExec))
+            if payload.len() > EXEC_PARAMS_SIZE =>
+        {
             let params = ConnectionParams::decode(&payload[..EXEC_PARAMS_SIZE])
                 .map_err(|e| Error::protocol("dom0", e.to_string()))?;
             let ctx = ctx.clone();
@@ -759,14 +759,20 @@ fn handle_ctrl(
             std::thread::spawn(move || {
                 let cmdline = &payload[EXEC_PARAMS_SIZE..];
                 if let Err(e) = exec(&ctx, params, cmdline, t == MsgType::JustExec) {
-                    crate::log!("Error in call (domain {}, port {}): {e}", params.connect_domain, params.connect_port);
+                    crate::log!(
+                        "Error in call (domain {}, port {}): {e}",
+                        params.connect_domain,
+                        params.connect_port
+                    );
                 }
                 if tx.send(Event::CallDone(params)).is_ok() {
                     wake.wake();
                 }
             });
         }
-        Some(MsgType::ServiceConnect) if payload.len() == EXEC_PARAMS_SIZE + SERVICE_PARAMS_SIZE => {
+        Some(MsgType::ServiceConnect)
+            if payload.len() == EXEC_PARAMS_SIZE + SERVICE_PARAMS_SIZE =>
+        {
             let params = ConnectionParams::decode(&payload[..EXEC_PARAMS_SIZE])
                 .map_err(|e| Error::protocol("dom0", e.to_string()))?;
             match pending.remove(&payload[EXEC_PARAMS_SIZE..]) {

@@ -28,7 +28,10 @@ test.Sum      *       @anyvm  @anyvm    allow\n\
 
 const SERVICES: &[(&str, &str)] = &[
     ("test.Echo", "#!/bin/sh\nexec cat\n"),
-    ("test.Exit", "#!/bin/sh\necho out; echo err >&2; exit \"$1\"\n"),
+    (
+        "test.Exit",
+        "#!/bin/sh\necho out; echo err >&2; exit \"$1\"\n",
+    ),
     ("test.Sum", "#!/bin/sh\nexec cksum\n"),
 ];
 
@@ -54,7 +57,12 @@ fn qrexec_client_vm_calls_a_mirage_vm() {
         let mut args = extra.to_vec();
         args.extend(["fw", "mirage.Echo"]);
         let out = s.call("work", &args, b"hello mirage\n");
-        assert_eq!(out.status.code(), Some(0), "{extra:?}: {}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{extra:?}: {}",
+            text(&out.stderr)
+        );
         assert_eq!(out.stdout, b"hello mirage\n", "{extra:?}");
     }
 
@@ -64,7 +72,12 @@ fn qrexec_client_vm_calls_a_mirage_vm() {
         let mut args = extra.to_vec();
         args.extend(["fw", "mirage.Echo"]);
         let out = s.call("work", &args, &input);
-        assert_eq!(out.status.code(), Some(0), "{extra:?}: {}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{extra:?}: {}",
+            text(&out.stderr)
+        );
         assert_eq!(out.stdout.len(), MIB16, "{extra:?}");
         assert!(
             fnv1a(FNV_OFFSET, &out.stdout) == fnv1a(FNV_OFFSET, &input),
@@ -106,9 +119,14 @@ type Outcome = (Vec<u8>, Vec<u8>, i32);
 /// test handle; `None` when refused.
 fn mirage_call(s: &Sim, vm: &str, target: &str, service: &str, input: &[u8]) -> Option<Outcome> {
     let mut sock = UnixStream::connect(s.agent_socket(vm)).unwrap();
-    let req = Trigger::new(RequestFormat::V3, target.as_bytes(), service.as_bytes(), b"")
-        .encode()
-        .unwrap();
+    let req = Trigger::new(
+        RequestFormat::V3,
+        target.as_bytes(),
+        service.as_bytes(),
+        b"",
+    )
+    .encode()
+    .unwrap();
     sock.write_all(&req).unwrap();
     let mut w = sock.try_clone().unwrap();
     let input = input.to_vec();
@@ -157,7 +175,10 @@ fn a_mirage_vm_calls_our_vm() {
     let (out, _, code) = mirage_call(&s, "fw", "work", "test.Echo", &input).unwrap();
     assert_eq!(code, 0);
     assert_eq!(out.len(), MIB16);
-    assert!(fnv1a(FNV_OFFSET, &out) == fnv1a(FNV_OFFSET, &input), "echo differs");
+    assert!(
+        fnv1a(FNV_OFFSET, &out) == fnv1a(FNV_OFFSET, &input),
+        "echo differs"
+    );
 
     let (out, _, code) = mirage_call(&s, "fw", "work", "test.Sum", &input).unwrap();
     assert_eq!(code, 0);
@@ -165,9 +186,15 @@ fn a_mirage_vm_calls_our_vm() {
     assert!(cksum.trim_end().ends_with(&format!(" {MIB16}")), "{cksum}");
 
     let (out, err, code) = mirage_call(&s, "fw", "work", "test.Exit+3", b"").unwrap();
-    assert_eq!((text(&out), text(&err), code), ("out\n".into(), "err\n".into(), 3));
+    assert_eq!(
+        (text(&out), text(&err), code),
+        ("out\n".into(), "err\n".into(), 3)
+    );
 
-    assert!(mirage_call(&s, "fw", "work", "test.Secret", b"").is_none(), "refused");
+    assert!(
+        mirage_call(&s, "fw", "work", "test.Secret", b"").is_none(),
+        "refused"
+    );
 }
 
 #[test]

@@ -388,7 +388,11 @@ mod tests {
     /// the last.
     fn reference(read: usize, write: usize) -> (u8, u8) {
         let all: Vec<(u8, usize)> = (10..=20).map(|o| (o, 1usize << o)).collect();
-        let pick = |s: usize| all.iter().find(|&&(_, len)| len >= s).map_or(20, |&(o, _)| o);
+        let pick = |s: usize| {
+            all.iter()
+                .find(|&&(_, len)| len >= s)
+                .map_or(20, |&(o, _)| o)
+        };
         match (pick(read), pick(write)) {
             (10, 10) => (10, 11),
             (11, 11) => (10, 12),

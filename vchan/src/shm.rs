@@ -275,8 +275,7 @@ impl ShmChan {
         let layout = if ocaml {
             crate::compat::ocaml_server_layout(read_min, write_min)
         } else {
-            control::server_layout(read_min, write_min)
-                .map_err(|e| Error::config(e.to_string()))?
+            control::server_layout(read_min, write_min).map_err(|e| Error::config(e.to_string()))?
         };
         let be = Backends::new(t)?;
         let xs = be.xs()?;
@@ -569,7 +568,9 @@ impl ShmChan {
     pub(crate) fn peer_state(&mut self) -> PeerState {
         let s = self.ep.peer_state();
         // ocaml-vchan leaves its nodes until it closes.
-        if self.side == Side::Server && s != PeerState::Waiting && self.compat == Compat::Libxenvchan
+        if self.side == Side::Server
+            && s != PeerState::Waiting
+            && self.compat == Compat::Libxenvchan
         {
             self.remove_nodes();
         }

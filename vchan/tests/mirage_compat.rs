@@ -78,7 +78,8 @@ fn transfer(
     (read, write): (usize, usize),
     packet: bool,
 ) {
-    let what = format!("{srv_compat:?} server, {cli_compat:?} client, {read}/{write}, packet {packet}");
+    let what =
+        format!("{srv_compat:?} server, {cli_compat:?} client, {read}/{write}, packet {packet}");
     let (lo, ro) = expected_orders(srv_compat, read, write);
     let bytes = (3usize << lo.max(ro)).clamp(100_003, 3 << 20);
     let pname = PortName::from(port);
@@ -95,7 +96,10 @@ fn transfer(
     let client = thread::spawn(move || {
         let mut c = Vchan::client_with(&t2, 1, &pname, T, cli_compat).unwrap();
         c.set_io_timeout(Some(T));
-        assert_eq!((c.read_ring_size(), c.write_ring_size()), (1 << ro, 1 << lo));
+        assert_eq!(
+            (c.read_ring_size(), c.write_ring_size()),
+            (1 << ro, 1 << lo)
+        );
         // Packets: odd sizes up to just over half the ring they cross.
         let down = packet.then(|| (1usize << ro) / 2 + 3);
         let up = packet.then(|| (1usize << lo) / 2 + 3);
@@ -109,7 +113,10 @@ fn transfer(
     let up = packet.then(|| (1usize << lo) / 2 + 3);
     write_all(&mut srv, &pattern(bytes, 7), down);
     let back = read_all(&mut srv, bytes, up);
-    assert!(back == pattern(bytes, 9), "{what}: client→server data differs");
+    assert!(
+        back == pattern(bytes, 9),
+        "{what}: client→server data differs"
+    );
     client.join().unwrap();
     // The client has closed (its way): end of stream, then writes fail.
     let mut b = [0u8; 1];
@@ -161,7 +168,14 @@ fn mirage_server_mirage_client_default_sizes() {
 }
 
 /// A connected pair in one process: (server in dom1, client in dom2).
-fn pair(xen: &LocalXen, port: &PortName, srv: Compat, cli: Compat, r: usize, w: usize) -> (Vchan, Vchan) {
+fn pair(
+    xen: &LocalXen,
+    port: &PortName,
+    srv: Compat,
+    cli: Compat,
+    r: usize,
+    w: usize,
+) -> (Vchan, Vchan) {
     let mut s = Vchan::server_with(&xen.transport(1), 2, port, r, w, srv).unwrap();
     let t2 = xen.transport(2);
     let p = port.clone();
@@ -177,7 +191,14 @@ fn mirage_reader_acknowledges_at_its_next_read() {
     let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
     let port = PortName::from(9);
     // Mirage client: its read ring is the server's 2 KiB write ring.
-    let (mut s, mut c) = pair(&xen, &port, Compat::Libxenvchan, Compat::OcamlVchan, 1024, 1024);
+    let (mut s, mut c) = pair(
+        &xen,
+        &port,
+        Compat::Libxenvchan,
+        Compat::OcamlVchan,
+        1024,
+        1024,
+    );
     assert_eq!(s.write_ring_size(), 2048);
     s.write_all(&[5u8; 2048]).unwrap();
     assert_eq!(s.peek_buffer_space(), 0);
@@ -194,7 +215,14 @@ fn mirage_reader_acknowledges_at_its_next_read() {
 
     // Our reader frees the space at once.
     let port = PortName::from(10);
-    let (mut s, mut c) = pair(&xen, &port, Compat::Libxenvchan, Compat::Libxenvchan, 1024, 1024);
+    let (mut s, mut c) = pair(
+        &xen,
+        &port,
+        Compat::Libxenvchan,
+        Compat::Libxenvchan,
+        1024,
+        1024,
+    );
     s.write_all(&[5u8; 2048]).unwrap();
     assert_eq!(c.read(&mut buf).unwrap(), 2048);
     assert_eq!(s.peek_buffer_space(), 2048);
@@ -204,8 +232,18 @@ fn mirage_reader_acknowledges_at_its_next_read() {
 fn mirage_reads_stop_at_the_wrap_point() {
     let dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
-    for (port, cli, expect) in [(11u32, Compat::OcamlVchan, vec![48, 52]), (12, Compat::Libxenvchan, vec![100])] {
-        let (mut s, mut c) = pair(&xen, &PortName::from(port), Compat::Libxenvchan, cli, 1024, 1024);
+    for (port, cli, expect) in [
+        (11u32, Compat::OcamlVchan, vec![48, 52]),
+        (12, Compat::Libxenvchan, vec![100]),
+    ] {
+        let (mut s, mut c) = pair(
+            &xen,
+            &PortName::from(port),
+            Compat::Libxenvchan,
+            cli,
+            1024,
+            1024,
+        );
         s.write_all(&[1u8; 2000]).unwrap();
         let mut buf = vec![0u8; 4096];
         c.read_exact(&mut buf[..2000]).unwrap();
@@ -234,28 +272,61 @@ fn mirage_server_keeps_named_nodes_under_its_absolute_path_until_close() {
     let dom0 = xenstore::Xs::connect_unix(&vchan::local_xenstore_socket(dir.path(), 0)).unwrap();
     let port = PortName::new("mirage-fw_1").unwrap();
     let base = "/local/domain/1/data/vchan/2/mirage-fw_1";
-    let (s, c) = pair(&xen, &port, Compat::OcamlVchan, Compat::Libxenvchan, 1024, 1024);
-    assert!(!dom0.read(&format!("{base}/ring-ref")).unwrap().is_empty(), "kept while connected");
+    let (s, c) = pair(
+        &xen,
+        &port,
+        Compat::OcamlVchan,
+        Compat::Libxenvchan,
+        1024,
+        1024,
+    );
+    assert!(
+        !dom0.read(&format!("{base}/ring-ref")).unwrap().is_empty(),
+        "kept while connected"
+    );
     let perms = dom0.get_perms(&format!("{base}/event-channel")).unwrap();
-    assert_eq!(perms.iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["n1", "r2"]);
+    assert_eq!(
+        perms.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        ["n1", "r2"]
+    );
     drop(c);
     drop(s);
     assert!(dom0.read(base).unwrap_err().is_enoent(), "removed at close");
     assert!(
-        dom0.read("/local/domain/1/data/vchan/2").unwrap_err().is_enoent(),
+        dom0.read("/local/domain/1/data/vchan/2")
+            .unwrap_err()
+            .is_enoent(),
         "and the empty per-client directory"
     );
     // Ours removes them as soon as the client connects.
-    let (mut s, _c) = pair(&xen, &PortName::from(13), Compat::Libxenvchan, Compat::OcamlVchan, 1024, 1024);
+    let (mut s, _c) = pair(
+        &xen,
+        &PortName::from(13),
+        Compat::Libxenvchan,
+        Compat::OcamlVchan,
+        1024,
+        1024,
+    );
     assert_eq!(s.state(), State::Connected);
-    assert!(dom0.read("/local/domain/1/data/vchan/2/13").unwrap_err().is_enoent());
+    assert!(
+        dom0.read("/local/domain/1/data/vchan/2/13")
+            .unwrap_err()
+            .is_enoent()
+    );
 }
 
 #[test]
 fn mirage_server_closing_ends_our_client_stream_after_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
-    let (mut s, mut c) = pair(&xen, &PortName::from(14), Compat::OcamlVchan, Compat::Libxenvchan, 4096, 4096);
+    let (mut s, mut c) = pair(
+        &xen,
+        &PortName::from(14),
+        Compat::OcamlVchan,
+        Compat::Libxenvchan,
+        4096,
+        4096,
+    );
     s.write_all(b"last words").unwrap();
     drop(s);
     let mut got = Vec::new();
@@ -275,8 +346,15 @@ fn port_names_outside_ocaml_vchans_alphabet_are_refused() {
     };
     let e = Vchan::server_with(&sock, 2, &PortName::from(5), 0, 0, Compat::OcamlVchan).unwrap_err();
     assert!(e.to_string().contains("socket"), "{e}");
-    let e = Vchan::server_with(&sock, 2, &PortName::new("name").unwrap(), 0, 0, Compat::Libxenvchan)
-        .unwrap_err();
+    let e = Vchan::server_with(
+        &sock,
+        2,
+        &PortName::new("name").unwrap(),
+        0,
+        0,
+        Compat::Libxenvchan,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("numeric"), "{e}");
 }
 
@@ -304,8 +382,14 @@ fn peer_server(xen: &LocalXen, port: &str, compat: &str) -> (Kill, Vchan) {
         .spawn()
         .unwrap();
     let k = Kill(child);
-    let c = Vchan::client_with(&xen.transport(1), 2, &PortName::new(port).unwrap(), T, Compat::Libxenvchan)
-        .unwrap();
+    let c = Vchan::client_with(
+        &xen.transport(1),
+        2,
+        &PortName::new(port).unwrap(),
+        T,
+        Compat::Libxenvchan,
+    )
+    .unwrap();
     (k, c)
 }
 
