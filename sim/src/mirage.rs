@@ -589,11 +589,14 @@ fn client_call(t: &vchan::Transport, params: ConnectionParams, mut sock: UnixStr
             continue;
         }
         // Ask for the events we need, then look once more before sleeping.
-        let ready = ch.data_ready();
+        let ready = ch
+            .data_ready()
+            .map_err(|e| Error::vchan("look for data", e))?;
         let space = if to_vchan.is_empty() {
             1
         } else {
             ch.buffer_space()
+                .map_err(|e| Error::vchan("look for space", e))?
         };
         if ready > 0 || (space > 0 && !to_vchan.is_empty()) {
             continue;
@@ -613,7 +616,8 @@ fn client_call(t: &vchan::Transport, params: ConnectionParams, mut sock: UnixStr
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(Error::io("poll", e.into())),
         }
-        ch.consume_events();
+        ch.consume_events()
+            .map_err(|e| Error::vchan("consume events", e))?;
     }
 }
 

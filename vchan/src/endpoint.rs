@@ -779,6 +779,9 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// then).
     pub fn write_to_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize, FdError> {
         self.ensure_not_closed()?;
+        // Lazy (ocaml-vchan) mode: what earlier reads took is acknowledged
+        // first; this path itself acknowledges at once.
+        self.ack_previous()?;
         if max == 0 {
             return Ok(0);
         }
