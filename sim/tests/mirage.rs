@@ -24,10 +24,18 @@ mirage.Nope   *       @anyvm  @anyvm    allow\n\
 test.Echo     *       @anyvm  @anyvm    allow\n\
 test.Exit     *       @anyvm  @anyvm    allow\n\
 test.Sum      *       @anyvm  @anyvm    allow\n\
+MIRAGE0000000000000000000000000 * @anyvm @anyvm allow\n\
 *             *       @anyvm  @anyvm    deny\n";
+
+/// The service name dom0 sees in mirage-qubes 2.0's first call.
+const UPSTREAM_SERVICE: &str = "MIRAGE0000000000000000000000000";
 
 const SERVICES: &[(&str, &str)] = &[
     ("test.Echo", "#!/bin/sh\nexec cat\n"),
+    (
+        UPSTREAM_SERVICE,
+        "#!/bin/sh\necho \"service=$QREXEC_SERVICE_FULL_NAME\"\n",
+    ),
     (
         "test.Exit",
         "#!/bin/sh\necho out; echo err >&2; exit \"$1\"\n",
@@ -200,9 +208,14 @@ fn a_mirage_vm_calls_our_vm() {
 #[test]
 fn mirage_qubes_2_trigger_names_its_request_id_as_the_service() {
     let s = Sim::start(CONF, POLICY, SERVICES);
-    // dom0 sees the service `MIRAGE000…`: the policy denies it.
+    // The first call of `up` asks for test.Echo, but dom0 sees the service
+    // `MIRAGE000…0` (its request id), which the policy here allows.
+    let (out, _, code) = mirage_call(&s, "up", "work", "test.Echo", b"x").unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(text(&out), format!("service={UPSTREAM_SERVICE}+\n"));
+    // Its second call is `MIRAGE…1`: no rule, refused.
     assert!(mirage_call(&s, "up", "work", "test.Echo", b"x").is_none());
-    // The same call from the corrected flavour goes through.
+    // The same call from the corrected flavour reaches test.Echo.
     let (out, _, code) = mirage_call(&s, "fw", "work", "test.Echo", b"x").unwrap();
     assert_eq!((out.as_slice(), code), (&b"x"[..], 0));
 }
