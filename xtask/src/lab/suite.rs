@@ -12,6 +12,7 @@
 //! | `throughput` | ours vs C, rings 64 KiB and 1 MiB, both directions |
 //! | `qrexec` | `qrexec-client-vm` in domU1 calling services in domU2 through `qubes-sim` agents (domUs) and daemons (dom0), all on Xen (see `qrexec.rs`) |
 //! | `destroy` | `xl destroy` of the peer's domain while connected and while waiting (last: domU2 is gone after it) |
+//! | `mirage` | our ocaml-vchan-like peer (`vchan-peer --compat ocaml`) against the C `vchan-node`, both roles, rings {1, 2, 4, 64, 1024} KiB (1 = ocaml-vchan's default 1024/1024: in-page rings), stream and packet; checksums compared (20 cases; `--quick`: 10) |
 //! | `cxenstored` | (full run) reboot with C xenstored: devtest, a matrix subset, destroy |
 //!
 //! `--quick` runs a subset that still covers every pairing, both domain
@@ -33,6 +34,7 @@ const PHASES: &[&str] = &[
     "qrexec",
     "destroy",
     "cxenstored",
+    "mirage",
 ];
 
 #[derive(Debug)]
@@ -261,6 +263,8 @@ fn first_line(s: &str) -> &str {
 enum Impl {
     Ours,
     C,
+    /// Ours behaving like MirageOS's ocaml-vchan (`--compat ocaml`).
+    Mirage,
 }
 
 impl Impl {
@@ -268,6 +272,7 @@ impl Impl {
         match self {
             Impl::Ours => "ours",
             Impl::C => "C",
+            Impl::Mirage => "mirage-like",
         }
     }
 }
@@ -381,6 +386,21 @@ impl Run {
         wait: u64,
     ) -> String {
         let dir = if send { "send" } else { "recv" };
+        if imp == Impl::Mirage {
+            let ours = self.peer_cmd(
+                Impl::Ours,
+                server,
+                dom,
+                peer,
+                port,
+                send,
+                mib,
+                ring_kib,
+                packet,
+                wait,
+            );
+            return format!("{ours} --compat ocaml");
+        }
         match (imp, server) {
             (Impl::Ours, true) => format!(
                 "/mnt/host/vchan-peer server {peer} {port} {dir} {mib} {ring_kib} --timeout {wait}{}",
@@ -397,6 +417,7 @@ impl Run {
                 "env VCHAN_WAIT={wait} {} client {peer} {port} {dir} {mib}",
                 c_bin(dom)
             ),
+            (Impl::Mirage, _) => unreachable!("handled above"),
         }
     }
 
@@ -457,7 +478,7 @@ impl Run {
             x.server_sends,
             x.mib,
             x.ring_kib,
-            x.packet.filter(|_| x.server == Impl::Ours),
+            x.packet.filter(|_| x.server != Impl::C),
             limit,
         );
         let ccmd = self.peer_cmd(
@@ -469,7 +490,7 @@ impl Run {
             !x.server_sends,
             x.mib,
             x.ring_kib,
-            x.packet.filter(|_| x.client == Impl::Ours),
+            x.packet.filter(|_| x.client != Impl::C),
             wait,
         );
         self.bg(&x.server_dom, "srv", &scmd, limit)?;
@@ -676,6 +697,44 @@ fn matrix_cases(quick: bool) -> Vec<Xfer> {
                         packet: packet.then(|| packet_for(ring)),
                     });
                 }
+            }
+        }
+    }
+    v
+}
+
+/// Our ocaml-vchan-like peer against the C libxenvchan: both roles, every
+/// ring size (with 1 and 2 KiB, where ocaml-vchan's order choice differs
+/// from libxenvchan's), stream and packet, on domU1↔domU2 and
+/// dom0↔domU1 alternately (20 cases; quick: 10, one mode per size and
+/// role).
+fn mirage_cases(quick: bool) -> Vec<Xfer> {
+    let mut v = Vec::new();
+    for (pi, &(server, client)) in [(Impl::Mirage, Impl::C), (Impl::C, Impl::Mirage)]
+        .iter()
+        .enumerate()
+    {
+        for (si, &ring) in [1u32, 2, 4, 64, 1024].iter().enumerate() {
+            for packet in [false, true] {
+                let mi = usize::from(packet);
+                if quick && (si + pi) % 2 != mi {
+                    continue;
+                }
+                let (sd, cd) = if (si + mi) % 2 == 0 {
+                    ("domU1", "domU2")
+                } else {
+                    ("dom0", "domU1")
+                };
+                v.push(Xfer {
+                    server_dom: sd.into(),
+                    client_dom: cd.into(),
+                    server,
+                    client,
+                    ring_kib: ring,
+                    mib: mib_for(if ring == 2 { 1 } else { ring }, quick),
+                    server_sends: (si + pi) % 2 == 0,
+                    packet: packet.then(|| packet_for(if ring == 2 { 1 } else { ring })),
+                });
             }
         }
     }
@@ -1460,6 +1519,10 @@ fn run_phases(run: &mut Run, o: &Opts) {
     phase(run, "kill", &mut phase_kill);
     phase(run, "throughput", &mut phase_throughput);
     phase(run, "qrexec", &mut phase_qrexec);
+    phase(run, "mirage", &mut |r| {
+        let q = r.quick;
+        phase_matrix(r, mirage_cases(q), "mirage-like")
+    });
     phase(run, "destroy", &mut phase_destroy);
 }
 
@@ -1471,6 +1534,7 @@ fn section_of(phase: &str) -> &'static str {
         "throughput" => "throughput",
         "qrexec" => "qrexec",
         "destroy" => "xl destroy",
+        "mirage" => "mirage-like",
         _ => "C xenstored",
     }
 }
@@ -1661,6 +1725,34 @@ fn cxenstored_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirage_cases_cover_both_roles_every_size_and_mode() {
+        for quick in [false, true] {
+            let v = mirage_cases(quick);
+            assert_eq!(v.len(), if quick { 10 } else { 20 });
+            for ring in [1, 2, 4, 64, 1024] {
+                for (s, c) in [(Impl::Mirage, Impl::C), (Impl::C, Impl::Mirage)] {
+                    assert!(
+                        v.iter()
+                            .any(|x| x.ring_kib == ring && x.server == s && x.client == c),
+                        "{ring} KiB {s:?}/{c:?} quick={quick}"
+                    );
+                }
+                for packet in [false, true] {
+                    assert!(
+                        v.iter()
+                            .any(|x| x.ring_kib == ring && x.packet.is_some() == packet),
+                        "{ring} KiB packet={packet} quick={quick}"
+                    );
+                }
+            }
+            assert!(
+                v.iter()
+                    .all(|x| x.mib <= 16 && x.server_dom != x.client_dom)
+            );
+        }
+    }
 
     #[test]
     fn quick_matrix_covers_every_pairing_pair_size_and_mode() {
