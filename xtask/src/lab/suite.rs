@@ -1749,7 +1749,7 @@ mod tests {
             }
             assert!(
                 v.iter()
-                    .all(|x| x.mib <= 16 && x.server_dom != x.client_dom)
+                    .all(|x| x.mib <= 32 && x.server_dom != x.client_dom)
             );
         }
     }
