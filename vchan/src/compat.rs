@@ -28,6 +28,7 @@
 //!
 //! | behaviour | libxenvchan (Xen, Qubes) | ocaml-vchan (MirageOS) | ours, default | ours, `OcamlVchan` |
 //! |---|---|---|---|---|
+//! | server call returns | at once; the caller waits for the client | only once the client has connected (`cli_live` left 2) | at once ([`Vchan::wait_connected`]) | at once (API, not wire) |
 //! | default sizes | caller passes them (Qubes qrexec: 4096 control, 65536 data) | `read_size = write_size = 1024` | caller passes them | caller passes them (pass 1024/1024 for Mirage's default) |
 //! | order choice | smallest order ≥ 12 that fits, then in-page overrides (spec §4.2): 0/0 → 10/11 | smallest of 1 KiB (in page at 1024), 2 KiB (in page at 2048), 4 KiB … 1 MiB that fits; then 10/10 → 10/11 and 11/11 → **10**/12 | libxenvchan's | ocaml-vchan's ([`ocaml_server_orders`]) |
 //! | request above 1 MiB | `server_init` fails | silently capped at order 20 | error | capped at order 20 |
@@ -40,6 +41,7 @@
 //! | connect (client) | bind, map, `cli_live = 1`, `srv_notify = WRITE`, one event | map, bind, then the same stores and event | libxenvchan's | ocaml-vchan's order |
 //! | notify bits | WRITE = 1, READ = 2; request into the peer's byte, test-and-clear our own | the same bytes and bits | the same | the same |
 //! | reader acknowledges | at once (`cons` published after the copy, then READ notify) | at the **next** read (a writer waiting for space waits until the Mirage application reads again) | at once | at the next read ([`crate::endpoint::Endpoint::set_lazy_ack`]) |
+//! | fd path (`write_to_fd`) | — | — | acknowledges at once | acknowledges earlier reads, then this one at once |
 //! | one read returns | everything asked for that is there (across the wrap) | one contiguous piece, up to the wrap point | across the wrap | up to the wrap point |
 //! | "space" check before a wait | `space >= request` | `space > request` (asks for READ events a little more often) | `>=` | `>=` (not reproduced: no effect on what the peer sees but one more request bit) |
 //! | corrupt indices / live byte | clamp to 0 (XSA-86) / any non-zero is "open" | no clamp / exception | typed error / closed | the same as ours: we never trust the peer |
