@@ -453,3 +453,28 @@ fn killed_mirage_peer_whose_domain_is_destroyed_ends_by_the_liveness_checks() {
     let e = c.read(&mut b).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionAborted, "{e}");
 }
+
+#[test]
+fn killed_mirage_client_leaves_our_server_waiting_until_its_io_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = restricted_dom1(dir.path());
+    let port = PortName::new("mirage-24").unwrap();
+    let mut s =
+        Vchan::server_with(&xen.transport(1), 2, &port, 4096, 4096, Compat::Libxenvchan).unwrap();
+    let child = Command::new(PEER)
+        .args(["client", "1", "mirage-24", "recv", "1", "--compat", "ocaml"])
+        .env("VCHAN_LOCAL_DIR", xen.dir())
+        .env("VCHAN_DOMAIN", "2")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut k = Kill(child);
+    s.wait_connected(Some(T)).unwrap();
+    k.0.kill().unwrap();
+    k.0.wait().unwrap();
+    s.set_io_timeout(Some(Duration::from_millis(2500)));
+    let mut b = [0u8; 8];
+    let e = s.read(&mut b).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert_eq!(s.state(), State::Connected, "cli_live is still 1");
+}
