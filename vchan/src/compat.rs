@@ -51,6 +51,15 @@
 //! | close | unmap data rings, own live = 0, unmap page (notify clears and signals again), one more event, unbind; server removes nodes (Xen ≥ 4.17) | own live = 0, one event; server removes the nodes; unshare/unmap the rings and the page; unbind | libxenvchan's | ocaml-vchan's |
 //! | peer domain destroyed | Qubes' wrapper polls `EVTCHNOP_status`; plain libxenvchan waits for ever | waits for ever | liveness checks end the wait | the same liveness checks (they send nothing on the wire) |
 //!
+//! History that explains old bug reports (not reproduced; we follow
+//! ocaml-vchan 6.0.2): before 5.0.0 its client cut its view of the
+//! control page down to the header and the grant list ("ignore trailing
+//! junk", removed in PR #132, commit a2c2130), which put in-page rings out
+//! of its reach; before 2.0.x (commit 879e50c) its server zeroed `left.cons`
+//! twice and never `right.prod`. "Invalid ring order: 0"
+//! (qubes-mirage-firewall #3) is its client reading an all-zero page; ours
+//! refuses such a page too, with [`crate::control::ControlError`].
+//!
 //! Two ocaml-vchan client behaviours are deliberately not copied: it
 //! accepts equal in-page orders (both rings would then share the same
 //! bytes) and orders above 20 (it would read grant references past the
@@ -344,6 +353,44 @@ impl Vchan {
                 let ch = crate::shm::ShmChan::client_opts(transport, peer, port, timeout, compat)?;
                 Ok(Vchan::from_inner(Inner::Shm(Box::new(ch))))
             }
+        }
+    }
+
+    /// As [`Vchan::client_start`] (a connect driven from `poll`), on a
+    /// named port and behaving like `compat`.
+    ///
+    /// ```no_run
+    /// use vchan::{Compat, PortName, Transport, Vchan};
+    /// let t = Transport::from_env()?;
+    /// let mut c = Vchan::client_start_with(&t, 1, &PortName::new("echo")?, Compat::OcamlVchan)?;
+    /// let v = loop {
+    ///     if let Some(v) = c.poll()? { break v; }
+    ///     std::thread::sleep(std::time::Duration::from_millis(10)); // or poll(2) on c.as_fd()
+    /// };
+    /// # drop(v); Ok::<(), vchan::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Vchan::client_with`].
+    pub fn client_start_with(
+        transport: &Transport,
+        peer: DomId,
+        port: &PortName,
+        compat: Compat,
+    ) -> Result<crate::Connecting> {
+        match transport {
+            Transport::Socket { .. } => {
+                socket_only_default(compat)?;
+                Vchan::client_start(transport, peer, socket_port(port)?)
+            }
+            Transport::Xen | Transport::Local { .. } => Ok(crate::Connecting {
+                inner: crate::ConnInner::Shm(Box::new(crate::shm::ShmConnecting::start_opts(
+                    transport,
+                    peer,
+                    port.clone(),
+                    compat,
+                )?)),
+            }),
         }
     }
 

@@ -478,3 +478,28 @@ fn killed_mirage_client_leaves_our_server_waiting_until_its_io_timeout() {
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
     assert_eq!(s.state(), State::Connected, "cli_live is still 1");
 }
+
+#[test]
+fn connect_driven_from_poll_reaches_a_mirage_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let port = PortName::new("polled").unwrap();
+    let mut s =
+        Vchan::server_with(&xen.transport(1), 2, &port, 1024, 1024, Compat::OcamlVchan).unwrap();
+    let mut c = Vchan::client_start_with(&xen.transport(2), 1, &port, Compat::Libxenvchan).unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let mut c = loop {
+        if let Some(v) = c.poll().unwrap() {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "no connect");
+        let _ = s.poll_connected();
+        thread::sleep(Duration::from_millis(5));
+    };
+    s.wait_connected(Some(T)).unwrap();
+    assert_eq!((c.read_ring_size(), c.write_ring_size()), (2048, 1024));
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+}
