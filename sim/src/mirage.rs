@@ -38,6 +38,11 @@
 //! reproduces that with [`MirageOptions::upstream_trigger`], and by default
 //! sends the service name the unikernel asked for.
 //!
+//! Older mirage-qubes releases differed (not reproduced): before PR #56 it
+//! insisted on HELLO version exactly 2 and logged "Unsupported qrexec
+//! version 3" against R4.1 (qubes-mirage-firewall #124), and before PR #60
+//! it spoke only version 2 with 4096-byte chunks.
+//!
 //! # The test handle
 //!
 //! A unikernel has no agent socket; here the agent socket lets a test make
