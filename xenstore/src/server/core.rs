@@ -387,6 +387,16 @@ impl State {
         let caller = Caller { dom };
         let m = self.config.missing_node;
         let limits = self.config.limits.clone();
+        // Quotas count per domain (see `Limits`) and spare dom0, as C
+        // xenstored's `domain_is_unprivileged` checks do.
+        let (dom_txs, dom_watches) = if caller.privileged() {
+            (0, 0)
+        } else {
+            self.conns
+                .values()
+                .filter(|c| c.dom == dom)
+                .fold((0, 0), |(t, w), c| (t + c.txs.len(), w + c.watches.len()))
+        };
         let conn = self.conns.get_mut(&id).ok_or(Errno::EINVAL)?;
         let ty = MsgType::from_u32(h.ty).ok_or(Errno::EINVAL)?;
 
@@ -396,7 +406,8 @@ impl State {
                 if h.tx_id != 0 {
                     return Err(Errno::EBUSY);
                 }
-                if conn.txs.len() >= limits.max_transactions {
+                // C: `transaction_started > quota_max_transaction`.
+                if dom_txs > limits.max_transactions {
                     return Err(Errno::ENOSPC);
                 }
                 let mut tx_id = self.next_tx;
@@ -448,7 +459,8 @@ impl State {
                 {
                     return Err(Errno::EEXIST);
                 }
-                if conn.watches.len() >= limits.max_watches {
+                // C: `domain_watch(conn) > quota_nb_watch_per_domain`.
+                if dom_watches > limits.max_watches {
                     return Err(Errno::E2BIG);
                 }
                 conn.watches.push(Watch {
@@ -723,12 +735,14 @@ mod tests {
         let mut st = State::new(cfg);
         st.add_domain(1);
         let rx = conn(&mut st, 1, 1);
-        for tok in [&b"a\0"[..], b"b\0", b"c\0"] {
+        // C compares with `>`: quota + 1 watches and transactions fit.
+        for tok in [&b"a\0"[..], b"b\0", b"c\0", b"d\0"] {
             let mut p = b"data\0".to_vec();
             p.extend_from_slice(tok);
             req(&mut st, 1, MsgType::Watch, 0, &p);
         }
         req(&mut st, 1, MsgType::Watch, 0, b"data\0a\0");
+        req(&mut st, 1, MsgType::TransactionStart, 0, b"\0");
         req(&mut st, 1, MsgType::TransactionStart, 0, b"\0");
         req(&mut st, 1, MsgType::TransactionStart, 0, b"\0");
         req(&mut st, 1, MsgType::TransactionStart, 5, b"\0");
@@ -742,13 +756,75 @@ mod tests {
             [
                 b"OK\0".to_vec(),
                 b"OK\0".to_vec(),
+                b"OK\0".to_vec(),
                 b"E2BIG\0".to_vec(),
                 b"EEXIST\0".to_vec(),
                 b"1\0".to_vec(),
+                b"2\0".to_vec(),
                 b"ENOSPC\0".to_vec(),
                 b"EBUSY\0".to_vec(),
             ]
         );
+    }
+
+    /// A domU's processes share its one xenbus connection on Xen, so the
+    /// quotas count every connection of the domain together; dom0 has none.
+    #[test]
+    fn quotas_count_per_domain_and_spare_dom0() {
+        let mut cfg = Config::default();
+        cfg.limits.max_watches = 1;
+        cfg.limits.max_transactions = 1;
+        let mut st = State::new(cfg);
+        st.add_domain(0);
+        st.add_domain(1);
+        st.add_domain(2);
+        let a = conn(&mut st, 1, 1);
+        let b = conn(&mut st, 2, 1);
+        let other = conn(&mut st, 3, 2);
+        let d0 = conn(&mut st, 4, 0);
+        let replies = |rx: &Receiver<Vec<u8>>| -> Vec<Vec<u8>> {
+            drain(rx)
+                .into_iter()
+                .filter(|m| m.0 != MsgType::WatchEvent as u32)
+                .map(|m| m.3)
+                .collect()
+        };
+        req(&mut st, 1, MsgType::TransactionStart, 0, b"\0");
+        req(&mut st, 1, MsgType::Watch, 0, b"data\0a\0");
+        req(&mut st, 2, MsgType::TransactionStart, 0, b"\0");
+        req(&mut st, 2, MsgType::Watch, 0, b"data\0b\0");
+        // Domain 1 is at its quota + 1 now, across two connections.
+        req(&mut st, 2, MsgType::TransactionStart, 0, b"\0");
+        req(&mut st, 2, MsgType::Watch, 0, b"data\0c\0");
+        assert_eq!(replies(&a), [b"1\0".to_vec(), b"OK\0".to_vec()]);
+        assert_eq!(
+            replies(&b),
+            [
+                b"2\0".to_vec(),
+                b"OK\0".to_vec(),
+                b"ENOSPC\0".to_vec(),
+                b"E2BIG\0".to_vec()
+            ]
+        );
+        // Another domain has its own quota; dom0 has none.
+        req(&mut st, 3, MsgType::TransactionStart, 0, b"\0");
+        assert_eq!(replies(&other), [b"3\0".to_vec()]);
+        for i in 0..5 {
+            req(&mut st, 4, MsgType::TransactionStart, 0, b"\0");
+            req(
+                &mut st,
+                4,
+                MsgType::Watch,
+                0,
+                format!("/x\0t{i}\0").as_bytes(),
+            );
+        }
+        assert!(replies(&d0).iter().all(|r| !r.starts_with(b"E")));
+        // Ending a transaction of one connection frees the quota for both.
+        req(&mut st, 1, MsgType::TransactionEnd, 1, b"F\0");
+        req(&mut st, 2, MsgType::TransactionStart, 0, b"\0");
+        assert_eq!(replies(&a), [b"OK\0".to_vec()]);
+        assert!(!replies(&b)[0].starts_with(b"E"));
     }
 
     #[test]

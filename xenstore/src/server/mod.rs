@@ -37,9 +37,12 @@
 //!   looked at (including absent nodes and the ancestors checked for
 //!   permissions). That is C xenstored's rule; oxenstored merges more
 //!   transactions and answers `EAGAIN` less often.
-//! * Quotas: the value size limit (2048 for domains) counts the value only
-//!   (C also counts the permissions and child names); all quota errors are
-//!   `ENOSPC`.
+//! * Quotas ([`Limits`], C xenstored's defaults): transactions are counted
+//!   per domain, not per connection, because a domU's processes share one
+//!   connection on Xen and each has its own here; the value size limit
+//!   (2048 for domains) counts the value only (C also counts the
+//!   permissions and child names); the memory and outstanding-request
+//!   quotas are not modelled.
 //! * Permission strings are parsed strictly (`r05` or `r+5` are `EINVAL`;
 //!   C uses `strtol`). Entries for domains that do not exist are kept as
 //!   they are.
@@ -89,14 +92,28 @@ pub enum MissingNodeError {
     Enoent,
 }
 
-/// Per-connection and per-domain resource limits (the defaults are C
-/// xenstored's quotas). They apply to domains other than dom0, except the
-/// per-connection watch/transaction/queue limits and `max_nodes`.
+/// Per-domain resource limits. The defaults are C xenstored's quotas as
+/// Xen 4.17 configures them (`tools/xenstore/xenstored_core.c`, tag
+/// `RELEASE-4.17.0`: `quota_max_transaction = 10`,
+/// `quota_nb_watch_per_domain = 128`, `quota_nb_entry_per_domain = 1000`,
+/// `quota_nb_perms_per_node = 5`, `quota_max_entry_size = 2048`).
+///
+/// Like C xenstored, they apply to domains other than dom0 only (its
+/// `domain_is_unprivileged` checks), except `max_nodes` and
+/// `max_queued_messages`. C counts transactions per *connection*; a domU
+/// has exactly one (its xenbus ring, which the kernel shares among all its
+/// processes), while here every process has its own socket connection, so
+/// transactions are counted over all connections of the domain, which is
+/// what a domU sees on Xen. Watches are per domain in C as well.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Watches per connection (`E2BIG` beyond).
+    /// Watches a domain may hold; a `WATCH` while it holds more than this
+    /// many is `E2BIG` (C: `domain_watch(conn) > quota_nb_watch_per_domain`,
+    /// so quota + 1 fit).
     pub max_watches: usize,
-    /// Open transactions per connection (`ENOSPC` beyond).
+    /// Transactions a domain may have open; a `TRANSACTION_START` while it
+    /// has more than this many is `ENOSPC` (C: `transaction_started >
+    /// quota_max_transaction`, so quota + 1 fit).
     pub max_transactions: usize,
     /// Nodes a domain may own (`ENOSPC` beyond).
     pub max_nodes_per_domain: usize,
