@@ -8,7 +8,10 @@
 //!   then `end`;
 //! * `create-dispvm TEMPLATE` → `ok NAME DOMID` once the new VM's agent and
 //!   daemon are up, or `error MESSAGE`;
-//! * `kill NAME` → `ok` once the DispVM's processes are gone, or `error MESSAGE`.
+//! * `kill NAME` → `ok` once the DispVM's processes are gone, or `error MESSAGE`;
+//! * `stats` → `ok grant-peak-pages=N grant-refused=M`: the most pages one
+//!   domain had granted at once, and the shares refused for the limit,
+//!   since the simulation started.
 
 use crate::policy::{SystemInfo, VmInfo};
 use crate::{Error, Result};
@@ -117,4 +120,42 @@ pub fn create_dispvm(sock: &Path, template: &str) -> Result<(String, u16)> {
 /// Destroy a DispVM.
 pub fn kill(sock: &Path, name: &str) -> Result<()> {
     expect_ok(request(sock, &format!("kill {name}"))?).map(|_| ())
+}
+
+/// Load figures of a running simulation (the `stats` request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// The most pages one domain had granted at once.
+    pub grant_peak_pages: usize,
+    /// Shares the grant hub refused with `ENOSPC`.
+    pub grant_refused: usize,
+}
+
+/// Parse the answer of `stats` (after `ok `).
+///
+/// ```
+/// let s = qubes_sim::qubesd::parse_stats("grant-peak-pages=990 grant-refused=3").unwrap();
+/// assert_eq!((s.grant_peak_pages, s.grant_refused), (990, 3));
+/// assert!(qubes_sim::qubesd::parse_stats("grant-peak-pages=x").is_none());
+/// ```
+pub fn parse_stats(answer: &str) -> Option<Stats> {
+    let mut peak = None;
+    let mut refused = None;
+    for w in answer.split(' ') {
+        match w.split_once('=')? {
+            ("grant-peak-pages", v) => peak = Some(v.parse().ok()?),
+            ("grant-refused", v) => refused = Some(v.parse().ok()?),
+            _ => {}
+        }
+    }
+    Some(Stats {
+        grant_peak_pages: peak?,
+        grant_refused: refused?,
+    })
+}
+
+/// The simulation's load figures.
+pub fn stats(sock: &Path) -> Result<Stats> {
+    let answer = expect_ok(request(sock, "stats")?)?;
+    parse_stats(&answer).ok_or_else(|| Error::other(format!("qubesd: bad answer 'ok {answer}'")))
 }

@@ -440,6 +440,13 @@ impl Inner {
                 Ok((n, d)) => format!("ok {n} {d}\n"),
                 Err(e) => format!("error {e}\n"),
             },
+            ["stats"] => {
+                let h = self.xen.grant_history();
+                format!(
+                    "ok grant-peak-pages={} grant-refused={}\n",
+                    h.peak_domain_pages, h.refused_shares
+                )
+            }
             ["kill", name] => match self.kill_dispvm(name) {
                 Ok(()) => "ok\n".into(),
                 Err(e) => format!("error {e}\n"),

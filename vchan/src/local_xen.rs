@@ -143,6 +143,12 @@ impl LocalXen {
         }
     }
 
+    /// The grant hub's high-water mark of pages granted by one domain and
+    /// its count of refused shares (`ENOSPC`), since the start.
+    pub fn grant_history(&self) -> gnttab::local::HubHistory {
+        self.gnt.history()
+    }
+
     /// What this local Xen imitates.
     pub fn config(&self) -> &LocalXenConfig {
         &self.config

@@ -88,6 +88,18 @@ pub struct HubStats {
     pub counted_pages: usize,
 }
 
+/// What the hub has seen since it started; see [`Hub::history`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HubHistory {
+    /// The most pages ever counted against one domain's limit at once
+    /// (the high-water mark of the busiest domain).
+    pub peak_domain_pages: usize,
+    /// Shares refused with `ENOSPC` (a domain's page limit or its grant
+    /// entries exhausted).
+    pub refused_shares: usize,
+}
+
 /// The same-host grant table: a thread serving `<dir>/gnttab.sock`.
 ///
 /// Start one per rendezvous directory, next to the event-channel hub of the
@@ -195,6 +207,12 @@ impl Hub {
         &self.path
     }
 
+    /// The high-water mark of granted pages and the count of refused
+    /// shares since the hub started (for load tests and diagnostics).
+    pub fn history(&self) -> HubHistory {
+        self.shared.lock().history
+    }
+
     /// A snapshot of what the hub holds (for tests and diagnostics).
     pub fn stats(&self) -> HubStats {
         self.shared.lock().stats()
@@ -276,6 +294,7 @@ struct State {
     entries: HashMap<DomId, usize>,
     connections: usize,
     maps: usize,
+    history: HubHistory,
 }
 
 /// An unmap-notify registered on a connection's object.
@@ -352,6 +371,7 @@ impl State {
             || counted + count > DOMAIN_PAGE_LIMIT
             || entries + count > DOMAIN_GRANT_ENTRIES
         {
+            self.history.refused_shares += 1;
             return Err(Errno::ENOSPC);
         }
         let file = File::from(fds.remove(0));
@@ -384,7 +404,9 @@ impl State {
                 live: count,
             },
         );
-        *self.counted.entry(dom).or_insert(0) += count;
+        let now_counted = self.counted.entry(dom).or_insert(0);
+        *now_counted += count;
+        self.history.peak_domain_pages = self.history.peak_domain_pages.max(*now_counted);
         *self.entries.entry(dom).or_insert(0) += count;
         Ok((id, refs))
     }

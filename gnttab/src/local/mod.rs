@@ -45,7 +45,7 @@ use nix::sys::time::TimeVal;
 mod hub;
 mod proto;
 
-pub use hub::{DOMAIN_GRANT_ENTRIES, DOMAIN_PAGE_LIMIT, Hub, HubStats};
+pub use hub::{DOMAIN_GRANT_ENTRIES, DOMAIN_PAGE_LIMIT, Hub, HubHistory, HubStats};
 
 use proto::{FDS_PER_REPLY, MAX_PACKET, MAX_PAGES, Reader, Request, SOCKET_NAME};
 

@@ -583,4 +583,30 @@ fn orphans_are_bounded_by_the_grant_table_size() {
     // One unmap frees 1024 entries.
     maps.pop();
     dom1.share(2, DOMAIN_PAGE_LIMIT, true).unwrap();
+    // The history kept the high-water mark and the one refusal.
+    let h = hub.history();
+    assert_eq!(h.peak_domain_pages, DOMAIN_PAGE_LIMIT);
+    assert_eq!(h.refused_shares, 1);
+}
+
+#[test]
+fn history_keeps_the_peak_of_the_busiest_domain() {
+    let (dir, hub, _) = start();
+    assert_eq!(hub.history(), HubHistory::default());
+    let dom1 = Local::new(dir.path(), 1);
+    let a = dom1.share(2, 5, true).unwrap();
+    let b = dom1.share(2, 7, true).unwrap();
+    let c = Local::new(dir.path(), 3).share(2, 9, true).unwrap();
+    drop((a, b, c));
+    let d = dom1.share(2, 2, true).unwrap();
+    let e = dom1.share(2, DOMAIN_PAGE_LIMIT, true).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    drop(d);
+    let h = hub.history();
+    assert_eq!(h.peak_domain_pages, 12, "{h:?}");
+    assert_eq!(h.refused_shares, 1, "{h:?}");
+    assert_eq!(
+        wait_stats(&hub, |s| *s == HubStats::default()),
+        HubStats::default()
+    );
 }
