@@ -620,12 +620,20 @@ pub fn run(argv: &[OsString]) -> ExitCode {
         }
     }
 
-    let mut ch = match crate::transport::open_data_channel(peer.domain, peer.port, opts.buffer_size)
-    {
+    // One connect deadline for the set-up (which may wait for resources
+    // other calls hold) and the wait for the service.
+    let deadline = std::time::Instant::now() + connect_timeout();
+    let mut ch = match crate::transport::open_data_channel(
+        peer.domain,
+        peer.port,
+        opts.buffer_size,
+        deadline,
+    ) {
         Ok(ch) => ch,
         Err(e) => return fail(EXIT_FAILURE, &e.to_string()),
     };
-    if let Err(e) = ch.wait_connected(connect_timeout()) {
+    if let Err(e) = ch.wait_connected(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
         return fail(EXIT_FAILURE, &format!("data vchan connection failed: {e}"));
     }
     crate::vlog!("service connected");

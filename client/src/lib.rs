@@ -11,6 +11,7 @@
 //! * [`transport`]: which data channel the command uses;
 //! * [`local`], [`pump`]: local I/O, local program, and the data pump;
 //! * [`filter`]: escape-character filtering;
+//! * [`retry`]: bounded waiting for set-up resources other calls hold;
 //! * [`cli`]: the `qrexec-client-vm` command line and flow.
 #![forbid(unsafe_code)]
 
@@ -25,6 +26,7 @@ pub mod local;
 pub mod names;
 pub mod proto;
 pub mod pump;
+pub mod retry;
 pub mod transport;
 pub mod trigger;
 

@@ -11,6 +11,7 @@ use crate::channel::DataChannel;
 use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// Directory of vchan-socket sockets (spec §15).
 pub const VCHAN_SOCKET_DIR_ENV: &str = "VCHAN_SOCKET_DIR";
@@ -39,6 +40,10 @@ pub enum SetupError {
     /// Any other transport failure (for the vchan crate).
     #[error("data vchan setup failed: {0}")]
     Other(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A resource other calls hold (granted pages, ports, xenstore quotas)
+    /// stayed exhausted until the connect deadline ([`crate::retry`]).
+    #[error(transparent)]
+    Exhausted(Box<crate::retry::GaveUp<vchan::Error>>),
 }
 
 /// Parse `VCHAN_DOMAIN` (unset or empty → 0) as strictly as the vchan crate
@@ -70,18 +75,19 @@ pub fn parse_own_domain(value: Option<&OsStr>) -> Result<u32, SetupError> {
 /// Create our data vchan server toward `domain`/`port` with rings of at
 /// least `buffer_size` bytes, on the transport the environment selects
 /// (`VCHAN_SOCKET_DIR`: the `qubes-core-vchan-socket` stream; otherwise
-/// [`open_data_server`]).
+/// [`open_data_server`], which waits for held resources until `deadline`).
 pub fn open_data_channel(
     domain: u16,
     port: u32,
     buffer_size: usize,
+    deadline: Instant,
 ) -> Result<Box<dyn DataChannel>, SetupError> {
     match std::env::var_os(VCHAN_SOCKET_DIR_ENV).filter(|d| !d.is_empty()) {
         Some(dir) => {
             let own = parse_own_domain(std::env::var_os(VCHAN_DOMAIN_ENV).as_deref())?;
             open_socket_server(Path::new(&dir), own, domain, port, buffer_size)
         }
-        None => open_data_server(domain, port, buffer_size),
+        None => open_data_server(domain, port, buffer_size, deadline),
     }
 }
 
@@ -113,10 +119,15 @@ pub fn open_socket_server(
 /// The data vchan server on the real transports: Xen, or the vchan crate's
 /// local transport (`VCHAN_LOCAL_DIR` + `VCHAN_DOMAIN`), chosen by
 /// [`vchan::Transport::from_env`].
+///
+/// A set-up refused for a resource that other calls hold (grant pages,
+/// event-channel ports, xenstore quotas) is retried with backoff until
+/// `deadline` ([`crate::retry`]); each wait is logged under `-v`.
 pub fn open_data_server(
     domain: u16,
     port: u32,
     buffer_size: usize,
+    deadline: Instant,
 ) -> Result<Box<dyn DataChannel>, SetupError> {
     let t = vchan::Transport::from_env().map_err(|e| SetupError::Other(Box::new(e)))?;
     if t == vchan::Transport::Xen && t.check_available().is_err() {
@@ -125,8 +136,19 @@ pub fn open_data_server(
     crate::vlog!(
         "data vchan server toward domain {domain} port {port}, {buffer_size} bytes each way ({t:?})"
     );
-    let v = vchan::Vchan::server(&t, domain, port, buffer_size, buffer_size)
-        .map_err(|e| SetupError::Other(Box::new(e)))?;
+    let v = crate::retry::retry(
+        deadline,
+        &crate::retry::Backoff::default(),
+        &crate::retry::SystemClock,
+        &mut crate::retry::XorShift::from_entropy(),
+        crate::retry::classify,
+        |w| crate::vlog!("{w}"),
+        || vchan::Vchan::server(&t, domain, port, buffer_size, buffer_size),
+    )
+    .map_err(|e| match e {
+        crate::retry::RetryError::Fatal(e) => SetupError::Other(Box::new(e)),
+        crate::retry::RetryError::GaveUp(g) => SetupError::Exhausted(Box::new(g)),
+    })?;
     Ok(Box::new(VchanChannel(v)))
 }
 

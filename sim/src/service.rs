@@ -285,13 +285,31 @@ pub fn connect_data(ctx: &VmContext, params: ConnectionParams) -> Result<(Vchan,
             )
         })?;
     let what = format!("data vchan to domain {domid} port {}", params.connect_port);
-    let mut ch = Vchan::client(
-        &ctx.transport,
-        domid,
-        params.connect_port,
-        ctx.connect_timeout,
+    // A connect refused for a resource other calls hold (the domain's
+    // xenstore watches, qubes-issues #5343; grants, ports) is retried
+    // until the connect deadline, as the client does for its set-up.
+    use qrexec::retry;
+    let deadline = Instant::now() + ctx.connect_timeout;
+    let mut ch = retry::retry(
+        deadline,
+        &retry::Backoff::default(),
+        &retry::SystemClock,
+        &mut retry::XorShift::from_entropy(),
+        retry::classify,
+        |w| crate::vlog!("{what}: {w}"),
+        || {
+            Vchan::client(
+                &ctx.transport,
+                domid,
+                params.connect_port,
+                deadline.saturating_duration_since(Instant::now()),
+            )
+        },
     )
-    .map_err(|e| Error::vchan(format!("connect {what}"), e))?;
+    .map_err(|e| match e {
+        retry::RetryError::Fatal(e) => Error::vchan(format!("connect {what}"), e),
+        retry::RetryError::GaveUp(g) => Error::other(format!("connect {what}: {g}")),
+    })?;
     ch.set_io_timeout(Some(crate::ctrl::HELLO_TIMEOUT));
     ch.send(&encode_hello(ctx.version))
         .map_err(|e| Error::vchan(format!("send HELLO on {what}"), e))?;
