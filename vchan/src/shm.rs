@@ -586,13 +586,19 @@ impl ShmChan {
             .rsplit_once('/')
             .map(|(p, _)| p.to_string())
             .unwrap_or_default();
-        let _ = xs.transaction(|tx| {
+        let r = xs.transaction(|tx| {
             tx.rm(&base)?;
             if tx.directory(&parent).map(|d| d.is_empty()).unwrap_or(false) {
                 tx.rm(&parent)?;
             }
             Ok(())
         });
+        if r.is_err() {
+            // No transaction to be had (the domain's quota is taken by
+            // other set-ups, or conflicts): remove our own nodes at least,
+            // so that they do not pile up against the node quota.
+            let _ = xs.rm(&base);
+        }
     }
 
     /// Server: waits for the client, bounded; checks the peer domain is
