@@ -34,6 +34,12 @@ impl Sim {
     /// Start a simulation: `conf` lines (without policy/services), the
     /// policy text, and services as (name, script) pairs.
     pub fn start(conf: &str, policy: &str, services: &[(&str, &str)]) -> Sim {
+        Sim::start_opts(conf, policy, services, false)
+    }
+
+    /// Like [`Sim::start`]; with `verbose`, every member logs verbosely and
+    /// the simulation's stderr goes to [`Sim::log`]'s file instead.
+    pub fn start_opts(conf: &str, policy: &str, services: &[(&str, &str)], verbose: bool) -> Sim {
         let tmp = tempfile::Builder::new().prefix("qsim").tempdir().unwrap();
         let rpc = tmp.path().join("rpc");
         std::fs::create_dir(&rpc).unwrap();
@@ -46,16 +52,19 @@ impl Sim {
         let config = SimConfig::parse(&conf, tmp.path(), "sim.conf").unwrap();
         let dir = tmp.path().join("sim");
         let layout = Layout::new(&dir);
-        let child = Command::new(env!("CARGO_BIN_EXE_qubes-sim"))
-            .arg("run")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qubes-sim"));
+        cmd.arg("run")
             .arg("--dir")
             .arg(&dir)
             .arg("--config")
             .arg(tmp.path().join("sim.conf"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stdout(Stdio::null());
+        if verbose {
+            cmd.arg("-v")
+                .stderr(std::fs::File::create(tmp.path().join("sim.stderr")).unwrap());
+        }
+        let child = cmd.spawn().unwrap();
         let mut sim = Sim {
             tmp,
             layout,
@@ -71,6 +80,31 @@ impl Sim {
             std::thread::sleep(Duration::from_millis(20));
         }
         sim
+    }
+
+    /// What the simulation wrote to stderr so far (started verbose).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("sim.stderr")).unwrap_or_default()
+    }
+
+    /// Wait (bounded) until the simulation's log has a line containing
+    /// `needle`; returns that line.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.log().lines().find(|l| l.contains(needle)) {
+                return Some(l.to_owned());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The xenstore socket on which a process plays `vm`'s domain.
+    pub fn xenstore_socket(&self, vm: &str) -> PathBuf {
+        vchan::local_xenstore_socket(&self.layout.xen_dir(), self.domid(vm))
     }
 
     pub fn domid(&self, vm: &str) -> u16 {
