@@ -24,7 +24,11 @@
 //! * The notify bytes start at 0 ("mid-conversation"), not at the server's
 //!   initial `cli_notify = WRITE`, which would mask a lost first wakeup.
 //!
-//! Fault injection (each must make some model fail):
+//! Fault injection (each must make some model fail; `.ci/run` runs all
+//! five and fails if one passes). Select one with
+//! `VCHAN_LOOM_MUTANT=no_fence RUSTFLAGS="--cfg loom" cargo test ...`
+//! (`vchan/build.rs` sets the cfg, so only vchan is rebuilt), or with
+//! `RUSTFLAGS="--cfg loom --cfg vchan_loom_no_fence"`:
 //!
 //! | cfg | removes | fails with |
 //! |-----|---------|------------|
