@@ -335,6 +335,18 @@ impl OutputWriter {
     }
 }
 
+impl Drop for OutputWriter {
+    /// Dropped without [`OutputWriter::finish`] (the pump ended with an
+    /// error): the thread still writes what is queued and then ends the
+    /// output, instead of waiting forever with the descriptor open (which
+    /// kept the local reader from ever seeing EOF). Does not wait for it.
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.request_close();
+        }
+    }
+}
+
 fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
     loop {
         let mut st = shared.lock();
@@ -615,6 +627,23 @@ mod tests {
         }
         assert_eq!(w.status().pending, 0);
         w.finish();
+    }
+
+    #[test]
+    fn dropped_writer_still_writes_and_ends_the_output() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let out = LocalOutput {
+            fd: LocalFd::Owned(Arc::new(OwnedFd::from(a))),
+            close: CloseMode::Shutdown,
+        };
+        let w = OutputWriter::start(out).unwrap();
+        w.write(b"said before the error".to_vec());
+        drop(w);
+        let mut got = Vec::new();
+        let mut b = b;
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        b.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"said before the error");
     }
 
     #[test]
