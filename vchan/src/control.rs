@@ -790,6 +790,46 @@ pub fn announce_client_connected<H: SharedHeader>(h: &H) {
     h.fence(Ordering::SeqCst);
 }
 
+/// A page-aligned page of private memory for unit tests, reached only
+/// through raw pointers: a `Box` moved or reborrowed after a pointer was
+/// taken from it would invalidate that pointer (Miri's Stacked Borrows),
+/// so the allocation is held as a raw pointer and read back by copy.
+#[cfg(test)]
+pub(crate) struct TestPage(std::ptr::NonNull<TestPageBytes>);
+
+#[cfg(test)]
+#[repr(C, align(4096))]
+pub(crate) struct TestPageBytes([u8; PAGE_SIZE]);
+
+#[cfg(test)]
+impl TestPage {
+    /// A page filled with `fill`.
+    pub(crate) fn new(fill: u8) -> TestPage {
+        TestPage(std::ptr::NonNull::from(Box::leak(Box::new(TestPageBytes(
+            [fill; PAGE_SIZE],
+        )))))
+    }
+    /// The start of the page (valid for reads and writes of `PAGE_SIZE`
+    /// bytes while `self` lives).
+    pub(crate) fn ptr(&self) -> *mut u8 {
+        self.0.as_ptr().cast()
+    }
+    /// A copy of the page's bytes.
+    pub(crate) fn bytes(&self) -> [u8; PAGE_SIZE] {
+        // SAFETY: the allocation is live and initialised; no reference to
+        // it exists, and the copy goes through the raw pointer.
+        unsafe { std::ptr::read(self.0.as_ptr()).0 }
+    }
+}
+
+#[cfg(test)]
+impl Drop for TestPage {
+    fn drop(&mut self) {
+        // SAFETY: allocated by Box::new in `new`, freed only here.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1093,14 +1133,11 @@ mod tests {
         assert_eq!(grants_for(255), usize::MAX);
     }
 
-    #[repr(C, align(4096))]
-    struct Page([u8; PAGE_SIZE]);
-
-    fn page() -> (Box<Page>, ControlPage) {
-        let mut b = Box::new(Page([0xEE; PAGE_SIZE]));
-        let ptr = b.0.as_mut_ptr();
-        // SAFETY: the box is page-aligned, 4096 bytes, and outlives every use
-        // in the test; it is only accessed through the ControlPage.
+    fn page() -> (TestPage, ControlPage) {
+        let b = TestPage::new(0xEE);
+        let ptr = b.ptr();
+        // SAFETY: the page is page-aligned, 4096 bytes, and outlives every
+        // use in the test; it is written only through the ControlPage.
         (b, unsafe { ControlPage::new(ptr) })
     }
 
@@ -1109,7 +1146,7 @@ mod tests {
         let (b, p) = page();
         let layout = Layout::new(13, 12).unwrap();
         init_server_page(&p, &layout, &[0x11, 0x22], &[0x33]).unwrap();
-        let bytes = &b.0;
+        let bytes = &b.bytes();
         // Little-endian fixed layout, byte by byte.
         let mut expect = [0u8; 36];
         expect[16] = 13;
@@ -1126,7 +1163,7 @@ mod tests {
         assert_eq!(read_grants(&p, &layout), (vec![0x11, 0x22], vec![0x33]));
         announce_client_connected(&p);
         assert_eq!(
-            (b.0[CLI_LIVE], b.0[SRV_NOTIFY]),
+            (b.bytes()[CLI_LIVE], b.bytes()[SRV_NOTIFY]),
             (LIVE_CONNECTED, NOTIFY_WRITE)
         );
     }
@@ -1156,13 +1193,13 @@ mod tests {
     fn control_page_accesses_hit_the_right_bytes() {
         let (b, p) = page();
         p.store_u32(RIGHT_PROD, 0x0403_0201);
-        assert_eq!(&b.0[12..16], &[1, 2, 3, 4]);
+        assert_eq!(&b.bytes()[12..16], &[1, 2, 3, 4]);
         p.store_u16(RIGHT_ORDER, 0x0b0a);
-        assert_eq!(&b.0[18..20], &[0x0a, 0x0b]);
+        assert_eq!(&b.bytes()[18..20], &[0x0a, 0x0b]);
         p.store_u8(SRV_NOTIFY, 0);
         assert_eq!(p.fetch_or_u8(SRV_NOTIFY, NOTIFY_READ), 0);
         assert_eq!(p.fetch_and_u8(SRV_NOTIFY, !NOTIFY_WRITE), NOTIFY_READ);
-        assert_eq!(b.0[SRV_NOTIFY], NOTIFY_READ);
+        assert_eq!(b.bytes()[SRV_NOTIFY], NOTIFY_READ);
         assert_eq!(p.load_u8(SRV_NOTIFY), NOTIFY_READ);
     }
 

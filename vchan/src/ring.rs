@@ -1006,31 +1006,29 @@ mod tests {
     };
     use std::os::fd::AsFd;
 
-    #[repr(C, align(4096))]
-    struct Page([u8; PAGE_SIZE]);
-
-    /// A control page plus one 4 KiB ring (order 12) in private memory.
+    /// A control page plus one 4 KiB ring (order 12) in private memory,
+    /// reached through raw pointers only (see `TestPage`).
     struct Fixture {
-        page: Box<Page>,
-        ring: Box<Page>,
+        page: crate::control::TestPage,
+        ring: crate::control::TestPage,
     }
 
     impl Fixture {
         fn new() -> Self {
             Self {
-                page: Box::new(Page([0; PAGE_SIZE])),
-                ring: Box::new(Page([0; PAGE_SIZE])),
+                page: crate::control::TestPage::new(0),
+                ring: crate::control::TestPage::new(0),
             }
         }
         fn hdr(&mut self) -> ControlPage {
             // SAFETY: page-aligned 4096 bytes owned by the fixture, which
             // outlives the test's use; only accessed through ControlPage.
-            unsafe { ControlPage::new(self.page.0.as_mut_ptr()) }
+            unsafe { ControlPage::new(self.page.ptr()) }
         }
         fn bytes(&mut self) -> RawRingBytes {
             // SAFETY: 4096 bytes owned by the fixture; accessed only
             // through RawRingBytes while the test runs.
-            unsafe { RawRingBytes::new(self.ring.0.as_mut_ptr(), PAGE_SIZE) }
+            unsafe { RawRingBytes::new(self.ring.ptr(), PAGE_SIZE) }
         }
         /// Server writes the right ring, client reads it.
         fn pair(&mut self) -> (ControlPage, Producer<RawRingBytes>, Consumer<RawRingBytes>) {
