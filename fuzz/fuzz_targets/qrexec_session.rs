@@ -61,8 +61,14 @@ fn ignore_sigpipe() {
     });
 }
 
+/// Threads of this process.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
 fuzz_target!(|data: &[u8]| {
     ignore_sigpipe();
+    let threads_before = threads();
     let Some((&sel, service_bytes)) = data.split_first() else {
         return;
     };
@@ -111,4 +117,15 @@ fuzz_target!(|data: &[u8]| {
     service.join().unwrap();
     peer_reader.join().unwrap();
     output_reader.join().unwrap();
+    // Every thread the pump started must be gone once its output ended
+    // (a parked writer thread holding the output open was a bug); waiting
+    // here also keeps LeakSanitizer from seeing a thread mid-exit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while threads() > threads_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a thread of the pump outlived the session"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 });
