@@ -221,3 +221,31 @@ fn non_blocking_connect_driven_from_poll() {
     assert_eq!(&b, b"ping");
     drop(srv.join().unwrap());
 }
+
+/// A server that goes away while its domain's xenstore transactions are
+/// all taken (C xenstored's quota, held here by another process of the
+/// domain) still removes its ring-ref/event-channel nodes, so that a storm
+/// of calls does not pile stale nodes up against the node quota.
+#[test]
+fn server_nodes_go_even_without_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let srv = Vchan::server(&xen.transport(1), 2, 4343, 1024, 1024).unwrap();
+    let dom0 = xenstore::Xs::connect_unix(&vchan::local_xenstore_socket(dir.path(), 0)).unwrap();
+    let base = "/local/domain/1/data/vchan/2/4343";
+    assert!(dom0.read(&format!("{base}/ring-ref")).is_ok());
+
+    let hog = xenstore::Xs::connect_unix(&vchan::local_xenstore_socket(dir.path(), 1)).unwrap();
+    let mut held = Vec::new();
+    while let Ok(tx) = hog.begin() {
+        held.push(tx);
+        assert!(
+            held.len() <= 11,
+            "more transactions than C xenstored allows"
+        );
+    }
+    drop(srv);
+    let e = dom0.read(base).unwrap_err();
+    assert!(e.is_enoent(), "{base} still there: {e}");
+    drop(held);
+}
