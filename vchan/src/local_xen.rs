@@ -143,6 +143,11 @@ impl LocalXen {
         }
     }
 
+    /// What the grant hub holds now (shares, maps, counted pages).
+    pub fn grant_stats(&self) -> gnttab::local::HubStats {
+        self.gnt.stats()
+    }
+
     /// The grant hub's high-water mark of pages granted by one domain and
     /// its count of refused shares (`ENOSPC`), since the start.
     pub fn grant_history(&self) -> gnttab::local::HubHistory {
