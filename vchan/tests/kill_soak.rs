@@ -1,7 +1,8 @@
 //! Kill anywhere, lose nothing said (issue 14, item 6): transfers over the
 //! Local transport where the peer process (`vchan-peer`, in another
-//! domain) is SIGKILLed at a random byte offset, alternately the sender and
-//! the receiver. The survivor is this process, with our `Vchan`.
+//! domain) is SIGKILLed at a random byte offset: the sender or the
+//! receiver, the vchan server or the client, in turn. The survivor is this
+//! process, with our `Vchan`.
 //!
 //! * Sender killed: every byte that reached us is the sender's stream,
 //!   in order (a prefix of it, no gap, no junk), and at least the bytes we
@@ -96,18 +97,38 @@ fn sigkill(k: &mut Kill) {
     let _ = k.0.wait();
 }
 
-/// The peer sends and dies after we have read `at` bytes; returns the time
-/// from the kill to the end of our reads.
-fn sender_killed(xen: &LocalXen, port: u32, at: u64, stream: &[u8]) -> (Duration, u64) {
-    let mut v = Vchan::server(&xen.transport(1), 2, port, 65536, 65536).unwrap();
+/// Our end in domain 1 and `vchan-peer` in domain 2 doing `what` (`send`
+/// or `recv`): we are the server (it the client) or the other way round;
+/// 64 KiB rings.
+fn open(xen: &LocalXen, port: u32, we_serve: bool, what: &str) -> (Vchan, Kill) {
     let p = port.to_string();
     let size = SIZE.to_string();
-    let mut child = peer(
-        xen,
-        &["client", "1", &p, "send", "1", "64", "--bytes", &size],
-    );
-    v.wait_connected(Some(HANG_BOUND)).unwrap();
+    let role = if we_serve { "client" } else { "server" };
+    let args = [role, "1", &p, what, "1", "64", "--bytes", &size];
+    let (mut v, child) = if we_serve {
+        let mut v = Vchan::server(&xen.transport(1), 2, port, 65536, 65536).unwrap();
+        let child = peer(xen, &args);
+        v.wait_connected(Some(HANG_BOUND)).unwrap();
+        (v, child)
+    } else {
+        let child = peer(xen, &args);
+        let v = Vchan::client(&xen.transport(1), 2, port, HANG_BOUND).unwrap();
+        (v, child)
+    };
     v.set_io_timeout(Some(HANG_BOUND));
+    (v, child)
+}
+
+/// The peer sends and dies after we have read `at` bytes; returns the time
+/// from the kill to the end of our reads.
+fn sender_killed(
+    xen: &LocalXen,
+    port: u32,
+    we_serve: bool,
+    at: u64,
+    stream: &[u8],
+) -> (Duration, u64) {
+    let (mut v, mut child) = open(xen, port, we_serve, "send");
     let mut hdr = [0u8; 8];
     v.recv(&mut hdr).unwrap();
     assert_eq!(u64::from_le_bytes(hdr), SIZE);
@@ -148,12 +169,14 @@ fn sender_killed(xen: &LocalXen, port: u32, at: u64, stream: &[u8]) -> (Duration
 
 /// The peer receives and dies after we have written `at` bytes; returns
 /// the time from the kill to our writes failing.
-fn receiver_killed(xen: &LocalXen, port: u32, at: u64, stream: &[u8]) -> (Duration, u64) {
-    let mut v = Vchan::server(&xen.transport(1), 2, port, 65536, 65536).unwrap();
-    let p = port.to_string();
-    let mut child = peer(xen, &["client", "1", &p, "recv", "1", "64"]);
-    v.wait_connected(Some(HANG_BOUND)).unwrap();
-    v.set_io_timeout(Some(HANG_BOUND));
+fn receiver_killed(
+    xen: &LocalXen,
+    port: u32,
+    we_serve: bool,
+    at: u64,
+    stream: &[u8],
+) -> (Duration, u64) {
+    let (mut v, mut child) = open(xen, port, we_serve, "recv");
     v.send(&SIZE.to_le_bytes()).unwrap();
     let mut sent = 0usize;
     let mut killed = None;
@@ -229,13 +252,14 @@ fn kill_either_side_at_random_offsets() {
     for i in 0..n {
         let at = rng(&mut seed) % (SIZE + 1);
         let port = 6000 + i as u32;
+        let we_serve = i % 4 < 2;
         if i % 2 == 0 {
-            let (took, got) = sender_killed(&xen, port, at, &stream);
+            let (took, got) = sender_killed(&xen, port, we_serve, at, &stream);
             worst_send = worst_send.max(took);
             mid_stream += usize::from(got < SIZE);
             bytes += got;
         } else {
-            let (took, sent) = receiver_killed(&xen, port, at, &stream);
+            let (took, sent) = receiver_killed(&xen, port, we_serve, at, &stream);
             worst_recv = worst_recv.max(took);
             mid_stream += usize::from(sent < SIZE);
             bytes += sent;
