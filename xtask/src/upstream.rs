@@ -11,6 +11,7 @@
 //!                                       with their C client, then TestClientVm with ours
 //! cargo xtask upstream cases [--quick]  our real-stack cases: C agents and daemons, our
 //!                                       client and the C client side by side
+//! cargo xtask upstream cases --storm N  N calls at once, ours then C, failures counted
 //! ```
 //!
 //! Upstream's programs refuse to run services as another user unless they
@@ -55,7 +56,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
 }
 
 fn usage() -> String {
-    "usage: cargo xtask upstream build | suite [--ours-only|--c-only] | cases [--quick]".into()
+    "usage: cargo xtask upstream build | suite [--ours-only|--c-only] | cases [--quick] [--storm N]"
+        .into()
 }
 
 /// Where the pinned upstream snapshots are.

@@ -753,6 +753,14 @@ pub fn inner(args: &[String]) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--storm")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        return storm(&world, &ours, &c, n);
+    }
     if args.iter().any(|a| a == "--bench") {
         let reps = args
             .iter()
@@ -852,5 +860,62 @@ fn bench_inner(world: &World, ours: &Path, c: &Path, reps: usize) -> Result<(), 
         "| echo latency (100 sequential calls) | {lo:.1} ms | {lc:.1} ms | {:.2} | | |",
         lo / lc
     );
+    Ok(())
+}
+
+/// `--storm N`: N echo calls started at once from `work` into `personal`,
+/// with our client, then with the C client; every failure is counted and
+/// its first lines are reported (they are the C stack's limits, or ours).
+/// Fails unless all of ours succeed.
+fn storm(world: &World, ours: &Path, c: &Path, n: usize) -> Result<(), String> {
+    println!("== storm: {n} calls at once through the real C stack, ours then the C client");
+    let mut ours_failed = 0;
+    for (who, client) in [("ours", ours), ("C", c)] {
+        let t0 = Instant::now();
+        let outcomes: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|i| {
+                    s.spawn(move || {
+                        let msg = format!("call {i}\n").into_bytes();
+                        let case = case(
+                            "storm",
+                            &["personal", "test.Echo"],
+                            Input::Bytes(msg.clone()),
+                            0,
+                        )
+                        .out(Check::Eq(msg));
+                        let r = call(world, client, &case)?;
+                        judge(world, &case, &r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+                .collect()
+        });
+        let failures: Vec<&String> = outcomes.iter().filter_map(|r| r.as_ref().err()).collect();
+        println!(
+            "{who}: {} of {n} succeeded, {} failed, {:.1} s",
+            n - failures.len(),
+            failures.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        let mut kinds: Vec<String> = failures
+            .iter()
+            .map(|f| f.chars().take(160).collect())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for k in kinds.iter().take(5) {
+            println!("  {who} failure: {k}");
+        }
+        if who == "ours" {
+            ours_failed = failures.len();
+        }
+    }
+    if ours_failed > 0 {
+        return Err(format!("{ours_failed} of our {n} storm calls failed"));
+    }
     Ok(())
 }
