@@ -870,7 +870,12 @@ fn bench_inner(world: &World, ours: &Path, c: &Path, reps: usize) -> Result<(), 
 fn storm(world: &World, ours: &Path, c: &Path, n: usize) -> Result<(), String> {
     println!("== storm: {n} calls at once through the real C stack, ours then the C client");
     let mut ours_failed = 0;
+    // UPSTREAM_STORM_ONLY=ours|C: one client per run, each on a fresh stack.
+    let only = std::env::var("UPSTREAM_STORM_ONLY").ok();
     for (who, client) in [("ours", ours), ("C", c)] {
+        if only.as_deref().is_some_and(|o| o != who) {
+            continue;
+        }
         let t0 = Instant::now();
         let outcomes: Vec<Result<(), String>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..n)
