@@ -156,13 +156,23 @@ impl SocketPoll {
         if self.registered == Some(now) {
             return Ok(());
         }
+        let same_fd = self.registered.map(|(f, _)| f) == Some(now.0);
+        let was_in_set = same_fd && self.registered.is_some_and(|(_, w)| !w.is_empty());
         let ev = EpollEvent::new(want, 0);
-        // A previous fd (the listener) was closed when the stream replaced
-        // it, which removed it from the epoll set; a same-numbered fd is
-        // modified instead.
-        let r = if self.registered.map(|(f, _)| f) == Some(now.0) {
+        let r = if want.is_empty() {
+            // Nothing to wait for (the end of the stream was seen): out of
+            // the set, or epoll would report the hang-up forever and a
+            // caller's ppoll would never sleep (nor deliver its signals).
+            if was_in_set {
+                self.epoll.delete(fd)
+            } else {
+                Ok(())
+            }
+        } else if was_in_set {
             self.epoll.modify(fd, &mut { ev })
         } else {
+            // A previous fd (the listener) left the set when the accepted
+            // stream replaced and closed it.
             match self.epoll.add(fd, ev) {
                 Err(nix::errno::Errno::EEXIST) => self.epoll.modify(fd, &mut { ev }),
                 r => r,

@@ -9,6 +9,7 @@
 //! installed. Nothing here is skipped when they are missing: the test fails
 //! and says what is missing.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -223,19 +224,21 @@ fn run(exe: &Path, env: &[(&str, &Path)]) -> (bool, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd
+    // Its own process group: the forked client goes with it, also when the
+    // server half fails and leaves it waiting (it holds the output pipes).
+    let child = cmd
+        .process_group(0)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the C program");
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
     let out = child.wait_with_output().unwrap();
     let text = format!(
         "{}{}",

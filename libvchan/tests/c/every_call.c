@@ -197,6 +197,15 @@ int main(void) {
     WAIT_UNTIL(s, libvchan_data_ready(s) >= 3);
     CHECK(libvchan_send(s, "ok", 2) == 2);
     WAIT_UNTIL(s, libvchan_is_open(s) == VCHAN_DISCONNECTED);
+    /* The close has been seen: the select fd must go quiet (a fd that stays
+     * readable keeps ppoll from ever sleeping or delivering signals). */
+    for (i = 0;; i++) {
+        struct pollfd p = {libvchan_fd_for_select(s), POLLIN, 0};
+        CHECK(i < 10);
+        if (poll(&p, 1, 50) == 0)
+            break;
+        CHECK(libvchan_wait(s) == 0);
+    }
     CHECK(libvchan_data_ready(s) == 3);
     CHECK_ERR(libvchan_recv(s, buf, 4), EPIPE);
     CHECK(libvchan_read(s, buf, 10) == 3);
