@@ -206,18 +206,93 @@ impl LibVchan {
 // ---------------------------------------------------------------------------
 // The FFI boundary: handle registry, errno, logging, panics.
 
-/// The handles given out and not yet closed, so that a NULL, stale or
-/// foreign pointer is refused instead of dereferenced.
-static LIVE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+/// The handles of one kind given out and not yet closed, so that a NULL,
+/// stale or foreign pointer is refused instead of dereferenced.
+pub(crate) struct Registry(Mutex<Vec<usize>>);
 
-fn live() -> std::sync::MutexGuard<'static, Vec<usize>> {
-    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+impl Registry {
+    const fn new() -> Registry {
+        Registry(Mutex::new(Vec::new()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Boxes `h` and records the pointer C gets.
+    pub(crate) fn register<T>(&self, h: T) -> *mut T {
+        let p = Box::into_raw(Box::new(h));
+        self.lock().push(p as usize);
+        p
+    }
+
+    /// The handle behind `ctrl` if it is one we gave out and did not free.
+    ///
+    /// # Safety
+    /// `ctrl` was registered here with type `T` (if registered at all), and
+    /// no other reference to the handle is live: the C contract (one thread
+    /// per handle) guarantees it.
+    pub(crate) unsafe fn get<'a, T>(&self, ctrl: *mut T, op: &str) -> Option<&'a mut T> {
+        if ctrl.is_null() {
+            log(op, "NULL handle");
+            set_errno(libc::EBADF);
+            return None;
+        }
+        if !self.lock().contains(&(ctrl as usize)) {
+            log(op, format_args!("{ctrl:p} is not an open vchan"));
+            set_errno(libc::EBADF);
+            return None;
+        }
+        // SAFETY: the pointer came from `register` (Box::into_raw) with
+        // type T and was not yet freed by `free` (it is still recorded), so
+        // it points to a valid T; the caller guarantees exclusive use.
+        Some(unsafe { &mut *ctrl })
+    }
+
+    /// Forgets and frees the handle behind `ctrl`; logged and ignored if
+    /// it is NULL or not one of ours.
+    ///
+    /// # Safety
+    /// `ctrl` was registered here with type `T` (if registered at all) and
+    /// is not in use by another thread.
+    pub(crate) unsafe fn free<T>(&self, ctrl: *mut T, op: &str) {
+        if ctrl.is_null() {
+            log(op, "NULL handle");
+            set_errno(libc::EBADF);
+            return;
+        }
+        {
+            let mut l = self.lock();
+            let Some(i) = l.iter().position(|&p| p == ctrl as usize) else {
+                drop(l);
+                log(op, format_args!("{ctrl:p} is not an open vchan"));
+                set_errno(libc::EBADF);
+                return;
+            };
+            l.swap_remove(i);
+        }
+        // SAFETY: the pointer was recorded, so it came from Box::into_raw
+        // in `register` with type T and has not been freed; removing it
+        // first makes this the only free.
+        drop(unsafe { Box::from_raw(ctrl) });
+    }
 }
 
+/// The Qubes API's handles.
+static LIVE: Registry = Registry::new();
+
 fn register(h: LibVchan) -> *mut LibVchan {
-    let p = Box::into_raw(Box::new(h));
-    live().push(p as usize);
-    p
+    LIVE.register(h)
+}
+
+/// The Qubes handle behind `ctrl`, if it is an open one.
+///
+/// # Safety
+/// As [`Registry::get`].
+unsafe fn handle<'a>(ctrl: *mut LibVchan, op: &str) -> Option<&'a mut LibVchan> {
+    // SAFETY: only LibVchan pointers are registered in LIVE; exclusive use
+    // is the caller's promise.
+    unsafe { LIVE.get(ctrl, op) }
 }
 
 fn set_errno(e: c_int) {
@@ -239,28 +314,6 @@ fn guard<T>(op: &'static str, on_panic: T, f: impl FnOnce() -> T) -> T {
             on_panic
         }
     }
-}
-
-/// The handle behind `ctrl` if it is one we gave out and did not close.
-///
-/// # Safety
-/// No other reference to the handle may be live: the C contract (one thread
-/// per handle) guarantees it.
-unsafe fn handle<'a>(ctrl: *mut LibVchan, op: &str) -> Option<&'a mut LibVchan> {
-    if ctrl.is_null() {
-        log(op, "NULL handle");
-        set_errno(libc::EBADF);
-        return None;
-    }
-    if !live().contains(&(ctrl as usize)) {
-        log(op, format_args!("{ctrl:p} is not an open vchan"));
-        set_errno(libc::EBADF);
-        return None;
-    }
-    // SAFETY: the pointer came from `register` (Box::into_raw) and was not
-    // yet freed by `libvchan_close` (it is still in LIVE), so it points to a
-    // valid LibVchan; the caller guarantees exclusive use for this call.
-    Some(unsafe { &mut *ctrl })
 }
 
 /// The errno for an error of the vchan crate.
@@ -553,25 +606,9 @@ pub unsafe extern "C" fn libvchan_client_init_async_finish(
 pub unsafe extern "C" fn libvchan_close(ctrl: *mut LibVchan) {
     const OP: &str = "libvchan_close";
     guard(OP, (), || {
-        if ctrl.is_null() {
-            log(OP, "NULL handle");
-            set_errno(libc::EBADF);
-            return;
-        }
-        {
-            let mut l = live();
-            let Some(i) = l.iter().position(|&p| p == ctrl as usize) else {
-                drop(l);
-                log(OP, format_args!("{ctrl:p} is not an open vchan"));
-                set_errno(libc::EBADF);
-                return;
-            };
-            l.swap_remove(i);
-        }
-        // SAFETY: the pointer was in LIVE, so it came from Box::into_raw in
-        // `register` and has not been freed; removing it from LIVE first
-        // makes this the only free.
-        drop(unsafe { Box::from_raw(ctrl) });
+        // SAFETY: only LibVchan pointers are registered in LIVE; the caller
+        // does not use the handle elsewhere during or after this call.
+        unsafe { LIVE.free(ctrl, OP) }
     })
 }
 
@@ -601,11 +638,7 @@ fn accept_first(v: &mut Vchan) -> vchan::Result<bool> {
     }
 }
 
-fn do_write(op: &str, ctrl: *mut LibVchan, data: *const c_void, size: usize, kind: Io) -> c_int {
-    // SAFETY: the C contract: one thread per handle.
-    let Some(h) = (unsafe { handle(ctrl, op) }) else {
-        return -1;
-    };
+fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: Io) -> c_int {
     if data.is_null() && size > 0 {
         return invalid(op, "NULL data");
     }
@@ -648,11 +681,7 @@ fn do_write(op: &str, ctrl: *mut LibVchan, data: *const c_void, size: usize, kin
     ret
 }
 
-fn do_read(op: &str, ctrl: *mut LibVchan, data: *mut c_void, size: usize, kind: Io) -> c_int {
-    // SAFETY: the C contract: one thread per handle.
-    let Some(h) = (unsafe { handle(ctrl, op) }) else {
-        return -1;
-    };
+fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io) -> c_int {
     if data.is_null() && size > 0 {
         return invalid(op, "NULL data");
     }
@@ -713,7 +742,13 @@ pub unsafe extern "C" fn libvchan_write(
     size: usize,
 ) -> c_int {
     const OP: &str = "libvchan_write";
-    guard(OP, -1, || do_write(OP, ctrl, data, size, Io::Stream))
+    guard(OP, -1, || {
+        // SAFETY: the C contract: one thread per handle.
+        match unsafe { handle(ctrl, OP) } {
+            Some(h) => do_write(OP, h, data, size, Io::Stream),
+            None => -1,
+        }
+    })
 }
 
 /// Packet send: all `size` bytes or nothing (non-blocking: 0 when they do
@@ -729,7 +764,13 @@ pub unsafe extern "C" fn libvchan_send(
     size: usize,
 ) -> c_int {
     const OP: &str = "libvchan_send";
-    guard(OP, -1, || do_write(OP, ctrl, data, size, Io::Packet))
+    guard(OP, -1, || {
+        // SAFETY: the C contract: one thread per handle.
+        match unsafe { handle(ctrl, OP) } {
+            Some(h) => do_write(OP, h, data, size, Io::Packet),
+            None => -1,
+        }
+    })
 }
 
 /// Stream read: up to `size` bytes of what is there (data written before
@@ -746,7 +787,13 @@ pub unsafe extern "C" fn libvchan_read(
     size: usize,
 ) -> c_int {
     const OP: &str = "libvchan_read";
-    guard(OP, -1, || do_read(OP, ctrl, data, size, Io::Stream))
+    guard(OP, -1, || {
+        // SAFETY: the C contract: one thread per handle.
+        match unsafe { handle(ctrl, OP) } {
+            Some(h) => do_read(OP, h, data, size, Io::Stream),
+            None => -1,
+        }
+    })
 }
 
 /// Packet receive: exactly `size` bytes or nothing (non-blocking: 0 when
@@ -762,7 +809,82 @@ pub unsafe extern "C" fn libvchan_recv(
     size: usize,
 ) -> c_int {
     const OP: &str = "libvchan_recv";
-    guard(OP, -1, || do_read(OP, ctrl, data, size, Io::Packet))
+    guard(OP, -1, || {
+        // SAFETY: the C contract: one thread per handle.
+        match unsafe { handle(ctrl, OP) } {
+            Some(h) => do_read(OP, h, data, size, Io::Packet),
+            None => -1,
+        }
+    })
+}
+
+impl LibVchan {
+    fn wait(&mut self, op: &str) -> c_int {
+        let Conn::Ready(v) = &mut self.conn else {
+            return 0;
+        };
+        let ret = match v.wait() {
+            Ok(()) => 0,
+            Err(e) => fail(op, &e),
+        };
+        self.after();
+        ret
+    }
+
+    fn fd_for_select(&mut self, op: &str) -> c_int {
+        let Conn::Ready(v) = &self.conn else {
+            set_errno(libc::EAGAIN);
+            return -1;
+        };
+        if !v.is_socket() {
+            return v.as_fd().as_raw_fd();
+        }
+        if self.socket_poll.is_none() {
+            match SocketPoll::new() {
+                Ok(sp) => self.socket_poll = Some(sp),
+                Err(e) => {
+                    log(op, format_args!("epoll: {e}"));
+                    set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+                    return -1;
+                }
+            }
+        }
+        self.after();
+        self.socket_poll
+            .as_ref()
+            .map_or(-1, |sp| sp.epoll.0.as_raw_fd())
+    }
+
+    fn is_open(&mut self) -> c_int {
+        let Conn::Ready(v) = &mut self.conn else {
+            return VCHAN_WAITING;
+        };
+        let ret = match v.state() {
+            State::Waiting => VCHAN_WAITING,
+            State::Connected => VCHAN_CONNECTED,
+            State::Closed => VCHAN_DISCONNECTED,
+        };
+        self.after();
+        ret
+    }
+
+    fn data_ready(&mut self) -> c_int {
+        let Conn::Ready(v) = &mut self.conn else {
+            return 0;
+        };
+        let n = count(v.data_ready());
+        self.after();
+        n
+    }
+
+    fn buffer_space(&mut self) -> c_int {
+        let Conn::Ready(v) = &mut self.conn else {
+            return 0;
+        };
+        let n = count(v.buffer_space());
+        self.after();
+        n
+    }
 }
 
 /// Waits for an event (data, space, connect, close) and consumes it: call
@@ -778,18 +900,7 @@ pub unsafe extern "C" fn libvchan_wait(ctrl: *mut LibVchan) -> c_int {
     const OP: &str = "libvchan_wait";
     guard(OP, -1, || {
         // SAFETY: the C contract: one thread per handle.
-        let Some(h) = (unsafe { handle(ctrl, OP) }) else {
-            return -1;
-        };
-        let Conn::Ready(v) = &mut h.conn else {
-            return 0;
-        };
-        let ret = match v.wait() {
-            Ok(()) => 0,
-            Err(e) => fail(OP, &e),
-        };
-        h.after();
-        ret
+        unsafe { handle(ctrl, OP) }.map_or(-1, |h| h.wait(OP))
     })
 }
 
@@ -805,30 +916,7 @@ pub unsafe extern "C" fn libvchan_fd_for_select(ctrl: *mut LibVchan) -> c_int {
     const OP: &str = "libvchan_fd_for_select";
     guard(OP, -1, || {
         // SAFETY: the C contract: one thread per handle.
-        let Some(h) = (unsafe { handle(ctrl, OP) }) else {
-            return -1;
-        };
-        let Conn::Ready(v) = &h.conn else {
-            set_errno(libc::EAGAIN);
-            return -1;
-        };
-        if !v.is_socket() {
-            return v.as_fd().as_raw_fd();
-        }
-        if h.socket_poll.is_none() {
-            match SocketPoll::new() {
-                Ok(sp) => h.socket_poll = Some(sp),
-                Err(e) => {
-                    log(OP, format_args!("epoll: {e}"));
-                    set_errno(e.raw_os_error().unwrap_or(libc::EIO));
-                    return -1;
-                }
-            }
-        }
-        h.after();
-        h.socket_poll
-            .as_ref()
-            .map_or(-1, |sp| sp.epoll.0.as_raw_fd())
+        unsafe { handle(ctrl, OP) }.map_or(-1, |h| h.fd_for_select(OP))
     })
 }
 
@@ -844,19 +932,7 @@ pub unsafe extern "C" fn libvchan_is_open(ctrl: *mut LibVchan) -> c_int {
     const OP: &str = "libvchan_is_open";
     guard(OP, VCHAN_DISCONNECTED, || {
         // SAFETY: the C contract: one thread per handle.
-        let Some(h) = (unsafe { handle(ctrl, OP) }) else {
-            return VCHAN_DISCONNECTED;
-        };
-        let Conn::Ready(v) = &mut h.conn else {
-            return VCHAN_WAITING;
-        };
-        let ret = match v.state() {
-            State::Waiting => VCHAN_WAITING,
-            State::Connected => VCHAN_CONNECTED,
-            State::Closed => VCHAN_DISCONNECTED,
-        };
-        h.after();
-        ret
+        unsafe { handle(ctrl, OP) }.map_or(VCHAN_DISCONNECTED, LibVchan::is_open)
     })
 }
 
@@ -871,15 +947,7 @@ pub unsafe extern "C" fn libvchan_data_ready(ctrl: *mut LibVchan) -> c_int {
     const OP: &str = "libvchan_data_ready";
     guard(OP, -1, || {
         // SAFETY: the C contract: one thread per handle.
-        let Some(h) = (unsafe { handle(ctrl, OP) }) else {
-            return -1;
-        };
-        let Conn::Ready(v) = &mut h.conn else {
-            return 0;
-        };
-        let n = count(v.data_ready());
-        h.after();
-        n
+        unsafe { handle(ctrl, OP) }.map_or(-1, LibVchan::data_ready)
     })
 }
 
@@ -894,15 +962,7 @@ pub unsafe extern "C" fn libvchan_buffer_space(ctrl: *mut LibVchan) -> c_int {
     const OP: &str = "libvchan_buffer_space";
     guard(OP, -1, || {
         // SAFETY: the C contract: one thread per handle.
-        let Some(h) = (unsafe { handle(ctrl, OP) }) else {
-            return -1;
-        };
-        let Conn::Ready(v) = &mut h.conn else {
-            return 0;
-        };
-        let n = count(v.buffer_space());
-        h.after();
-        n
+        unsafe { handle(ctrl, OP) }.map_or(-1, LibVchan::buffer_space)
     })
 }
 
