@@ -86,6 +86,8 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use vchan::{Connecting, State, Transport, Vchan};
 
+pub mod xenvchan;
+
 /// `libvchan_is_open`: the peer has closed or its domain is gone.
 pub const VCHAN_DISCONNECTED: c_int = 0;
 /// `libvchan_is_open`: both ends are connected.

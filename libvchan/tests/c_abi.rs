@@ -32,6 +32,22 @@ const API: &[&str] = &[
     "libvchan_set_blocking",
 ];
 
+/// Xen's libxenvchan API (libxenvchan.h).
+const XEN_API: &[&str] = &[
+    "libxenvchan_server_init",
+    "libxenvchan_client_init",
+    "libxenvchan_close",
+    "libxenvchan_recv",
+    "libxenvchan_read",
+    "libxenvchan_send",
+    "libxenvchan_write",
+    "libxenvchan_wait",
+    "libxenvchan_fd_for_select",
+    "libxenvchan_is_open",
+    "libxenvchan_data_ready",
+    "libxenvchan_buffer_space",
+];
+
 fn manifest() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -330,4 +346,96 @@ fn exports_and_soname() {
     for f in API {
         assert!(exported.contains(f), "{f} not exported: {exported:?}");
     }
+    let xen: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" FUNC ") && l.contains(" GLOBAL ") && !l.contains(" UND "))
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|n| n.starts_with("libxenvchan_"))
+        .collect();
+    for f in XEN_API {
+        assert!(xen.contains(f), "{f} not exported: {xen:?}");
+    }
+}
+
+/// Debian's `libxenvchan.h` (package `libxen-dev`).
+fn debian_xenvchan_header() {
+    assert!(
+        Path::new("/usr/include/libxenvchan.h").exists(),
+        "/usr/include/libxenvchan.h is missing: install Debian's libxen-dev (apt-get install libxen-dev)"
+    );
+}
+
+/// Builds `xenvchan_calls.c` against Debian's header, linked with ours.
+fn build_xenvchan_calls(dir: &Path, libdir: &Path) -> PathBuf {
+    debian_xenvchan_header();
+    let exe = dir.join("xenvchan_calls");
+    let src = manifest().join("tests/c/xenvchan_calls.c");
+    gcc(&[
+        "-std=gnu11".as_ref(),
+        "-Wall".as_ref(),
+        "-Wextra".as_ref(),
+        "-Werror".as_ref(),
+        src.as_os_str(),
+        "-o".as_ref(),
+        exe.as_os_str(),
+        format!("-L{}", libdir.display()).as_ref(),
+        format!("-Wl,-rpath,{}", libdir.display()).as_ref(),
+        "-lvchan-xen".as_ref(),
+    ]);
+    exe
+}
+
+/// The public `struct libxenvchan` as Debian's header lays it out is the
+/// one our handle starts with (C programs write `ctrl->blocking`).
+#[test]
+fn xenvchan_struct_layout_matches_debians_header() {
+    use libvchan::xenvchan::{
+        FLAG_BLOCKING, FLAG_IS_SERVER, FLAG_SERVER_PERSIST, Libxenvchan, LibxenvchanRing,
+    };
+    use std::mem::{offset_of, size_of};
+    let tmp = tempfile::tempdir().unwrap();
+    let libdir = install_lib(tmp.path());
+    let exe = build_xenvchan_calls(tmp.path(), &libdir);
+    let out = Command::new(&exe).arg("layout").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let flags = offset_of!(Libxenvchan, flags);
+    // One bit each, in the int after event_port (a byte index, little-endian).
+    let bit = |f: i32| {
+        let byte = f.trailing_zeros() as usize / 8;
+        format!("{} {}", flags + byte, (f >> (8 * byte)) & 0xff)
+    };
+    let expected = format!(
+        "sizeof {}\nring {}\nevent {}\nevent_port {}\nread {}\nwrite {}\nxs_path {}\nring_sizeof {}\nring_order {}\n\
+         is_server {}\nserver_persist {}\nblocking {}\n",
+        size_of::<Libxenvchan>(),
+        offset_of!(Libxenvchan, ring),
+        offset_of!(Libxenvchan, event),
+        offset_of!(Libxenvchan, event_port),
+        offset_of!(Libxenvchan, read),
+        offset_of!(Libxenvchan, write),
+        offset_of!(Libxenvchan, xs_path),
+        size_of::<LibxenvchanRing>(),
+        offset_of!(LibxenvchanRing, order),
+        bit(FLAG_IS_SERVER),
+        bit(FLAG_SERVER_PERSIST),
+        bit(FLAG_BLOCKING),
+    );
+    assert_eq!(text, expected);
+}
+
+#[test]
+fn xenvchan_calls_over_the_local_transport() {
+    let tmp = tempfile::tempdir().unwrap();
+    let libdir = install_lib(tmp.path());
+    let exe = build_xenvchan_calls(tmp.path(), &libdir);
+    let hub_dir = tempfile::tempdir().unwrap();
+    let hub = vchan::LocalXen::start(hub_dir.path(), &[0, 1]).expect("start the local hubs");
+    let (ok, out) = run(&exe, &[("VCHAN_LOCAL_DIR", hub_dir.path())]);
+    assert!(ok, "xenvchan_calls failed:\n{out}");
+    assert!(
+        out.contains("(server)") && out.contains("(client)"),
+        "{out}"
+    );
+    drop(hub);
 }
