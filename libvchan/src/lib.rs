@@ -36,7 +36,11 @@
 //! or nothing (0 in non-blocking mode when it would wait); `read` returns
 //! what is there, data left after the peer closed included, and −1 once the
 //! ring is empty and the peer gone; `is_open` is 0 / 1 / 2
-//! (`VCHAN_DISCONNECTED` / `VCHAN_CONNECTED` / `VCHAN_WAITING`).
+//! (`VCHAN_DISCONNECTED` / `VCHAN_CONNECTED` / `VCHAN_WAITING`). A server
+//! may write before its client connects (the data waits for it) and its
+//! blocking reads wait for the client. Ring sizes: libxenvchan's on Xen and
+//! the Local transport (1024, 2048, then powers of two from 4096);
+//! libvchan-socket's on the socket transport (at least 4096: a page).
 //!
 //! Where this library deliberately differs from the C one (bad input gets an
 //! error return instead of a crash or a hang):
@@ -95,6 +99,10 @@ pub const VCHAN_CONNECTED: c_int = 1;
 /// `libvchan_is_open`: the server waits for its client, or an async client
 /// for its server.
 pub const VCHAN_WAITING: c_int = 2;
+
+/// The smallest ring of libvchan-socket (a page), which programs and tests
+/// written for it count on.
+const SOCKET_RING_MIN: usize = 4096;
 
 /// Domain ids at and above this are reserved (`DOMID_FIRST_RESERVED`).
 const DOMID_FIRST_RESERVED: c_int = 0x7FF0;
@@ -421,6 +429,15 @@ pub unsafe extern "C" fn libvchan_server_init(
         let Some(t) = transport(OP) else {
             return std::ptr::null_mut();
         };
+        // libvchan-socket's rings are at least a page; on Xen the sizes are
+        // libxenvchan's (1024 and 2048 fit in the control page).
+        let (read_min, write_min) = match t {
+            Transport::Socket { .. } => (
+                read_min.max(SOCKET_RING_MIN),
+                write_min.max(SOCKET_RING_MIN),
+            ),
+            _ => (read_min, write_min),
+        };
         match Vchan::server(&t, peer, port, read_min, write_min) {
             Ok(v) => register(LibVchan::ready(v)),
             Err(e) => {
@@ -626,20 +643,6 @@ enum Io {
     Packet,
 }
 
-/// The socket transport's server before its client came: blocking calls
-/// wait for it (the C libraries' waiting server does too); `Ok(false)`:
-/// non-blocking and not yet there.
-fn accept_first(v: &mut Vchan) -> vchan::Result<bool> {
-    if !v.is_socket() || v.state() != State::Waiting {
-        return Ok(true);
-    }
-    if v.is_blocking() {
-        v.wait_connected(None).map(|()| true)
-    } else {
-        v.poll_connected()
-    }
-}
-
 fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: Io) -> c_int {
     if data.is_null() && size > 0 {
         return invalid(op, "NULL data");
@@ -666,13 +669,9 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
         // not the shared ring, and live for this call.
         unsafe { std::slice::from_raw_parts(data.cast::<u8>(), size) }
     };
-    let r = match accept_first(v) {
-        Ok(false) => Ok(0),
-        Ok(true) => match kind {
-            Io::Stream => v.write_some(buf),
-            Io::Packet => v.send(buf),
-        },
-        Err(e) => Err(e),
+    let r = match kind {
+        Io::Stream => v.write_some(buf),
+        Io::Packet => v.send(buf),
     };
     let ret = match r {
         Ok(n) => count(n),
@@ -707,13 +706,9 @@ fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io)
     // SAFETY: the caller passes `size` writable bytes at `data` (non-NULL,
     // checked above), private to it and not aliased during this call.
     let buf = unsafe { std::slice::from_raw_parts_mut(data.cast::<u8>(), size) };
-    let r = match accept_first(v) {
-        Ok(false) => Err(vchan::Error::WouldBlock),
-        Ok(true) => match kind {
-            Io::Stream => v.read_some(buf),
-            Io::Packet => v.recv(buf),
-        },
-        Err(e) => Err(e),
+    let r = match kind {
+        Io::Stream => v.read_some(buf),
+        Io::Packet => v.recv(buf),
     };
     let ret = match r {
         // A stream read of 0 for a non-empty buffer is the end: the peer
