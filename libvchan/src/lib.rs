@@ -865,20 +865,28 @@ impl LibVchan {
         ret
     }
 
-    fn data_ready(&mut self) -> c_int {
+    fn data_ready(&mut self, op: &str) -> c_int {
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
-        let n = count(v.data_ready());
+        // An error here is a ring the peer corrupted: −1 (EPROTO).
+        let n = match v.data_ready() {
+            Ok(n) => count(n),
+            Err(e) => fail(op, &e),
+        };
         self.after();
         n
     }
 
-    fn buffer_space(&mut self) -> c_int {
+    fn buffer_space(&mut self, op: &str) -> c_int {
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
-        let n = count(v.buffer_space());
+        // An error here is a ring the peer corrupted: −1 (EPROTO).
+        let n = match v.buffer_space() {
+            Ok(n) => count(n),
+            Err(e) => fail(op, &e),
+        };
         self.after();
         n
     }
@@ -944,7 +952,7 @@ pub unsafe extern "C" fn libvchan_data_ready(ctrl: *mut LibVchan) -> c_int {
     const OP: &str = "libvchan_data_ready";
     guard(OP, -1, || {
         // SAFETY: the C contract: one thread per handle.
-        unsafe { handle(ctrl, OP) }.map_or(-1, LibVchan::data_ready)
+        unsafe { handle(ctrl, OP) }.map_or(-1, |h| h.data_ready(OP))
     })
 }
 
@@ -959,7 +967,7 @@ pub unsafe extern "C" fn libvchan_buffer_space(ctrl: *mut LibVchan) -> c_int {
     const OP: &str = "libvchan_buffer_space";
     guard(OP, -1, || {
         // SAFETY: the C contract: one thread per handle.
-        unsafe { handle(ctrl, OP) }.map_or(-1, LibVchan::buffer_space)
+        unsafe { handle(ctrl, OP) }.map_or(-1, |h| h.buffer_space(OP))
     })
 }
 

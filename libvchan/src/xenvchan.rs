@@ -369,11 +369,11 @@ query_fn!(
 );
 query_fn!(
     /// Bytes ready to read.
-    libxenvchan_data_ready, -1, |h| h.data_ready()
+    libxenvchan_data_ready, -1, |h| h.data_ready("libxenvchan_data_ready")
 );
 query_fn!(
     /// Bytes that can be written without waiting.
-    libxenvchan_buffer_space, -1, |h| h.buffer_space()
+    libxenvchan_buffer_space, -1, |h| h.buffer_space("libxenvchan_buffer_space")
 );
 
 #[cfg(test)]
