@@ -995,3 +995,87 @@ pub unsafe extern "C" fn libvchan_set_blocking(ctrl: *mut LibVchan, blocking: bo
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::errno::Errno;
+
+    #[test]
+    fn a_panic_becomes_the_error_return() {
+        Errno::clear();
+        let r = guard("test", -1, || -> c_int { panic!("boom") });
+        assert_eq!(r, -1);
+        assert_eq!(Errno::last_raw(), libc::EIO);
+        assert_eq!(guard("test", -1, || 7), 7);
+    }
+
+    #[test]
+    fn errno_for_each_kind_of_failure() {
+        use vchan::control::RingId;
+        use vchan::ring::{Corruption, RingError};
+        let corrupt = vchan::Error::Ring(RingError::Corrupt {
+            ring: RingId::Left,
+            what: Corruption::Indices {
+                prod: 9000,
+                cons: 0,
+                size: 1024,
+            },
+        });
+        assert_eq!(errno_of(&corrupt), libc::EPROTO);
+        assert_eq!(errno_of(&vchan::Error::PeerClosed), libc::EPIPE);
+        assert_eq!(
+            errno_of(&vchan::Error::Ring(RingError::PeerClosed)),
+            libc::EPIPE
+        );
+        assert_eq!(errno_of(&vchan::Error::WouldBlock), libc::EAGAIN);
+        assert_eq!(
+            errno_of(&vchan::Error::Loopback { domid: 3 }),
+            libc::EOPNOTSUPP
+        );
+        assert_eq!(
+            errno_of(&vchan::Error::Ring(RingError::TooBig { len: 9, ring: 8 })),
+            libc::EINVAL
+        );
+    }
+
+    /// NULL and unknown handles: the error return and EBADF, never a
+    /// dereference; close and set_blocking ignore them.
+    #[test]
+    fn bad_handles() {
+        let bogus = 0x1000 as *mut LibVchan;
+        for ctrl in [std::ptr::null_mut(), bogus] {
+            let mut b = [0u8; 4];
+            // SAFETY: the library must refuse these pointers without
+            // dereferencing them; `b` is a valid buffer.
+            unsafe {
+                Errno::clear();
+                assert_eq!(libvchan_recv(ctrl, b.as_mut_ptr().cast(), 4), -1);
+                assert_eq!(Errno::last_raw(), libc::EBADF);
+                assert_eq!(libvchan_write(ctrl, b.as_ptr().cast(), 4), -1);
+                assert_eq!(libvchan_client_init_async_finish(ctrl, true), -1);
+                assert_eq!(libvchan_fd_for_select(ctrl), -1);
+                assert_eq!(libvchan_is_open(ctrl), VCHAN_DISCONNECTED);
+                assert_eq!(libvchan_buffer_space(ctrl), -1);
+                libvchan_set_blocking(ctrl, false);
+                libvchan_close(ctrl);
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_setup_arguments() {
+        let mut fd = -1;
+        // SAFETY: plain values and a valid int pointer.
+        unsafe {
+            Errno::clear();
+            assert!(libvchan_server_init(1, 5, vchan::MAX_RING_SIZE + 1, 1024).is_null());
+            assert_eq!(Errno::last_raw(), libc::EINVAL);
+            assert!(libvchan_server_init(DOMID_FIRST_RESERVED, 5, 1024, 1024).is_null());
+            assert!(libvchan_client_init(1, -2).is_null());
+            assert!(libvchan_client_init_async(-1, 5, &mut fd).is_null());
+            assert!(libvchan_client_init_async(1, 5, std::ptr::null_mut()).is_null());
+        }
+        assert_eq!(fd, -1);
+    }
+}
