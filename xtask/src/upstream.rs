@@ -12,7 +12,8 @@
 //!       [--vchan upstream|ours|both]    the C programs linked with upstream's libvchan-socket
 //!                                       (default), with our drop-in libvchan, or both in turn
 //! cargo xtask upstream cases [--quick]  our real-stack cases: C agents and daemons, our
-//!                                       client and the C client side by side
+//!       [--vchan upstream|ours]         client and the C client side by side (C programs
+//!                                       on upstream's libvchan-socket or on ours)
 //! ```
 //!
 //! Upstream's programs refuse to run services as another user unless they
@@ -58,7 +59,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
 fn usage() -> String {
     "usage: cargo xtask upstream build | suite [--ours-only|--c-only] [--vchan upstream|ours|both] \
-     | cases [--quick]"
+     | cases [--quick] [--vchan upstream|ours]"
         .into()
 }
 
@@ -262,7 +263,7 @@ pub enum VchanLib {
 }
 
 impl VchanLib {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             VchanLib::Upstream => "upstream libvchan-socket",
             VchanLib::Ours => "our libvchan",
