@@ -55,7 +55,24 @@
 //! * an invalid domain (outside `0..0x7FF0`), a negative port, or a ring
 //!   size above 1 MiB: `NULL` from the `*_init` calls with `EINVAL`, for the
 //!   server too (the C library checks these for the async client only);
-//! * a `read` of size 0 returns 0 at once (libxenvchan blocks until data).
+//! * a `read` of size 0 returns 0 at once (libxenvchan blocks until data);
+//! * a blocking `write` that the peer's close interrupts after part of the
+//!   data went out returns that count; the next call returns −1 (`EPIPE`);
+//! * `data_ready`/`buffer_space` on a ring the peer corrupted: −1
+//!   (`EPROTO`) and a log line; every I/O call on it fails the same way;
+//! * liveness: `is_open` and the blocking waits use the vchan crate's
+//!   checks of the peer domain (event-channel status, domain probe,
+//!   xenstore; see the `vchan` crate docs) instead of libvchan-xen's
+//!   `xc_evtchn_status` slow check;
+//! * on the socket transport: `libvchan_client_init_async` does not block
+//!   (libvchan-socket's connects before it returns); a client's rings are
+//!   64 KiB (libvchan-socket's: a page); and there is no I/O thread, so
+//!   output a server wrote before its client connected, and a client
+//!   waiting to be accepted, are served at the program's next call into
+//!   the library (programs that poll the select fd and call
+//!   `libvchan_wait`, as Qubes' do, never notice; qubes-core-vchan-socket's
+//!   own tests `test_write_then_connect` and `test_buffer_space`, which read
+//!   from the raw socket without any further library call, hang on it).
 //!
 //! No panic crosses into C: every entry point runs under
 //! [`std::panic::catch_unwind`] and turns a panic into its error return
