@@ -5,7 +5,7 @@
 //! local transports.
 //!
 //! Upstream's headers come from the pinned tarballs in `../shared/upstream`
-//! beside the repository (or `$VCHAN_UPSTREAM_DIR`); gcc and tar must be
+//! beside the repository (or `$UPSTREAM_DIR`); gcc and tar must be
 //! installed. Nothing here is skipped when they are missing: the test fails
 //! and says what is missing.
 
@@ -53,7 +53,7 @@ fn manifest() -> PathBuf {
 }
 
 fn upstream_dir() -> PathBuf {
-    std::env::var_os("VCHAN_UPSTREAM_DIR")
+    std::env::var_os("UPSTREAM_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest().join("../../shared/upstream"))
 }
@@ -64,7 +64,7 @@ fn upstream_header(dir: &Path, repo: &str) -> PathBuf {
     let tarball = upstream_dir().join(format!("{repo}.tar.gz"));
     assert!(
         tarball.exists(),
-        "{} is missing: the test needs upstream's pinned sources (set VCHAN_UPSTREAM_DIR)",
+        "{} is missing: the test needs upstream's pinned sources (set UPSTREAM_DIR)",
         tarball.display()
     );
     let member = format!("{repo}/vchan/libvchan.h");
