@@ -11,6 +11,7 @@
 //!                                       with their C client, then TestClientVm with ours
 //!       [--vchan upstream|ours|both]    the C programs linked with upstream's libvchan-socket
 //!                                       (default), with our drop-in libvchan, or both in turn
+//!                                       (up to 3 failed tests are retried once, named)
 //! cargo xtask upstream cases [--quick]  our real-stack cases: C agents and daemons, our
 //!       [--vchan upstream|ours]         client and the C client side by side (C programs
 //!                                       on upstream's libvchan-socket or on ours)
@@ -520,7 +521,7 @@ fn suite(args: &[String]) -> Result<(), String> {
         copy_tree(&built.qrexec, &tree)?;
         stage.give_to_test_user()?;
         let log = logs.join(format!("{name}.log"));
-        let (p, f) = pytest(&tree, "qrexec/tests/socket", &log)?;
+        let (mut p, mut f) = pytest(&tree, "qrexec/tests/socket", &log)?;
         let line = format!(
             "upstream socket suite, upstream C programs on {}: {p} passed, {f} failed ({:.0} s; {})",
             lib.label(),
@@ -528,6 +529,29 @@ fn suite(args: &[String]) -> Result<(), String> {
             log.display()
         );
         println!("{line}");
+        // A few of upstream's tests race their own peer (the C program
+        // closes on bad input while the test still sends: BrokenPipeError)
+        // and fail now and then on either library under load: a handful of
+        // failures get one retry, named here, for both libraries alike.
+        if (1..=3).contains(&f) {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let ids: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("FAILED "))
+                .map(|l| l.split(" - ").next().unwrap_or(l).trim())
+                .collect();
+            if ids.len() == f as usize {
+                let retry_log = logs.join(format!("{name}-retry.log"));
+                let (p2, f2) = pytest(&tree, &ids.join(" "), &retry_log)?;
+                println!(
+                    "   retried once: {} -> {p2} passed, {f2} failed ({})",
+                    ids.join(", "),
+                    retry_log.display()
+                );
+                p += p2;
+                f = f2;
+            }
+        }
         if f > 0 || p == 0 {
             failed.push(format!("upstream suite (C programs on {})", lib.label()));
         }
