@@ -989,7 +989,7 @@ impl LibVchan {
     }
 
     fn fd_for_select(&mut self, op: &str) -> c_int {
-        let Conn::Ready(v) = &mut self.conn else {
+        let Conn::Ready(v) = &self.conn else {
             set_errno(libc::EAGAIN);
             return -1;
         };
@@ -997,18 +997,8 @@ impl LibVchan {
             return v.as_fd().as_raw_fd();
         }
         if self.socket_poll.is_none() {
-            // What the program has seen so far, taken without pumping (a
-            // look that pumps could accept a waiting client or take in data
-            // and count it as seen: a server waiting on this fd for its
-            // client then slept forever). Too little is harmless: the first
-            // wait just returns.
-            let seen = Progress {
-                received: self.read_total,
-                sent: 0,
-                // (A socket server still listening answers without a pump.)
-                state: v.state(),
-            };
-            match SocketPoll::new(seen) {
+            let now = self.progress().expect("connected: checked above");
+            match SocketPoll::new(now) {
                 Ok(sp) => self.socket_poll = Some(sp),
                 Err(e) => {
                     log(op, format_args!("epoll: {e}"));
