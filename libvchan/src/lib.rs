@@ -103,7 +103,6 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use vchan::{Connecting, State, Transport, Vchan};
@@ -132,9 +131,6 @@ pub struct LibVchan {
     conn: Conn,
     /// The socket transport's stable fd for `select`, made on first request.
     socket_poll: Option<SocketPoll>,
-    /// Bytes the program has read, and written, through this handle.
-    read_total: u64,
-    written_total: u64,
 }
 
 #[derive(Debug)]
@@ -151,66 +147,22 @@ enum Conn {
     Ready(Vchan),
 }
 
-/// An epoll fd that is readable when the socket vchan has news the program
-/// has not waited for yet, as an event channel fd is after the peer's
-/// event: it watches the connection fd (the listener, then the accepted
-/// stream) with the changing interest, and an eventfd for the news that
-/// any other call took in on the way (bytes pumped from or to the socket,
-/// a hang-up seen). Without the latter a program that, say, asks
-/// `libvchan_buffer_space` right before sleeping on the fd would sleep on
-/// data already sitting in our buffer (qrexec's loops then stalled a whole
-/// poll timeout, 1 s, in many of upstream's tests).
+/// An epoll fd that is readable exactly when the socket vchan's `wait`
+/// would not block; it follows the connection fd (the listener, then the
+/// accepted stream) and the changing interest.
 #[derive(Debug)]
 struct SocketPoll {
     epoll: Epoll,
     /// The fd registered last and with which interest.
     registered: Option<(RawFd, EpollFlags)>,
-    /// Readable while `pending`.
-    news: EventFd,
-    pending: bool,
-    /// The progress at the program's last `libvchan_wait`.
-    seen: Progress,
-}
-
-/// What the peer has done, as far as this end can tell: bytes it sent us
-/// (read by the program or still buffered), bytes that left our buffer
-/// towards it, and the state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Progress {
-    received: u64,
-    sent: u64,
-    state: State,
 }
 
 impl SocketPoll {
-    fn new(now: Progress) -> io::Result<SocketPoll> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let news = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
-        epoll.add(&news, EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
+    fn new() -> io::Result<SocketPoll> {
         Ok(SocketPoll {
-            epoll,
+            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
             registered: None,
-            news,
-            pending: false,
-            seen: now,
         })
-    }
-
-    /// After a call other than `wait`: news the call took in makes the fd
-    /// readable until the next `wait`.
-    fn note(&mut self, now: Progress) {
-        if now != self.seen && !self.pending && self.news.write(1).is_ok() {
-            self.pending = true;
-        }
-    }
-
-    /// After `wait`: everything up to now has been seen.
-    fn seen(&mut self, now: Progress) {
-        if self.pending {
-            let _ = self.news.read();
-            self.pending = false;
-        }
-        self.seen = now;
     }
 
     fn refresh(&mut self, v: &Vchan) -> io::Result<()> {
@@ -266,53 +218,17 @@ impl LibVchan {
         LibVchan {
             conn: Conn::Ready(vchan),
             socket_poll: None,
-            read_total: 0,
-            written_total: 0,
         }
-    }
-
-    /// The peer's progress as this end sees it (socket transport; the
-    /// looks pump the socket without blocking).
-    fn progress(&mut self) -> Option<Progress> {
-        let Conn::Ready(v) = &mut self.conn else {
-            return None;
-        };
-        // A corrupt ring (shared memory only, never the socket) counts as
-        // no progress; the I/O calls report it.
-        let buffered_in = v.peek_data_ready().unwrap_or(0) as u64;
-        let space = v.peek_buffer_space().unwrap_or(0);
-        let buffered_out = v.write_ring_size().saturating_sub(space) as u64;
-        Some(Progress {
-            received: self.read_total + buffered_in,
-            sent: self.written_total.saturating_sub(buffered_out),
-            state: v.state(),
-        })
     }
 
     /// After every call that may have moved data or changed the state: keep
-    /// the socket transport's select fd in step. `waited`: the call was
-    /// `wait`, which consumes the news.
-    fn after_call(&mut self, waited: bool) {
-        if self.socket_poll.is_none() {
-            return;
-        }
-        let now = self.progress();
+    /// the socket transport's select fd in step.
+    fn after(&mut self) {
         if let (Conn::Ready(v), Some(sp)) = (&self.conn, self.socket_poll.as_mut()) {
             if let Err(e) = sp.refresh(v) {
                 log("fd_for_select", format_args!("epoll update failed: {e}"));
             }
-            if let Some(now) = now {
-                if waited {
-                    sp.seen(now);
-                } else {
-                    sp.note(now);
-                }
-            }
         }
-    }
-
-    fn after(&mut self) {
-        self.after_call(false);
     }
 }
 
@@ -662,8 +578,6 @@ pub unsafe extern "C" fn libvchan_client_init_async(
                 timer,
             },
             socket_poll: None,
-            read_total: 0,
-            written_total: 0,
         })
     })
 }
@@ -821,10 +735,7 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
         Io::Packet => v.send(buf),
     };
     let ret = match r {
-        Ok(n) => {
-            h.written_total += n as u64;
-            count(n)
-        }
+        Ok(n) => count(n),
         Err(vchan::Error::WouldBlock) => 0,
         Err(e) => fail(op, &e),
     };
@@ -867,10 +778,7 @@ fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io)
             set_errno(libc::EPIPE);
             -1
         }
-        Ok(n) => {
-            h.read_total += n as u64;
-            count(n)
-        }
+        Ok(n) => count(n),
         Err(vchan::Error::WouldBlock) => 0,
         Err(e) => fail(op, &e),
     };
@@ -973,18 +881,11 @@ impl LibVchan {
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
-        // News another call took in is this wait's event: no sleep.
-        let pending = self.socket_poll.as_ref().is_some_and(|sp| sp.pending);
-        let r = if pending {
-            v.consume_events()
-        } else {
-            v.wait()
-        };
-        let ret = match r {
+        let ret = match v.wait() {
             Ok(()) => 0,
             Err(e) => fail(op, &e),
         };
-        self.after_call(true);
+        self.after();
         ret
     }
 
@@ -997,8 +898,7 @@ impl LibVchan {
             return v.as_fd().as_raw_fd();
         }
         if self.socket_poll.is_none() {
-            let now = self.progress().expect("connected: checked above");
-            match SocketPoll::new(now) {
+            match SocketPoll::new() {
                 Ok(sp) => self.socket_poll = Some(sp),
                 Err(e) => {
                     log(op, format_args!("epoll: {e}"));
