@@ -182,6 +182,8 @@ impl SocketChan {
                 if let Some(p) = self.path.take() {
                     let _ = std::fs::remove_file(p);
                 }
+                // What was written before the client came goes out now.
+                self.pump();
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
@@ -221,6 +223,13 @@ impl SocketChan {
 
     /// Moves bytes between the socket and the private buffers without blocking.
     fn pump(&mut self) {
+        if let Conn::Listening(_) = self.conn {
+            // A client waiting in the backlog is taken in by any call (the
+            // output queued for it goes out in `poll_accept`); an accept
+            // error shows in the next wait for the client.
+            let _ = self.poll_accept();
+            return;
+        }
         let Conn::Connected(stream) = &self.conn else {
             return;
         };
@@ -275,8 +284,24 @@ impl SocketChan {
 
     /// Whether we can still send: connected, and the peer neither closed
     /// nor stopped reading.
+    /// A server still waiting for its client may queue output (as on
+    /// shared memory, where it goes into the ring before the client maps
+    /// it); it is sent once the client connects.
     fn can_send(&mut self) -> bool {
-        self.is_open() && !self.broken
+        !self.is_connected() || (self.is_open() && !self.broken)
+    }
+
+    /// A server still waiting for its client before a read: blocking waits
+    /// for the client, non-blocking only looks. `Ok(false)`: not yet.
+    fn accept_for_read(&mut self, blocking: bool) -> Result<bool> {
+        if self.is_connected() {
+            return Ok(true);
+        }
+        if blocking {
+            self.wait_accept(None).map(|()| true)
+        } else {
+            self.poll_accept()
+        }
     }
 
     pub(crate) fn data_ready(&mut self) -> usize {
@@ -339,7 +364,12 @@ impl SocketChan {
     /// have pending output, hang-up), then moves data. `Ok(false)` on timeout.
     pub(crate) fn wait(&mut self, timeout: Option<Duration>) -> Result<bool> {
         let Some(s) = self.stream() else {
-            return Err(Error::NotConnected);
+            // Still listening: the event to wait for is the client.
+            return match self.wait_accept(timeout) {
+                Ok(()) => Ok(true),
+                Err(Error::Timeout { .. }) => Ok(false),
+                Err(e) => Err(e),
+            };
         };
         let mut flags = POLLRDHUP;
         if self.rx.len() < self.rx_cap && !self.eof {
@@ -354,8 +384,8 @@ impl SocketChan {
     }
 
     pub(crate) fn read(&mut self, buf: &mut [u8], blocking: bool) -> Result<usize> {
-        if !self.is_connected() {
-            return Err(Error::NotConnected);
+        if !self.accept_for_read(blocking)? {
+            return Err(Error::WouldBlock);
         }
         if buf.is_empty() {
             return Ok(0);

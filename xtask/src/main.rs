@@ -14,6 +14,7 @@ mod demo;
 // The lab's test suite is landing in steps; some helpers are used only by it.
 #[allow(dead_code)]
 mod lab;
+mod libvchan;
 mod upstream;
 mod util;
 
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "lab" => lab::run(rest),
         "upstream" => upstream::run(rest),
+        "libvchan" => libvchan::run(rest),
         "-h" | "--help" | "help" => return usage_ok(),
         _ => return usage(),
     };
@@ -47,7 +49,8 @@ fn usage_text() -> &'static str {
      \n  demo [--quick]   run the demo (the README's first command)\
      \n  bench [...]      benchmarks with baselines in the same run\
      \n  lab <cmd>        real Xen under QEMU: setup | start | stop | status | test [--quick]\
-     \n  upstream <cmd>   the real C qrexec stack: build | suite | cases [--quick]"
+     \n  upstream <cmd>   the real C qrexec stack: build | suite [--vchan upstream|ours|both] | cases [--quick]\
+     \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names"
 }
 
 fn usage() -> ExitCode {

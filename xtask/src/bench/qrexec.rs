@@ -56,7 +56,12 @@ pub fn run(common: &Common, args: &[String]) -> Result<(), String> {
                     .map(|r| parse::<usize>(r))
                     .transpose()?
                     .unwrap_or(if common.quick { 1 } else { 5 });
-                crate::upstream::cases::bench(reps)
+                let vchan = args
+                    .iter()
+                    .position(|a| a == "--vchan")
+                    .and_then(|i| args.get(i + 1))
+                    .map(String::as_str);
+                crate::upstream::cases::bench(reps, vchan)
             }
             other => Err(format!("--peer {other:?}: the one peer is c-stack")),
         };

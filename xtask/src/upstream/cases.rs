@@ -29,17 +29,39 @@ const MIB: usize = 1 << 20;
 
 /// `cargo xtask bench qrexec --peer c-stack`: the transfer cases `reps`
 /// times each and the echo latency, ours and C, through the real stack.
-pub fn bench(reps: usize) -> Result<(), String> {
-    run(&[
+/// `vchan`: `--vchan ours` runs the C programs on our libvchan.
+pub fn bench(reps: usize, vchan: Option<&str>) -> Result<(), String> {
+    let mut args = vec![
         "--bench".to_string(),
         "--reps".to_string(),
         reps.to_string(),
-    ])
+    ];
+    if let Some(v) = vchan {
+        args.extend(["--vchan".to_string(), v.to_string()]);
+    }
+    run(&args)
 }
 
 /// The outer command: build, stage, then run [`inner`] as the test user.
+/// `--vchan ours` links the C agents, daemons and clients with our libvchan
+/// instead of upstream's libvchan-socket.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let built = super::build()?;
+    let (lib, args) = match args.iter().position(|a| a == "--vchan") {
+        None => (super::VchanLib::Upstream, args.to_vec()),
+        Some(i) => {
+            let lib = match args.get(i + 1).map(String::as_str) {
+                Some("upstream") => super::VchanLib::Upstream,
+                Some("ours") => super::VchanLib::Ours,
+                other => return Err(format!("--vchan {other:?}: upstream or ours")),
+            };
+            let mut rest = args.to_vec();
+            rest.drain(i..(i + 2).min(rest.len()));
+            (lib, rest)
+        }
+    };
+    let args = &args[..];
+    println!("C programs on {}", lib.label());
+    let built = super::build_with(lib)?;
     // UPSTREAM_OURS=<binary>: another build of ours (e.g. before a change).
     let ours = match std::env::var_os("UPSTREAM_OURS") {
         Some(p) => PathBuf::from(p),
@@ -64,7 +86,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     cmd.args(["upstream", "cases-inner", "--stage"])
         .arg(&stage.dir)
         .args(args)
-        .env("HOME", &stage.dir);
+        .env("HOME", &stage.dir)
+        .env("UPSTREAM_VCHAN_LIB", lib.label());
     sh(&mut cmd).map_err(|_| "real-stack cases failed (table above)".to_string())
 }
 
@@ -774,7 +797,8 @@ pub fn inner(args: &[String]) -> Result<(), String> {
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     println!(
-        "== real C qrexec stack (upstream agent + daemon, libvchan-socket): ours vs the C qrexec-client-vm"
+        "== real C qrexec stack (upstream agent + daemon on {}): ours vs the C qrexec-client-vm",
+        std::env::var("UPSTREAM_VCHAN_LIB").unwrap_or_else(|_| "libvchan-socket".into())
     );
     for case in cases(&world.dir) {
         if only.is_some_and(|o| !case.name.contains(o.as_str())) {
