@@ -2,3 +2,5 @@
 //! boundaries (two processes over the local backend, the CLI against the
 //! simulated Qubes, conformance vectors, hostile peers).
 #![forbid(unsafe_code)]
+
+pub mod doc_refs;
