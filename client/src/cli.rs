@@ -419,6 +419,19 @@ pub fn agent_socket_path(given: bool, option: Option<PathBuf>, env: Option<OsStr
     }
 }
 
+/// The clap definition of the command line, the one `--help` prints: the
+/// man page and the shell completions are generated from it
+/// (`cargo xtask man`), so they list exactly the options parsed here.
+///
+/// ```
+/// let cmd = qrexec::cli::command();
+/// assert_eq!(cmd.get_name(), "qrexec-client-vm");
+/// assert!(cmd.get_arguments().any(|a| a.get_long() == Some("buffer-size")));
+/// ```
+pub fn command() -> clap::Command {
+    Args::command()
+}
+
 /// Parse a full argv (including argv\[0\]). The only environment access
 /// is [`AGENT_SOCKET_ENV`] when `--agent-socket` is not given.
 pub fn parse_args(argv: &[OsString]) -> Result<Options, CliError> {

@@ -6,6 +6,7 @@
 //! cargo xtask bench [...]        benchmarks with baselines in the same run
 //! cargo xtask lab <cmd>          the real-Xen lab (setup|start|stop|status|test)
 //! cargo xtask upstream <cmd>     the real C qrexec stack as a test peer (build|suite|cases)
+//! cargo xtask man [--out DIR]    man page and shell completions of qrexec-client-vm
 //! ```
 #![forbid(unsafe_code)]
 
@@ -16,6 +17,7 @@ mod demo;
 mod lab;
 mod libvchan;
 mod upstream;
+mod man;
 mod util;
 
 use std::process::ExitCode;
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         "lab" => lab::run(rest),
         "upstream" => upstream::run(rest),
         "libvchan" => libvchan::run(rest),
+        "man" => man::run(rest),
         "-h" | "--help" | "help" => return usage_ok(),
         _ => return usage(),
     };
@@ -50,7 +53,8 @@ fn usage_text() -> &'static str {
      \n  bench [...]      benchmarks with baselines in the same run\
      \n  lab <cmd>        real Xen under QEMU: setup | start | stop | status | test [--quick]\
      \n  upstream <cmd>   the real C qrexec stack: build | suite [--vchan upstream|ours|both] | cases [--quick]\
-     \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names"
+     \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names\
+     \n  man [--out DIR]  man page + bash/zsh/fish completions of qrexec-client-vm (target/assets)"
 }
 
 fn usage() -> ExitCode {
