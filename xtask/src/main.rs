@@ -7,6 +7,7 @@
 //! cargo xtask lab <cmd>          the real-Xen lab (setup|start|stop|status|test)
 //! cargo xtask upstream <cmd>     the real C qrexec stack as a test peer (build|suite|cases)
 //! cargo xtask man [--out DIR]    man page and shell completions of qrexec-client-vm
+//! cargo xtask package            .deb and .rpm of qrexec-client-vm (target/packages)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -18,6 +19,7 @@ mod lab;
 mod libvchan;
 mod upstream;
 mod man;
+mod package;
 mod util;
 
 use std::process::ExitCode;
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         "upstream" => upstream::run(rest),
         "libvchan" => libvchan::run(rest),
         "man" => man::run(rest),
+        "package" => package::run(rest),
         "-h" | "--help" | "help" => return usage_ok(),
         _ => return usage(),
     };
@@ -54,7 +57,8 @@ fn usage_text() -> &'static str {
      \n  lab <cmd>        real Xen under QEMU: setup | start | stop | status | test [--quick]\
      \n  upstream <cmd>   the real C qrexec stack: build | suite [--vchan upstream|ours|both] | cases [--quick]\
      \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names\
-     \n  man [--out DIR]  man page + bash/zsh/fish completions of qrexec-client-vm (target/assets)"
+     \n  man [--out DIR]  man page + bash/zsh/fish completions of qrexec-client-vm (target/assets)\
+     \n  package          .deb and .rpm of qrexec-client-vm (needs cargo-deb, cargo-generate-rpm)"
 }
 
 fn usage() -> ExitCode {

@@ -1,0 +1,151 @@
+//! `cargo xtask package`: a `.deb` (cargo-deb) and an `.rpm`
+//! (cargo-generate-rpm) of `qrexec-client-vm`, with the man page and the
+//! completions generated from the clap definition (`crate::man`).
+//!
+//! The packages' metadata and maintainer scripts live with the crate
+//! (`client/Cargo.toml`, `client/packaging/`); this command builds the
+//! release binary, renders the generated assets into
+//! `<target>/release/pkg-assets/` (where that metadata expects them), runs
+//! both tools into `<target>/packages/`, and lists what each package holds.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::util::{cargo, root, target_dir};
+
+/// The crate that ships the command.
+const CRATE: &str = "qrexec";
+
+/// Where the generated assets go, relative to the target directory.
+const ASSETS: &str = "release/pkg-assets";
+
+fn have(tool: &str) -> bool {
+    Command::new("cargo")
+        .args([tool, "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn run_tool(cmd: &mut Command) -> Result<String, String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Render the man page (gzip'd, as packages ship it) and the completions.
+fn assets(dir: &Path) -> Result<(), String> {
+    let written = crate::man::generate(dir)?;
+    let man = written
+        .iter()
+        .find(|p| p.ends_with(crate::man::MAN_FILE))
+        .ok_or("no man page written")?;
+    // -n: no name or time stamp in the header, so the package is reproducible.
+    run_tool(Command::new("gzip").args(["-9nf"]).arg(man))?;
+    Ok(())
+}
+
+/// A stripped copy of the release binary for the `.rpm` (cargo-deb strips
+/// its own copy; cargo-generate-rpm packs what it is given).
+fn stripped_binary(target: &Path, dir: &Path) -> Result<(), String> {
+    let bin = target.join("release").join(crate::man::BIN);
+    let copy = dir.join(crate::man::BIN);
+    std::fs::copy(&bin, &copy).map_err(|e| format!("{}: {e}", bin.display()))?;
+    run_tool(Command::new("strip").arg(&copy))?;
+    Ok(())
+}
+
+/// The newest file in `dir` whose name ends with `suffix`.
+fn newest(dir: &Path, suffix: &str) -> Result<PathBuf, String> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let e = e.map_err(|e| e.to_string())?;
+        let p = e.path();
+        if p.to_string_lossy().ends_with(suffix) {
+            let t = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map_err(|e| e.to_string())?;
+            if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+                best = Some((t, p));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+        .ok_or_else(|| format!("no *{suffix} in {}", dir.display()))
+}
+
+/// `cargo xtask package [--no-build]`.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let build = match args {
+        [] => true,
+        [a] if a == "--no-build" => false,
+        _ => return Err("usage: cargo xtask package [--no-build]".into()),
+    };
+    let missing: Vec<_> = ["deb", "generate-rpm"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "missing cargo-{}: cargo install --locked cargo-deb cargo-generate-rpm",
+            missing.join(" and cargo-")
+        ));
+    }
+    let target = target_dir();
+    if build {
+        cargo(&["build", "--release", "-p", CRATE, "--bin", crate::man::BIN])?;
+    }
+    assets(&target.join(ASSETS))?;
+    stripped_binary(&target, &target.join(ASSETS))?;
+    let out = target.join("packages");
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+
+    run_tool(
+        Command::new("cargo")
+            .args([
+                "deb",
+                "-p",
+                CRATE,
+                "--no-build",
+                "--no-dbgsym",
+                "--strip",
+                "-o",
+            ])
+            .arg(&out),
+    )?;
+    let deb = newest(&out, ".deb")?;
+    run_tool(
+        Command::new("cargo")
+            .args([
+                "generate-rpm",
+                "-p",
+                "client",
+                "--payload-compress",
+                "gzip",
+                "-o",
+            ])
+            .arg(&out),
+    )?;
+    let rpm = newest(&out, ".rpm")?;
+
+    println!("{}", deb.display());
+    if let Ok(list) = run_tool(Command::new("dpkg-deb").arg("-c").arg(&deb)) {
+        print!("{list}");
+    }
+    println!("{}", rpm.display());
+    if let Ok(list) = run_tool(Command::new("rpm").args(["-qlp"]).arg(&rpm)) {
+        print!("{list}");
+    }
+    Ok(())
+}
