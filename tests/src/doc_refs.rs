@@ -148,8 +148,12 @@ fn take_label(s: &str) -> (&str, &str) {
     s.split_at(end)
 }
 
+/// What a reference names inside its section: `("row", ["9c"])`,
+/// `("item", ["1", "9"])`.
+type Detail = (&'static str, Vec<String>);
+
 /// One reference after the `§`: the section number and what follows.
-fn parse_after_section(s: &str) -> Option<(String, Option<(&'static str, Vec<String>)>)> {
+fn parse_after_section(s: &str) -> Option<(String, Option<Detail>)> {
     let num: String = s
         .chars()
         .take_while(|c| c.is_ascii_digit() || *c == '.')
