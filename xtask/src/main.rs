@@ -20,6 +20,7 @@ mod libvchan;
 mod upstream;
 mod man;
 mod package;
+mod upstream;
 mod util;
 
 use std::process::ExitCode;

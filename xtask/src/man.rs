@@ -470,13 +470,11 @@ fn missing_options(text: &str, with_help: bool) -> Vec<String> {
                 missing.push(f);
             }
         }
-        if with_help {
-            if let Some(h) = a.get_help() {
-                let h = h.to_string();
-                let first = h.lines().next().unwrap_or_default().trim();
-                if !first.is_empty() && !text.contains(first) {
-                    missing.push(format!("help of {}: {first}", a.get_id()));
-                }
+        if with_help && let Some(h) = a.get_help() {
+            let h = h.to_string();
+            let first = h.lines().next().unwrap_or_default().trim();
+            if !first.is_empty() && !text.contains(first) {
+                missing.push(format!("help of {}: {first}", a.get_id()));
             }
         }
     }
