@@ -20,6 +20,7 @@ mod libvchan;
 mod upstream;
 mod man;
 mod package;
+mod package_check;
 mod upstream;
 mod util;
 
@@ -59,7 +60,7 @@ fn usage_text() -> &'static str {
      \n  upstream <cmd>   the real C qrexec stack: build | suite [--vchan upstream|ours|both] | cases [--quick]\
      \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names\
      \n  man [--out DIR]  man page + bash/zsh/fish completions of qrexec-client-vm (target/assets)\
-     \n  package          .deb and .rpm of qrexec-client-vm (needs cargo-deb, cargo-generate-rpm)"
+     \n  package [--check-root DIR]  .deb and .rpm of qrexec-client-vm; install/remove them in copies of a Debian root"
 }
 
 fn usage() -> ExitCode {

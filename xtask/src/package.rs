@@ -26,7 +26,7 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn run_tool(cmd: &mut Command) -> Result<String, String> {
+pub(crate) fn run_tool(cmd: &mut Command) -> Result<String, String> {
     let shown = format!("{cmd:?}");
     let out = cmd
         .current_dir(root())
@@ -85,13 +85,20 @@ fn newest(dir: &Path, suffix: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("no *{suffix} in {}", dir.display()))
 }
 
-/// `cargo xtask package [--no-build]`.
+const USAGE: &str = "usage: cargo xtask package [--no-build] [--check-root DEBIAN_ROOT]";
+
+/// `cargo xtask package [--no-build] [--check-root DEBIAN_ROOT]`.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let build = match args {
-        [] => true,
-        [a] if a == "--no-build" => false,
-        _ => return Err("usage: cargo xtask package [--no-build]".into()),
-    };
+    let mut build = true;
+    let mut check_root = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--no-build" => build = false,
+            "--check-root" => check_root = Some(PathBuf::from(it.next().ok_or(USAGE)?)),
+            _ => return Err(USAGE.into()),
+        }
+    }
     let missing: Vec<_> = ["deb", "generate-rpm"]
         .into_iter()
         .filter(|t| !have(t))
@@ -147,5 +154,49 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if let Ok(list) = run_tool(Command::new("rpm").args(["-qlp"]).arg(&rpm)) {
         print!("{list}");
     }
+    if let Some(base) = check_root {
+        crate::package_check::run(&base, &deb, &rpm)?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every generated asset the package metadata names is one that `man`
+    /// and `package` produce, and both packages install the man page and the
+    /// three completions: the metadata cannot drift from the generator.
+    #[test]
+    fn package_metadata_names_the_generated_assets() {
+        let toml = std::fs::read_to_string(root().join("client/Cargo.toml")).unwrap();
+        let mut produced: Vec<String> = vec![
+            format!("{}.gz", crate::man::MAN_FILE),
+            crate::man::BIN.to_string(),
+        ];
+        produced.extend(crate::man::COMPLETIONS.iter().map(|(_, f)| f.to_string()));
+        let prefix = format!("target/{ASSETS}/");
+        let mut named = 0;
+        for (i, _) in toml.match_indices(&prefix) {
+            let rest = &toml[i + prefix.len()..];
+            let name = &rest[..rest.find('"').unwrap()];
+            assert!(
+                produced.iter().any(|p| p == name),
+                "{name} is not generated"
+            );
+            named += 1;
+        }
+        // deb: man page + 3 completions; rpm: binary + man page + 3 completions.
+        assert_eq!(named, 9);
+        for dest in [
+            "usr/bin/qrexec-client-vm\"",
+            "usr/share/man/man1/qrexec-client-vm.1.gz\"",
+            "/usr/share/bash-completion/completions/qrexec-client-vm\"",
+            "/usr/share/zsh/site-functions/_qrexec-client-vm\"",
+            "usr/share/zsh/vendor-completions/_qrexec-client-vm\"",
+            "/usr/share/fish/vendor_completions.d/qrexec-client-vm.fish\"",
+        ] {
+            assert!(toml.contains(dest), "{dest} is not installed");
+        }
+    }
 }
