@@ -431,11 +431,13 @@ fn measure(plan: &Plan, builds: &[Build], cat: &Path) -> Result<Json, String> {
     }
     kinds.push(Kind::Cat);
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); kinds.len()];
+    let mut progress = crate::util::Progress::new(plan.reps * kinds.len());
     for _ in 0..plan.reps {
         for (i, &k) in kinds.iter().enumerate() {
             let smp = one(plan.bytes, k, builds, cat)?;
             eprintln!(
-                "  {:<16} {} MB/s (wall {} MB/s), {:.2} CPU s/GiB",
+                "  {} {:<16} {} MB/s (wall {} MB/s), {:.2} CPU s/GiB",
+                progress.step(),
                 name(k),
                 report::mbps(smp.bytes_per_sec),
                 report::mbps(smp.wall_bytes_per_sec),

@@ -219,11 +219,13 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
     }
     let mut tc = Table::new(&head.iter().map(String::as_str).collect::<Vec<_>>());
     let mut points = Vec::new();
+    let mut progress =
+        crate::util::Progress::new(plan.rings.len() * plan.chunks.len() * plan.reps * vars.len());
     for &ring in &plan.rings {
         for &chunk in &plan.chunks {
             let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); vars.len()];
             for _ in 0..plan.reps {
-                for (i, (_, kind)) in vars.iter().enumerate() {
+                for (i, (name, kind)) in vars.iter().enumerate() {
                     let b = plan.bytes;
                     let smp = match kind {
                         Kind::Vchan(exe) => {
@@ -234,6 +236,13 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
                         Kind::Pipe => fd_stream(FdKind::Pipe(ring), chunk, b)?,
                         Kind::SocketPair => fd_stream(FdKind::SocketPair, chunk, b)?,
                     };
+                    eprintln!(
+                        "  {} {name} ring {} chunk {}: {} MB/s",
+                        progress.step(),
+                        report::size(ring as u64),
+                        report::size(chunk as u64),
+                        report::mbps(smp.bytes_per_sec)
+                    );
                     samples[i].push(smp);
                 }
             }

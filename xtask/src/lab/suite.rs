@@ -128,6 +128,9 @@ struct Tput {
 #[derive(Debug, Default)]
 struct Report {
     rows: Vec<Row>,
+    /// How many rows there were at the last `time` (the phase summary
+    /// counts the rows since).
+    rows_timed: usize,
     timings: Vec<(String, f64)>,
     tput: Vec<Tput>,
     notes: Vec<String>,
@@ -159,7 +162,25 @@ impl Report {
 
     fn time(&mut self, step: &str, t: Instant) {
         let s = t.elapsed().as_secs_f64();
-        eprintln!("lab test: [{step}: {s:.1}s]");
+        // One line per step; a step that checked something also says how
+        // it went, so a long run can be followed without the full report.
+        let new = &self.rows[self.rows_timed.min(self.rows.len())..];
+        let n = |st: St| new.iter().filter(|r| r.st == st).count();
+        let counts = if new.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} passed, {} failed, {} info, {} skipped; {} of {} failed so far",
+                n(St::Pass),
+                n(St::Fail),
+                n(St::Info),
+                n(St::Skip),
+                self.count(St::Fail),
+                self.rows.len()
+            )
+        };
+        self.rows_timed = self.rows.len();
+        eprintln!("lab test: [{step}: {s:.1}s{counts}]");
         self.timings.push((step.to_string(), s));
     }
 
