@@ -81,7 +81,8 @@ const EXIT_STATUS: &[(&str, &str)] = &[
     (
         "the local program's",
         "when the service exited 0 and LOCAL_PROGRAM was given: its exit code, or 128 plus \
-         the signal number that killed it.",
+         the signal number that killed it. (Qubes R4.0's C command reported only the local \
+         program's status; since qubes-core-qrexec 4.1.23 and 4.2.1 it behaves as here.)",
     ),
     ("0", "the service exited 0 and there was no local program."),
     (
@@ -355,9 +356,10 @@ fn description() -> Roff {
             bold(BIN),
             roman(
                 " calls the Qubes RPC service SERVICE in the qube TARGET_VMNAME, as allowed \
-                 by dom0's qrexec policy. It hands the request to the local qrexec agent; \
-                 when dom0 allows the call, the service's side connects to a vchan this \
-                 command serves, and the call's data flows over it.",
+                 by dom0's qrexec policy, which may also send the call to another qube than \
+                 the one named. It hands the request to the local qrexec agent; when dom0 \
+                 allows the call, the service's side connects to a vchan this command \
+                 serves, and the call's data flows over it.",
             ),
         ],
     );
@@ -367,8 +369,9 @@ fn description() -> Roff {
             "Without LOCAL_PROGRAM, standard input goes to the service and the service's \
              standard output and standard error come out on this command's. With \
              LOCAL_PROGRAM (an absolute or relative path, not searched in PATH), the \
-             program is started once the call is allowed, and its standard input and \
-             output are connected to the service instead.",
+             program is started once the call is allowed (never when it is refused), and \
+             its standard input and output are connected to the service instead; its \
+             standard error is this command's.",
         )],
     );
     para(
