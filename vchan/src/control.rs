@@ -105,6 +105,10 @@ pub const fn grant_offset(index: usize) -> usize {
 ///
 /// Documentation and layout tests only: never used to form a reference into
 /// shared memory.
+///
+/// ```
+/// assert_eq!(std::mem::size_of::<vchan::control::RingShared>(), 8);
+/// ```
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RingShared {
@@ -119,6 +123,12 @@ pub struct RingShared {
 /// Its field offsets are pinned against the `LEFT_CONS` … `SRV_NOTIFY`
 /// constants by a unit test. It exists for documentation and that test:
 /// code never forms a reference of this type into shared memory.
+///
+/// ```
+/// use vchan::control::{VchanInterface, HEADER_SIZE};
+/// assert_eq!(std::mem::size_of::<VchanInterface>(), HEADER_SIZE);
+/// assert_eq!(std::mem::offset_of!(VchanInterface, cli_live), vchan::control::CLI_LIVE);
+/// ```
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VchanInterface {
@@ -144,6 +154,11 @@ pub struct VchanInterface {
 // Errors
 
 /// Errors of order selection and layout validation.
+///
+/// ```
+/// use vchan::control::{ControlError, Layout};
+/// assert!(matches!(Layout::new(9, 12), Err(ControlError::InvalidOrder { .. })));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
     /// A requested ring size exceeds 1 MiB (libxenvchan refuses these).
@@ -204,6 +219,12 @@ pub enum RingId {
 
 impl RingId {
     /// Offset of this ring's `cons` index.
+    ///
+    /// ```
+    /// use vchan::control::RingId;
+    /// assert_eq!(RingId::Left.cons_offset(), 0);
+    /// assert_eq!(RingId::Right.cons_offset(), 8);
+    /// ```
     pub const fn cons_offset(self) -> usize {
         match self {
             RingId::Left => LEFT_CONS,
@@ -212,6 +233,12 @@ impl RingId {
     }
 
     /// Offset of this ring's `prod` index.
+    ///
+    /// ```
+    /// use vchan::control::RingId;
+    /// assert_eq!(RingId::Left.prod_offset(), 4);
+    /// assert_eq!(RingId::Right.prod_offset(), 12);
+    /// ```
     pub const fn prod_offset(self) -> usize {
         match self {
             RingId::Left => LEFT_PROD,
@@ -220,6 +247,12 @@ impl RingId {
     }
 
     /// Offset of this ring's `*_order` field.
+    ///
+    /// ```
+    /// use vchan::control::RingId;
+    /// assert_eq!(RingId::Left.order_offset(), 16);
+    /// assert_eq!(RingId::Right.order_offset(), 18);
+    /// ```
     pub const fn order_offset(self) -> usize {
         match self {
             RingId::Left => LEFT_ORDER,
@@ -259,6 +292,11 @@ pub enum Side {
 
 impl Side {
     /// The ring this side consumes.
+    ///
+    /// ```
+    /// use vchan::control::{RingId, Side};
+    /// assert_eq!(Side::Client.read_ring(), RingId::Right);
+    /// ```
     pub const fn read_ring(self) -> RingId {
         match self {
             Side::Server => RingId::Left,
@@ -267,6 +305,12 @@ impl Side {
     }
 
     /// The ring this side produces into.
+    ///
+    /// ```
+    /// use vchan::control::{RingId, Side};
+    /// assert_eq!(Side::Server.write_ring(), RingId::Right);
+    /// assert_eq!(Side::Client.write_ring(), RingId::Left);
+    /// ```
     pub const fn write_ring(self) -> RingId {
         match self {
             Side::Server => RingId::Right,
@@ -275,6 +319,12 @@ impl Side {
     }
 
     /// Offset of our own live byte (`srv_live` for the server).
+    ///
+    /// ```
+    /// use vchan::control::{Side, CLI_LIVE, SRV_LIVE};
+    /// assert_eq!(Side::Server.own_live(), SRV_LIVE);
+    /// assert_eq!(Side::Client.own_live(), CLI_LIVE);
+    /// ```
     pub const fn own_live(self) -> usize {
         match self {
             Side::Server => SRV_LIVE,
@@ -283,6 +333,11 @@ impl Side {
     }
 
     /// Offset of the peer's live byte (`cli_live` for the server).
+    ///
+    /// ```
+    /// use vchan::control::{Side, CLI_LIVE};
+    /// assert_eq!(Side::Server.peer_live(), CLI_LIVE);
+    /// ```
     pub const fn peer_live(self) -> usize {
         match self {
             Side::Server => CLI_LIVE,
@@ -292,6 +347,11 @@ impl Side {
 
     /// Offset of the notify byte we test-and-clear after producing or
     /// consuming (requests addressed to us): `srv_notify` for the server.
+    ///
+    /// ```
+    /// use vchan::control::{Side, CLI_NOTIFY};
+    /// assert_eq!(Side::Client.own_notify(), CLI_NOTIFY);
+    /// ```
     pub const fn own_notify(self) -> usize {
         match self {
             Side::Server => SRV_NOTIFY,
@@ -301,6 +361,11 @@ impl Side {
 
     /// Offset of the notify byte we OR our requests into (addressed to the
     /// peer): `cli_notify` for the server.
+    ///
+    /// ```
+    /// use vchan::control::{Side, SRV_NOTIFY};
+    /// assert_eq!(Side::Client.peer_notify(), SRV_NOTIFY);
+    /// ```
     pub const fn peer_notify(self) -> usize {
         match self {
             Side::Server => CLI_NOTIFY,
@@ -310,6 +375,13 @@ impl Side {
 }
 
 /// Where a ring's bytes live (spec §4.1).
+///
+/// ```
+/// use vchan::control::{Layout, RingId, RingLocation};
+/// let l = Layout::new(11, 16).unwrap();
+/// assert_eq!(l.location(RingId::Left), RingLocation::InPage { offset: 2048 });
+/// assert_eq!(l.location(RingId::Right), RingLocation::External { first_grant_index: 0, pages: 16 });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingLocation {
     /// Inside the control page, at `offset` (1024 for order 10, 2048 for 11).
@@ -447,11 +519,23 @@ impl Layout {
     /// # Errors
     /// [`ControlError::InvalidOrder`] for an order outside 10..=20;
     /// [`ControlError::OrderCollision`] when both are 10 or both are 11.
+    ///
+    /// ```
+    /// use vchan::control::Layout;
+    /// assert!(Layout::new(10, 11).is_ok());
+    /// assert!(Layout::new(11, 11).is_err()); // both in-page rings at byte 2048
+    /// assert!(Layout::new(16, 16).is_ok());
+    /// ```
     pub fn new(left_order: u8, right_order: u8) -> Result<Self, ControlError> {
         validate_client_orders(u16::from(left_order), u16::from(right_order))
     }
 
     /// Order of `ring`.
+    ///
+    /// ```
+    /// use vchan::control::{Layout, RingId};
+    /// assert_eq!(Layout::new(10, 12).unwrap().order(RingId::Right), 12);
+    /// ```
     pub const fn order(&self, ring: RingId) -> u8 {
         match ring {
             RingId::Left => self.left_order,
@@ -460,11 +544,22 @@ impl Layout {
     }
 
     /// Size in bytes of `ring`.
+    ///
+    /// ```
+    /// use vchan::control::{Layout, RingId};
+    /// assert_eq!(Layout::new(10, 16).unwrap().ring_size(RingId::Right), 65536);
+    /// ```
     pub const fn ring_size(&self, ring: RingId) -> usize {
         1usize << self.order(ring)
     }
 
     /// Location of `ring`.
+    ///
+    /// ```
+    /// use vchan::control::{Layout, RingId, RingLocation};
+    /// let l = Layout::new(10, 11).unwrap();
+    /// assert_eq!(l.location(RingId::Left), RingLocation::InPage { offset: 1024 });
+    /// ```
     pub const fn location(&self, ring: RingId) -> RingLocation {
         match ring {
             RingId::Left => self.left,
@@ -473,12 +568,25 @@ impl Layout {
     }
 
     /// Total number of data-ring grants (left then right).
+    ///
+    /// ```
+    /// use vchan::control::Layout;
+    /// assert_eq!(Layout::new(16, 16).unwrap().grant_count(), 32); // a qrexec data vchan
+    /// assert_eq!(Layout::new(10, 11).unwrap().grant_count(), 0);
+    /// ```
     pub const fn grant_count(&self) -> usize {
         grants_for(self.left_order) + grants_for(self.right_order)
     }
 
     /// Byte offset at which the grant list must end at the latest
     /// (start of the lowest in-page ring, or the end of the page).
+    ///
+    /// ```
+    /// use vchan::control::Layout;
+    /// assert_eq!(Layout::new(10, 20).unwrap().grant_list_limit(), 1024);
+    /// assert_eq!(Layout::new(11, 20).unwrap().grant_list_limit(), 2048);
+    /// assert_eq!(Layout::new(20, 20).unwrap().grant_list_limit(), 4096);
+    /// ```
     pub const fn grant_list_limit(&self) -> usize {
         if self.left_order == SMALL_RING_SHIFT || self.right_order == SMALL_RING_SHIFT {
             SMALL_RING_OFFSET
@@ -581,6 +689,18 @@ pub fn server_layout(read_min: usize, write_min: usize) -> Result<Layout, Contro
 /// Offsets are the `const`s of this module (or [`grant_offset`]);
 /// implementations may panic on a misaligned or out-of-page offset, which
 /// would be a bug in this crate, never a peer's doing.
+///
+/// ```
+/// # use vchan::control::*;
+/// #[repr(C, align(4096))]
+/// struct Page([u8; PAGE_SIZE]);
+/// let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// hdr.store_u8(CLI_NOTIFY, NOTIFY_WRITE);
+/// assert_eq!(hdr.fetch_and_u8(CLI_NOTIFY, !NOTIFY_WRITE), NOTIFY_WRITE);
+/// assert_eq!(hdr.load_u8(CLI_NOTIFY), 0);
+/// ```
 pub trait SharedHeader: fmt::Debug {
     /// Atomic load of the `u32` at `off`.
     fn load_u32(&self, off: usize) -> u32;
@@ -635,6 +755,16 @@ impl ControlPage {
     /// or any copy of it is used. Within this process the header and grant
     /// list must only be accessed atomically (through this type or
     /// equivalent atomics); another domain or process may write it at will.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// #[repr(C, align(4096))]
+    /// struct Page([u8; PAGE_SIZE]);
+    /// let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// assert_eq!(hdr.load_u32(LEFT_PROD), 0);
+    /// ```
     pub unsafe fn new(base: *mut u8) -> Self {
         debug_assert!(!base.is_null() && base as usize % 4 == 0);
         // A null pointer would violate the contract; still avoid UB in
@@ -644,6 +774,17 @@ impl ControlPage {
     }
 
     /// The page's base address (for locating in-page rings).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// #[repr(C, align(4096))]
+    /// struct Page([u8; PAGE_SIZE]);
+    /// let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// let order10_ring = hdr.as_ptr().wrapping_add(SMALL_RING_OFFSET);
+    /// assert_eq!(order10_ring as usize - hdr.as_ptr() as usize, 1024);
+    /// ```
     pub fn as_ptr(&self) -> *mut u8 {
         self.base.as_ptr()
     }
@@ -722,6 +863,19 @@ impl SharedHeader for ControlPage {
 
 /// Reads both order fields once: `(left_order, right_order)` as raw `u16`s,
 /// to be passed to [`validate_client_orders`].
+///
+/// ```
+/// # use vchan::control::*;
+/// #[repr(C, align(4096))]
+/// struct Page([u8; PAGE_SIZE]);
+/// let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// init_server_page(&hdr, &Layout::new(16, 16).unwrap(), &[1; 16], &[2; 16]).unwrap();
+/// let (l, r) = read_orders(&hdr);
+/// assert_eq!((l, r), (16, 16));
+/// assert!(validate_client_orders(l, r).is_ok());
+/// ```
 pub fn read_orders<H: SharedHeader>(h: &H) -> (u16, u16) {
     (h.load_u16(LEFT_ORDER), h.load_u16(RIGHT_ORDER))
 }
@@ -734,6 +888,22 @@ pub fn read_orders<H: SharedHeader>(h: &H) -> (u16, u16) {
 /// # Errors
 /// [`ControlError::GrantCount`] when a grant slice does not have exactly
 /// [`grants_for`] entries for its ring.
+///
+/// ```
+/// # use vchan::control::*;
+/// #[repr(C, align(4096))]
+/// struct Page([u8; PAGE_SIZE]);
+/// let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// let layout = Layout::new(11, 12).unwrap();
+/// init_server_page(&hdr, &layout, &[], &[77]).unwrap();
+/// assert_eq!(hdr.load_u8(CLI_LIVE), LIVE_WAITING);
+/// assert_eq!(hdr.load_u8(SRV_LIVE), LIVE_CONNECTED);
+/// assert_eq!(hdr.load_u32(grant_offset(0)), 77);
+/// // One grant too few for the order-12 ring:
+/// assert!(init_server_page(&hdr, &layout, &[], &[]).is_err());
+/// ```
 pub fn init_server_page<H: SharedHeader>(
     h: &H,
     layout: &Layout,
@@ -772,6 +942,18 @@ pub fn init_server_page<H: SharedHeader>(
 ///
 /// Each entry is read once; the values are opaque grant references that the
 /// mapping layer validates (a bad one fails the map).
+///
+/// ```
+/// # use vchan::control::*;
+/// #[repr(C, align(4096))]
+/// struct Page([u8; PAGE_SIZE]);
+/// let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// let layout = Layout::new(12, 13).unwrap();
+/// init_server_page(&hdr, &layout, &[5], &[6, 7]).unwrap();
+/// assert_eq!(read_grants(&hdr, &layout), (vec![5], vec![6, 7]));
+/// ```
 pub fn read_grants<H: SharedHeader>(h: &H, layout: &Layout) -> (Vec<u32>, Vec<u32>) {
     let nl = grants_for(layout.left_order);
     let nr = grants_for(layout.right_order);
@@ -783,6 +965,19 @@ pub fn read_grants<H: SharedHeader>(h: &H, layout: &Layout) -> (Vec<u32>, Vec<u3
 /// The client's connect stores (spec §9.3 step 7): `cli_live = 1`, then
 /// `srv_notify = NOTIFY_WRITE` (plain stores, as libxenvchan). The caller
 /// sends one event afterwards.
+///
+/// ```
+/// # use vchan::control::*;
+/// #[repr(C, align(4096))]
+/// struct Page([u8; PAGE_SIZE]);
+/// let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// announce_client_connected(&hdr);
+/// assert_eq!(hdr.load_u8(CLI_LIVE), LIVE_CONNECTED);
+/// assert_eq!(hdr.load_u8(SRV_NOTIFY), NOTIFY_WRITE);
+/// ```
 pub fn announce_client_connected<H: SharedHeader>(h: &H) {
     h.store_u8(CLI_LIVE, LIVE_CONNECTED);
     h.store_u8(SRV_NOTIFY, NOTIFY_WRITE);
