@@ -72,6 +72,26 @@ use crate::control::{
 // Errors
 
 /// What a peer corrupted.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// hdr.store_u32(RIGHT_PROD, 5000); // the server "produced" more than the ring holds
+/// assert!(matches!(
+///     rx.load_ready(&hdr),
+///     Err(RingError::Corrupt { what: Corruption::Indices { prod: 5000, cons: 0, size: 2048 }, .. })
+/// ));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Corruption {
     /// `prod − cons` (wrapping `u32`) exceeds the ring size: the peer wrote
@@ -97,6 +117,24 @@ pub enum Corruption {
 }
 
 /// Errors of ring and endpoint operations.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// // SAFETY: as in the setup: the order-11 ring's bytes.
+/// let bytes = unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// assert!(Ring::new(bytes, 12).is_err()); // 2048 bytes are not an order-12 ring
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RingError {
@@ -181,20 +219,101 @@ impl From<RingError> for io::Error {
 /// The real implementation is [`RawRingBytes`]; the `loom` model uses
 /// per-byte `loom::cell::UnsafeCell`s so that it detects data races between
 /// the producer's writes and the consumer's reads.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
+/// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+/// // SAFETY: 0 + 2 <= 1024.
+/// unsafe { b.write_at(0, b"hi") };
+/// let mut d = [0u8; 2];
+/// // SAFETY: as above.
+/// unsafe { b.read_at(0, &mut d) };
+/// assert_eq!(&d, b"hi");
+/// ```
 pub trait RingBytes: fmt::Debug {
     /// Size of the storage in bytes (the ring size).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
+    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// assert_eq!(b.size(), 1024);
+    /// ```
     fn size(&self) -> usize;
 
     /// Copies `src` into the ring at byte offset `off`.
     ///
     /// # Safety
     /// `off + src.len() <= self.size()`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
+    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// // SAFETY: 1020 + 4 <= 1024.
+    /// unsafe { b.write_at(1020, b"tail") };
+    /// ```
     unsafe fn write_at(&self, off: usize, src: &[u8]);
 
     /// Copies ring bytes starting at `off` into `dst`.
     ///
     /// # Safety
     /// `off + dst.len() <= self.size()`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
+    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// let mut d = [0xffu8; 4];
+    /// // SAFETY: 0 + 4 <= 1024.
+    /// unsafe { b.read_at(0, &mut d) };
+    /// assert_eq!(d, [0; 4]); // the page was zeroed
+    /// ```
     unsafe fn read_at(&self, off: usize, dst: &mut [u8]);
 
     /// One `read(2)` from `fd` into the ring segments `segs` (offset,
@@ -277,6 +396,24 @@ impl RawRingBytes {
     /// fine for the client's read ring). No Rust reference to these bytes
     /// may exist while this value is used; the peer may modify them at any
     /// time.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
+    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// assert_eq!(b.size(), 1024);
+    /// ```
     pub unsafe fn new(base: *mut u8, size: usize) -> Self {
         let base = NonNull::new(base).expect("RawRingBytes::new: null ring pointer");
         Self { base, size }
@@ -370,6 +507,23 @@ impl RawRingBytes {
 }
 
 /// A ring: its byte storage and a private copy of its validated order.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// let r = Ring::new(right(), 11).unwrap();
+/// assert_eq!((r.order(), r.size()), (11, 2048));
+/// ```
 #[derive(Debug)]
 pub struct Ring<B> {
     bytes: B,
@@ -385,6 +539,23 @@ impl<B: RingBytes> Ring<B> {
     /// order out of range, [`RingError::Geometry`] for a size mismatch. The
     /// `ring` named in these errors is [`RingId::Left`] by convention; use
     /// [`Ring::for_ring`] to name it.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert!(Ring::new(right(), 11).is_ok());
+    /// assert!(Ring::new(right(), 10).is_err()); // 2048 bytes are not 1 << 10
+    /// ```
     pub fn new(bytes: B, order: u8) -> Result<Self, RingError> {
         Self::for_ring(bytes, order, RingId::Left)
     }
@@ -393,6 +564,23 @@ impl<B: RingBytes> Ring<B> {
     ///
     /// # Errors
     /// As [`Ring::new`].
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// let r = Ring::for_ring(right(), 11, RingId::Right).unwrap();
+    /// assert_eq!(r.size(), 2048);
+    /// ```
     pub fn for_ring(bytes: B, order: u8, ring: RingId) -> Result<Self, RingError> {
         if !(MIN_RING_SHIFT..=MAX_RING_SHIFT).contains(&order) {
             return Err(ControlError::InvalidOrder {
@@ -412,11 +600,43 @@ impl<B: RingBytes> Ring<B> {
     }
 
     /// The validated order.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(Ring::new(right(), 11).unwrap().order(), 11);
+    /// ```
     pub fn order(&self) -> u8 {
         self.order
     }
 
     /// Ring size in bytes (`1 << order`, at most 2^20).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(Ring::new(right(), 11).unwrap().size(), 2048);
+    /// ```
     pub fn size(&self) -> u32 {
         1u32 << self.order
     }
@@ -436,6 +656,25 @@ impl<B: RingBytes> Ring<B> {
 /// The caller MUST re-load the peer's index afterwards (the Dekker re-check)
 /// before deciding to sleep; [`Consumer::fast_ready`] and
 /// [`Producer::fast_space`] do.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// // The client (reader of `right`) asks to be told of the server's next write...
+/// request_notify(&hdr, Side::Client.peer_notify(), NOTIFY_WRITE);
+/// // ...so the server, after producing, finds the request and sends one event.
+/// assert!(send_notify(&hdr, Side::Server.own_notify(), NOTIFY_WRITE));
+/// ```
 #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
 pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
     h.fetch_or_u8(peer_notify, bit);
@@ -453,6 +692,25 @@ pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
 /// `send_notify`: after we advanced our index, test-and-clear `bit` in **our
 /// own** notify byte (`own_notify`, e.g. `srv_notify` for the server).
 /// Returns `true` if the peer had requested it, i.e. one event must be sent.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// request_notify(&hdr, Side::Client.peer_notify(), NOTIFY_WRITE);
+/// assert!(send_notify(&hdr, Side::Server.own_notify(), NOTIFY_WRITE));
+/// // One-shot: the request was cleared.
+/// assert!(!send_notify(&hdr, Side::Server.own_notify(), NOTIFY_WRITE));
+/// ```
 #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
 pub fn send_notify<H: SharedHeader>(h: &H, own_notify: usize, bit: u8) -> bool {
     // FENCE (xen_mb, "indexes updated before we decide").
@@ -477,6 +735,26 @@ fn to_u32_clamped(n: usize) -> u32 {
 // Consumer
 
 /// Our reading end of a ring: we read data and advance `cons`.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// tx.push(&hdr, b"abc");
+/// let mut buf = [0u8; 8];
+/// assert_eq!(rx.fast_ready(&hdr, 3, 1).unwrap(), 3);
+/// assert_eq!(rx.pop(&hdr, &mut buf), 3);
+/// assert_eq!(&buf[..3], b"abc");
+/// ```
 #[derive(Debug)]
 pub struct Consumer<B> {
     ring: Ring<B>,
@@ -496,6 +774,23 @@ impl<B: RingBytes> Consumer<B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`] if the indices are already inconsistent.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// let rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(rx.id(), RingId::Right);
+    /// ```
     pub fn new<H: SharedHeader>(h: &H, side: Side, ring: Ring<B>) -> Result<Self, RingError> {
         let id = side.read_ring();
         let cons = h.load_u32(id.cons_offset());
@@ -512,22 +807,93 @@ impl<B: RingBytes> Consumer<B> {
     }
 
     /// Which ring this is.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(rx.id(), RingId::Right);
+    /// ```
     pub fn id(&self) -> RingId {
         self.id
     }
 
     /// The ring (order and size).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(rx.ring().size(), 2048);
+    /// assert_eq!(tx.ring().order(), 11);
+    /// ```
     pub fn ring(&self) -> &Ring<B> {
         &self.ring
     }
 
     /// Our consumer index (private copy).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"abc");
+    /// rx.load_ready(&hdr).unwrap();
+    /// rx.pop(&hdr, &mut [0u8; 2]);
+    /// assert_eq!(rx.cons(), 2);
+    /// ```
     pub fn cons(&self) -> u32 {
         self.cons
     }
 
     /// Bytes known to be readable from the last validated load of `prod`
     /// (no shared-memory access).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"abc");
+    /// assert_eq!(rx.cached_ready(), 0); // not looked yet
+    /// rx.load_ready(&hdr).unwrap();
+    /// assert_eq!(rx.cached_ready(), 3);
+    /// ```
     pub fn cached_ready(&self) -> u32 {
         // Invariant: `prod − cons ≤ size` (validated in `load_ready`, and
         // `pop` advances `cons` by at most that much).
@@ -538,6 +904,23 @@ impl<B: RingBytes> Consumer<B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`] if `prod − cons` exceeds the ring size.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"abc");
+    /// assert_eq!(rx.load_ready(&hdr).unwrap(), 3);
+    /// ```
     pub fn load_ready<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
         // Single fetch (XSA-155): this one load feeds the check and the cache.
         let prod = h.load_u32(self.id.prod_offset());
@@ -566,6 +949,25 @@ impl<B: RingBytes> Consumer<B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(rx.fast_ready(&hdr, 1, 1).unwrap(), 0); // empty: a WRITE request is now posted
+    /// tx.push(&hdr, b"x");
+    /// assert!(tx.notify_produced(&hdr)); // so the writer owes us an event
+    /// assert_eq!(rx.fast_ready(&hdr, 1, 1).unwrap(), 1);
+    /// ```
     #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn fast_ready<H: SharedHeader>(
         &mut self,
@@ -598,6 +1000,24 @@ impl<B: RingBytes> Consumer<B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"xy");
+    /// assert_eq!(rx.data_ready(&hdr).unwrap(), 2);
+    /// assert_eq!(hdr.load_u8(SRV_NOTIFY) & NOTIFY_WRITE, NOTIFY_WRITE);
+    /// ```
     pub fn data_ready<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
         request_notify(h, self.peer_notify, NOTIFY_WRITE);
         self.load_ready(h)
@@ -606,6 +1026,26 @@ impl<B: RingBytes> Consumer<B> {
     /// Copies `min(dst.len(), cached_ready())` bytes out of the ring into
     /// `dst` and publishes the new `cons` (spec §5.3). Returns the count.
     /// Call [`Consumer::notify_consumed`] afterwards.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"hello");
+    /// rx.load_ready(&hdr).unwrap();
+    /// let mut buf = [0u8; 3];
+    /// assert_eq!(rx.pop(&hdr, &mut buf), 3);
+    /// assert_eq!(&buf, b"hel");
+    /// ```
     pub fn pop<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
         let n = self.take(h, dst);
         if n > 0 {
@@ -709,6 +1149,26 @@ impl<B: RingBytes> Consumer<B> {
 
     /// After [`Consumer::pop`]: test-and-clear the peer's `NOTIFY_READ`
     /// request. `true` means one event must be sent.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"abc");
+    /// request_notify(&hdr, Side::Server.peer_notify(), NOTIFY_READ); // the writer waits for room
+    /// rx.load_ready(&hdr).unwrap();
+    /// rx.pop(&hdr, &mut [0u8; 3]);
+    /// assert!(rx.notify_consumed(&hdr)); // one event for the writer
+    /// ```
     pub fn notify_consumed<H: SharedHeader>(&self, h: &H) -> bool {
         send_notify(h, self.own_notify, NOTIFY_READ)
     }
@@ -718,6 +1178,24 @@ impl<B: RingBytes> Consumer<B> {
 // Producer
 
 /// Our writing end of a ring: we write data and advance `prod`.
+///
+/// ```
+/// # use vchan::control::*;
+/// # use vchan::ring::*;
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+/// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+/// assert_eq!(tx.fast_space(&hdr, 5, 5).unwrap(), 2048);
+/// assert_eq!(tx.push(&hdr, b"hello"), 5);
+/// assert_eq!(tx.prod(), 5);
+/// ```
 #[derive(Debug)]
 pub struct Producer<B> {
     ring: Ring<B>,
@@ -736,6 +1214,23 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`] if the indices are already inconsistent.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// let tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(tx.id(), RingId::Right);
+    /// ```
     pub fn new<H: SharedHeader>(h: &H, side: Side, ring: Ring<B>) -> Result<Self, RingError> {
         let id = side.write_ring();
         let prod = h.load_u32(id.prod_offset());
@@ -752,21 +1247,88 @@ impl<B: RingBytes> Producer<B> {
     }
 
     /// Which ring this is.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(tx.id(), RingId::Right);
+    /// ```
     pub fn id(&self) -> RingId {
         self.id
     }
 
     /// The ring (order and size).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(tx.ring().size(), 2048);
+    /// ```
     pub fn ring(&self) -> &Ring<B> {
         &self.ring
     }
 
     /// Our producer index (private copy).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.load_space(&hdr).unwrap();
+    /// tx.push(&hdr, b"abc");
+    /// assert_eq!(tx.prod(), 3);
+    /// ```
     pub fn prod(&self) -> u32 {
         self.prod
     }
 
     /// Free space known from the last validated load of `cons`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(tx.load_space(&hdr).unwrap(), 2048);
+    /// assert_eq!(tx.cached_space(), 2048);
+    /// ```
     pub fn cached_space(&self) -> u32 {
         // Invariant: `prod − cons ≤ size` (validated in `load_space`, and
         // `push` advances `prod` by at most the free space).
@@ -778,6 +1340,24 @@ impl<B: RingBytes> Producer<B> {
     /// # Errors
     /// [`RingError::Corrupt`] if `prod − cons` exceeds the ring size
     /// (equivalently, `space = size − (prod − cons)` would exceed it).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(tx.load_space(&hdr).unwrap(), 2048);
+    /// tx.push(&hdr, &[7; 48]);
+    /// assert_eq!(tx.load_space(&hdr).unwrap(), 2000);
+    /// ```
     pub fn load_space<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
         // Single fetch (XSA-155).
         let cons = h.load_u32(self.id.cons_offset());
@@ -801,6 +1381,28 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(tx.fast_space(&hdr, 2048, 2048).unwrap(), 2048);
+    /// tx.push(&hdr, &[0; 2048]);
+    /// assert_eq!(tx.fast_space(&hdr, 1, 1).unwrap(), 0); // full: a READ request is now posted
+    /// rx.load_ready(&hdr).unwrap();
+    /// rx.pop(&hdr, &mut [0u8; 16]);
+    /// assert!(rx.notify_consumed(&hdr)); // the reader owes us an event
+    /// assert_eq!(tx.fast_space(&hdr, 1, 1).unwrap(), 16);
+    /// ```
     #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn fast_space<H: SharedHeader>(
         &mut self,
@@ -832,6 +1434,23 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(tx.buffer_space(&hdr).unwrap(), 2048);
+    /// assert_eq!(hdr.load_u8(CLI_NOTIFY) & NOTIFY_READ, NOTIFY_READ);
+    /// ```
     pub fn buffer_space<H: SharedHeader>(&mut self, h: &H) -> Result<u32, RingError> {
         request_notify(h, self.peer_notify, NOTIFY_READ);
         self.load_space(h)
@@ -840,6 +1459,24 @@ impl<B: RingBytes> Producer<B> {
     /// Copies `min(src.len(), cached_space())` bytes from `src` into the ring
     /// and publishes the new `prod` (spec §5.2). Returns the count. Call
     /// [`Producer::notify_produced`] afterwards.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.load_space(&hdr).unwrap();
+    /// assert_eq!(tx.push(&hdr, b"hello"), 5);
+    /// assert_eq!(rx.load_ready(&hdr).unwrap(), 5);
+    /// ```
     #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn push<H: SharedHeader>(&mut self, h: &H, src: &[u8]) -> usize {
         let space = self.cached_space();
@@ -992,6 +1629,25 @@ impl<B: RingBytes> Producer<B> {
 
     /// After [`Producer::push`]: test-and-clear the peer's `NOTIFY_WRITE`
     /// request. `true` means one event must be sent.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
+    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// rx.data_ready(&hdr).unwrap(); // the reader asks for a WRITE notification
+    /// tx.load_space(&hdr).unwrap();
+    /// tx.push(&hdr, b"x");
+    /// assert!(tx.notify_produced(&hdr));
+    /// ```
     pub fn notify_produced<H: SharedHeader>(&self, h: &H) -> bool {
         send_notify(h, self.own_notify, NOTIFY_WRITE)
     }
