@@ -82,6 +82,23 @@ pub use transport::{
 pub use control::MAX_RING_SIZE;
 
 /// Where a vchan stands, as seen from this end.
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::time::Duration;
+/// # use vchan::{LocalXen, State, Vchan};
+/// # let dir = tempfile::tempdir()?;
+/// # // A same-host Xen double; this process plays domains 1 and 2.
+/// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+/// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+/// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+/// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+/// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+/// assert_eq!(srv.state(), State::Connected);
+/// drop(cli);
+/// assert_eq!(srv.state(), State::Closed);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Server: no client has connected yet.
@@ -103,6 +120,24 @@ enum Inner {
 /// Stream I/O through [`std::io::Read`] / [`std::io::Write`] (partial),
 /// packet I/O through [`Vchan::send`] / [`Vchan::recv`] (all or nothing),
 /// an fd for `poll`/`epoll` through [`AsFd`].
+///
+/// ```
+/// # use std::io::{Read, Write};
+/// # use std::time::Duration;
+/// # use vchan::{LocalXen, State, Vchan};
+/// # let dir = tempfile::tempdir()?;
+/// # // A same-host Xen double; this process plays domains 1 and 2.
+/// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+/// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+/// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+/// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+/// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+/// cli.write_all(b"ping")?;
+/// let mut b = [0u8; 4];
+/// srv.read_exact(&mut b)?;
+/// assert_eq!(&b, b"ping");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Vchan {
     inner: Inner,
@@ -114,6 +149,21 @@ impl Vchan {
     /// at once, in [`State::Waiting`]. `read_min` / `write_min` are the
     /// minimum ring sizes this end reads from / writes to (≤ 1 MiB each;
     /// rounded up as libxenvchan does).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// // Domain 1 serves domain 2 on port 5000, 64 KiB each way.
+    /// let mut srv = Vchan::server(&t1, 2, 5000, 65536, 65536)?;
+    /// assert_eq!(srv.state(), State::Waiting);
+    /// assert_eq!(srv.read_ring_size(), 65536);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn server(
         transport: &Transport,
         peer: DomId,
@@ -147,6 +197,21 @@ impl Vchan {
 
     /// Connects to a server in domain `peer` on `port`, waiting at most
     /// `timeout` for it to appear.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// // Domain 2 connects to domain 1's server on port 4242.
+    /// let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// assert_eq!(cli.state(), State::Connected);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn client(
         transport: &Transport,
         peer: DomId,
@@ -169,6 +234,26 @@ impl Vchan {
 
     /// Starts a client connect that [`Connecting::poll`] finishes without
     /// blocking (for `poll`/epoll loops and async runtimes).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// let mut c = Vchan::client_start(&t2, 1, 4242)?;
+    /// let mut cli = loop {
+    ///     if let Some(v) = c.poll()? {
+    ///         break v;
+    ///     }
+    ///     std::thread::sleep(Duration::from_millis(1)); // or poll(2) on c.as_fd()
+    /// };
+    /// assert!(cli.is_open());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn client_start(transport: &Transport, peer: DomId, port: u32) -> Result<Connecting> {
         let inner = match transport {
             Transport::Socket { dir, domid } => {
@@ -193,6 +278,21 @@ impl Vchan {
     }
 
     /// Server: waits until the client has connected (`None`: no limit).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let _cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert_eq!(srv.state(), State::Connected);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn wait_connected(&mut self, timeout: Option<Duration>) -> Result<()> {
         match &mut self.inner {
             Inner::Shm(c) => c.wait_connected(timeout),
@@ -202,6 +302,23 @@ impl Vchan {
 
     /// Server: checks without blocking whether the client has connected;
     /// drive it from `poll` on [`AsFd::as_fd`].
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// assert!(!srv.poll_connected()?);
+    /// let _cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// while !srv.poll_connected()? {
+    ///     std::thread::sleep(Duration::from_millis(1));
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn poll_connected(&mut self) -> Result<bool> {
         match &mut self.inner {
             Inner::Shm(c) => c.poll_connected(),
@@ -210,6 +327,21 @@ impl Vchan {
     }
 
     /// The state of the channel.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert_eq!(cli.state(), State::Connected);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn state(&mut self) -> State {
         match &mut self.inner {
             Inner::Shm(c) => match c.peer_state() {
@@ -230,11 +362,45 @@ impl Vchan {
     }
 
     /// Whether the peer is connected.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert!(cli.is_open());
+    /// drop(srv);
+    /// assert!(!cli.is_open());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn is_open(&mut self) -> bool {
         self.state() == State::Connected
     }
 
     /// Blocking (the default) or non-blocking mode for I/O.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// cli.set_blocking(false);
+    /// let mut b = [0u8; 8];
+    /// assert!(cli.read_some(&mut b).is_err()); // nothing there: would block
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_blocking(&mut self, blocking: bool) {
         self.blocking = blocking;
         if let Inner::Shm(c) = &mut self.inner {
@@ -244,6 +410,23 @@ impl Vchan {
 
     /// Bounds every blocking wait of a shared-memory vchan (`None`: no
     /// bound, the default). A wait that runs out fails with `TimedOut`.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// cli.set_io_timeout(Some(Duration::from_millis(50)));
+    /// let mut b = [0u8; 1];
+    /// assert!(cli.read(&mut b).is_err()); // nothing came within 50 ms
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_io_timeout(&mut self, timeout: Option<Duration>) {
         if let Inner::Shm(c) = &mut self.inner {
             c.endpoint().set_timeout(timeout);
@@ -251,6 +434,23 @@ impl Vchan {
     }
 
     /// Whether I/O calls block.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert!(cli.is_blocking());
+    /// cli.set_blocking(false);
+    /// assert!(!cli.is_blocking());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn is_blocking(&self) -> bool {
         self.blocking
     }
@@ -263,6 +463,22 @@ impl Vchan {
     /// ([`Error::Ring`]): never a silent 0, which would leave the caller
     /// waiting forever for data that cannot come (libxenvchan's hang on a
     /// corrupted ring, qubes-issues #10833).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// srv.write_all(b"abc")?;
+    /// assert_eq!(cli.data_ready()?, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn data_ready(&mut self) -> Result<usize> {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().data_ready().map_err(ring_err),
@@ -273,6 +489,21 @@ impl Vchan {
     /// Bytes that can be written now without waiting; on shared memory it
     /// first asks the peer for an event at its next read. An error when the
     /// peer corrupted the shared indices (as [`Vchan::data_ready`]).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert_eq!(srv.buffer_space()?, srv.write_ring_size());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn buffer_space(&mut self) -> Result<usize> {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().buffer_space().map_err(ring_err),
@@ -284,6 +515,22 @@ impl Vchan {
     /// write to shared memory): for the busy path of an event loop. Before
     /// sleeping on the fd, call [`Vchan::data_ready`] (it asks for the
     /// event, then looks again) and sleep only if it still says 0.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// srv.write_all(b"abc")?;
+    /// assert_eq!(cli.peek_data_ready()?, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn peek_data_ready(&mut self) -> Result<usize> {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().peek_data_ready().map_err(ring_err),
@@ -294,6 +541,22 @@ impl Vchan {
     /// Free space now, without asking the peer for an event (as
     /// [`Vchan::peek_data_ready`]; before sleeping for space, call
     /// [`Vchan::buffer_space`]).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// srv.write_all(b"abc")?;
+    /// assert_eq!(srv.peek_buffer_space()?, 4096 - 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn peek_buffer_space(&mut self) -> Result<usize> {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().peek_buffer_space().map_err(ring_err),
@@ -307,6 +570,22 @@ impl Vchan {
     /// for no event: `true` if they came. For event loops, before they ask
     /// for an event ([`Vchan::data_ready`]) and sleep. The socket
     /// transport does not spin (`false`).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// srv.write_all(b"x")?;
+    /// assert!(cli.spin_for_data(1)?); // already there
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn spin_for_data(&mut self, want: usize) -> Result<bool> {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().spin_for_data(want).map_err(ring_err),
@@ -315,6 +594,21 @@ impl Vchan {
     }
 
     /// As [`Vchan::spin_for_data`], for `want` bytes of free space.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert!(srv.spin_for_space(1)?); // an empty ring has room
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn spin_for_space(&mut self, want: usize) -> Result<bool> {
         match &mut self.inner {
             Inner::Shm(c) => c.endpoint().spin_for_space(want).map_err(ring_err),
@@ -323,6 +617,21 @@ impl Vchan {
     }
 
     /// The size of the ring we read from.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert_eq!(srv.read_ring_size(), 4096); // asked for 4096: order 12
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn read_ring_size(&self) -> usize {
         match &self.inner {
             Inner::Shm(c) => c.endpoint_ref().read_ring_size(),
@@ -331,6 +640,21 @@ impl Vchan {
     }
 
     /// The size of the ring we write to.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert_eq!(cli.write_ring_size(), srv.read_ring_size()); // the same `left` ring
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn write_ring_size(&self) -> usize {
         match &self.inner {
             Inner::Shm(c) => c.endpoint_ref().write_ring_size(),
@@ -339,11 +663,45 @@ impl Vchan {
     }
 
     /// Waits for an event (data, space, connect, close), then returns.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// cli.data_ready()?; // asks the server for an event on its next write
+    /// srv.write_all(b"x")?;
+    /// cli.wait()?;
+    /// assert_eq!(cli.data_ready()?, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn wait(&mut self) -> Result<()> {
         self.wait_timeout(None).map(|_| ())
     }
 
     /// Like [`Vchan::wait`], for at most `timeout`; `Ok(false)` on timeout.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// while cli.wait_timeout(Some(Duration::from_millis(10)))? {} // take pending wake-ups
+    /// assert!(!cli.wait_timeout(Some(Duration::from_millis(10)))?); // then nothing happens
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn wait_timeout(&mut self, timeout: Option<Duration>) -> Result<bool> {
         match &mut self.inner {
             Inner::Shm(c) => {
@@ -371,6 +729,22 @@ impl Vchan {
     /// Sends all of `buf` or nothing; an error if `buf` is larger than the
     /// write ring. Blocking mode waits for space; non-blocking mode fails
     /// with [`Error::WouldBlock`].
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert_eq!(srv.send(b"packet")?, 6);
+    /// assert!(srv.send(&[0u8; 8192]).is_err()); // larger than the 4 KiB ring
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn send(&mut self, buf: &[u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
@@ -380,6 +754,24 @@ impl Vchan {
     }
 
     /// Receives exactly `buf.len()` bytes or nothing.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// srv.send(b"packet")?;
+    /// let mut b = [0u8; 6];
+    /// assert_eq!(cli.recv(&mut b)?, 6);
+    /// assert_eq!(&b, b"packet");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
@@ -390,6 +782,25 @@ impl Vchan {
 
     /// Reads what is there (at most `buf.len()`); `Ok(0)` at end of stream
     /// (peer closed and nothing left).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// srv.write_all(b"abc")?;
+    /// let mut b = [0u8; 8];
+    /// assert_eq!(cli.read_some(&mut b)?, 3);
+    /// drop(srv);
+    /// assert_eq!(cli.read_some(&mut b)?, 0); // end of stream
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn read_some(&mut self, buf: &mut [u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
@@ -399,6 +810,21 @@ impl Vchan {
     }
 
     /// Writes what fits (blocking mode: all of it).
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert_eq!(srv.write_some(b"abc")?, 3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn write_some(&mut self, buf: &[u8]) -> Result<usize> {
         let b = self.blocking;
         match &mut self.inner {
@@ -440,6 +866,21 @@ impl Vchan {
     /// accepts a waiting client, flushes held-back output and takes in
     /// what arrived. An error if the event channel failed or accepting
     /// the client did.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// cli.consume_events()?; // takes the pending wake-ups, never blocks
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn consume_events(&mut self) -> Result<()> {
         match &mut self.inner {
             Inner::Shm(c) => {
@@ -555,11 +996,42 @@ impl Vchan {
     }
 
     /// Whether this vchan runs over the socket transport.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert!(!srv.is_socket()); // the Local transport shares memory
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn is_socket(&self) -> bool {
         matches!(self.inner, Inner::Socket(_))
     }
 
     /// Closes this end (also done on drop); the peer sees [`State::Closed`].
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// cli.close();
+    /// assert_eq!(srv.state(), State::Closed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn close(self) {
         drop(self);
     }
@@ -604,6 +1076,26 @@ enum ConnInner {
 impl Connecting {
     /// One attempt that never blocks for long: `Ok(Some(vchan))` once
     /// connected, `Ok(None)` to wait and call again.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// let mut c = Vchan::client_start(&t2, 1, 4242)?;
+    /// let cli = loop {
+    ///     match c.poll()? {
+    ///         Some(v) => break v,
+    ///         None => std::thread::sleep(Duration::from_millis(1)),
+    ///     }
+    /// };
+    /// # drop(cli);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn poll(&mut self) -> Result<Option<Vchan>> {
         let inner = match &mut self.inner {
             ConnInner::Shm(c) => match c.poll()? {
@@ -631,6 +1123,20 @@ impl Connecting {
     /// How long to wait at most before calling [`Connecting::poll`] again
     /// even if the fd shows nothing (the socket transport retries every
     /// 100 ms); `None` when the fd alone tells.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, State, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// let c = Vchan::client_start(&t2, 1, 4242)?;
+    /// assert_eq!(c.retry_interval(), None); // shared memory: the fd alone tells
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn retry_interval(&self) -> Option<Duration> {
         match &self.inner {
             ConnInner::Shm(_) => None,
