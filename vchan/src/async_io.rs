@@ -71,6 +71,22 @@ impl Vchan {
     }
 
     /// Server: waits without blocking a thread until the client connects.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// let mut srv = Vchan::server(&xen.transport(1), 2, 4242, 4096, 4096)?;
+    /// let t2 = xen.transport(2);
+    /// let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// rt.block_on(async {
+    ///     let cli = Vchan::client_async(&t2, 1, 4242, Duration::from_secs(10));
+    ///     let (cli, srv_ok) = tokio::join!(cli, srv.wait_connected_async(Some(Duration::from_secs(10))));
+    ///     cli.and(srv_ok)
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn wait_connected_async(&mut self, timeout: Option<Duration>) -> Result<()> {
         let work = async {
             loop {

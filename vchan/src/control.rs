@@ -703,22 +703,109 @@ pub fn server_layout(read_min: usize, write_min: usize) -> Result<Layout, Contro
 /// ```
 pub trait SharedHeader: fmt::Debug {
     /// Atomic load of the `u32` at `off`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// assert_eq!(hdr.load_u32(LEFT_PROD), 0);
+    /// ```
     fn load_u32(&self, off: usize) -> u32;
     /// Atomic store of the `u32` at `off`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// hdr.store_u32(RIGHT_PROD, 7);
+    /// assert_eq!(hdr.load_u32(RIGHT_PROD), 7);
+    /// ```
     fn store_u32(&self, off: usize, val: u32);
     /// Atomic load of the `u16` at `off` (the order fields).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// assert_eq!(hdr.load_u16(LEFT_ORDER), 0); // not initialised yet
+    /// ```
     fn load_u16(&self, off: usize) -> u16;
     /// Atomic store of the `u16` at `off` (server init only).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// hdr.store_u16(RIGHT_ORDER, 16);
+    /// assert_eq!(hdr.load_u16(RIGHT_ORDER), 16);
+    /// ```
     fn store_u16(&self, off: usize, val: u16);
     /// Atomic load of the byte at `off`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// assert_eq!(hdr.load_u8(SRV_LIVE), LIVE_EXITED);
+    /// ```
     fn load_u8(&self, off: usize) -> u8;
     /// Atomic store of the byte at `off`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// hdr.store_u8(SRV_LIVE, LIVE_CONNECTED);
+    /// assert_eq!(hdr.load_u8(SRV_LIVE), LIVE_CONNECTED);
+    /// ```
     fn store_u8(&self, off: usize, val: u8);
     /// Atomic `fetch_or` on the byte at `off`; returns the previous value.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// assert_eq!(hdr.fetch_or_u8(SRV_NOTIFY, NOTIFY_WRITE), 0);
+    /// assert_eq!(hdr.load_u8(SRV_NOTIFY), NOTIFY_WRITE);
+    /// ```
     fn fetch_or_u8(&self, off: usize, bits: u8) -> u8;
     /// Atomic `fetch_and` on the byte at `off`; returns the previous value.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// hdr.store_u8(CLI_NOTIFY, NOTIFY_WRITE | NOTIFY_READ);
+    /// assert_eq!(hdr.fetch_and_u8(CLI_NOTIFY, !NOTIFY_READ), NOTIFY_WRITE | NOTIFY_READ);
+    /// assert_eq!(hdr.load_u8(CLI_NOTIFY), NOTIFY_WRITE);
+    /// ```
     fn fetch_and_u8(&self, off: usize, bits: u8) -> u8;
     /// A memory fence in this memory's model (`std` or `loom`).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
+    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// hdr.fence(std::sync::atomic::Ordering::SeqCst); // `xen_mb()`
+    /// ```
     fn fence(&self, order: Ordering);
 }
 

@@ -35,17 +35,169 @@ use crate::ring::{Consumer, Corruption, Producer, RawRingBytes, Ring, RingBytes,
 /// The event channel as the endpoint needs it: one channel carries every
 /// kind of notification in both directions; events coalesce and may be
 /// spurious.
+///
+/// ```
+/// # use std::io;
+/// # use std::time::Duration;
+/// # use vchan::control::*;
+/// # use vchan::endpoint::{Endpoint, Events, PeerState};
+/// # use vchan::ring::RingError;
+/// # #[derive(Debug)]
+/// # struct NoEvents; // both ends in one process: nothing to signal
+/// # impl Events for NoEvents {
+/// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+/// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+/// # }
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &layout, &[], &[])?;
+/// # // SAFETY: as above; in-page rings, so null ring pointers.
+/// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # // SAFETY: as above (the client's view of the same page).
+/// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # announce_client_connected(&hdr);
+/// // An implementation only forwards to its channel; the endpoint never
+/// // counts events and re-checks the rings after every wake-up.
+/// assert!(!srv.events().wait_timeout(Duration::from_millis(1)).unwrap());
+/// # Ok::<(), RingError>(())
+/// ```
 pub trait Events: fmt::Debug + Send {
     /// Sends one event to the peer. Must not fail just because the peer is
     /// gone (Xen drops it silently).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.events().notify().unwrap();
+    /// # Ok::<(), RingError>(())
+    /// ```
     fn notify(&self) -> io::Result<()>;
     /// Blocks until an event arrives, consumes it and re-arms the channel.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// cli.events().wait().unwrap(); // NoEvents: a spurious wake-up, which is allowed
+    /// # Ok::<(), RingError>(())
+    /// ```
     fn wait(&self) -> io::Result<()>;
     /// As [`Events::wait`], for at most `d`: `Ok(true)` if an event was
     /// consumed, `Ok(false)` on timeout.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(!cli.events().wait_timeout(Duration::from_millis(1)).unwrap());
+    /// # Ok::<(), RingError>(())
+    /// ```
     fn wait_timeout(&self, d: Duration) -> io::Result<bool>;
     /// Consumes a pending event without blocking: `Ok(true)` if there was
     /// one.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(!cli.events().consume_pending().unwrap());
+    /// # Ok::<(), RingError>(())
+    /// ```
     fn consume_pending(&self) -> io::Result<bool>;
 }
 
@@ -72,6 +224,38 @@ impl From<FdError> for io::Error {
 }
 
 /// The peer's state as its live byte shows it.
+///
+/// ```
+/// # use std::io;
+/// # use std::time::Duration;
+/// # use vchan::control::*;
+/// # use vchan::endpoint::{Endpoint, Events, PeerState};
+/// # use vchan::ring::RingError;
+/// # #[derive(Debug)]
+/// # struct NoEvents; // both ends in one process: nothing to signal
+/// # impl Events for NoEvents {
+/// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+/// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+/// # }
+/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+/// # let base = page.0.as_mut_ptr();
+/// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+/// # let hdr = unsafe { ControlPage::new(base) };
+/// # init_server_page(&hdr, &layout, &[], &[])?;
+/// # // SAFETY: as above; in-page rings, so null ring pointers.
+/// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # // SAFETY: as above (the client's view of the same page).
+/// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # announce_client_connected(&hdr);
+/// assert_eq!(srv.peer_state(), PeerState::Connected);
+/// cli.close()?;
+/// assert_eq!(srv.peer_state(), PeerState::Closed);
+/// # Ok::<(), RingError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PeerState {
     /// The client has not connected yet (`cli_live == 2`, server only).
@@ -86,6 +270,37 @@ pub enum PeerState {
 impl PeerState {
     /// Anything but [`PeerState::Closed`]: writes are allowed (a server may
     /// write before the client connects; the data waits in the ring).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(PeerState::Waiting.is_open());
+    /// assert!(!PeerState::Closed.is_open());
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn is_open(self) -> bool {
         self != PeerState::Closed
     }
@@ -259,6 +474,37 @@ impl<E: Events> Endpoint<E> {
     /// # Errors
     /// [`RingError::RingAddress`] if a pointer contradicts the layout,
     /// [`RingError::Corrupt`] if the shared indices are already impossible.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(srv.read_ring_size(), 1024); // left, order 10, at byte 1024
+    /// assert_eq!(srv.write_ring_size(), 2048); // right, order 11, at byte 2048
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub unsafe fn new(
         ctrl: *mut u8,
         side: Side,
@@ -308,6 +554,40 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Errors
     /// [`RingError::Geometry`] if storage sizes do not match the layout,
     /// [`RingError::Corrupt`] if the shared indices are already impossible.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// use vchan::ring::RawRingBytes;
+    /// // SAFETY: bytes 1024..2048 and 2048..4096 of the page are the two rings.
+    /// let (left, right) = unsafe { (RawRingBytes::new(base.add(1024), 1024), RawRingBytes::new(base.add(2048), 2048)) };
+    /// let ep = Endpoint::from_parts(hdr, Side::Server, &layout, left, right, NoEvents)?;
+    /// assert_eq!(ep.write_ring_size(), 2048);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn from_parts(
         header: H,
         side: Side,
@@ -345,58 +625,394 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     }
 
     /// Our side.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(cli.side(), Side::Client);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn side(&self) -> Side {
         self.side
     }
 
     /// The validated layout (private copy of the orders).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!((srv.layout().left_order, srv.layout().right_order), (10, 11));
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
 
     /// Size of the ring we read.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(cli.read_ring_size(), 2048); // the client reads `right`
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn read_ring_size(&self) -> usize {
         self.layout.ring_size(self.side.read_ring())
     }
 
     /// Size of the ring we write.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(cli.write_ring_size(), 1024); // the client writes `left`
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn write_ring_size(&self) -> usize {
         self.layout.ring_size(self.side.write_ring())
     }
 
     /// The event source (e.g. to get its fd for `poll`).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.events().notify().unwrap();
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn events(&self) -> &E {
         &self.events
     }
 
     /// The shared header.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(srv.header().load_u8(CLI_LIVE), LIVE_CONNECTED);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn header(&self) -> &H {
         &self.header
     }
 
     /// Blocking (the default, as Qubes) or non-blocking mode.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// cli.set_blocking(false);
+    /// let mut b = [0u8; 4];
+    /// assert!(matches!(cli.read(&mut b), Err(RingError::WouldBlock))); // empty
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn set_blocking(&mut self, blocking: bool) {
         self.blocking = blocking;
     }
 
     /// Whether blocking mode is on.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(srv.is_blocking());
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn is_blocking(&self) -> bool {
         self.blocking
     }
 
     /// Upper bound for one blocking operation; `None` (default) waits as
     /// long as the peer is open and the page is sane.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// cli.set_timeout(Some(Duration::from_millis(20)));
+    /// let mut b = [0u8; 4];
+    /// assert!(matches!(cli.read(&mut b), Err(RingError::TimedOut { .. }))); // nothing came
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn set_timeout(&mut self, timeout: Option<Duration>) {
         self.timeout = timeout;
     }
 
     /// The current timeout.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(srv.timeout(), None);
+    /// srv.set_timeout(Some(Duration::from_secs(5)));
+    /// assert_eq!(srv.timeout(), Some(Duration::from_secs(5)));
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
     }
 
     /// How long one wait may last before the shared state is re-validated
     /// (default [`DEFAULT_POLL_INTERVAL`]; at least 1 ms).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.set_poll_interval(Duration::from_millis(100));
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn set_poll_interval(&mut self, d: Duration) {
         self.poll_interval = d.max(Duration::from_millis(1));
     }
@@ -421,12 +1037,74 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// runs at once, which costs a context switch instead of a fruitless
     /// spin, a notification and two wake-ups; with nothing else runnable
     /// on our core the yield returns at once.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.set_spin(Duration::ZERO); // never spin: sleep on the event at once
+    /// assert_eq!(srv.spin(), Duration::ZERO);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn set_spin(&mut self, d: Duration) {
         self.spin = d;
         self.spin_now = d;
     }
 
     /// The current spin bound.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.set_spin(Duration::from_micros(20));
+    /// assert_eq!(srv.spin(), Duration::from_micros(20));
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn spin(&self) -> Duration {
         self.spin
     }
@@ -460,11 +1138,73 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     }
 
     /// Whether [`Endpoint::close`] was called.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(!srv.is_closed());
+    /// srv.close()?;
+    /// assert!(srv.is_closed());
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn is_closed(&self) -> bool {
         self.closed
     }
 
     /// The peer's state from its live byte (one load).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(cli.peer_state(), PeerState::Connected);
+    /// # Ok::<(), RingError>(())
+    /// ```
     #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn peer_state(&self) -> PeerState {
         let live = self.header.load_u8(self.side.peer_live());
@@ -480,6 +1220,36 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     }
 
     /// `peer_state().is_open()`.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(srv.is_open());
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn is_open(&self) -> bool {
         self.peer_state().is_open()
     }
@@ -489,6 +1259,37 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.write(b"abc")?;
+    /// assert_eq!(cli.data_ready()?, 3);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn data_ready(&mut self) -> Result<usize, RingError> {
         Ok(self.rx.data_ready(&self.header)? as usize)
     }
@@ -497,6 +1298,36 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(srv.buffer_space()?, 2048);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn buffer_space(&mut self) -> Result<usize, RingError> {
         Ok(self.tx.buffer_space(&self.header)? as usize)
     }
@@ -511,6 +1342,37 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.write(b"abc")?;
+    /// assert_eq!(cli.peek_data_ready()?, 3);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn peek_data_ready(&mut self) -> Result<usize, RingError> {
         Ok(self.rx.load_ready(&self.header)? as usize)
     }
@@ -521,6 +1383,37 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.write(b"abc")?;
+    /// assert_eq!(srv.peek_buffer_space()?, 2045);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn peek_buffer_space(&mut self) -> Result<usize, RingError> {
         Ok(self.tx.load_space(&self.header)? as usize)
     }
@@ -536,6 +1429,37 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.write(b"x")?;
+    /// assert!(cli.spin_for_data(1)?);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn spin_for_data(&mut self, want: usize) -> Result<bool, RingError> {
         let want = clamp_u32(want.clamp(1, self.read_ring_size()));
         if self.rx.load_ready(&self.header)? >= want {
@@ -549,6 +1473,36 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(srv.spin_for_space(16)?);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn spin_for_space(&mut self, want: usize) -> Result<bool, RingError> {
         let want = clamp_u32(want.clamp(1, self.write_ring_size()));
         if self.tx.load_space(&self.header)? >= want {
@@ -566,6 +1520,40 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Errors
     /// [`RingError::WouldBlock`] (non-blocking, empty), [`RingError::Corrupt`],
     /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.write(b"hello")?;
+    /// let mut b = [0u8; 16];
+    /// assert_eq!(cli.read(&mut b)?, 5);
+    /// srv.close()?;
+    /// assert_eq!(cli.read(&mut b)?, 0); // the peer closed and nothing is left
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
         self.ensure_not_closed()?;
         self.ack_previous()?;
@@ -632,6 +1620,36 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// while we wait with nothing written yet; [`RingError::WouldBlock`]
     /// (non-blocking, ring full); [`RingError::Corrupt`],
     /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(cli.write(b"to the server")?, 13);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, RingError> {
         self.ensure_not_closed()?;
         if !self.peer_state().is_open() {
@@ -815,6 +1833,37 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// closes while we wait; [`RingError::WouldBlock`] (non-blocking, not
     /// enough space); [`RingError::Corrupt`], [`RingError::TimedOut`],
     /// [`RingError::Event`], [`RingError::Closed`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert_eq!(srv.send(b"packet")?, 6);
+    /// assert!(matches!(srv.send(&[0; 4096]), Err(RingError::TooBig { .. }))); // > 2 KiB ring
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn send(&mut self, buf: &[u8]) -> Result<usize, RingError> {
         self.ensure_not_closed()?;
         if !self.peer_state().is_open() {
@@ -870,6 +1919,38 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// `buf.len()` bytes remain (they stay readable with [`Endpoint::read`]);
     /// [`RingError::WouldBlock`]; [`RingError::Corrupt`],
     /// [`RingError::TimedOut`], [`RingError::Event`], [`RingError::Closed`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.send(b"packet")?;
+    /// let mut b = [0u8; 6];
+    /// assert_eq!(cli.recv(&mut b)?, 6);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn recv(&mut self, buf: &mut [u8]) -> Result<usize, RingError> {
         self.ensure_not_closed()?;
         self.ack_previous()?;
@@ -925,6 +2006,38 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Errors
     /// [`RingError::Corrupt`], [`RingError::TimedOut`] (endpoint timeout),
     /// [`RingError::Event`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// cli.set_timeout(Some(Duration::from_millis(20)));
+    /// // No event and no change of the rings or the live bytes: it times out.
+    /// assert!(matches!(cli.wait(), Err(RingError::TimedOut { .. })));
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn wait(&mut self) -> Result<(), RingError> {
         let entry_state = self.peer_state();
         let entry_ready = self.rx.load_ready(&self.header)?;
@@ -949,6 +2062,36 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Event`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// assert!(!cli.consume_pending()?);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn consume_pending(&self) -> Result<bool, RingError> {
         self.events.consume_pending().map_err(RingError::Event)
     }
@@ -959,6 +2102,38 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     ///
     /// # Errors
     /// [`RingError::Corrupt`].
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.check()?;
+    /// hdr.store_u16(LEFT_ORDER, 12); // a hostile peer rewrites an order
+    /// assert!(srv.check().is_err());
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn check(&mut self) -> Result<(), RingError> {
         for id in [RingId::Left, RingId::Right] {
             let expected = self.layout.order(id);
@@ -982,6 +2157,37 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Errors
     /// [`RingError::Event`] if the event could not be sent (the live byte
     /// is stored regardless).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// cli.close()?;
+    /// assert_eq!(hdr.load_u8(CLI_LIVE), LIVE_EXITED);
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn close(&mut self) -> Result<(), RingError> {
         if self.closed {
             return Ok(());
