@@ -343,6 +343,44 @@ pub fn check_tree(root: &Path) -> std::io::Result<TreeReport> {
     Ok(report)
 }
 
+/// Relative links (`[text](path)`, no scheme, no pure `#anchor`) in the
+/// markdown file `file` whose target does not exist, as messages.
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// std::fs::write(dir.path().join("a.md"), "[b](b.md) [web](https://x.org) [c](c.md#part)").unwrap();
+/// std::fs::write(dir.path().join("b.md"), "").unwrap();
+/// let bad = tests::doc_refs::broken_links(&dir.path().join("a.md")).unwrap();
+/// assert_eq!(bad.len(), 1);
+/// assert!(bad[0].contains("c.md"));
+/// ```
+pub fn broken_links(file: &Path) -> std::io::Result<Vec<String>> {
+    let text = std::fs::read_to_string(file)?;
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut bad = Vec::new();
+    for (lineno, line) in text.lines().enumerate() {
+        let mut rest = line;
+        while let Some(i) = rest.find("](") {
+            let after = &rest[i + 2..];
+            let Some(end) = after.find(')') else { break };
+            let target = &after[..end];
+            rest = &after[end..];
+            let path = target.split('#').next().unwrap_or("");
+            if path.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            if !dir.join(path).exists() {
+                bad.push(format!(
+                    "{}:{}: link to missing {target}",
+                    file.display(),
+                    lineno + 1
+                ));
+            }
+        }
+    }
+    Ok(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

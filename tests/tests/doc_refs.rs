@@ -23,3 +23,20 @@ fn every_section_reference_resolves() {
         report.files
     );
 }
+
+/// The repository's own markdown (READMEs, docs/, CHANGELOG) links only to
+/// files that exist.
+#[test]
+fn relative_markdown_links_resolve() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut checked = 0;
+    let mut bad = Vec::new();
+    for f in tests::doc_refs::candidate_files(&root) {
+        if f.extension().is_some_and(|e| e == "md") {
+            checked += 1;
+            bad.extend(tests::doc_refs::broken_links(&f).unwrap());
+        }
+    }
+    assert!(bad.is_empty(), "broken links:\n{}", bad.join("\n"));
+    assert!(checked >= 10, "only {checked} markdown files found");
+}
