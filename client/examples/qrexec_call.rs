@@ -10,7 +10,7 @@
 //! `echo hi | cargo run -p qrexec --example qrexec_call -- personal demo.Echo`.
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use qrexec::cli::{AGENT_SOCKET_ENV, agent_socket_path};
 use qrexec::format::{REQUEST_FORMAT_ENV, marker_path_from_env, select_format};
@@ -49,9 +49,12 @@ fn call(target: &str, service: &str) -> Result<u8> {
     };
     let peer = DataPeer::validate(params)?;
 
-    // 3. Serve the data vchan and let the service connect to it.
-    let mut ch = open_data_channel(peer.domain, peer.port, VCHAN_BUFFER_SIZE)?;
-    ch.wait_connected(Duration::from_secs(120))?;
+    // 3. Serve the data vchan and let the service connect to it, within
+    //    one deadline for both (the set-up may wait for resources that
+    //    other calls hold).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut ch = open_data_channel(peer.domain, peer.port, VCHAN_BUFFER_SIZE, deadline)?;
+    ch.wait_connected(deadline.saturating_duration_since(Instant::now()))?;
 
     // 4. HELLO, then pump stdin -> service -> stdout/stderr until the exit code.
     let local = LocalSide {
