@@ -113,10 +113,10 @@ impl Peer {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 // The harness may have printed "test peer_main ... " first.
-                if let Some((_, rest)) = line.split_once("@@ ") {
-                    if tx.send(rest.to_owned()).is_err() {
-                        break;
-                    }
+                if let Some((_, rest)) = line.split_once("@@ ")
+                    && tx.send(rest.to_owned()).is_err()
+                {
+                    break;
                 }
             }
         });

@@ -100,10 +100,10 @@ impl Peer {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 // libtest may have printed "test ... " on the same line.
-                if let Some(at) = line.find("@@ ") {
-                    if tx.send(line[at + 3..].to_owned()).is_err() {
-                        break;
-                    }
+                if let Some(at) = line.find("@@ ")
+                    && tx.send(line[at + 3..].to_owned()).is_err()
+                {
+                    break;
                 }
             }
         });

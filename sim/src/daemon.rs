@@ -451,10 +451,10 @@ impl Daemon {
                         let wake = self.waker.handle()?;
                         std::thread::spawn(move || {
                             let ident = t.ident;
-                            if let Err(why) = route(&ctx, &t) {
-                                if tx.send(Event::Refuse(ident, why)).is_ok() {
-                                    wake.wake();
-                                }
+                            if let Err(why) = route(&ctx, &t)
+                                && tx.send(Event::Refuse(ident, why)).is_ok()
+                            {
+                                wake.wake();
                             }
                         });
                     }

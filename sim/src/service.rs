@@ -715,10 +715,10 @@ impl Pump {
         self.close_stdin();
         self.stdout = None;
         self.stderr = None;
-        if self.status.is_none() {
-            if let Ok(st) = self.child.wait() {
-                self.status = Some(qrexec::local::status_code(st));
-            }
+        if self.status.is_none()
+            && let Ok(st) = self.child.wait()
+        {
+            self.status = Some(qrexec::local::status_code(st));
         }
         result
     }

@@ -853,7 +853,7 @@ impl ControlPage {
     /// assert_eq!(hdr.load_u32(LEFT_PROD), 0);
     /// ```
     pub unsafe fn new(base: *mut u8) -> Self {
-        debug_assert!(!base.is_null() && base as usize % 4 == 0);
+        debug_assert!(!base.is_null() && (base as usize).is_multiple_of(4));
         // A null pointer would violate the contract; still avoid UB in
         // `NonNull::new_unchecked` by checking.
         let base = NonNull::new(base).expect("ControlPage::new: null control page pointer");
@@ -879,7 +879,7 @@ impl ControlPage {
     /// Pointer to a naturally aligned field of `size` bytes at `off`.
     fn field(&self, off: usize, size: usize) -> *mut u8 {
         assert!(
-            off % size == 0 && off <= PAGE_SIZE - size,
+            off.is_multiple_of(size) && off <= PAGE_SIZE - size,
             "control page field offset {off} (size {size}) is misaligned or outside the page"
         );
         // SAFETY: `off + size <= PAGE_SIZE`, so the result stays inside the

@@ -97,13 +97,11 @@ impl Events for EvtchnEvents {
     }
     fn wait_timeout(&self, d: Duration) -> io::Result<bool> {
         let got = self.ch.wait_timeout(d).map_err(io::Error::from)?;
-        if !got {
-            if let Some(peer) = self.peer_gone() {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!("peer domain {peer} is gone"),
-                ));
-            }
+        if !got && let Some(peer) = self.peer_gone() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("peer domain {peer} is gone"),
+            ));
         }
         Ok(got)
     }
@@ -280,12 +278,12 @@ impl ShmChan {
         let be = Backends::new(t)?;
         let xs = be.xs()?;
         let own = own_domid(&xs, peer)?;
-        if let Some(hint) = t.own_domid_hint() {
-            if hint != own {
-                return Err(Error::config(format!(
-                    "xenstore says we are domain {own}, the transport says {hint}"
-                )));
-            }
+        if let Some(hint) = t.own_domid_hint()
+            && hint != own
+        {
+            return Err(Error::config(format!(
+                "xenstore says we are domain {own}, the transport says {hint}"
+            )));
         }
 
         let bind = || {

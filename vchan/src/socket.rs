@@ -265,10 +265,11 @@ impl SocketChan {
             // Our buffer is full: learn about a hang-up without reading.
             let flags = POLLRDHUP | PollFlags::POLLHUP;
             let mut fds = [PollFd::new(s.as_fd(), flags)];
-            if let Ok(n) = poll(&mut fds, PollTimeout::ZERO) {
-                if n > 0 && fds[0].revents().is_some_and(|r| r.intersects(flags)) {
-                    self.eof = true;
-                }
+            if let Ok(n) = poll(&mut fds, PollTimeout::ZERO)
+                && n > 0
+                && fds[0].revents().is_some_and(|r| r.intersects(flags))
+            {
+                self.eof = true;
             }
         }
     }

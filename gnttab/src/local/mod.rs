@@ -578,12 +578,13 @@ impl Drop for LocalMapped {
     fn drop(&mut self) {
         // As gntdev: the byte is cleared at munmap, the event goes at the
         // unmap of the grant (here: the hub's RELEASE), spec §16 row 1d.
-        if let Some(off) = self.notify_offset {
-            if self.writable && off < self.mapping.len {
-                // SAFETY: `off` is inside our writable mapping, which is
-                // still mapped; a volatile byte store through a raw pointer.
-                unsafe { self.mapping.ptr.as_ptr().add(off).write_volatile(0) };
-            }
+        if let Some(off) = self.notify_offset
+            && self.writable
+            && off < self.mapping.len
+        {
+            // SAFETY: `off` is inside our writable mapping, which is
+            // still mapped; a volatile byte store through a raw pointer.
+            unsafe { self.mapping.ptr.as_ptr().add(off).write_volatile(0) };
         }
         self.mapping.unmap();
         let _ = self.conn.call(&Request::Release, &[]);

@@ -381,7 +381,7 @@ pub fn run_script(data: &[u8]) -> Report {
         if b.is_empty() {
             break;
         }
-        if b.u8() % 2 == 0 {
+        if b.u8().is_multiple_of(2) {
             mutate(&mut b, &mem, side, &peer_ev, true);
             continue;
         }

@@ -44,7 +44,7 @@ unsafe impl Sync for Guarded {}
 impl Guarded {
     /// Maps `len` bytes plus a guard page before and after.
     pub fn new(len: usize) -> Self {
-        assert!(len > 0 && len % PAGE_SIZE == 0);
+        assert!(len > 0 && len.is_multiple_of(PAGE_SIZE));
         let total = NonZeroUsize::new(len + 2 * PAGE_SIZE).unwrap();
         // SAFETY: a fresh anonymous private mapping chosen by the kernel
         // cannot alias anything.

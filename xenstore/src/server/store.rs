@@ -186,20 +186,20 @@ impl Store {
     }
 
     fn note_access(&mut self, path: &str) {
-        if let Some(log) = &mut self.log {
-            if !log.accessed.contains_key(path) {
-                let g = self.nodes.get(path).map(|n| n.generation);
-                log.accessed.insert(path.to_owned(), g);
-            }
+        if let Some(log) = &mut self.log
+            && !log.accessed.contains_key(path)
+        {
+            let g = self.nodes.get(path).map(|n| n.generation);
+            log.accessed.insert(path.to_owned(), g);
         }
     }
 
     fn note_modified(&mut self, path: &str) {
         self.note_access(path);
-        if let Some(log) = &mut self.log {
-            if log.modified_set.insert(path.to_owned()) {
-                log.modified.push(path.to_owned());
-            }
+        if let Some(log) = &mut self.log
+            && log.modified_set.insert(path.to_owned())
+        {
+            log.modified.push(path.to_owned());
         }
     }
 
@@ -230,10 +230,10 @@ impl Store {
     }
 
     fn disown(&mut self, old: &Node) {
-        if let Some(owner) = old.perms.first() {
-            if let Some(c) = self.owned.get_mut(&owner.dom) {
-                *c = c.saturating_sub(1);
-            }
+        if let Some(owner) = old.perms.first()
+            && let Some(c) = self.owned.get_mut(&owner.dom)
+        {
+            *c = c.saturating_sub(1);
         }
     }
 
@@ -406,10 +406,10 @@ impl Store {
         let mut parent_path = anc;
         for p in missing.iter().rev() {
             let mut perms = parent_perms.clone();
-            if !c.privileged() {
-                if let Some(first) = perms.first_mut() {
-                    first.dom = c.dom;
-                }
+            if !c.privileged()
+                && let Some(first) = perms.first_mut()
+            {
+                first.dom = c.dom;
             }
             let name = basename(p).to_owned();
             self.modify(&parent_path, |n| n.children.push(name));

@@ -355,7 +355,7 @@ fn rtrb_ring(ring: usize, bytes: u64, chunk: usize) -> io::Result<String> {
 /// 64 misses so that a peer thread sharing it can run.
 fn backoff(misses: &mut u32) {
     *misses += 1;
-    if *misses % 64 == 0 {
+    if (*misses).is_multiple_of(64) {
         std::thread::yield_now();
     } else {
         std::hint::spin_loop();

@@ -108,10 +108,10 @@ impl Conn {
                 Some(i) => &line[i + 1..],
                 None => &line[..],
             };
-            if let Ok(v) = serde_json::from_slice::<Value>(tail) {
-                if v.get("return").and_then(Value::as_u64) == Some(token) {
-                    return Ok(());
-                }
+            if let Ok(v) = serde_json::from_slice::<Value>(tail)
+                && v.get("return").and_then(Value::as_u64) == Some(token)
+            {
+                return Ok(());
             }
         }
     }

@@ -422,10 +422,10 @@ fn copy_modules(c: &Path, dst: &Path, mods: &[&str]) -> Result<(), String> {
         .map_err(|e| format!("module {m}: {e}"))?;
         for l in out.lines() {
             let mut w = l.split_whitespace();
-            if w.next() == Some("insmod") {
-                if let Some(p) = w.next() {
-                    files.insert(PathBuf::from(p));
-                }
+            if w.next() == Some("insmod")
+                && let Some(p) = w.next()
+            {
+                files.insert(PathBuf::from(p));
             }
         }
     }

@@ -1828,7 +1828,7 @@ mod tests {
     fn packets_fit_the_smallest_ring_of_each_size() {
         for ring in SIZES {
             assert!(packet_for(ring) <= ring as usize * 1024);
-            assert!(packet_for(ring) % 8 != 0);
+            assert!(!packet_for(ring).is_multiple_of(8));
         }
     }
 
