@@ -1,5 +1,5 @@
 //! The data channel the pump runs over: the small part of the vchan API that
-//! qrexec-client-vm needs (spec §15). Its one implementation is
+//! qrexec-client-vm needs (docs/qrexec.md §15). Its one implementation is
 //! [`crate::transport::VchanChannel`] over `vchan::Vchan` (every transport:
 //! Xen, Local, Socket), which is also what the pump tests run over.
 //!

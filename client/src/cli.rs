@@ -1,5 +1,5 @@
-//! The `qrexec-client-vm` command: option parsing (spec §11) and the call
-//! flow (§7, §8, §12).
+//! The `qrexec-client-vm` command: option parsing (docs/qrexec.md §11) and the call
+//! flow (docs/qrexec.md §7, §8, §12).
 //!
 //! Option parsing stops at the first non-option, as with getopt's `+`: the
 //! arguments are split first ([`split_options`]), every option is rewritten
@@ -28,9 +28,9 @@ use std::time::Duration;
 /// Environment variable that turns on verbose logging (`1`, `true`, `yes`).
 pub const VERBOSE_ENV: &str = "QREXEC_CLIENT_VERBOSE";
 /// Testing aid: the data-vchan connect timeout in milliseconds (default
-/// 120000, spec §8.1).
+/// 120000, docs/qrexec.md §8.1).
 pub const CONNECT_TIMEOUT_ENV: &str = "QREXEC_CONNECT_TIMEOUT_MS";
-/// How long the service has to connect to our vchan server (spec §8.1).
+/// How long the service has to connect to our vchan server (docs/qrexec.md §8.1).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Exit status for usage errors.

@@ -1,4 +1,4 @@
-//! Escape-character filtering (spec §10).
+//! Escape-character filtering (docs/qrexec.md §10).
 //!
 //! Every byte outside printable ASCII (0x20–0x7E) becomes `_`, except TAB,
 //! LF, CR, BS and BEL. The length never changes.
@@ -24,7 +24,7 @@ pub fn replace_escape_chars(buf: &mut [u8]) {
 }
 
 /// The three-state setting of one filter: unset until an option or the tty
-/// default decides (spec §10: the last option given wins).
+/// default decides (docs/qrexec.md §10: the last option given wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FilterSetting {
     /// No option given: the default applies.

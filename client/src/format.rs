@@ -1,4 +1,4 @@
-//! Choosing the request format written to the agent socket (spec §16 item 1).
+//! Choosing the request format written to the agent socket (docs/qrexec.md §16 item 1).
 //!
 //! Order: an explicit option, else the environment variable
 //! [`REQUEST_FORMAT_ENV`], else the last line of the agent tools' marker file

@@ -1,5 +1,5 @@
 //! The local side of a call: where service output goes, where our input
-//! comes from, and the local program (spec §8.2, §8.3, §12).
+//! comes from, and the local program (docs/qrexec.md §8.2, §8.3, §12).
 //!
 //! Inherited descriptors are never switched to `O_NONBLOCK` (issue #6069):
 //! output is written by a writer thread with ordinary blocking writes, and the
@@ -70,7 +70,7 @@ impl AsFd for LocalFd {
     }
 }
 
-/// How one direction of a local descriptor is ended (spec §8.3 half-close
+/// How one direction of a local descriptor is ended (docs/qrexec.md §8.3 half-close
 /// rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseMode {
@@ -141,7 +141,7 @@ pub fn write_all_fd(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
 
 /// Read from a local input: sockets with `MSG_DONTWAIT` (never blocks),
 /// others with `read` (call only after poll said readable). `ECONNRESET`
-/// counts as EOF (spec §8.2).
+/// counts as EOF (docs/qrexec.md §8.2).
 pub fn read_input(fd: BorrowedFd<'_>, socket: bool, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         let r = if socket {
@@ -529,7 +529,7 @@ impl SavedFds {
     }
 }
 
-/// Start `program` with `args` as the C client does (spec §12): stdin and
+/// Start `program` with `args` as the C client does (docs/qrexec.md §12): stdin and
 /// stdout on two socketpairs, stderr inherited, `argv[0]` = basename, no PATH
 /// search, `SAVED_FD_n` naming the [`SavedFds`], plus `QREXEC_AGENT_PID`. If
 /// it cannot be started, the error is reported and the program counts as

@@ -1,5 +1,5 @@
 //! Local validation of the target, service and source-qube arguments
-//! (spec §7.1, §13, §16 item 4).
+//! (docs/qrexec.md §7.1, §13, §16 item 4).
 //!
 //! The C client only rewrites `$` to `@` and silently truncates. We check
 //! before sending, so that a name that dom0 would truncate or rewrite into a
@@ -121,7 +121,7 @@ pub enum NameError {
     SourceBadByte(ShownByte),
 }
 
-/// Rewrite every `$` into `@` (`$dispvm` → `@dispvm`, spec §7.1 step 2).
+/// Rewrite every `$` into `@` (`$dispvm` → `@dispvm`, docs/qrexec.md §7.1 step 2).
 ///
 /// ```
 /// assert_eq!(qrexec::names::normalize_target(b"$default"), b"@default");
@@ -238,7 +238,7 @@ pub fn validate_service(service: &[u8], format: RequestFormat) -> Result<Vec<Str
 }
 
 /// Longest v3/v4 service descriptor whose request still fits, with its
-/// header, in the agent's 4096-byte control ring (spec §13.2): 3991 for v3,
+/// header, in the agent's 4096-byte control ring (docs/qrexec.md §13.2): 3991 for v3,
 /// 3927 for v4; 63 for v2.
 ///
 /// ```

@@ -1,8 +1,8 @@
-//! qrexec wire format: constants (spec §3), message types (§4), struct layouts
-//! (§5), HELLO negotiation (§6) and a streaming decoder that validates
+//! qrexec wire format: constants (docs/qrexec.md §3), message types (§4), struct layouts
+//! (docs/qrexec.md §5), HELLO negotiation (§6) and a streaming decoder that validates
 //! everything a peer sends.
 //!
-//! Every integer on the wire is a little-endian `u32` (spec §2). Nothing here
+//! Every integer on the wire is a little-endian `u32` (docs/qrexec.md §2). Nothing here
 //! does I/O: encoders return bytes, decoders take bytes. That keeps the whole
 //! module usable from fuzz targets and property tests.
 //!
@@ -23,7 +23,7 @@ pub const QREXEC_PROTOCOL_V2: u32 = 2;
 pub const QREXEC_PROTOCOL_V3: u32 = 3;
 /// Protocol version 4 (R4.3+).
 pub const QREXEC_PROTOCOL_V4: u32 = 4;
-/// Lowest version a data-channel peer may negotiate (spec §6 rule 3).
+/// Lowest version a data-channel peer may negotiate (docs/qrexec.md §6 rule 3).
 pub const MIN_DATA_PROTOCOL_VERSION: u32 = QREXEC_PROTOCOL_V2;
 
 /// Data payload limit when the negotiated version is below 3.
@@ -86,7 +86,7 @@ pub const IDENT_FIELD_SIZE: usize = 32;
 /// The request id the client always writes; the agent overwrites it.
 pub const REQUEST_ID_SOCKET: &[u8] = b"SOCKET";
 
-/// A qrexec message type (spec §4).
+/// A qrexec message type (docs/qrexec.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum MsgType {
@@ -265,7 +265,7 @@ fn need(what: &'static str, b: &[u8], n: usize) -> Result<(), ProtoError> {
     }
 }
 
-/// `msg_header` (spec §5.1): a type and the payload length.
+/// `msg_header` (docs/qrexec.md §5.1): a type and the payload length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MsgHeader {
     /// Raw message type (see [`MsgType`]).
@@ -307,7 +307,7 @@ impl MsgHeader {
 }
 
 /// The connection parameters the agent sends after a call was accepted: the
-/// fixed 8 bytes of `exec_params` (spec §5.3, §7.3).
+/// fixed 8 bytes of `exec_params` (docs/qrexec.md §5.3, §7.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionParams {
     /// Domain id of the peer that will connect to our data vchan server.
@@ -347,7 +347,7 @@ impl ConnectionParams {
     }
 }
 
-/// `exec_params` with its command line (spec §5.3), as carried by
+/// `exec_params` with its command line (docs/qrexec.md §5.3), as carried by
 /// `MSG_EXEC_CMDLINE`/`MSG_JUST_EXEC`/`MSG_CONNECTION_TERMINATED`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecParams {
@@ -396,7 +396,7 @@ impl ExecParams {
     }
 }
 
-/// `service_params` (spec §5.4): a 32-byte NUL-padded request identifier.
+/// `service_params` (docs/qrexec.md §5.4): a 32-byte NUL-padded request identifier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceParams {
     /// The identifier, without padding.
@@ -515,7 +515,7 @@ pub fn encode_exit_code(code: i32) -> [u8; 12] {
     b
 }
 
-/// The version both ends use: the smaller one, and at least 2 (spec §6).
+/// The version both ends use: the smaller one, and at least 2 (docs/qrexec.md §6).
 ///
 /// ```
 /// # use qrexec::proto::negotiate;
@@ -546,7 +546,7 @@ pub fn chunk_limit(version: u32) -> usize {
     }
 }
 
-/// Which request the client writes to the local agent socket (spec §16).
+/// Which request the client writes to the local agent socket (docs/qrexec.md §16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestFormat {
     /// R4.0: a bare 128-byte `trigger_service_params`, no header.
@@ -595,7 +595,7 @@ impl fmt::Display for RequestFormat {
     }
 }
 
-/// A service request as written to the local agent (spec §5.5, §7.1).
+/// A service request as written to the local agent (docs/qrexec.md §5.5, §7.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trigger {
     /// Which layout.
@@ -702,7 +702,7 @@ impl Trigger {
     }
 
     /// Decode a complete request of the given format, validating it like an
-    /// agent/daemon would (spec §7.2, §9.1): header type, length bounds,
+    /// agent/daemon would (docs/qrexec.md §7.2, §9.1): header type, length bounds,
     /// truncation, the service NUL rules. Fixed fields end at their first NUL
     /// (the last byte is forced to NUL). Trailing bytes are an error.
     pub fn decode(format: RequestFormat, b: &[u8]) -> Result<Trigger, ProtoError> {
@@ -790,7 +790,7 @@ pub enum Message {
     /// `MSG_DATA_STDERR`; empty = EOF marker.
     Stderr(Vec<u8>),
     /// `MSG_DATA_EXIT_CODE`: the first 4 payload bytes as a signed int, or
-    /// 255 when the payload is shorter than 4 bytes (spec §8.3).
+    /// 255 when the payload is shorter than 4 bytes (docs/qrexec.md §8.3).
     ExitCode(i32),
 }
 
@@ -1143,7 +1143,7 @@ mod tests {
         assert_eq!(TRIGGER4_PARAMS_SIZE, 64 + 64 + 32);
     }
 
-    /// Spec §5.5 example: v4 request for `work` / `qubes.Filecopy`.
+    /// docs/qrexec.md §5.5 example: v4 request for `work` / `qubes.Filecopy`.
     #[test]
     fn golden_trigger_v4_without_source() {
         let got = Trigger::new(RequestFormat::V4, b"work", b"qubes.Filecopy", b"")
@@ -1172,7 +1172,7 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    /// Spec §5.5: the v3 header is `12 02 00 00 | 6f 00 00 00`.
+    /// docs/qrexec.md §5.5: the v3 header is `12 02 00 00 | 6f 00 00 00`.
     #[test]
     fn golden_trigger_v3() {
         let got = Trigger::new(RequestFormat::V3, b"work", b"qubes.Filecopy", b"")

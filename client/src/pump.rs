@@ -1,4 +1,4 @@
-//! The data-channel pump of qrexec-client-vm (spec §6, §8): HELLO, then
+//! The data-channel pump of qrexec-client-vm (docs/qrexec.md §6, §8): HELLO, then
 //! local input → `MSG_DATA_STDIN`, `MSG_DATA_STDOUT` → local output,
 //! `MSG_DATA_STDERR` → stderr, `MSG_DATA_EXIT_CODE`, EOF and half-close
 //! rules, escape filtering, backpressure, SIGUSR1 and the exit status.
@@ -67,9 +67,9 @@ fn is_ring_corruption(e: &io::Error) -> bool {
 /// How the pump treats data.
 #[derive(Debug, Clone, Default)]
 pub struct PumpConfig {
-    /// Replace escape characters in service stdout (§10).
+    /// Replace escape characters in service stdout (docs/qrexec.md §10).
     pub filter_stdout: bool,
-    /// Replace escape characters in service stderr (§10).
+    /// Replace escape characters in service stderr (docs/qrexec.md §10).
     pub filter_stderr: bool,
     /// `--prefix-data`: sent as STDIN before any local input.
     pub prefix: Vec<u8>,
@@ -116,7 +116,7 @@ impl std::fmt::Debug for LocalSide {
     }
 }
 
-/// What happened, for the exit status (spec §8.4).
+/// What happened, for the exit status (docs/qrexec.md §8.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PumpOutcome {
     /// The service's exit code, if one arrived.
@@ -164,7 +164,7 @@ fn poll_fds(fds: &mut [PollFd<'_>], timeout: PollTimeout) -> Result<(), PumpErro
     }
 }
 
-/// Send our HELLO at once, then read the peer's (spec §6: sending first is
+/// Send our HELLO at once, then read the peer's (docs/qrexec.md §6: sending first is
 /// required for dom0 services). Returns the negotiated version.
 pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Result<u32, PumpError> {
     ch.send_all(&encode_hello(own_version))
@@ -260,7 +260,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         Ok(())
     }
 
-    /// SIGUSR1: read from the local program's stdin socket instead (§12).
+    /// SIGUSR1: read from the local program's stdin socket instead (docs/qrexec.md §12).
     /// Returns true if the input was switched now.
     fn check_signals(&mut self) -> bool {
         let Some(sig) = &self.signals else {
@@ -571,7 +571,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 && let Some(code) = p.try_reap()
             {
                 crate::vlog!("local program exited with status {code}");
-                // Stop writing to the program's stdin (spec §12).
+                // Stop writing to the program's stdin (docs/qrexec.md §12).
                 self.writer.request_close();
             }
             self.writer.clear_wake();
@@ -609,7 +609,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
 
             // Wait for something to happen. Ask the peer for an event only
             // for what we would sleep on, and only now, then look again
-            // (request, re-check, sleep: spec §5.4): the busy path above
+            // (request, re-check, sleep: docs/vchan.md §5.4): the busy path above
             // only peeks, so the peer sends no event per message.
             let has_input = self.sending && self.input.is_some();
             // Before asking for events, spin a little (adaptive, none on one
@@ -715,7 +715,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
 }
 
 /// Run the data phase over a connected channel whose HELLO exchange gave
-/// `version`. Returns when the call is over (spec §8.4); the caller turns
+/// `version`. Returns when the call is over (docs/qrexec.md §8.4); the caller turns
 /// the outcome into the exit status. Local descriptors are closed and the
 /// local program waited for before returning.
 pub fn run<C: DataChannel + ?Sized>(

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Directory of vchan-socket sockets (spec §15).
+/// Directory of vchan-socket sockets (docs/qrexec.md §15).
 pub const VCHAN_SOCKET_DIR_ENV: &str = "VCHAN_SOCKET_DIR";
 /// Our own domain id for the socket and local transports (default 0).
 pub const VCHAN_DOMAIN_ENV: &str = "VCHAN_DOMAIN";

@@ -1,7 +1,7 @@
-//! The exchange with the local qrexec agent (spec §7): connect to its
+//! The exchange with the local qrexec agent (docs/qrexec.md §7): connect to its
 //! socket, write the whole request in one `write`, read exactly 8 bytes of
 //! connection parameters (EOF at offset 0 = refused). The socket must stay
-//! open until the call ends (§7.5), so it is returned to the caller.
+//! open until the call ends (docs/qrexec.md §7.5), so it is returned to the caller.
 
 use crate::proto::{ConnectionParams, EXEC_PARAMS_SIZE, VCHAN_BASE_DATA_PORT};
 use std::io::{self, Read, Write};
@@ -53,7 +53,7 @@ pub enum AgentAnswer {
     /// The call was allowed: where the service will connect from.
     Accepted(ConnectionParams),
     /// EOF instead of parameters: refused (or the request format was not
-    /// understood, which looks the same, spec §7.4).
+    /// understood, which looks the same, docs/qrexec.md §7.4).
     Refused,
 }
 

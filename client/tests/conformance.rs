@@ -1,4 +1,4 @@
-//! Conformance tests of the built `qrexec-client-vm` (spec §18 items 1–9)
+//! Conformance tests of the built `qrexec-client-vm` (docs/qrexec.md §18 items 1–9)
 //! against a scripted fake agent and a scripted fake service over the
 //! vchan-socket transport.
 
@@ -19,7 +19,7 @@ fn padded(s: &[u8], n: usize) -> Vec<u8> {
     v
 }
 
-// ---- §18.1: byte-exact requests --------------------------------------------
+// ---- docs/qrexec.md §18 item 1: byte-exact requests ------------------------
 
 #[test]
 fn v4_request_is_byte_exact_and_dollar_becomes_at() {
@@ -148,7 +148,7 @@ fn truncation_limits_are_enforced_before_sending() {
     assert_eq!(&agent.join().request[64..95], ok.as_bytes());
 }
 
-// ---- §18.2: refusal ----------------------------------------------------------
+// ---- docs/qrexec.md §18 item 2: refusal --------------------------------------
 
 #[test]
 fn refusal_prints_request_refused_exits_126_and_never_starts_the_program() {
@@ -198,7 +198,7 @@ fn invalid_connection_parameters_exit_1() {
     agent.join();
 }
 
-// ---- §18.3: HELLO ------------------------------------------------------------
+// ---- docs/qrexec.md §18 item 3: HELLO ----------------------------------------
 
 fn stdin_file(h: &Harness, len: usize) -> (std::fs::File, Vec<u8>) {
     let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
@@ -329,7 +329,7 @@ fn unknown_and_late_hello_messages_exit_1() {
     }
 }
 
-// ---- §18.4: data, EOF, stderr, exit code ---------------------------------------
+// ---- docs/qrexec.md §18 item 4: data, EOF, stderr, exit code -------------------
 
 #[test]
 fn stdout_and_stderr_are_copied_and_exit_code_42_is_returned() {
@@ -511,7 +511,7 @@ fn reader_of_stdout_going_away_does_not_hang_the_call() {
     svc.join().unwrap();
 }
 
-// ---- §18.5: local program ----------------------------------------------------
+// ---- docs/qrexec.md §18 item 5: local program --------------------------------
 
 #[test]
 fn local_program_gets_stdio_sockets_and_environment() {
@@ -639,9 +639,9 @@ fn local_program_is_run_without_path_search_and_args_are_not_options() {
     agent.join();
 }
 
-// ---- §18.6 is in exit_status.rs ----------------------------------------------
+// ---- docs/qrexec.md §18 item 6 is in exit_status.rs --------------------------
 
-// ---- §18.7: --use-stdin-socket ---------------------------------------------------
+// ---- docs/qrexec.md §18 item 7: --use-stdin-socket -------------------------------
 
 #[test]
 fn use_stdin_socket_half_closes_each_direction() {
@@ -696,7 +696,7 @@ fn use_stdin_socket_needs_a_socket_and_no_local_program() {
     assert_eq!(code(&o), 2);
 }
 
-// ---- §18.8: --prefix-data and SIGUSR1 -------------------------------------------
+// ---- docs/qrexec.md §18 item 8: --prefix-data and SIGUSR1 -----------------------
 
 #[test]
 fn prefix_data_is_sent_before_stdin_is_readable() {
@@ -789,7 +789,7 @@ fn sigusr1_switches_the_program_to_its_stdin_socket() {
     agent.join();
 }
 
-// ---- §18.9: escape filtering ------------------------------------------------------
+// ---- docs/qrexec.md §18 item 9: escape filtering ----------------------------------
 
 fn filtered(args: &[&str]) -> std::process::Output {
     let h = Harness::new();

@@ -1,4 +1,4 @@
-//! The exit-status table (spec §8.4, §8.5, §18.5, §18.6) of the built
+//! The exit-status table (docs/qrexec.md §8.4, §8.5, §18 item 5, §18 item 6) of the built
 //! `qrexec-client-vm`.
 
 mod common;
@@ -58,7 +58,7 @@ fn remote_codes_pass_through() {
 
 #[test]
 fn service_not_found_failure_sequence_is_127() {
-    // §14.6: STDOUT EOF, STDERR EOF, EXIT_CODE 127, close — without reading
+    // docs/qrexec.md §14 item 6: STDOUT EOF, STDERR EOF, EXIT_CODE 127, close — without reading
     // anything from the client.
     let h = Harness::new();
     let agent = h.agent(RequestFormat::V4, accept());

@@ -24,7 +24,7 @@
 //!
 //! # Semantics that both backends share
 //!
-//! These are the device's (spec §6, verified on Xen 4.17, §16 rows 3–5);
+//! These are the device's (docs/vchan.md §6, verified on Xen 4.17, §16 rows 3–5);
 //! the double reproduces them on purpose, so code that works on the double
 //! does not rely on anything the real device does not promise:
 //!

@@ -1,6 +1,6 @@
 //! Raw interface of the Linux event channel device, restated from the
 //! kernel's `include/uapi/xen/evtchn.h`. Every number and size is pinned by
-//! a unit test against the literal in spec §6.
+//! a unit test against the literal in docs/vchan.md §6.
 
 #![allow(dead_code)] // BIND_VIRQ, RESET and RESTRICT_DOMID are restated for completeness.
 
@@ -153,7 +153,7 @@ pub(crate) struct EvtchnStatus {
 mod tests {
     use super::*;
 
-    /// The literals of spec §6 (computed from the UAPI header).
+    /// The literals of docs/vchan.md §6 (computed from the UAPI header).
     #[test]
     fn ioctl_numbers_match_spec() {
         assert_eq!(IOCTL_EVTCHN_BIND_VIRQ, 0x0004_4500);

@@ -242,7 +242,7 @@ impl EventChannel for XenChannel {
 
     /// `EVTCHNOP_status` of our own port through `/dev/xen/privcmd`, where
     /// the kernel allows it (dom0; a domU only with
-    /// `xen_privcmd.unrestricted=1`, spec §7.2 row P). Any failure —
+    /// `xen_privcmd.unrestricted=1`, docs/vchan.md §7.2, §16 row P). Any failure —
     /// no device, `EPERM`, anything — is `Ok(None)`: "unknown", never
     /// "alive".
     fn status(&self) -> Result<Option<PortStatus>, Error> {

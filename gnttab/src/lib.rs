@@ -15,7 +15,7 @@
 //! Two backends implement [`Backend`]:
 //!
 //! * [`Xen`] drives the real devices with raw ioctls and `mmap`
-//!   (spec `vchan.md` §7). Without `/dev/xen` it fails with
+//!   (docs/vchan.md §7). Without `/dev/xen` it fails with
 //!   [`Error::Device`], which names the device.
 //! * [`local::Local`] is a same-host double: processes on one Linux host play
 //!   domains, and a [`local::Hub`] thread plays the hypervisor's grant table.
@@ -69,7 +69,7 @@
 //!   and `mprotect(PROT_WRITE)` on it fails with `EACCES` (Xen: it returns 0
 //!   and the write faults later).
 //! * A revoked grant fails to map at once after the last unmap; Xen revokes
-//!   it up to about a second later (§7.1, §16 row 2c).
+//!   it up to about a second later (docs/vchan.md §7.1, §16 row 2c).
 //! * Map refusals come from the hub as `EINVAL`, before anything is mapped;
 //!   there is no `MAP_GRANT_REF` index, no `EAGAIN` retry, and no
 //!   paged-out grants.
@@ -84,7 +84,7 @@
 //!   child, so the pages are released when both have let go (on Xen an
 //!   inherited gntalloc mapping has a similar effect).
 //! * If the hub goes away, every connection closes and no notify is sent;
-//!   the double does not model a dying *domain* (§16 row D).
+//!   the double does not model a dying *domain* (docs/vchan.md §16 row D).
 
 //! # Example
 //!
@@ -314,7 +314,7 @@ pub trait MappedPages: fmt::Debug + Send + Sync {
     /// Unmap-notify: when we unmap the pages (drop, or death of the
     /// process), clear the byte at `byte_offset` and send an event on our
     /// local event channel `port`. The byte is cleared at the unmap of the
-    /// memory, the event follows (spec §7.2).
+    /// memory, the event follows (docs/vchan.md §7.2).
     ///
     /// Fails with `EINVAL` on a read-only mapping, as the real gntdev does.
     /// Calling it again replaces the previous notify.

@@ -1,7 +1,7 @@
 //! Raw Linux uapi of the grant devices: `#[repr(C)]` argument structs and
 //! ioctl numbers, restated from `include/uapi/xen/gntalloc.h` and
 //! `include/uapi/xen/gntdev.h`. Every number and size is pinned by a unit
-//! test against the literal in spec `vchan.md` §7.
+//! test against the literal in docs/vchan.md §7.
 
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd};

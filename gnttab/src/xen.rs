@@ -1,4 +1,4 @@
-//! The real backend: `/dev/xen/gntalloc` and `/dev/xen/gntdev` (spec §7).
+//! The real backend: `/dev/xen/gntalloc` and `/dev/xen/gntdev` (docs/vchan.md §7).
 
 use std::fs::{File, OpenOptions};
 use std::num::NonZeroUsize;
@@ -205,7 +205,7 @@ impl Backend for Xen {
                 }
                 Err(e) => {
                     // A MAP_GRANT_REF index can be mmapped only once: drop it
-                    // before anything else (spec §7.2).
+                    // before anything else (docs/vchan.md §7.2).
                     unmap_grant_ref(&dev, index, count);
                     if e == Errno::EAGAIN && retries < EAGAIN_RETRIES {
                         retries += 1;
@@ -413,7 +413,7 @@ impl Drop for XenMapped {
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };
         // The notify byte is cleared at munmap, but the event is sent only
         // when the map's last reference goes: do it now, not at close
-        // (spec §16 row 1d).
+        // (docs/vchan.md §16 row 1d).
         unmap_grant_ref(&self.dev, self.index, self.count);
     }
 }

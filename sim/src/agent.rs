@@ -1,4 +1,4 @@
-//! A VM's qrexec agent (spec §7, §14): the control vchan server toward
+//! A VM's qrexec agent (docs/qrexec.md §7, §14): the control vchan server toward
 //! dom0, the agent socket for `qrexec-client-vm`, and the target side of
 //! calls.
 //!
@@ -205,7 +205,7 @@ impl Agent {
             if wake_ev {
                 self.waker.drain();
             }
-            // The client finished (any readable event counts, spec §7.3).
+            // The client finished (any readable event counts, docs/qrexec.md §7.3).
             for i in closed.into_iter().rev() {
                 let (_s, p) = self.connected.swap_remove(i);
                 crate::vlog!(

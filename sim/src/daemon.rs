@@ -1,4 +1,4 @@
-//! A VM's dom0 qrexec daemon (spec §9): vchan client of the VM's control
+//! A VM's dom0 qrexec daemon (docs/qrexec.md §9): vchan client of the VM's control
 //! channel, the `qrexec.<domid>` socket for dom0 clients, policy
 //! evaluation for the VM's calls, and its data-port table.
 //!
@@ -97,7 +97,7 @@ pub fn fixed_vms(config: &crate::config::SimConfig) -> SystemInfo {
     }
 }
 
-/// A trigger after the daemon's checks (spec §9.1).
+/// A trigger after the daemon's checks (docs/qrexec.md §9.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckedTrigger {
     /// The request id (`SOCKET<fd>`), as a 32-byte field.
@@ -254,7 +254,7 @@ pub fn check_trigger(version: u32, hdr: &MsgHeader, p: &[u8]) -> Result<TriggerC
 }
 
 /// The data port for a call between this daemon's VM `own` and `peer`
-/// (spec §9.4): with dom0 the first free port; with a VM of a higher
+/// (docs/qrexec.md §9.4): with dom0 the first free port; with a VM of a higher
 /// domain id the odd slots (514, 516, ...), of a lower one the even slots
 /// (513, 515, ...). `used(i)` says whether slot `i` is taken.
 ///
@@ -488,7 +488,7 @@ impl Daemon {
         }
     }
 
-    /// A dom0 client's request (spec §9.3): a command for our VM, or the
+    /// A dom0 client's request (docs/qrexec.md §9.3): a command for our VM, or the
     /// answer to one of our VM's requests.
     fn handle_client(&mut self, mut s: UnixStream, hdr: MsgHeader, payload: Vec<u8>) {
         match MsgType::from_u32(hdr.ty) {

@@ -1,5 +1,5 @@
-//! The target side of a call, as a VM's agent runs it (spec §12, §13,
-//! §14): parse the command line from dom0, connect the data vchan as its
+//! The target side of a call, as a VM's agent runs it (docs/qrexec.md §12, §13,
+//! docs/qrexec.md §14): parse the command line from dom0, connect the data vchan as its
 //! client, HELLO, find and start the service, pump stdin/stdout/stderr and
 //! send the exit code.
 //!
@@ -35,7 +35,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use vchan::{State, Transport, Vchan};
 
-/// How long the target waits for the caller's data vchan server (spec §8.1).
+/// How long the target waits for the caller's data vchan server (docs/qrexec.md §8.1).
 pub const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Longest service name (without argument) the agent runs (`NAME_MAX`).
@@ -63,7 +63,7 @@ pub struct VmContext {
     pub connect_timeout: Duration,
 }
 
-/// A command line from dom0, parsed (spec §14.2).
+/// A command line from dom0, parsed (docs/qrexec.md §14 item 2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cmdline {
     /// `user:[nogui:]QUBESRPC service[+arg] source`.
@@ -769,7 +769,7 @@ impl Pump {
     }
 
     fn poll_once(&mut self) -> Result<()> {
-        // Request, re-check, sleep (spec §5.4), and request only what we
+        // Request, re-check, sleep (docs/vchan.md §5.4), and request only what we
         // would sleep on: space when an output has no room (then its pipe
         // is not polled), data when nothing is pending for stdin.
         let outputs = self.stdout.is_some() || self.stderr.is_some();

@@ -5,7 +5,7 @@ use qrexec::proto::{MSG_HEADER_SIZE, MsgHeader, MsgType, encode_data, encode_hel
 use std::io::{self, Read, Write};
 
 /// Version dom0 clients announce on the daemon socket
-/// (`QREXEC_CLIENT_PROTOCOL_VERSION`, spec §6).
+/// (`QREXEC_CLIENT_PROTOCOL_VERSION`, docs/qrexec.md §6).
 pub const CLIENT_PROTOCOL_VERSION: u32 = 3;
 
 /// Write a whole message in one `write_all`.

@@ -211,7 +211,7 @@ fn default_and_dispvm_targets() {
 fn service_killed_mid_stream() {
     let s = sim();
     // Killed by SIGKILL after some output: the agent reports 128 + 9, and
-    // a nonzero remote status is the client's exit status (spec §8.4).
+    // a nonzero remote status is the client's exit status (docs/qrexec.md §8.4).
     let out = s.call("work", &["personal", "test.Die"], b"");
     assert_eq!(out.stdout, b"before\n");
     assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
@@ -221,7 +221,7 @@ fn service_killed_mid_stream() {
 fn target_agent_killed_mid_stream() {
     let mut s = sim();
     // The whole target side disappears: the vchan closes without an exit
-    // code and the client exits 255 (spec §8.4); the supervisor reports
+    // code and the client exits 255 (docs/qrexec.md §8.4); the supervisor reports
     // the crashed member and stops everything, leaving nothing behind.
     let members = member_pids(&s);
     let mut child = s
@@ -355,7 +355,7 @@ fn request_formats_v2_and_v3_agents() {
         assert_eq!(out.status.code(), Some(0), "{vm}: {}", text(&out.stderr));
         assert!(out.stdout == data, "{vm}: echo differs");
         // A v4 request to an older agent is closed: the client can only
-        // report a refusal (spec §7.2).
+        // report a refusal (docs/qrexec.md §7.2).
         let mut c = s.client(vm, &["personal", "test.Echo"]);
         c.env("QREXEC_REQUEST_FORMAT", "v4");
         let out = common::call_with(c, b"");

@@ -22,15 +22,15 @@
 //!
 //! Read from ocaml-vchan 6.0.2 (`lib/endpoint.ml`, `lib/location.ml`,
 //! `lib/port.ml`, `lib/xenstore.ml`, `xen/memory_xen.ml`,
-//! `xen/events_xen.ml`) and libxenvchan (Xen `tools/libs/vchan`, spec §4,
-//! §9, §10). "Ours" is this crate with the default [`Compat::Libxenvchan`]
+//! `xen/events_xen.ml`) and libxenvchan (Xen `tools/libs/vchan`, docs/vchan.md §4,
+//! docs/vchan.md §9, §10). "Ours" is this crate with the default [`Compat::Libxenvchan`]
 //! and with [`Compat::OcamlVchan`].
 //!
 //! | behaviour | libxenvchan (Xen, Qubes) | ocaml-vchan (MirageOS) | ours, default | ours, `OcamlVchan` |
 //! |---|---|---|---|---|
 //! | server call returns | at once; the caller waits for the client | only once the client has connected (`cli_live` left 2) | at once ([`Vchan::wait_connected`]) | at once (API, not wire) |
 //! | default sizes | caller passes them (Qubes qrexec: 4096 control, 65536 data) | `read_size = write_size = 1024` | caller passes them | caller passes them (pass 1024/1024 for Mirage's default) |
-//! | order choice | smallest order ≥ 12 that fits, then in-page overrides (spec §4.2): 0/0 → 10/11 | smallest of 1 KiB (in page at 1024), 2 KiB (in page at 2048), 4 KiB … 1 MiB that fits; then 10/10 → 10/11 and 11/11 → **10**/12 | libxenvchan's | ocaml-vchan's ([`ocaml_server_orders`]) |
+//! | order choice | smallest order ≥ 12 that fits, then in-page overrides (docs/vchan.md §4.2): 0/0 → 10/11 | smallest of 1 KiB (in page at 1024), 2 KiB (in page at 2048), 4 KiB … 1 MiB that fits; then 10/10 → 10/11 and 11/11 → **10**/12 | libxenvchan's | ocaml-vchan's ([`ocaml_server_orders`]) |
 //! | request above 1 MiB | `server_init` fails | silently capped at order 20 | error | capped at order 20 |
 //! | layout | grant list never runs into an in-page ring | read ≤ 1 KiB with write > 512 KiB gives 10/20: 256 grants run into the order-10 ring (bytes 1024..1047) | never produces it; as client accepts it with a warning | produces it, as ocaml-vchan |
 //! | page init | whole page zeroed, then header and grants | only the header fields and the grants are written | zeroed | header and grants only |

@@ -2,7 +2,7 @@
 //! placement, and typed access to the shared header.
 //!
 //! Everything here restates `xen/include/public/io/libxenvchan.h` and the
-//! order logic of libxenvchan's `init.c` (spec §2–§4). The header is reached
+//! order logic of libxenvchan's `init.c` (docs/vchan.md §2–§4). The header is reached
 //! only through the [`SharedHeader`] trait: single atomic accesses at fixed
 //! offsets, never a Rust reference to a whole header or to ring bytes. The
 //! real implementation is [`ControlPage`] (a raw pointer to a mapped page);
@@ -24,7 +24,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, Ordering, fence};
 
 // ---------------------------------------------------------------------------
-// Constants (spec §2)
+// Constants (docs/vchan.md §2)
 
 /// Xen page size; vchan assumes 4 KiB pages.
 pub const PAGE_SIZE: usize = 4096;
@@ -66,7 +66,7 @@ pub const XS_RING_REF: &str = "ring-ref";
 pub const XS_EVENT_CHANNEL: &str = "event-channel";
 
 // ---------------------------------------------------------------------------
-// Offsets (spec §3)
+// Offsets (docs/vchan.md §3)
 
 /// `left.cons` (u32): bytes consumed from the left ring; written by the server.
 pub const LEFT_CONS: usize = 0;
@@ -272,7 +272,7 @@ impl fmt::Display for RingId {
 
 /// Which end of the vchan we are.
 ///
-/// The mapping is fixed by the protocol (spec §1, §3): the server reads the
+/// The mapping is fixed by the protocol (docs/vchan.md §1, §3): the server reads the
 /// left ring and writes the right ring; a side ORs notification requests into
 /// the *peer's* notify byte and test-and-clears *its own*.
 ///
@@ -374,7 +374,7 @@ impl Side {
     }
 }
 
-/// Where a ring's bytes live (spec §4.1).
+/// Where a ring's bytes live (docs/vchan.md §4.1).
 ///
 /// ```
 /// use vchan::control::{Layout, RingId, RingLocation};
@@ -422,7 +422,7 @@ pub const fn grants_for(order: u8) -> usize {
     }
 }
 
-/// Smallest order ≥ 12 whose size is at least `min_size` (spec §4.2, step 2).
+/// Smallest order ≥ 12 whose size is at least `min_size` (docs/vchan.md §4.2, step 2).
 ///
 /// ```
 /// use vchan::control::min_order;
@@ -442,7 +442,7 @@ pub const fn min_order(min_size: usize) -> u8 {
 }
 
 /// Ring orders chosen by a libxenvchan server for the requested minimum
-/// sizes (spec §4.2): `read_min` is the left ring (the server's read ring),
+/// sizes (docs/vchan.md §4.2): `read_min` is the left ring (the server's read ring),
 /// `write_min` the right ring. Returns `(left_order, right_order)`.
 ///
 /// ```
@@ -506,7 +506,7 @@ pub struct Layout {
     /// Byte offset just past the last grant reference
     /// (`24 + 4 · grant_count`).
     pub grants_end: usize,
-    /// Warning (spec §4.3): the grant list runs into an in-page ring (or past
+    /// Warning (docs/vchan.md §4.3): the grant list runs into an in-page ring (or past
     /// the page, which valid orders cannot produce). An ocaml-vchan server
     /// legitimately produces this for orders (10, 20); libxenvchan accepts it
     /// because the grants are read before any data flows.
@@ -614,7 +614,7 @@ fn location_for(order: u8, first_grant_index: usize) -> RingLocation {
 }
 
 /// Client-side validation of the orders read (once) from the control page
-/// (spec §4.3), returning the full [`Layout`].
+/// (docs/vchan.md §4.3), returning the full [`Layout`].
 ///
 /// Rejects orders outside 10..=20 and equal orders below 12 (two in-page
 /// rings at the same offset). The extra "grant list fits" check is not an
@@ -930,7 +930,7 @@ impl SharedHeader for ControlPage {
     fn store_u8(&self, off: usize, val: u8) {
         self.u8_at(off).store(val, Ordering::Relaxed)
     }
-    // The RMWs are SeqCst like libxenvchan's `__sync` builtins (spec §5.5).
+    // The RMWs are SeqCst like libxenvchan's `__sync` builtins (docs/vchan.md §5.5).
     // The ring code does not rely on it (its fences carry the ordering, and
     // the loom model checks it with Relaxed RMWs); on x86 the instruction is
     // the same `lock or`/`lock and` either way.
@@ -968,7 +968,7 @@ pub fn read_orders<H: SharedHeader>(h: &H) -> (u16, u16) {
 }
 
 /// Initialises a freshly shared control page as a libxenvchan server does
-/// (spec §3, §9.2 step 4–5): zero the page, write the orders, `cli_live = 2`,
+/// (docs/vchan.md §3, §9.2 step 4–5): zero the page, write the orders, `cli_live = 2`,
 /// `srv_live = 1`, `cli_notify = NOTIFY_WRITE`, `srv_notify = 0`, indices 0,
 /// and the grant list (left pages first, then right pages).
 ///
@@ -1049,7 +1049,7 @@ pub fn read_grants<H: SharedHeader>(h: &H, layout: &Layout) -> (Vec<u32>, Vec<u3
     (left, right)
 }
 
-/// The client's connect stores (spec §9.3 step 7): `cli_live = 1`, then
+/// The client's connect stores (docs/vchan.md §9.3 step 7): `cli_live = 1`, then
 /// `srv_notify = NOTIFY_WRITE` (plain stores, as libxenvchan). The caller
 /// sends one event afterwards.
 ///
@@ -1207,7 +1207,7 @@ mod tests {
         );
     }
 
-    /// Every row of the worked-examples table of spec §4.2.
+    /// Every row of the worked-examples table of docs/vchan.md §4.2.
     #[test]
     fn server_orders_worked_examples() {
         let rows: &[(usize, usize, u8, u8, usize)] = &[
@@ -1328,7 +1328,7 @@ mod tests {
         let l = validate_client_orders(10, 20).unwrap();
         assert_eq!(l.grants_end, 1048);
         assert!(l.grant_list_overlaps_ring);
-        // libxenvchan's worst cases fit (spec §3.1).
+        // libxenvchan's worst cases fit (docs/vchan.md §3.1).
         let l = validate_client_orders(11, 20).unwrap();
         assert_eq!(l.grants_end, 1048);
         assert!(!l.grant_list_overlaps_ring);

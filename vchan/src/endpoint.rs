@@ -1,6 +1,6 @@
 //! One end of a connected vchan: both rings, the liveness bytes, the event
 //! channel and the blocking policy, with the API semantics of libxenvchan
-//! (spec §5.6) in Rust types.
+//! (docs/vchan.md §5.6) in Rust types.
 //!
 //! | call | outcome |
 //! |------|---------|
@@ -262,7 +262,7 @@ pub enum PeerState {
     Waiting,
     /// Connected (`1`).
     Connected,
-    /// Closed, dead, or a value no correct peer writes (spec §10.2
+    /// Closed, dead, or a value no correct peer writes (docs/vchan.md §10.2
     /// recommends treating anything else as closed).
     Closed,
 }
@@ -1109,7 +1109,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         self.spin
     }
 
-    /// Reads the way ocaml-vchan does (spec §12.1): a read acknowledges
+    /// Reads the way ocaml-vchan does (docs/vchan.md §12.1): a read acknowledges
     /// (publishes `cons` for, and sends the `NOTIFY_READ` event of) the
     /// *previous* read's bytes, then returns new ones without
     /// acknowledging them, and a stream read stops at the ring's wrap
@@ -2233,7 +2233,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// has moved its index far enough: `Ok(true)` if it did. Requests no
     /// notification, so the peer sends no event for what we catch here;
     /// after a fruitless spin the caller requests one, re-checks (the
-    /// Dekker re-load of spec §5.4) and only then sleeps.
+    /// Dekker re-load of docs/vchan.md §5.4) and only then sleeps.
     ///
     /// Under `loom` it looks exactly once: that path is modelled, a timed
     /// spin is not.
@@ -2335,7 +2335,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
         match self.events.wait_timeout(slice) {
             Ok(woken) => Ok(woken),
-            // Spec §13 row 23: an interrupted wait is a spurious wake-up.
+            // docs/vchan.md §13 row 23: an interrupted wait is a spurious wake-up.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
             Err(e) => Err(RingError::Event(e)),
         }

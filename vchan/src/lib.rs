@@ -18,8 +18,8 @@
 //!
 //! # When the peer *domain* dies
 //!
-//! A destroyed domain sends no event and leaves the live byte alone (spec
-//! §16 row D), so every idle blocking wait (connect, read, write) asks at
+//! A destroyed domain sends no event and leaves the live byte alone
+//! (docs/vchan.md §16 row D), so every idle blocking wait (connect, read, write) asks at
 //! most once a second whether the peer domain is gone, with what the
 //! platform allows, and ends with an error (`ConnectionAborted`, or
 //! [`Error::PeerGone`] while connecting) when it is:

@@ -50,7 +50,7 @@ pub struct LocalXenConfig {
     pub c_xenstored: bool,
     /// Domains that play restricted domUs: the status of their own
     /// event-channel ports is unknown to them (no privcmd hypercalls,
-    /// spec §16 row P).
+    /// docs/vchan.md §16 row P).
     pub restricted: Vec<DomId>,
 }
 

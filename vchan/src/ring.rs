@@ -4,7 +4,7 @@
 //! A ring ([`Ring`]) owns nothing but its byte storage (a raw pointer and a
 //! size, [`RawRingBytes`]) and a private copy of its validated order. Its
 //! two ends are [`Producer`] (we write data and advance `prod`) and
-//! [`Consumer`] (we read data and advance `cons`). The rules, from spec §5:
+//! [`Consumer`] (we read data and advance `cons`). The rules, from docs/vchan.md §5:
 //!
 //! * **Our own index is private.** We are its only legitimate writer, so we
 //!   keep it in the struct and only ever *store* it; a peer scribbling over
@@ -21,7 +21,7 @@
 //!   `ptr::copy_nonoverlapping` between the ring and private buffers (two
 //!   copies across the wrap point). No `&[u8]`/`&mut [u8]` into a ring ever
 //!   exists.
-//! * **Fences follow spec §5.2–§5.5** and go through [`SharedHeader::fence`]
+//! * **Fences follow docs/vchan.md §5.2–§5.5** and go through [`SharedHeader::fence`]
 //!   so that the `loom` model (`tests/loom_notify.rs`) checks this very code.
 //!   Each names the reordering it forbids and the failure it prevents.
 //!
@@ -647,7 +647,7 @@ impl<B: RingBytes> Ring<B> {
 }
 
 // ---------------------------------------------------------------------------
-// Notification protocol (spec §5.4)
+// Notification protocol (docs/vchan.md §5.4)
 
 /// `request_notify`: ask the peer for an event when it next produces
 /// (`NOTIFY_WRITE`) or consumes (`NOTIFY_READ`), by OR-ing `bit` into the
@@ -1024,7 +1024,7 @@ impl<B: RingBytes> Consumer<B> {
     }
 
     /// Copies `min(dst.len(), cached_ready())` bytes out of the ring into
-    /// `dst` and publishes the new `cons` (spec §5.3). Returns the count.
+    /// `dst` and publishes the new `cons` (docs/vchan.md §5.3). Returns the count.
     /// Call [`Consumer::notify_consumed`] afterwards.
     ///
     /// ```
@@ -1057,7 +1057,7 @@ impl<B: RingBytes> Consumer<B> {
     /// As [`Consumer::pop`] but without publishing `cons`: the bytes are
     /// ours (copied out) but the producer still sees them as unread until
     /// [`Consumer::publish_cons`]. This is ocaml-vchan's reader, which
-    /// acknowledges a chunk only at its next read (spec §12.1); our own
+    /// acknowledges a chunk only at its next read (docs/vchan.md §12.1); our own
     /// reads always publish at once.
     pub fn take<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
         let ready = self.cached_ready();
@@ -1457,7 +1457,7 @@ impl<B: RingBytes> Producer<B> {
     }
 
     /// Copies `min(src.len(), cached_space())` bytes from `src` into the ring
-    /// and publishes the new `prod` (spec §5.2). Returns the count. Call
+    /// and publishes the new `prod` (docs/vchan.md §5.2). Returns the count. Call
     /// [`Producer::notify_produced`] afterwards.
     ///
     /// ```
@@ -1927,7 +1927,7 @@ mod tests {
 
     #[test]
     fn full_ring_is_readable_and_not_writable() {
-        // Spec §13 row 2: `>` on both sides, so ready == size is readable.
+        // docs/vchan.md §13 row 2: `>` on both sides, so ready == size is readable.
         let mut f = Fixture::new();
         let (h, mut tx, mut rx) = f.pair();
         assert_eq!(tx.push(&h, &[7; 5000]), 4096);

@@ -1,6 +1,6 @@
 //! The shared-memory transports (Xen and Local): libxenvchan's server and
-//! client setup (spec §9.2, §9.3), Qubes' xenstore conventions (§11) and
-//! close (§10), over the `gnttab`, `evtchn` and `xenstore` backends.
+//! client setup (docs/vchan.md §9.2, §9.3), Qubes' xenstore conventions (§11) and
+//! close (docs/vchan.md §10), over the `gnttab`, `evtchn` and `xenstore` backends.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -18,7 +18,7 @@ use xenstore::{NodePerm, Perm, Watcher, Xs};
 /// The event channel as the endpoint sees it, plus the peer-domain
 /// liveness check that ends blocking waits when the peer domain is gone
 /// (a destroyed domain sends no event and leaves the live byte alone,
-/// spec §16 row D).
+/// docs/vchan.md §16 row D).
 #[derive(Debug)]
 pub(crate) struct EvtchnEvents {
     ch: Box<dyn evtchn::EventChannel>,
@@ -241,7 +241,7 @@ fn ring_ptr(layout: &Layout, ring: RingId, mapping: Option<&Pages>) -> *mut u8 {
 }
 
 impl ShmChan {
-    /// Server setup, spec §9.2; returns with the client not yet connected.
+    /// Server setup, docs/vchan.md §9.2; returns with the client not yet connected.
     pub(crate) fn server(
         t: &Transport,
         peer: DomId,
@@ -259,7 +259,7 @@ impl ShmChan {
         )
     }
 
-    /// Server setup as libxenvchan (spec §9.2) or as ocaml-vchan (§12,
+    /// Server setup as libxenvchan (docs/vchan.md §9.2) or as ocaml-vchan (§12,
     /// [`crate::compat`]); returns with the client not yet connected.
     pub(crate) fn server_opts(
         t: &Transport,
@@ -406,7 +406,7 @@ impl ShmChan {
         })
     }
 
-    /// Client setup, spec §9.3 with Qubes' wait (§11.1): waits up to
+    /// Client setup, docs/vchan.md §9.3 with Qubes' wait (§11.1): waits up to
     /// `timeout` for the server's nodes with a xenstore watch.
     pub(crate) fn client(
         t: &Transport,
@@ -792,7 +792,7 @@ impl Drop for ShmChan {
             self.ctrl = None;
             return;
         }
-        // libxenvchan close order (spec §10.1): unmap the data rings, own
+        // libxenvchan close order (docs/vchan.md §10.1): unmap the data rings, own
         // live byte 0, unmap the control page (the unmap-notify clears the
         // byte again and sends an event), an explicit event, then the
         // event channel goes with the endpoint.

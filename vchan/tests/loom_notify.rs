@@ -1,4 +1,4 @@
-//! `loom` model of the ring + notification protocol (spec §5.2–§5.4), run
+//! `loom` model of the ring + notification protocol (docs/vchan.md §5.2–§5.4), run
 //! over **the real `Endpoint`, `Producer`, `Consumer`, `request_notify` and
 //! `send_notify` code**: only the three memory traits are swapped for loom
 //! types.
@@ -43,7 +43,7 @@
 //! `fetch_and` and our `fetch_or` are totally ordered and synchronise, so in
 //! the C++ model either it sees our bit or our re-load sees its index even
 //! without the fences. The fences are what makes the protocol correct for
-//! Relaxed RMWs, and they mirror libxenvchan's barriers (spec §5.5), which
+//! Relaxed RMWs, and they mirror libxenvchan's barriers (docs/vchan.md §5.5), which
 //! matters when the peer is C code.
 //!
 //! What loom does and does not check here: loom treats `SeqCst` *accesses*

@@ -1,4 +1,4 @@
-//! Endpoint semantics (spec §5.6, §10.2, §13) over guard-paged shared
+//! Endpoint semantics (docs/vchan.md §5.6, §10.2, §13) over guard-paged shared
 //! memory, with a server and a client endpoint on the same pages.
 
 mod ring_support;
@@ -108,7 +108,7 @@ fn write_to_closed_peer_is_broken_pipe() {
     assert_eq!(c.buffer_space().unwrap(), 1024);
 }
 
-/// Spec §9.2: the server may write before the client connects
+/// docs/vchan.md §9.2: the server may write before the client connects
 /// (`cli_live == 2` counts as open); the data waits in the ring.
 #[test]
 fn server_writes_while_client_is_waiting() {
@@ -128,7 +128,7 @@ fn server_writes_while_client_is_waiting() {
 }
 
 /// A client sees anything but `srv_live == 1` as closed; a server anything
-/// but 1 and 2 (spec §10.2 recommendation).
+/// but 1 and 2 (docs/vchan.md §10.2 recommendation).
 #[test]
 fn garbage_live_bytes_mean_closed() {
     let (mem, mut s, mut c) = pair(small(), 0);
@@ -199,7 +199,7 @@ fn blocked_write_ends_when_peer_closes() {
     });
 }
 
-/// Spec §13 row 17: a packet larger than the ring is an error, in both
+/// docs/vchan.md §13 row 17: a packet larger than the ring is an error, in both
 /// modes, never a hang or a silent 0.
 #[test]
 fn packets_larger_than_the_ring_are_too_big() {
@@ -266,7 +266,7 @@ fn nonblocking_send_is_all_or_nothing() {
     assert!(matches!(c.recv(&mut [0; 1]), Err(RingError::WouldBlock)));
 }
 
-/// Spec §13 row 16: `recv` with the peer closed and too few bytes left is
+/// docs/vchan.md §13 row 16: `recv` with the peer closed and too few bytes left is
 /// an error; the bytes stay readable with `read`.
 #[test]
 fn recv_after_close_with_partial_packet() {
@@ -433,7 +433,7 @@ fn order_change_is_detected_while_waiting() {
     });
 }
 
-/// Spec §10.2: a peer domain that dies sends no event. A blocked reader
+/// docs/vchan.md §10.2: a peer domain that dies sends no event. A blocked reader
 /// notices the live byte at the next poll and reports EOF; a blocked
 /// writer reports `PeerClosed`.
 #[test]
@@ -519,7 +519,7 @@ fn wait_returns_on_event_and_on_silent_change() {
     });
 }
 
-/// Spec §12.2 / §13 row 13: a zeroed control page (stale grant) is refused
+/// docs/vchan.md §12.2 / §13 row 13: a zeroed control page (stale grant) is refused
 /// cleanly by the client.
 #[test]
 fn client_refuses_invalid_orders() {
@@ -580,7 +580,7 @@ fn constructor_checks_ring_addresses_against_the_layout() {
 #[test]
 fn io_traits_and_full_ring() {
     let (_mem, mut s, mut c) = pair(Layout::new(11, 12).unwrap(), 0);
-    // Exactly full is readable (spec §13 row 2).
+    // Exactly full is readable (docs/vchan.md §13 row 2).
     Write::write_all(&mut s, &[0xAB; 4096]).unwrap();
     assert_eq!(s.buffer_space().unwrap(), 0);
     let mut buf = vec![0; 4096];

@@ -198,7 +198,7 @@ impl Xs {
     }
 
     /// Our own domain id: READ of the relative path `domid`, parsed strictly
-    /// (decimal, no leading zeros except `"0"`, below `0x7FF0`; spec §8.3).
+    /// (decimal, no leading zeros except `"0"`, below `0x7FF0`; docs/vchan.md §8.3).
     pub fn own_domid(&self) -> Result<DomId> {
         let v = self.read_string("domid")?;
         parse_domid(&v).ok_or_else(|| Error::protocol(format!("bad value {v:?} in \"domid\"")))

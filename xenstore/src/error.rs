@@ -232,7 +232,7 @@ impl Error {
 
     /// `true` for an `EACCES` reply (permission denied).
     ///
-    /// Note (spec §8.2): C xenstored also answers `EACCES` for a *missing*
+    /// Note (docs/vchan.md §8.2): C xenstored also answers `EACCES` for a *missing*
     /// node under a parent the caller cannot read; a client polling for
     /// another domain's node must treat both as "not there yet".
     pub fn is_eacces(&self) -> bool {

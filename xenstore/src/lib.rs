@@ -7,7 +7,7 @@
 //! * [`Watcher`]: watches on a connection of their own, with a blocking
 //!   loop, a timeout, and a non-blocking call for `poll`-driven use.
 //! * [`server::Server`]: an in-memory xenstored with one unix socket per
-//!   domain and the permission rules of real Xen (spec §8.2, §16 row 9).
+//!   domain and the permission rules of real Xen (docs/vchan.md §8.2, §16 row 9).
 //! * [`wire`]: the message format and strict parsers (pure, fuzzable).
 //!
 //! Nothing the daemon sends is trusted: every reply is checked (length,

@@ -1,4 +1,4 @@
-//! Node permissions (spec §8.2): `<letter><domid>` strings such as `r5`.
+//! Node permissions (docs/vchan.md §8.2): `<letter><domid>` strings such as `r5`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -121,7 +121,7 @@ pub(crate) fn parse_decimal(s: &str, max: u32) -> Option<u32> {
     u32::try_from(v).ok().filter(|v| *v <= max)
 }
 
-/// Parse a domid as Qubes does (spec §8.3): decimal, no leading zeros except
+/// Parse a domid as Qubes does (docs/vchan.md §8.3): decimal, no leading zeros except
 /// `"0"`, value `< 0x7FF0`.
 ///
 /// ```

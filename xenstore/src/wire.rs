@@ -1,4 +1,4 @@
-//! The xenstore wire format (spec §8.1, `xs_wire.h`): the 16-byte header,
+//! The xenstore wire format (docs/vchan.md §8.1, `xs_wire.h`): the 16-byte header,
 //! message types, framing of a byte stream into messages, and strict
 //! parsers for every reply payload.
 //!

@@ -1,6 +1,6 @@
 //! Byte-exact golden vectors: what our client puts on the wire for every
 //! request type (header fields little-endian as on x86: type, req_id,
-//! tx_id, len; then the payload). Includes the spec §9.4 sequence of a
+//! tx_id, len; then the payload). Includes the docs/vchan.md §9.4 sequence of a
 //! qrexec-agent (domain 5) advertising a vchan server for dom0 on port 512.
 #![cfg(target_endian = "little")]
 
@@ -42,7 +42,7 @@ fn every_request_type_is_byte_exact() {
     let fake = Fake::start(friendly);
     let xs = fake.xs();
 
-    // §9.4: READ "domid"; TRANSACTION_START; WRITE + SET_PERMS for ring-ref
+    // docs/vchan.md §9.4: READ "domid"; TRANSACTION_START; WRITE + SET_PERMS for ring-ref
     // and event-channel; TRANSACTION_END "T".
     let me = xs.own_domid().unwrap();
     assert_eq!(me, 5);

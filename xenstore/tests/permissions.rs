@@ -1,5 +1,5 @@
 //! Permission scenarios across domain sockets, including the exact results
-//! verified on real Xen (spec §8.2, §16 row 9).
+//! verified on real Xen (docs/vchan.md §8.2, §16 row 9).
 
 mod common;
 
@@ -51,7 +51,7 @@ fn toolstack_nodes_like_libxl() {
     );
 }
 
-/// §16 row 9a/9b, with domU1 = 1 and domU2 = 2.
+/// docs/vchan.md §16 row 9a/9b, with domU1 = 1 and domU2 = 2.
 #[test]
 fn row9_verified_on_real_xen() {
     let env = Env::new(&[0, 1, 2]);
@@ -103,7 +103,7 @@ fn domain_5_reads_domain_7_only_after_grant() {
     );
 }
 
-/// §16 row 9c: a missing node under an unreadable parent.
+/// docs/vchan.md §16 row 9c: a missing node under an unreadable parent.
 #[test]
 fn missing_node_under_unreadable_parent() {
     for (mode, expect) in [

@@ -387,7 +387,7 @@ fn serve_conn(shared: &Shared, id: u64, fd: &Arc<OwnedFd>) {
             return;
         }
         if interdomain {
-            // Xen leaves the binder's new port pending (spec §16, row 4c).
+            // Xen leaves the binder's new port pending (docs/vchan.md §16, row 4c).
             // The reply told the client to wait for this event before its
             // bind returns, so that the fd is readable when it does.
             st.fire(dom, port);
@@ -666,7 +666,7 @@ impl Hub {
     /// Makes domain `dom` a restricted domU as far as port status goes:
     /// [`EventChannel::status`] of its ports answers `Ok(None)`
     /// ("unknown"), as the [`Xen`](crate::Xen) backend does where the
-    /// kernel refuses privcmd hypercalls (a domU; spec §16 row P). By
+    /// kernel refuses privcmd hypercalls (a domU; docs/vchan.md §16 row P). By
     /// default every domain may ask, like dom0.
     ///
     /// [`EventChannel::status`]: crate::EventChannel::status
@@ -834,7 +834,7 @@ mod tests {
         assert_eq!(st.status(7, 6), PortStatus::Unbound { remote: 8 });
     }
 
-    /// The interdomain rules of spec §6: only the named domain binds, only
+    /// The interdomain rules of docs/vchan.md §6: only the named domain binds, only
     /// to an unbound port; a close turns the peer unbound towards the closer.
     #[test]
     fn interdomain_rules() {

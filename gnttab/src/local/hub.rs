@@ -25,14 +25,14 @@ use super::proto::{
 use crate::{DomId, Error, GrantRef, PAGE_SIZE};
 
 /// The per-domain limit of granted pages, as Linux `xen_gntalloc.limit`
-/// defaults to (spec §4.4): a share that would take a domain's pages
+/// defaults to (docs/vchan.md §4.4): a share that would take a domain's pages
 /// (across all its processes) beyond it fails with `ENOSPC`. Pages the
 /// sharer has released but a peer still maps do not count.
 pub const DOMAIN_PAGE_LIMIT: usize = MAX_PAGES;
 
 /// The most grant entries one domain may have in use, released-but-mapped
 /// ones included: Xen's default grant table of 64 frames holds 32768 v1
-/// entries (spec §4.4). Beyond it a share fails with `ENOSPC`.
+/// entries (docs/vchan.md §4.4). Beyond it a share fails with `ENOSPC`.
 pub const DOMAIN_GRANT_ENTRIES: usize = 32768;
 
 /// The first grant ref handed out in each domain (Linux reserves the first
@@ -432,7 +432,7 @@ impl State {
             return;
         };
         if let Some(n) = notify {
-            // Byte first, then the event (spec §7.1): the pwrite lands in
+            // Byte first, then the event (docs/vchan.md §7.1): the pwrite lands in
             // the very pages every MAP_SHARED mapping shows.
             let _ = share.file.write_at(&[0], n.offset as u64);
             n.held.notify();

@@ -577,7 +577,7 @@ impl MappedPages for LocalMapped {
 impl Drop for LocalMapped {
     fn drop(&mut self) {
         // As gntdev: the byte is cleared at munmap, the event goes at the
-        // unmap of the grant (here: the hub's RELEASE), spec §16 row 1d.
+        // unmap of the grant (here: the hub's RELEASE), docs/vchan.md §16 row 1d.
         if let Some(off) = self.notify_offset
             && self.writable
             && off < self.mapping.len

@@ -16,14 +16,14 @@
 //! (its xenstore mailbox is `/local/domain/<self>/data/devtest/<TAG>`, each
 //! node readable by the peer only), `--third` a domain the grants and ports
 //! do not name (default: our own id), `--xenstored` which daemon runs (for
-//! the missing-node errno, spec §16 row 9c).
+//! the missing-node errno, docs/vchan.md §16 row 9c).
 //!
 //! Output: one line per check, `ok - NAME` or `not ok - NAME: WHY`, notes as
 //! `# NAME: ...`, then a summary; exit status 0 only if every check passed.
 //! A side that fails a check leaves `<check>-failed` in its mailbox, so that
 //! the other side stops waiting for it at once.
 //!
-//! Checks (spec §6, §7, §8 and the table of §16):
+//! Checks (docs/vchan.md §6, §7, §8 and the table of §16):
 //!
 //! | name | what |
 //! |---|---|
@@ -496,7 +496,9 @@ fn xs_perms(c: &Ctx) -> R {
             c.note(K, &format!("a missing node of the peer: {errno}"));
             if let Some(want) = expected {
                 ensure(errno == want, || {
-                    format!("a missing node of the peer: {errno}, expected {want} (spec §16 9c)")
+                    format!(
+                        "a missing node of the peer: {errno}, expected {want} (docs/vchan.md §16 row 9c)"
+                    )
                 })?;
             }
             c.put(K, "done", "1")
@@ -1079,7 +1081,7 @@ fn gnt_notify_sharer(c: &Ctx, kill: bool) -> R {
                     "the sharer's drop"
                 };
                 expect_notify(&*ch, v, SHARER_NOTIFY, who)?;
-                // Spec §16 row 2a: the pages outlive the sharer while mapped.
+                // docs/vchan.md §16 row 2a: the pages outlive the sharer while mapped.
                 check_pattern(v, &[SHARER_NOTIFY])?;
                 v.set(200, 0x77);
                 ensure(v.get(200) == 0x77, || "write after the sharer left".into())

@@ -208,7 +208,7 @@ impl VchanMemory {
     }
 }
 
-/// Every `(left, right)` order pair a client accepts (spec §4.3): both in
+/// Every `(left, right)` order pair a client accepts (docs/vchan.md §4.3): both in
 /// 10..=20, not both 10, not both 11. 119 pairs.
 pub fn all_valid_order_pairs() -> Vec<(u8, u8)> {
     let mut v = Vec::new();

@@ -2,7 +2,7 @@
 //!
 //! * One unix socket per domain, `<dir>/<domid>.sock`: a connection on
 //!   domain D's socket acts as domain D; domain 0 is privileged.
-//! * An in-memory tree whose permissions follow spec §8.2 and C xenstored:
+//! * An in-memory tree whose permissions follow docs/vchan.md §8.2 and C xenstored:
 //!   the first entry names the owner (full access) and the default access;
 //!   later entries grant per-domain access; dom0 has full access; new nodes
 //!   inherit their parent's list, with a creating domain (not dom0) as
@@ -79,8 +79,8 @@ use crate::error::{Errno, Error, Result};
 use crate::perms::DomId;
 use crate::wire::{FrameReader, HEADER_LEN, PAYLOAD_MAX};
 
-/// What a missing node under an inaccessible ancestor reports (spec §8.2,
-/// §16 row 9c).
+/// What a missing node under an inaccessible ancestor reports (docs/vchan.md §8.2,
+/// docs/vchan.md §16 row 9c).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissingNodeError {
     /// C xenstored: `EACCES` unless the caller has the needed access to the

@@ -1,4 +1,4 @@
-//! The in-memory tree with permissions (spec §8.2) and transaction
+//! The in-memory tree with permissions (docs/vchan.md §8.2) and transaction
 //! snapshots.
 //!
 //! A transaction works on a full copy of the tree (`Store::begin`) that logs
