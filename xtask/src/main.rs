@@ -17,7 +17,6 @@ mod demo;
 #[allow(dead_code)]
 mod lab;
 mod libvchan;
-mod upstream;
 mod man;
 mod package;
 mod package_check;
