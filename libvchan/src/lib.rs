@@ -224,10 +224,10 @@ impl LibVchan {
     /// After every call that may have moved data or changed the state: keep
     /// the socket transport's select fd in step.
     fn after(&mut self) {
-        if let (Conn::Ready(v), Some(sp)) = (&self.conn, self.socket_poll.as_mut()) {
-            if let Err(e) = sp.refresh(v) {
-                log("fd_for_select", format_args!("epoll update failed: {e}"));
-            }
+        if let (Conn::Ready(v), Some(sp)) = (&self.conn, self.socket_poll.as_mut())
+            && let Err(e) = sp.refresh(v)
+        {
+            log("fd_for_select", format_args!("epoll update failed: {e}"));
         }
     }
 }
@@ -659,15 +659,15 @@ pub unsafe extern "C" fn libvchan_client_init_async_finish(
                 0
             }
             Ok(None) => {
-                if let Some(t) = timer {
-                    if let Err(e) = t.set(
+                if let Some(t) = timer
+                    && let Err(e) = t.set(
                         Expiration::OneShot(TimeSpec::from(backoff.step())),
                         TimerSetTimeFlags::empty(),
-                    ) {
-                        log(OP, format_args!("timerfd: {e}"));
-                        set_errno(e as c_int);
-                        return -1;
-                    }
+                    )
+                {
+                    log(OP, format_args!("timerfd: {e}"));
+                    set_errno(e as c_int);
+                    return -1;
                 }
                 1
             }

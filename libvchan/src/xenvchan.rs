@@ -105,10 +105,10 @@ unsafe fn handle<'a>(ctrl: *mut XenVchan, op: &str) -> Option<&'a mut LibVchan> 
     // use is the caller's promise.
     let x = unsafe { LIVE_XEN.get(ctrl, op) }?;
     let blocking = x.public.flags & FLAG_BLOCKING != 0;
-    if let Conn::Ready(v) = &mut x.inner.conn {
-        if v.is_blocking() != blocking {
-            v.set_blocking(blocking);
-        }
+    if let Conn::Ready(v) = &mut x.inner.conn
+        && v.is_blocking() != blocking
+    {
+        v.set_blocking(blocking);
     }
     Some(&mut x.inner)
 }
