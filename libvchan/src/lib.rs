@@ -31,7 +31,7 @@
 //! # Semantics
 //!
 //! Return values and the blocking flag follow libvchan-xen, which passes
-//! libxenvchan's through (spec §5.6, §11.1): `write` in blocking mode writes
+//! libxenvchan's through (docs/vchan.md §5.6, §11.1): `write` in blocking mode writes
 //! everything, non-blocking what fits (0 if nothing); `send`/`recv` are all
 //! or nothing (0 in non-blocking mode when it would wait); `read` returns
 //! what is there, data left after the peer closed included, and −1 once the
