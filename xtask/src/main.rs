@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo xtask demo [--quick]     the main job on its built-in default
+//! cargo xtask test [ARGS]        the tests (installs libxen-dev if missing, then cargo test)
 //! cargo xtask bench [...]        benchmarks with baselines in the same run
 //! cargo xtask lab <cmd>          the real-Xen lab (setup|start|stop|status|test)
 //! cargo xtask upstream <cmd>     the real C qrexec stack as a test peer (build|suite|cases)
@@ -20,6 +21,7 @@ mod libvchan;
 mod man;
 mod package;
 mod package_check;
+mod test;
 mod upstream;
 mod util;
 
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let r = match cmd.as_str() {
         "demo" => demo::run(rest),
+        "test" => test::run(rest),
         "bench" => bench::run(rest),
         "lab" => lab::run(rest),
         "upstream" => upstream::run(rest),
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
 fn usage_text() -> &'static str {
     "usage: cargo xtask <command>\n\
      \n  demo [--quick]   run the demo (the README's first command)\
+     \n  test [ARGS]      install what the tests need, then cargo test --workspace --all-features ARGS (the README's second)\
      \n  bench [...]      benchmarks with baselines in the same run\
      \n  lab <cmd>        real Xen under QEMU: setup | start | stop | status | test [--quick]\
      \n  upstream <cmd>   the real C qrexec stack: build | suite [--vchan upstream|ours|both] | cases [--quick]\
