@@ -426,21 +426,26 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// stops sending but not receiving (66c1519): no EOF is sent then.
     fn send_stdin(&mut self, n: usize) -> Result<(), PumpError> {
         stdin_header(&mut self.tx, n);
-        if let Err(e) = self.ch.send_all(&self.tx[..MSG_HEADER_SIZE + n]) {
-            // A corrupted ring ends the call; anything else (the peer went
-            // away) is like #5597: not worth an error line when the exit
-            // code still arrives; "closed early" is reported if it does not.
-            if is_ring_corruption(&e) {
-                return Err(PumpError::Channel {
-                    op: "send",
-                    source: e,
-                });
-            }
-            crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
-            self.sending = false;
-            self.close_input(false)?;
+        match self.ch.send_all(&self.tx[..MSG_HEADER_SIZE + n]) {
+            Ok(()) => Ok(()),
+            Err(e) => self.send_failed(e),
         }
-        Ok(())
+    }
+
+    /// A send failed. A corrupted ring ends the call; anything else (the
+    /// peer went away) is like #5597: not worth an error line when the exit
+    /// code still arrives ("closed early" is reported if it does not), and
+    /// it stops sending but not receiving (66c1519): no EOF is sent then.
+    fn send_failed(&mut self, e: io::Error) -> Result<(), PumpError> {
+        if is_ring_corruption(&e) {
+            return Err(PumpError::Channel {
+                op: "send",
+                source: e,
+            });
+        }
+        crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
+        self.sending = false;
+        self.close_input(false)
     }
 
     /// Move prefix data and local input into the channel while it has room.
@@ -544,15 +549,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 Ok(true)
             }
             Err(FromFdError::Channel(e)) => {
-                if is_ring_corruption(&e) {
-                    return Err(PumpError::Channel {
-                        op: "send",
-                        source: e,
-                    });
-                }
-                crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
-                self.sending = false;
-                self.close_input(false)?;
+                self.send_failed(e)?;
                 Ok(false)
             }
         }
