@@ -281,3 +281,35 @@ pub fn would_block(e: &vchan::Error) -> bool {
         vchan::Error::WouldBlock | vchan::Error::Ring(vchan::ring::RingError::WouldBlock)
     )
 }
+
+/// One sleep of a control loop that serves `ctrl`, a listening socket and a
+/// `waker` (the daemons and the Mirage-like agent): poll the three (20 ms
+/// while control writes are pending, else 1 s), then consume the control
+/// event and drain the waker if they fired. New connections on `listener`
+/// are accepted by the caller's next round.
+pub fn sleep_on(ctrl: &mut Control, listener: &impl AsFd, waker: &Waker) -> Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [
+        PollFd::new(ctrl.as_fd(), PollFlags::POLLIN),
+        PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+        PollFd::new(waker.as_fd(), PollFlags::POLLIN),
+    ];
+    let timeout = if ctrl.has_pending_writes() {
+        PollTimeout::from(20u16)
+    } else {
+        PollTimeout::from(1000u16)
+    };
+    match poll(&mut fds, timeout) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+        Err(e) => return Err(Error::io("poll", e.into())),
+    }
+    let ctrl_ev = fds[0].revents().is_some_and(|r| !r.is_empty());
+    let wake_ev = fds[2].revents().is_some_and(|r| !r.is_empty());
+    if ctrl_ev {
+        ctrl.consume_event();
+    }
+    if wake_ev {
+        waker.drain();
+    }
+    Ok(())
+}

@@ -20,7 +20,6 @@ use crate::layout::Layout;
 use crate::policy::{Decision, Policy, Request, SystemInfo, Target};
 use crate::wire::{CLIENT_PROTOCOL_VERSION, read_hello, read_msg, write_hello, write_msg};
 use crate::{Error, Result};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use qrexec::proto::{
     ConnectionParams, DOMAIN_FIELD_SIZE, DOMAIN_FIELD_SIZE_V2, EXEC_PARAMS_SIZE, IDENT_FIELD_SIZE,
     MAX_QREXEC_CMD_LEN, MAX_SERVICE_NAME_LEN, MsgHeader, MsgType, SERVICE_FIELD_SIZE_V2,
@@ -29,7 +28,6 @@ use qrexec::proto::{
 };
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -389,28 +387,7 @@ impl Daemon {
                 }
             }
             self.ctrl.flush()?;
-            let mut fds = [
-                PollFd::new(self.ctrl.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.waker.as_fd(), PollFlags::POLLIN),
-            ];
-            let timeout = if self.ctrl.has_pending_writes() {
-                PollTimeout::from(20u16)
-            } else {
-                PollTimeout::from(1000u16)
-            };
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(Error::io("poll", e.into())),
-            }
-            let ctrl_ev = fds[0].revents().is_some_and(|r| !r.is_empty());
-            let wake_ev = fds[2].revents().is_some_and(|r| !r.is_empty());
-            if ctrl_ev {
-                self.ctrl.consume_event();
-            }
-            if wake_ev {
-                self.waker.drain();
-            }
+            crate::ctrl::sleep_on(&mut self.ctrl, &self.listener, &self.waker)?;
         }
     }
 

@@ -709,28 +709,7 @@ pub fn run(
             }
         }
         ctrl.flush()?;
-        let mut fds = [
-            PollFd::new(ctrl.as_fd(), PollFlags::POLLIN),
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(waker.as_fd(), PollFlags::POLLIN),
-        ];
-        let timeout = if ctrl.has_pending_writes() {
-            PollTimeout::from(20u16)
-        } else {
-            PollTimeout::from(1000u16)
-        };
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(Error::io("poll", e.into())),
-        }
-        let ctrl_ev = fds[0].revents().is_some_and(|r| !r.is_empty());
-        let wake_ev = fds[2].revents().is_some_and(|r| !r.is_empty());
-        if ctrl_ev {
-            ctrl.consume_event();
-        }
-        if wake_ev {
-            waker.drain();
-        }
+        crate::ctrl::sleep_on(&mut ctrl, &listener, &waker)?;
     }
 }
 
