@@ -117,18 +117,8 @@ fn storm(sim: &Sim, gate: &mut Gate, vms: &[&str], per_vm: usize, targets: &[&st
     for i in 0..per_vm {
         for vm in vms {
             let target = targets[i % targets.len()];
-            let mut c = sim.client(vm, &[target, "test.Gate"]);
-            let mut child = c
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut stdin = child.stdin.take().unwrap();
-            let data = payload(vm, i);
-            let writer = std::thread::spawn(move || {
-                let _ = stdin.write_all(&data);
-            });
+            let c = sim.client(vm, &[target, "test.Gate"]);
+            let (child, writer) = common::spawn_feeding(c, payload(vm, i));
             running.push(Running {
                 vm: vm.to_string(),
                 i,

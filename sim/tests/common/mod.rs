@@ -192,10 +192,9 @@ impl Drop for Sim {
     }
 }
 
-/// Run `c` with `input` on stdin (written from a thread, so a child that
-/// writes before it reads cannot deadlock us); collect its output (60 s
-/// safety net).
-pub fn call_with(mut c: Command, input: &[u8]) -> Output {
+/// Start `c` with piped stdio and `input` written to its stdin from a
+/// thread (so a child that writes before it reads cannot deadlock us).
+pub fn spawn_feeding(mut c: Command, input: Vec<u8>) -> (Child, std::thread::JoinHandle<()>) {
     let mut child = c
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -203,10 +202,17 @@ pub fn call_with(mut c: Command, input: &[u8]) -> Output {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
     let w = std::thread::spawn(move || {
         let _ = stdin.write_all(&input);
     });
+    (child, w)
+}
+
+/// Run `c` with `input` on stdin (written from a thread, so a child that
+/// writes before it reads cannot deadlock us); collect its output (60 s
+/// safety net).
+pub fn call_with(c: Command, input: &[u8]) -> Output {
+    let (child, w) = spawn_feeding(c, input.to_vec());
     let out = wait_output(child, Duration::from_secs(60));
     w.join().unwrap();
     out
