@@ -108,7 +108,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::poll::PollFlags;
 
 pub mod local;
 mod sys;
@@ -116,8 +116,7 @@ mod xen;
 
 pub use xen::{DEVICE_PATH, Xen, XenChannel};
 
-/// A Xen domain id.
-pub type DomId = u16;
+pub use xen_base::DomId;
 
 /// An event channel port number, local to one domain.
 pub type Port = u32;
@@ -402,34 +401,10 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     }
 }
 
-/// Converts a duration into a `poll` timeout in milliseconds, rounding up so
-/// that a short positive timeout does not become a busy loop.
-fn poll_timeout(d: Duration) -> PollTimeout {
-    let ms = d.as_nanos().div_ceil(1_000_000);
-    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
-}
-
 /// Waits until `fd` is readable or `deadline` passes (`None`: forever).
-/// Returns `Ok(false)` on timeout. Retries `EINTR`.
+/// Returns `Ok(false)` on timeout.
 fn poll_readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<bool, Errno> {
-    loop {
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => poll_timeout(d.saturating_duration_since(Instant::now())),
-        };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, timeout) {
-            Ok(0) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(false);
-                }
-            }
-            // Readable, or hung up / error: the caller's read tells which.
-            Ok(_) => return Ok(true),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    xen_base::poll_until(fd, PollFlags::POLLIN, deadline)
 }
 
 /// The shared body of `wait`/`wait_timeout`: poll, then try to consume;
