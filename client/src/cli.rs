@@ -18,7 +18,7 @@ use crate::proto::{
 use crate::pump::{LocalSide, PumpConfig, Stderr};
 use crate::trigger::{AgentAnswer, DataPeer, call_agent};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
@@ -699,14 +699,15 @@ pub fn main() -> ExitCode {
     run(&argv)
 }
 
-/// Convenience for tests and embedders: an argv from strings.
-pub fn argv<S: AsRef<OsStr>>(items: &[S]) -> Vec<OsString> {
-    items.iter().map(|s| s.as_ref().to_os_string()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
+
+    /// An argv from strings.
+    fn argv<S: AsRef<OsStr>>(items: &[S]) -> Vec<OsString> {
+        items.iter().map(|s| s.as_ref().to_os_string()).collect()
+    }
     use crate::proto::RequestFormat;
 
     fn parse(v: &[&str]) -> Result<Options, CliError> {
