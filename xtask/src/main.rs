@@ -15,8 +15,6 @@
 
 mod bench;
 mod demo;
-// The lab's test suite is landing in steps; some helpers are used only by it.
-#[allow(dead_code)]
 mod lab;
 mod libvchan;
 mod man;
