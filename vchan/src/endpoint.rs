@@ -1196,7 +1196,6 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// assert_eq!(cli.peer_state(), PeerState::Connected);
     /// # Ok::<(), RingError>(())
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn peer_state(&self) -> PeerState {
         let live = self.header.load_u8(self.side.peer_live());
         // FENCE (acquire after reading the live byte).
