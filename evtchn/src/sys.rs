@@ -2,7 +2,6 @@
 //! kernel's `include/uapi/xen/evtchn.h`. Every number and size is pinned by
 //! a unit test against the literal in docs/vchan.md §6.
 
-
 /// `_IOC_NONE` from `include/uapi/asm-generic/ioctl.h` (x86-64 and arm64,
 /// the architectures Xen guests run on).
 const IOC_NONE: u32 = 0;
