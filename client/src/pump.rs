@@ -238,7 +238,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     fn close_input(&mut self, send_eof: bool) -> Result<(), PumpError> {
         if let Some(inp) = self.input.take() {
             if send_eof && self.sending {
-                // An EOF that cannot be sent is ignored (4c51f26): the peer
+                // An EOF that cannot be sent is ignored (QubesOS/qubes-core-qrexec@4c51f26): the peer
                 // has usually gone already. Never block on it.
                 if self
                     .ch
@@ -423,7 +423,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     }
 
     /// Send a STDIN message whose payload is at `tx[8..8 + n]`. A failure
-    /// stops sending but not receiving (66c1519): no EOF is sent then.
+    /// stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519): no EOF is sent then.
     fn send_stdin(&mut self, n: usize) -> Result<(), PumpError> {
         stdin_header(&mut self.tx, n);
         match self.ch.send_all(&self.tx[..MSG_HEADER_SIZE + n]) {
@@ -435,7 +435,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// A send failed. A corrupted ring ends the call; anything else (the
     /// peer went away) is like #5597: not worth an error line when the exit
     /// code still arrives ("closed early" is reported if it does not), and
-    /// it stops sending but not receiving (66c1519): no EOF is sent then.
+    /// it stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519): no EOF is sent then.
     fn send_failed(&mut self, e: io::Error) -> Result<(), PumpError> {
         if is_ring_corruption(&e) {
             return Err(PumpError::Channel {
@@ -590,7 +590,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             {
                 return Ok(());
             }
-            // The peer has gone: is_open before data_ready (bd07c52).
+            // The peer has gone: is_open before data_ready (QubesOS/qubes-core-qrexec@bd07c52).
             let open = self.ch.is_open();
             if !open
                 && self.ch.data_ready().map_err(chan_err("look at the ring"))? == 0
