@@ -24,9 +24,10 @@
 //!
 //! # Semantics that both backends share
 //!
-//! These are the device's (docs/vchan.md §6, verified on Xen 4.17, §16 rows 3–5);
-//! the double reproduces them on purpose, so code that works on the double
-//! does not rely on anything the real device does not promise:
+//! These are the device's (docs/vchan.md §6, verified on real Xen by the
+//! lab, docs/vchan.md §16 rows 3–5); the double reproduces them on
+//! purpose, so code that works on the double does not rely on anything the
+//! real device does not promise:
 //!
 //! * A bound port starts enabled. An event masks it and queues one event on
 //!   the fd (`POLLIN`). [`EventChannel::wait`] and
@@ -51,7 +52,8 @@
 //!   bits (Xen needs `EVTCHNOP_status` through privcmd, which a restricted
 //!   domU cannot issue, so [`Xen`] answers `Ok(None)`).
 //! * Timing: a re-armed port with a pending event is delivered again as
-//!   soon as the hub reads the re-arm, not about 0.4 ms later; and
+//!   soon as the hub reads the re-arm, not after Xen's short delay
+//!   (docs/vchan.md §6); and
 //!   notifications that reach the hub while an event is queued always leave
 //!   one more wake-up (Xen sometimes merges them into the first). Both stay
 //!   within "1 or 2 wake-ups".
