@@ -430,21 +430,13 @@ struct World {
     _procs: Procs,
 }
 
-fn sha256(path: &Path, len: Option<usize>) -> Result<String, String> {
-    let cmd = match len {
-        Some(n) => format!("head -c {n} '{}' | sha256sum", path.display()),
-        None => format!("sha256sum < '{}'", path.display()),
-    };
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .output()
-        .map_err(|e| e.to_string())?;
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.split_whitespace()
-        .next()
-        .map(str::to_string)
-        .ok_or_else(|| format!("{cmd}: no output"))
+/// SHA-256 of the first `len` bytes of `path`.
+fn sha256_prefix(path: &Path, len: usize) -> Result<String, String> {
+    let mut head = Vec::with_capacity(len);
+    fs::File::open(path)
+        .and_then(|f| f.take(len as u64).read_to_end(&mut head))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::util::sha256_bytes(&head)
 }
 
 fn start_world(stage: &Path) -> Result<World, String> {
@@ -462,7 +454,7 @@ fn start_world(stage: &Path) -> Result<World, String> {
     )))?;
     let mut data_sha = std::collections::HashMap::new();
     for n in [MIB, 8 * MIB, 16 * MIB, 64 * MIB] {
-        data_sha.insert(n, sha256(&dir.join("data"), Some(n))?);
+        data_sha.insert(n, sha256_prefix(&dir.join("data"), n)?);
     }
     write_exec(&dir.join("policy"), POLICY)?;
     let qrexec = stage.join("qubes-core-qrexec");
@@ -643,24 +635,6 @@ fn call(world: &World, client: &Path, case: &Case) -> Result<Run, String> {
     })
 }
 
-fn sha_of(bytes: &[u8]) -> Result<String, String> {
-    let mut c = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut w = c.stdin.take().ok_or("no stdin")?;
-    let data = bytes.to_vec();
-    let t = std::thread::spawn(move || w.write_all(&data));
-    let out = c.wait_with_output().map_err(|e| e.to_string())?;
-    let _ = t.join();
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string())
-}
-
 fn check(world: &World, c: &Check, got: &[u8], what: &str) -> Result<(), String> {
     let show = |b: &[u8]| {
         let s = String::from_utf8_lossy(&b[..b.len().min(120)]).into_owned();
@@ -677,7 +651,7 @@ fn check(world: &World, c: &Check, got: &[u8], what: &str) -> Result<(), String>
             if got.len() != *n {
                 return Err(format!("{what}: {} bytes, not {n}", got.len()));
             }
-            let sha = sha_of(got)?;
+            let sha = crate::util::sha256_bytes(got)?;
             if &sha == want {
                 Ok(())
             } else {
