@@ -1,3 +1,5 @@
+// Why this file is long (~940 lines): the last ~200 are unit tests of the
+// option parsing; the rest is the command, options and call flow together.
 //! The `qrexec-client-vm` command: option parsing (docs/qrexec.md §11) and the call
 //! flow (docs/qrexec.md §7, §8, §12).
 //!
