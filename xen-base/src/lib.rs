@@ -25,6 +25,7 @@
 //! assert!(Instant::now() >= deadline);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![forbid(unsafe_code)]
 
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, Instant};
