@@ -198,8 +198,7 @@ mod tests {
     /// `EINTR` is retried, and the retry waits only for what is left.
     #[test]
     fn eintr_is_retried_with_the_remaining_time() {
-        let start = Instant::now();
-        let deadline = start + Duration::from_millis(60);
+        let deadline = Instant::now() + Duration::from_millis(500);
         let mut timeouts = Vec::new();
         let ready = poll_until_with(Some(deadline), |t| {
             timeouts.push(t);
@@ -216,8 +215,11 @@ mod tests {
         assert!(Instant::now() >= deadline);
         assert_eq!(timeouts.len(), 2, "{timeouts:?}");
         let (first, second) = (i32::from(timeouts[0]), i32::from(timeouts[1]));
-        assert!(first > 50 && first <= 60, "{timeouts:?}");
-        assert!(second > 0 && second <= 30, "{timeouts:?}");
+        // At least 30 ms passed between the two (1 ms for the rounding up);
+        // what is left is still positive unless this machine stalled for
+        // most of half a second.
+        assert!(first <= 500, "{timeouts:?}");
+        assert!(second > 0 && second <= first - 29, "{timeouts:?}");
     }
 
     #[test]
