@@ -390,12 +390,9 @@ impl SocketChan {
                     sh.pending = self.tx.iter().copied().collect();
                 }
             }
-            None => match Early::start(l, self.tx.iter().copied().collect()) {
-                Ok(e) => self.early = Some(e),
-                // Without the helper the output goes out at the first call
-                // after the client came.
-                Err(_) => {}
-            },
+            // Without the helper (it could not start) the output goes out
+            // at the first call after the client came.
+            None => self.early = Early::start(l, self.tx.iter().copied().collect()).ok(),
         }
     }
 
