@@ -59,7 +59,11 @@
 //! * a blocking `write` that the peer's close interrupts after part of the
 //!   data went out returns that count; the next call returns −1 (`EPIPE`);
 //! * `data_ready`/`buffer_space` on a ring the peer corrupted: −1
-//!   (`EPROTO`) and a log line; every I/O call on it fails the same way;
+//!   (`EPROTO`) and a log line; once any call has seen the corruption,
+//!   every later I/O call and `libvchan_wait` on that handle fails the
+//!   same way (a stream `write` that still fits the space the peer had
+//!   freed when its index was last valid may succeed before that: it
+//!   trusts no index it has not checked);
 //! * liveness: `is_open` and the blocking waits use the vchan crate's
 //!   checks of the peer domain (event-channel status, domain probe,
 //!   xenstore; see the `vchan` crate docs) instead of libvchan-xen's
@@ -141,6 +145,10 @@ pub struct LibVchan {
     conn: Conn,
     /// The socket transport's stable fd for `select`, made on first request.
     socket_poll: Option<SocketPoll>,
+    /// A call found the ring corrupted by the peer: every I/O call fails
+    /// from then on (the writer's fast path trusts its last valid look at
+    /// the peer's index and would not notice by itself).
+    corrupt: bool,
 }
 
 #[derive(Debug)]
@@ -274,6 +282,7 @@ impl LibVchan {
         LibVchan {
             conn: Conn::Ready(vchan),
             socket_poll: None,
+            corrupt: false,
         }
     }
 
@@ -437,6 +446,24 @@ fn fail(op: &str, e: &vchan::Error) -> c_int {
     }
     set_errno(errno_of(e));
     -1
+}
+
+/// Whether `e` says the peer corrupted the ring.
+fn is_corrupt(e: &vchan::Error) -> bool {
+    errno_of(e) == libc::EPROTO
+}
+
+impl LibVchan {
+    /// −1 (`EPROTO`) with a log line if an earlier call found the ring
+    /// corrupted: a peer that lied once is not trusted again.
+    fn refused(&self, op: &str) -> Option<c_int> {
+        if !self.corrupt {
+            return None;
+        }
+        log(op, "refused: the peer corrupted the ring earlier");
+        set_errno(libc::EPROTO);
+        Some(-1)
+    }
 }
 
 fn invalid(op: &str, msg: impl fmt::Display) -> c_int {
@@ -640,6 +667,7 @@ pub unsafe extern "C" fn libvchan_client_init_async(
                 timer,
             },
             socket_poll: None,
+            corrupt: false,
         })
     })
 }
@@ -770,6 +798,9 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
     if data.is_null() && size > 0 {
         return invalid(op, "NULL data");
     }
+    if let Some(r) = h.refused(op) {
+        return r;
+    }
     let Conn::Ready(v) = &mut h.conn else {
         set_errno(libc::EAGAIN);
         return -1;
@@ -799,7 +830,10 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
     let ret = match r {
         Ok(n) => count(n),
         Err(vchan::Error::WouldBlock) => 0,
-        Err(e) => fail(op, &e),
+        Err(e) => {
+            h.corrupt |= is_corrupt(&e);
+            fail(op, &e)
+        }
     };
     h.after();
     ret
@@ -808,6 +842,9 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
 fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io) -> c_int {
     if data.is_null() && size > 0 {
         return invalid(op, "NULL data");
+    }
+    if let Some(r) = h.refused(op) {
+        return r;
     }
     let Conn::Ready(v) = &mut h.conn else {
         set_errno(libc::EAGAIN);
@@ -842,7 +879,10 @@ fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io)
         }
         Ok(n) => count(n),
         Err(vchan::Error::WouldBlock) => 0,
-        Err(e) => fail(op, &e),
+        Err(e) => {
+            h.corrupt |= is_corrupt(&e);
+            fail(op, &e)
+        }
     };
     h.after();
     ret
@@ -940,6 +980,9 @@ pub unsafe extern "C" fn libvchan_recv(
 
 impl LibVchan {
     fn wait(&mut self, op: &str) -> c_int {
+        if let Some(r) = self.refused(op) {
+            return r;
+        }
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
@@ -952,7 +995,10 @@ impl LibVchan {
         };
         let ret = match r {
             Ok(()) => 0,
-            Err(e) => fail(op, &e),
+            Err(e) => {
+                self.corrupt |= is_corrupt(&e);
+                fail(op, &e)
+            }
         };
         // What this wait took in is consumed with it: the program looks
         // at the vchan after a wait.
@@ -1004,26 +1050,38 @@ impl LibVchan {
     }
 
     fn data_ready(&mut self, op: &str) -> c_int {
+        if let Some(r) = self.refused(op) {
+            return r;
+        }
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
         // An error here is a ring the peer corrupted: −1 (EPROTO).
         let n = match v.data_ready() {
             Ok(n) => count(n),
-            Err(e) => fail(op, &e),
+            Err(e) => {
+                self.corrupt |= is_corrupt(&e);
+                fail(op, &e)
+            }
         };
         self.after();
         n
     }
 
     fn buffer_space(&mut self, op: &str) -> c_int {
+        if let Some(r) = self.refused(op) {
+            return r;
+        }
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
         // An error here is a ring the peer corrupted: −1 (EPROTO).
         let n = match v.buffer_space() {
             Ok(n) => count(n),
-            Err(e) => fail(op, &e),
+            Err(e) => {
+                self.corrupt |= is_corrupt(&e);
+                fail(op, &e)
+            }
         };
         self.after();
         n

@@ -453,6 +453,22 @@ fn xenvchan_struct_layout_matches_debians_header() {
     assert_eq!(text, expected);
 }
 
+/// The libxenvchan API over the socket transport (`VCHAN_SOCKET_DIR`):
+/// the same program, the ring orders it checks being the socket flavour's.
+#[test]
+fn xenvchan_calls_over_the_socket_transport() {
+    let tmp = tempfile::tempdir().unwrap();
+    let libdir = install_lib(tmp.path());
+    let exe = build_xenvchan_calls(tmp.path(), &libdir);
+    let sock = tempfile::tempdir().unwrap();
+    let (ok, out) = run(&exe, &[("VCHAN_SOCKET_DIR", sock.path())]);
+    assert!(ok, "xenvchan_calls failed:\n{out}");
+    assert!(
+        out.contains("(server)") && out.contains("(client)"),
+        "{out}"
+    );
+}
+
 #[test]
 fn xenvchan_calls_over_the_local_transport() {
     let tmp = tempfile::tempdir().unwrap();
