@@ -8,7 +8,7 @@
 //! cargo xtask lab <cmd>          the real-Xen lab (setup|start|stop|status|test)
 //! cargo xtask upstream <cmd>     the real C qrexec stack as a test peer (build|suite|cases)
 //! cargo xtask man [--out DIR]    man page and shell completions of qrexec-client-vm
-//! cargo xtask package            .deb and .rpm of qrexec-client-vm (target/packages)
+//! cargo xtask package            .deb and .rpm of qrexec-client-vm and of libvchan-xen-rs (target/packages)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -63,7 +63,7 @@ fn usage_text() -> &'static str {
      \n  upstream <cmd>   the real C qrexec stack: build | suite [--vchan upstream|ours|both] | cases [--quick]\
      \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names\
      \n  man [--out DIR]  man page + bash/zsh/fish completions of qrexec-client-vm (target/assets)\
-     \n  package [--check-root DIR]  .deb and .rpm of qrexec-client-vm; install/remove them in copies of a Debian root"
+     \n  package [--check-root DIR]  .deb and .rpm of qrexec-client-vm and libvchan-xen-rs; install/remove them in copies of a Debian root"
 }
 
 fn usage() -> ExitCode {
