@@ -348,6 +348,9 @@ impl Vchan {
                 endpoint::PeerState::Closed => State::Closed,
             },
             Inner::Socket(s) => {
+                // A client waiting to be accepted (or one the accept helper
+                // took) is taken in; an accept error shows in the next wait.
+                let _ = s.poll_accept();
                 if !s.is_connected() {
                     State::Waiting
                 } else if s.is_open() {
@@ -1011,6 +1014,41 @@ impl Vchan {
     /// ```
     pub fn is_socket(&self) -> bool {
         matches!(self.inner, Inner::Socket(_))
+    }
+
+    /// Socket transport: whether, since the last call of this method, any
+    /// call moved bytes between the socket and this end's private buffers,
+    /// or saw the client connect or the peer leave; clears it. Such news
+    /// no longer shows on the socket, so a caller that sleeps on the fd
+    /// ([`Vchan::poll_interest`]) after, say, [`Vchan::data_ready`] took
+    /// data in must look before sleeping (the C API's select fd stays
+    /// readable on it until the next wait). Always `false` on shared
+    /// memory, where the event channel keeps its own pending state.
+    ///
+    /// ```
+    /// # use std::io::Write;
+    /// # use std::time::Duration;
+    /// # use vchan::{Transport, Vchan};
+    /// let dir = tempfile::tempdir()?;
+    /// let t0 = Transport::Socket { dir: dir.path().into(), domid: 0 };
+    /// let t5 = Transport::Socket { dir: dir.path().into(), domid: 5 };
+    /// let mut srv = Vchan::server(&t0, 5, 77, 4096, 4096)?;
+    /// let mut cli = Vchan::client(&t5, 0, 77, Duration::from_secs(10))?;
+    /// srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// assert!(srv.take_socket_news()); // the client came
+    /// cli.write_all(b"hi")?;
+    /// while srv.data_ready()? < 2 {
+    ///     srv.wait()?;
+    /// }
+    /// assert!(srv.take_socket_news()); // "hi" left the socket for our buffer
+    /// assert!(!srv.take_socket_news());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn take_socket_news(&mut self) -> bool {
+        match &mut self.inner {
+            Inner::Shm(_) => false,
+            Inner::Socket(s) => s.take_news(),
+        }
     }
 
     /// Closes this end (also done on drop); the peer sees [`State::Closed`].
