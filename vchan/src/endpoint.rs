@@ -1456,8 +1456,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if self.rx.load_ready(&self.header)? >= want {
             return Ok(true);
         }
-        self.spin
-            .spin_until(|| self.rx.load_ready(&self.header).map(|v| v >= want))
+        self.spin_for(Dir::Read, want)
     }
 
     /// As [`Endpoint::spin_for_data`], for at least `want` bytes of free
@@ -1500,8 +1499,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if self.tx.load_space(&self.header)? >= want {
             return Ok(true);
         }
-        self.spin
-            .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= want))
+        self.spin_for(Dir::Write, want)
     }
 
     /// Stream read: up to `buf.len()` bytes.
@@ -1560,43 +1558,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         } else {
             buf
         };
-        let want = clamp_u32(buf.len());
-        let mut deadline = None;
-        // Until we have spun once, look without requesting a notification.
-        let mut spin = self.blocking;
-        loop {
-            let ready = if spin {
-                self.peek_ready(want)?
-            } else {
-                self.rx.fast_ready(&self.header, want, 1)?
-            };
-            if ready > 0 {
-                return self.consume(buf);
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.rx.load_ready(&self.header).map(|v| v > 0))?;
-                continue;
-            }
-            // Empty. Liveness matters only now: data written before a close
-            // is still delivered.
-            if self.peer_state() == PeerState::Closed {
-                // The peer may have written and closed between our index
-                // load and the live load; `peer_state`'s acquire fence makes
-                // this re-load see everything it published before closing.
-                // (No `continue` here: a peer flipping `prod` must not be
-                // able to keep us looping without ever blocking.)
-                if self.rx.load_ready(&self.header)? > 0 {
-                    return self.consume(buf);
-                }
-                return Ok(0);
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            self.block(&mut deadline)?;
-            spin = true;
+        // Any data will do; all of `buf` if it is there.
+        let need = Need::any(clamp_u32(buf.len()));
+        match self.wait_for(Dir::Read, need, &mut None)? {
+            Some(_) => self.consume(buf),
+            // Closed and drained: EOF.
+            None => Ok(0),
         }
     }
 
@@ -1654,49 +1621,28 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
         let mut pos = 0;
         let mut deadline = None;
-        let mut spin = self.blocking;
         let batch_cap = clamp_u32(self.write_ring_size() / 2).min(WRITE_BATCH);
         loop {
-            let rest = &buf[pos..];
-            let want = clamp_u32(rest.len());
-            // Until we have spun, write only in batches (see WRITE_BATCH).
-            let batch = if spin { want.min(batch_cap).max(1) } else { 1 };
-            let space = if spin {
-                self.peek_space(batch)?
-            } else {
-                self.tx.fast_space(&self.header, want, 1)?
+            let want = clamp_u32(buf.len() - pos);
+            // Until we have spun, write only in batches (see WRITE_BATCH);
+            // once a notification is requested, any space will do.
+            let batch = want.min(batch_cap).max(1);
+            let need = Need {
+                spin: Amount::exactly(batch),
+                armed: Amount { want, need: 1 },
             };
-            if space >= batch {
-                pos += self.tx.push(&self.header, rest);
-                self.after_produce()?;
-                if pos == buf.len() || !self.blocking {
-                    return Ok(pos);
-                }
-                spin = true;
-                continue;
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= batch))?;
-                continue;
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            match self.block(&mut deadline) {
-                Ok(()) => {}
+            match self.wait_for(Dir::Write, need, &mut deadline) {
+                Ok(Some(_)) => {}
+                Ok(None) if pos > 0 => return Ok(pos),
+                Ok(None) => return Err(RingError::PeerClosed),
                 Err(RingError::TimedOut) if pos > 0 => return Ok(pos),
                 Err(e) => return Err(e),
             }
-            if !self.peer_state().is_open() {
-                return if pos > 0 {
-                    Ok(pos)
-                } else {
-                    Err(RingError::PeerClosed)
-                };
+            pos += self.tx.push(&self.header, &buf[pos..]);
+            self.after_produce()?;
+            if pos == buf.len() || !self.blocking {
+                return Ok(pos);
             }
-            spin = true;
         }
     }
 
@@ -1874,36 +1820,14 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let n = clamp_u32(buf.len());
-        let mut deadline = None;
-        let mut spin = self.blocking;
-        loop {
-            let space = if spin {
-                self.peek_space(n)?
-            } else {
-                self.tx.fast_space(&self.header, n, n)?
-            };
-            if space >= n {
-                let written = self.tx.push(&self.header, buf);
-                debug_assert_eq!(written, buf.len());
-                self.after_produce()?;
-                return Ok(written);
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= n))?;
-                continue;
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            self.block(&mut deadline)?;
-            if !self.peer_state().is_open() {
-                return Err(RingError::PeerClosed);
-            }
-            spin = true;
+        let need = Need::all(clamp_u32(buf.len()));
+        if self.wait_for(Dir::Write, need, &mut None)?.is_none() {
+            return Err(RingError::PeerClosed);
         }
+        let written = self.tx.push(&self.header, buf);
+        debug_assert_eq!(written, buf.len());
+        self.after_produce()?;
+        Ok(written)
     }
 
     /// Packet receive: exactly `buf.len()` bytes or nothing. Returns
@@ -1960,36 +1884,11 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let n = clamp_u32(buf.len());
-        let mut deadline = None;
-        let mut spin = self.blocking;
-        loop {
-            let ready = if spin {
-                self.peek_ready(n)?
-            } else {
-                self.rx.fast_ready(&self.header, n, n)?
-            };
-            if ready >= n {
-                return self.consume(buf);
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.rx.load_ready(&self.header).map(|v| v >= n))?;
-                continue;
-            }
-            if self.peer_state() == PeerState::Closed {
-                // As in `read`: re-load after seeing "closed".
-                if self.rx.load_ready(&self.header)? >= n {
-                    return self.consume(buf);
-                }
-                return Err(RingError::PeerClosed);
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            self.block(&mut deadline)?;
-            spin = true;
+        let need = Need::all(clamp_u32(buf.len()));
+        match self.wait_for(Dir::Read, need, &mut None)? {
+            Some(_) => self.consume(buf),
+            // Closed with fewer bytes left than asked for.
+            None => Err(RingError::PeerClosed),
         }
     }
 
@@ -2207,23 +2106,114 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
     }
 
-    /// Bytes ready without requesting a notification: the cached `prod` if
-    /// it shows `want` bytes, else one fresh load.
-    fn peek_ready(&mut self, want: u32) -> Result<u32, RingError> {
-        let cached = self.rx.cached_ready();
-        if cached >= want {
-            return Ok(cached);
+    /// The one waiting loop of [`read`](Self::read),
+    /// [`write`](Self::write), [`send`](Self::send) and
+    /// [`recv`](Self::recv) (docs/vchan.md §5.4 and §5.6): until `dir` has
+    /// enough (bytes ready to read, or free space to write), in this order:
+    ///
+    /// 1. look without requesting a notification (blocking calls only: a
+    ///    cached count that covers `need.spin.want` needs no load);
+    /// 2. spin for at most the adaptive bound ([`SpinPolicy`]);
+    /// 3. request a notification and look again (the Dekker re-check of
+    ///    [`Consumer::fast_ready`] / [`Producer::fast_space`]);
+    /// 4. reading: the peer's liveness, only now (data written before a
+    ///    close is still delivered); non-blocking: `WouldBlock`;
+    /// 5. sleep for at most the poll interval (bounded by `deadline`),
+    ///    re-validate the shared header, and (writing) check the peer is
+    ///    still open; then from 1 again.
+    ///
+    /// `Ok(Some(n))`: `n` bytes (at least the phase's `need`) are there,
+    /// and the ring's cached count says so. `Ok(None)`: the peer has
+    /// closed; reading, with fewer than `need.armed.need` bytes left.
+    /// Every pass loads each peer index once per look; a peer that keeps
+    /// changing its index cannot keep us from blocking (the closed
+    /// re-check does not loop).
+    ///
+    /// # Errors
+    /// [`RingError::WouldBlock`] (non-blocking), [`RingError::TimedOut`]
+    /// (the endpoint's timeout, counted from the first sleep of `deadline`),
+    /// [`RingError::Corrupt`], [`RingError::Event`].
+    fn wait_for(
+        &mut self,
+        dir: Dir,
+        need: Need,
+        deadline: &mut Option<Instant>,
+    ) -> Result<Option<u32>, RingError> {
+        // Until we have spun once, look without requesting a notification.
+        let mut spin = self.blocking;
+        loop {
+            let (have, enough) = if spin {
+                (self.peek(dir, need.spin.want)?, need.spin.need)
+            } else {
+                (self.fast(dir, need.armed)?, need.armed.need)
+            };
+            if have >= enough {
+                return Ok(Some(have));
+            }
+            if spin {
+                spin = false;
+                self.spin_for(dir, need.spin.need)?;
+                continue;
+            }
+            if dir == Dir::Read && self.peer_state() == PeerState::Closed {
+                // The peer may have written and closed between our index
+                // load and the live load; `peer_state`'s acquire fence makes
+                // this re-load see everything it published before closing.
+                // (No `continue` here: a peer flipping `prod` must not be
+                // able to keep us looping without ever blocking.)
+                let have = self.rx.load_ready(&self.header)?;
+                return Ok((have >= need.armed.need).then_some(have));
+            }
+            if !self.blocking {
+                return Err(RingError::WouldBlock);
+            }
+            self.block(deadline)?;
+            if dir == Dir::Write && !self.peer_state().is_open() {
+                return Ok(None);
+            }
+            spin = true;
         }
-        self.rx.load_ready(&self.header)
     }
 
-    /// Free space without requesting a notification (as [`Self::peek_ready`]).
-    fn peek_space(&mut self, want: u32) -> Result<u32, RingError> {
-        let cached = self.tx.cached_space();
+    /// A look without requesting a notification: the cached count if it
+    /// covers `want`, else one load of the peer's index.
+    fn peek(&mut self, dir: Dir, want: u32) -> Result<u32, RingError> {
+        let cached = match dir {
+            Dir::Read => self.rx.cached_ready(),
+            Dir::Write => self.tx.cached_space(),
+        };
         if cached >= want {
             return Ok(cached);
         }
-        self.tx.load_space(&self.header)
+        match dir {
+            Dir::Read => self.rx.load_ready(&self.header),
+            Dir::Write => self.tx.load_space(&self.header),
+        }
+    }
+
+    /// A look that requests a notification (and re-checks) when the ring
+    /// has less than `amount.need`.
+    fn fast(&mut self, dir: Dir, amount: Amount) -> Result<u32, RingError> {
+        match dir {
+            Dir::Read => self.rx.fast_ready(&self.header, amount.want, amount.need),
+            Dir::Write => self.tx.fast_space(&self.header, amount.want, amount.need),
+        }
+    }
+
+    /// Busy-waits (the endpoint's [`SpinPolicy`]) until `dir` has at least
+    /// `need` bytes: `Ok(true)` if it has. Requests no notification, so the
+    /// peer sends no event for what we catch here; after a fruitless spin
+    /// the caller requests one, re-checks (the Dekker re-load of
+    /// docs/vchan.md §5.4) and only then sleeps.
+    fn spin_for(&mut self, dir: Dir, need: u32) -> Result<bool, RingError> {
+        match dir {
+            Dir::Read => self
+                .spin
+                .spin_until(|| self.rx.load_ready(&self.header).map(|n| n >= need)),
+            Dir::Write => self
+                .spin
+                .spin_until(|| self.tx.load_space(&self.header).map(|n| n >= need)),
+        }
     }
 
     /// Copies out what the last validated `prod` allows (all of `buf` for
@@ -2292,6 +2282,52 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     fn block(&mut self, deadline: &mut Option<Instant>) -> Result<(), RingError> {
         self.wait_once(deadline)?;
         self.check()
+    }
+}
+
+/// Which way a waiting call moves bytes: it waits for data to read or for
+/// space to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// A byte count for one phase of a wait.
+#[derive(Debug, Clone, Copy)]
+struct Amount {
+    /// What the caller could use: a cached count this large needs no load.
+    want: u32,
+    /// Enough to stop waiting.
+    need: u32,
+}
+
+impl Amount {
+    fn exactly(n: u32) -> Self {
+        Amount { want: n, need: n }
+    }
+}
+
+/// What a waiting call needs before and after it requests a notification.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    /// While looking and spinning, no notification requested.
+    spin: Amount,
+    /// Once a notification is requested.
+    armed: Amount,
+}
+
+impl Need {
+    /// A stream call: any byte will do, `want` if they are there.
+    fn any(want: u32) -> Self {
+        let a = Amount { want, need: 1 };
+        Need { spin: a, armed: a }
+    }
+
+    /// A packet call: all `n` bytes or nothing.
+    fn all(n: u32) -> Self {
+        let a = Amount::exactly(n);
+        Need { spin: a, armed: a }
     }
 }
 
