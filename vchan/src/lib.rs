@@ -59,6 +59,7 @@ pub mod ring;
 mod shm;
 mod socket;
 pub mod spin;
+pub mod stderr_log;
 mod transport;
 
 use std::io;

@@ -487,8 +487,8 @@ impl ShmChan {
         let layout = control::validate_client_orders(lo, ro)
             .map_err(|e| Error::peer(format!("control page: {e}")))?;
         if layout.grant_list_overlaps_ring {
-            eprintln!(
-                "vchan: warning: server's grant list runs into an in-page ring (orders {lo}/{ro}; ocaml-vchan layout)"
+            log::warn!(
+                "server's grant list runs into an in-page ring (orders {lo}/{ro}; ocaml-vchan layout)"
             );
         }
         let (left_grants, right_grants) = control::read_grants(&header, &layout);
