@@ -23,6 +23,7 @@
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,7 @@ use crate::control::{
     ControlPage, LIVE_CONNECTED, LIVE_EXITED, LIVE_WAITING, Layout, RingId, RingLocation,
     SharedHeader, Side,
 };
+use crate::mem::SharedMemory;
 use crate::ring::{Consumer, Corruption, Producer, RawRingBytes, Ring, RingBytes, RingError};
 use crate::spin::SpinPolicy;
 
@@ -51,17 +53,12 @@ use crate::spin::SpinPolicy;
 /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
 /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
 /// # }
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
 /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &layout, &[], &[])?;
-/// # // SAFETY: as above; in-page rings, so null ring pointers.
-/// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-/// # // SAFETY: as above (the client's view of the same page).
-/// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
 /// # announce_client_connected(&hdr);
 /// // An implementation only forwards to its channel; the endpoint never
 /// // counts events and re-checks the rings after every wake-up.
@@ -86,17 +83,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.events().notify().unwrap();
     /// # Ok::<(), RingError>(())
@@ -118,17 +110,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.events().wait().unwrap(); // NoEvents: a spurious wake-up, which is allowed
     /// # Ok::<(), RingError>(())
@@ -151,17 +138,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!cli.events().wait_timeout(Duration::from_millis(1)).unwrap());
     /// # Ok::<(), RingError>(())
@@ -184,17 +166,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!cli.events().consume_pending().unwrap());
     /// # Ok::<(), RingError>(())
@@ -240,17 +217,12 @@ impl From<FdError> for io::Error {
 /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
 /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
 /// # }
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
 /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &layout, &[], &[])?;
-/// # // SAFETY: as above; in-page rings, so null ring pointers.
-/// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-/// # // SAFETY: as above (the client's view of the same page).
-/// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
 /// # announce_client_connected(&hdr);
 /// assert_eq!(srv.peer_state(), PeerState::Connected);
 /// cli.close()?;
@@ -286,17 +258,12 @@ impl PeerState {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(PeerState::Waiting.is_open());
     /// assert!(!PeerState::Closed.is_open());
@@ -346,15 +313,19 @@ const WRITE_BATCH: u32 = 64 * 1024;
 /// storage `B`; the defaults are the real shared-memory types. The `loom`
 /// model instantiates it with model-checked ones.
 ///
-/// The endpoint does not own the memory: whoever mapped it must keep it
-/// mapped while the endpoint exists, call [`Endpoint::close`], and only then
-/// unmap it. Dropping an endpoint does nothing to shared memory.
+/// The endpoint owns its share of the memory: its header and rings hold
+/// the mappings ([`crate::mem::SharedMemory`]), so nothing can unmap them
+/// while it exists. Dropping an endpoint writes nothing to shared memory;
+/// call [`Endpoint::close`] first (or take it apart in a chosen order with
+/// [`Endpoint::into_parts`]).
 ///
-/// ```no_run
+/// ```
 /// use std::io;
+/// use std::sync::Arc;
 /// use std::time::Duration;
-/// use vchan::control::{server_layout, Side};
+/// use vchan::control::{ControlPage, init_server_page, server_layout, Side};
 /// use vchan::endpoint::{Endpoint, Events};
+/// use vchan::mem::HeapPages;
 ///
 /// #[derive(Debug)]
 /// struct MyEvents; // e.g. an event-channel fd
@@ -365,16 +336,13 @@ const WRITE_BATCH: u32 = 64 * 1024;
 ///     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
 /// }
 ///
-/// # fn demo(page: *mut u8) -> Result<(), vchan::ring::RingError> {
+/// let page = Arc::new(HeapPages::new(1)); // a grant mapping, in real life
 /// let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-/// // SAFETY: `page` is our mapped, initialised control page; it stays
-/// // mapped until after `close`.
-/// let mut ep = unsafe {
-///     Endpoint::new(page, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), MyEvents)?
-/// };
+/// init_server_page(&ControlPage::new(page.clone())?, &layout, &[], &[])?;
+/// let mut ep = Endpoint::new(page, Side::Server, &layout, None, None, MyEvents)?;
 /// ep.write(b"hello")?;
 /// ep.close()?;
-/// # Ok(()) }
+/// # Ok::<(), vchan::ring::RingError>(())
 /// ```
 pub struct Endpoint<E: Events, H: SharedHeader = ControlPage, B: RingBytes = RawRingBytes> {
     header: H,
@@ -414,31 +382,27 @@ impl<E: Events, H: SharedHeader, B: RingBytes> fmt::Debug for Endpoint<E, H, B> 
 }
 
 impl<E: Events> Endpoint<E> {
-    /// An endpoint over a mapped control page and mapped rings.
+    /// An endpoint over a mapped control page and mapped rings, which it
+    /// keeps mapped: the memory goes when the endpoint (and whatever else
+    /// holds the mappings) is dropped, never before.
     ///
     /// `layout` is the validated layout ([`crate::control::server_layout`]
     /// on the server, [`crate::control::validate_client_orders`] on the
-    /// client); its orders become the endpoint's private copy. For a ring
-    /// that `layout` places in the page pass a null pointer (its address is
-    /// `ctrl + offset`); for an external ring pass the start of its
-    /// virtually contiguous mapping of `1 << order` bytes.
+    /// client); its orders become the endpoint's private copy. `ctrl` holds
+    /// the control page in its first 4 KiB (writable). For a ring that
+    /// `layout` places in the page pass `None` (it is bytes of `ctrl`); for
+    /// an external ring pass its virtually contiguous mapping of
+    /// `1 << order` bytes, writable for our write ring
+    /// (`side.write_ring()`); the client's read ring may be read-only.
     ///
     /// Our own indices are read once here (indices survive reconnects) and
     /// kept privately afterwards.
     ///
-    /// # Safety
-    /// * `ctrl` is a 4 KiB control page mapping (4-byte aligned), valid for
-    ///   reads and writes until the endpoint is dropped; within this process
-    ///   its header and grant list are accessed only atomically.
-    /// * Each non-null ring pointer is valid for `1 << order` bytes until
-    ///   the endpoint is dropped: for reads, and also for writes for our
-    ///   write ring (`side.write_ring()`). The client's read ring may be a
-    ///   read-only mapping.
-    /// * No Rust reference to any ring byte exists while the endpoint lives.
-    ///
     /// # Errors
-    /// [`RingError::RingAddress`] if a pointer contradicts the layout,
-    /// [`RingError::Corrupt`] if the shared indices are already impossible.
+    /// [`RingError::RingAddress`] if a mapping contradicts the layout,
+    /// [`RingError::Region`] if a mapping is too small or read-only where
+    /// we write, [`RingError::Corrupt`] if the shared indices are already
+    /// impossible.
     ///
     /// ```
     /// # use std::io;
@@ -454,56 +418,42 @@ impl<E: Events> Endpoint<E> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.read_ring_size(), 1024); // left, order 10, at byte 1024
     /// assert_eq!(srv.write_ring_size(), 2048); // right, order 11, at byte 2048
     /// # Ok::<(), RingError>(())
     /// ```
-    pub unsafe fn new(
-        ctrl: *mut u8,
+    pub fn new(
+        ctrl: Arc<dyn SharedMemory>,
         side: Side,
         layout: &Layout,
-        left: *mut u8,
-        right: *mut u8,
+        left: Option<Arc<dyn SharedMemory>>,
+        right: Option<Arc<dyn SharedMemory>>,
         events: E,
     ) -> Result<Self, RingError> {
-        // SAFETY: forwarded from this function's contract.
-        let header = unsafe { ControlPage::new(ctrl) };
-        let ring_bytes = |id: RingId, given: *mut u8| -> Result<RawRingBytes, RingError> {
-            let ptr = match (layout.location(id), given.is_null()) {
-                (RingLocation::InPage { offset }, true) => {
-                    // SAFETY: in-page offsets are 1024 or 2048 and the ring
-                    // ends at most at 4096: inside the page.
-                    unsafe { ctrl.add(offset) }
+        let header = ControlPage::new(ctrl.clone())?;
+        let ring_bytes = |id: RingId, given: Option<Arc<dyn SharedMemory>>| {
+            let size = layout.ring_size(id);
+            match (layout.location(id), given) {
+                (RingLocation::InPage { offset }, None) => {
+                    Ok(RawRingBytes::new(ctrl.clone(), offset, size)?)
                 }
-                (RingLocation::InPage { .. }, false) => {
-                    return Err(RingError::RingAddress {
-                        ring: id,
-                        reason: "ring lives in the control page; pass a null pointer",
-                    });
-                }
-                (RingLocation::External { .. }, true) => {
-                    return Err(RingError::RingAddress {
-                        ring: id,
-                        reason: "external ring needs its mapping's address, got null",
-                    });
-                }
-                (RingLocation::External { .. }, false) => given,
-            };
-            // SAFETY: `ptr` is valid for `ring_size` bytes: inside the page
-            // for in-page rings, by the caller's contract for external ones.
-            Ok(unsafe { RawRingBytes::new(ptr, layout.ring_size(id)) })
+                (RingLocation::InPage { .. }, Some(_)) => Err(RingError::RingAddress {
+                    ring: id,
+                    reason: "ring lives in the control page; pass no mapping",
+                }),
+                (RingLocation::External { .. }, None) => Err(RingError::RingAddress {
+                    ring: id,
+                    reason: "external ring needs its mapping, got none",
+                }),
+                (RingLocation::External { .. }, Some(m)) => Ok(RawRingBytes::new(m, 0, size)?),
+            }
         };
         let left = ring_bytes(RingId::Left, left)?;
         let right = ring_bytes(RingId::Right, right)?;
@@ -534,21 +484,16 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// use vchan::ring::RawRingBytes;
-    /// // SAFETY: bytes 1024..2048 and 2048..4096 of the page are the two rings.
-    /// let (left, right) = unsafe { (RawRingBytes::new(base.add(1024), 1024), RawRingBytes::new(base.add(2048), 2048)) };
+    /// // Bytes 1024..2048 and 2048..4096 of the page are the two rings.
+    /// let (left, right) = (RawRingBytes::new(page.clone(), 1024, 1024)?, RawRingBytes::new(page.clone(), 2048, 2048)?);
     /// let ep = Endpoint::from_parts(hdr, Side::Server, &layout, left, right, NoEvents)?;
     /// assert_eq!(ep.write_ring_size(), 2048);
     /// # Ok::<(), RingError>(())
@@ -602,17 +547,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.side(), Side::Client);
     /// # Ok::<(), RingError>(())
@@ -637,17 +577,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!((srv.layout().left_order, srv.layout().right_order), (10, 11));
     /// # Ok::<(), RingError>(())
@@ -672,17 +607,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.read_ring_size(), 2048); // the client reads `right`
     /// # Ok::<(), RingError>(())
@@ -707,17 +637,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.write_ring_size(), 1024); // the client writes `left`
     /// # Ok::<(), RingError>(())
@@ -742,17 +667,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.events().notify().unwrap();
     /// # Ok::<(), RingError>(())
@@ -777,17 +697,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.header().load_u8(CLI_LIVE), LIVE_CONNECTED);
     /// # Ok::<(), RingError>(())
@@ -812,17 +727,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.set_blocking(false);
     /// let mut b = [0u8; 4];
@@ -849,17 +759,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(srv.is_blocking());
     /// # Ok::<(), RingError>(())
@@ -885,17 +790,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.set_timeout(Some(Duration::from_millis(20)));
     /// let mut b = [0u8; 4];
@@ -922,17 +822,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.timeout(), None);
     /// srv.set_timeout(Some(Duration::from_secs(5)));
@@ -960,17 +855,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_poll_interval(Duration::from_millis(100));
     /// # Ok::<(), RingError>(())
@@ -1003,17 +893,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_spin(Duration::ZERO); // never spin: sleep on the event at once
     /// assert_eq!(srv.spin(), Duration::ZERO);
@@ -1039,17 +924,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_spin(Duration::from_micros(20));
     /// assert_eq!(srv.spin(), Duration::from_micros(20));
@@ -1078,17 +958,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_spin(Duration::from_micros(20));
     /// assert_eq!(srv.spin_policy().max(), Duration::from_micros(20));
@@ -1144,17 +1019,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!srv.is_closed());
     /// srv.close()?;
@@ -1181,17 +1051,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.peer_state(), PeerState::Connected);
     /// # Ok::<(), RingError>(())
@@ -1226,17 +1091,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(srv.is_open());
     /// # Ok::<(), RingError>(())
@@ -1265,17 +1125,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"abc")?;
     /// assert_eq!(cli.data_ready()?, 3);
@@ -1304,17 +1159,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.buffer_space()?, 2048);
     /// # Ok::<(), RingError>(())
@@ -1348,17 +1198,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"abc")?;
     /// assert_eq!(cli.peek_data_ready()?, 3);
@@ -1389,17 +1234,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"abc")?;
     /// assert_eq!(srv.peek_buffer_space()?, 2045);
@@ -1435,17 +1275,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"x")?;
     /// assert!(cli.spin_for_data(1)?);
@@ -1479,17 +1314,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(srv.spin_for_space(16)?);
     /// # Ok::<(), RingError>(())
@@ -1526,17 +1356,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"hello")?;
     /// let mut b = [0u8; 16];
@@ -1596,17 +1421,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.write(b"to the server")?, 13);
     /// # Ok::<(), RingError>(())
@@ -1789,17 +1609,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.send(b"packet")?, 6);
     /// assert!(matches!(srv.send(&[0; 4096]), Err(RingError::TooBig { .. }))); // > 2 KiB ring
@@ -1854,17 +1669,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.send(b"packet")?;
     /// let mut b = [0u8; 6];
@@ -1917,17 +1727,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.set_timeout(Some(Duration::from_millis(20)));
     /// // No event and no change of the rings or the live bytes: it times out.
@@ -1973,17 +1778,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!cli.consume_pending()?);
     /// # Ok::<(), RingError>(())
@@ -2013,17 +1813,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.check()?;
     /// hdr.store_u16(LEFT_ORDER, 12); // a hostile peer rewrites an order
@@ -2068,17 +1863,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.close()?;
     /// assert_eq!(hdr.load_u8(CLI_LIVE), LIVE_EXITED);
@@ -2089,13 +1879,53 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             return Ok(());
         }
         self.closed = true;
-        // FENCE (release before the live byte).
-        // Forbids: `live = 0` becoming visible before our last index stores.
-        // Without it the peer could see us closed, re-load our `prod`, find
-        // it old and report EOF with our final bytes still in flight.
-        self.header.fence(Ordering::SeqCst);
-        self.header.store_u8(self.side.own_live(), LIVE_EXITED);
+        store_closed(&self.header, self.side);
         self.events.notify().map_err(RingError::Event)
+    }
+
+    /// Takes the endpoint apart, without closing it, so that its owner can
+    /// close and release the memory in an order of its choosing (the
+    /// shared-memory transports follow libxenvchan's: rings first, then
+    /// own live byte 0, then the control page, docs/vchan.md §10.1).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// let mut parts = cli.into_parts();
+    /// drop((parts.rx, parts.tx)); // the rings' hold on the memory goes first
+    /// parts.close.close(&parts.header, &parts.events)?;
+    /// assert_eq!(parts.header.load_u8(CLI_LIVE), LIVE_EXITED);
+    /// # Ok::<(), RingError>(())
+    /// ```
+    pub fn into_parts(self) -> EndpointParts<E, H, B> {
+        EndpointParts {
+            header: self.header,
+            rx: self.rx,
+            tx: self.tx,
+            events: self.events,
+            close: Closer {
+                side: self.side,
+                closed: self.closed,
+            },
+        }
     }
 
     fn ensure_not_closed(&self) -> Result<(), RingError> {
@@ -2282,6 +2112,165 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     fn block(&mut self, deadline: &mut Option<Instant>) -> Result<(), RingError> {
         self.wait_once(deadline)?;
         self.check()
+    }
+}
+
+/// Our live byte = 0, after everything we published (the close of
+/// [`Endpoint::close`] and [`Closer::close`]).
+fn store_closed<H: SharedHeader>(header: &H, side: Side) {
+    // FENCE (release before the live byte).
+    // Forbids: `live = 0` becoming visible before our last index stores.
+    // Without it the peer could see us closed, re-load our `prod`, find
+    // it old and report EOF with our final bytes still in flight.
+    header.fence(Ordering::SeqCst);
+    header.store_u8(side.own_live(), LIVE_EXITED);
+}
+
+/// An [`Endpoint`] taken apart ([`Endpoint::into_parts`]): each piece
+/// holds its share of the shared memory and lets it go when dropped.
+///
+/// ```
+/// # use std::io;
+/// # use std::time::Duration;
+/// # use vchan::control::*;
+/// # use vchan::endpoint::{Endpoint, Events, PeerState};
+/// # use vchan::ring::RingError;
+/// # #[derive(Debug)]
+/// # struct NoEvents; // both ends in one process: nothing to signal
+/// # impl Events for NoEvents {
+/// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+/// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+/// # }
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+/// # let hdr = ControlPage::new(page.clone())?;
+/// # init_server_page(&hdr, &layout, &[], &[])?;
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// let parts = srv.into_parts();
+/// assert_eq!(parts.tx.id(), RingId::Right);
+/// # Ok::<(), RingError>(())
+/// ```
+#[derive(Debug)]
+pub struct EndpointParts<E, H, B> {
+    /// The shared header (the control page).
+    pub header: H,
+    /// Our read ring.
+    pub rx: Consumer<B>,
+    /// Our write ring.
+    pub tx: Producer<B>,
+    /// The event channel.
+    pub events: E,
+    /// The close the endpoint had not done yet, if any.
+    pub close: Closer,
+}
+
+/// The close of an endpoint taken apart ([`EndpointParts`]): the same
+/// stores and event as [`Endpoint::close`], once.
+///
+/// ```
+/// # use std::io;
+/// # use std::time::Duration;
+/// # use vchan::control::*;
+/// # use vchan::endpoint::{Endpoint, Events, PeerState};
+/// # use vchan::ring::RingError;
+/// # #[derive(Debug)]
+/// # struct NoEvents; // both ends in one process: nothing to signal
+/// # impl Events for NoEvents {
+/// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+/// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+/// # }
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+/// # let hdr = ControlPage::new(page.clone())?;
+/// # init_server_page(&hdr, &layout, &[], &[])?;
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// srv.close()?;
+/// let mut parts = srv.into_parts();
+/// assert!(parts.close.is_closed()); // already closed: closing again does nothing
+/// parts.close.close(&parts.header, &parts.events)?;
+/// # Ok::<(), RingError>(())
+/// ```
+#[derive(Debug)]
+pub struct Closer {
+    side: Side,
+    closed: bool,
+}
+
+impl Closer {
+    /// Whether the endpoint is closed already.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// assert!(!srv.into_parts().close.is_closed());
+    /// # Ok::<(), RingError>(())
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// As [`Endpoint::close`]: our live byte = 0 (after a fence), then one
+    /// event; nothing if closed already.
+    ///
+    /// # Errors
+    /// [`RingError::Event`] if the event could not be sent (the live byte
+    /// is stored regardless).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// let mut parts = srv.into_parts();
+    /// parts.close.close(&parts.header, &parts.events)?;
+    /// assert_eq!(hdr.load_u8(SRV_LIVE), LIVE_EXITED);
+    /// # Ok::<(), RingError>(())
+    /// ```
+    pub fn close<H: SharedHeader, E: Events>(
+        &mut self,
+        header: &H,
+        events: &E,
+    ) -> Result<(), RingError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        store_closed(header, self.side);
+        events.notify().map_err(RingError::Event)
     }
 }
 

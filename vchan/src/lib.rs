@@ -55,6 +55,7 @@ pub mod control;
 pub mod endpoint;
 mod error;
 mod local_xen;
+pub mod mem;
 pub mod ring;
 mod shm;
 mod socket;
