@@ -182,6 +182,19 @@ pub trait Events: fmt::Debug + Send {
 /// The error of [`Endpoint::read_from_fd`] and [`Endpoint::write_to_fd`]:
 /// the ring's, or the file descriptor's, kept apart so that a caller can
 /// tell "the ring is full" from "the fd is empty".
+///
+/// ```
+/// use std::io;
+/// use vchan::endpoint::FdError;
+/// use vchan::ring::RingError;
+/// // "The ring is full" and "the fd failed" stay apart...
+/// let full = FdError::from(RingError::WouldBlock);
+/// assert!(matches!(full, FdError::Ring(RingError::WouldBlock)));
+/// // ...and both become an io::Error of the right kind.
+/// assert_eq!(io::Error::from(full).kind(), io::ErrorKind::WouldBlock);
+/// let fd = FdError::Fd(io::Error::from(io::ErrorKind::BrokenPipe));
+/// assert_eq!(io::Error::from(fd).kind(), io::ErrorKind::BrokenPipe);
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum FdError {
     /// The ring (full or empty: [`RingError::WouldBlock`], corrupted, closed…).
@@ -999,6 +1012,33 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     }
 
     /// Whether reads acknowledge lazily ([`Endpoint::set_lazy_ack`]).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// assert!(!cli.lazy_ack());
+    /// cli.set_lazy_ack(true); // as ocaml-vchan's reader
+    /// assert!(cli.lazy_ack());
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn lazy_ack(&self) -> bool {
         self.lazy_ack
     }
@@ -1482,6 +1522,38 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// [`RingError::PeerClosed`], [`RingError::Corrupt`], …;
     /// [`FdError::Fd`] with the error of `read(2)` (`WouldBlock` for an
     /// empty non-blocking fd).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"from the fd").unwrap();
+    /// assert_eq!(srv.read_from_fd(r.as_fd(), 4096).unwrap(), 11);
+    /// let mut got = [0u8; 11];
+    /// assert_eq!(cli.read(&mut got)?, 11);
+    /// assert_eq!(&got, b"from the fd");
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn read_from_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize, FdError> {
         self.ensure_not_closed()?;
         if !self.peer_state().is_open() {
@@ -1514,6 +1586,40 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Errors
     /// As [`Endpoint::read_from_fd`]; [`RingError::WouldBlock`] when there
     /// is no room for the header and one byte.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"payload").unwrap();
+    /// // A 2-byte length header in front of what the fd gave.
+    /// let n = srv.send_framed_from_fd(r.as_fd(), 4096, |n| (n as u16).to_le_bytes()).unwrap();
+    /// assert_eq!(n, 7);
+    /// let mut got = [0u8; 9];
+    /// assert_eq!(cli.recv(&mut got)?, 9);
+    /// assert_eq!(&got, b"\x07\x00payload");
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn send_framed_from_fd<const N: usize>(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -1556,6 +1662,41 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// ready (a notification has then been requested), [`RingError::Corrupt`],
     /// …; [`FdError::Fd`] with the error of `write(2)` (nothing is consumed
     /// then).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// use std::io::Read;
+    /// use std::os::fd::AsFd;
+    /// use vchan::endpoint::FdError;
+    /// let (w, mut r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// // Nothing to move yet: the ring's WouldBlock, not the fd's.
+    /// assert!(matches!(cli.write_to_fd(w.as_fd(), 4096), Err(FdError::Ring(RingError::WouldBlock))));
+    /// srv.write(b"to the fd")?;
+    /// assert_eq!(cli.write_to_fd(w.as_fd(), 4096).unwrap(), 9);
+    /// let mut got = [0u8; 9];
+    /// r.read_exact(&mut got).unwrap();
+    /// assert_eq!(&got, b"to the fd");
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn write_to_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize, FdError> {
         self.ensure_not_closed()?;
         // Lazy (ocaml-vchan) mode: what earlier reads took is acknowledged

@@ -316,6 +316,30 @@ pub trait RingBytes: fmt::Debug {
     ///
     /// # Safety
     /// For every segment, `off + len <= self.size()`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"abcdef").unwrap();
+    /// // Across the wrap point: 2 bytes at the end, the rest at the start.
+    /// // SAFETY: 1022 + 2 <= 1024 and 0 + 4 <= 1024.
+    /// let n = unsafe { b.read_from_fd(r.as_fd(), &[(1022, 2), (0, 4)]) }.unwrap();
+    /// assert_eq!(n, 6);
+    /// let mut d = [0u8; 4];
+    /// // SAFETY: 0 + 4 <= 1024.
+    /// unsafe { b.read_at(0, &mut d) };
+    /// assert_eq!(&d, b"cdef");
+    /// ```
     unsafe fn read_from_fd(
         &self,
         fd: BorrowedFd<'_>,
@@ -342,6 +366,28 @@ pub trait RingBytes: fmt::Debug {
     ///
     /// # Safety
     /// For every segment, `off + len <= self.size()`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Read;
+    /// use std::os::fd::AsFd;
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
+    /// // SAFETY: 1022 + 2 <= 1024 and 0 + 2 <= 1024.
+    /// unsafe { b.write_at(1022, b"ab"); b.write_at(0, b"cd") };
+    /// let (w, mut r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// // SAFETY: as above.
+    /// assert_eq!(unsafe { b.write_to_fd(w.as_fd(), &[(1022, 2), (0, 2)]) }.unwrap(), 4);
+    /// let mut got = [0u8; 4];
+    /// r.read_exact(&mut got).unwrap();
+    /// assert_eq!(&got, b"abcd");
+    /// ```
     unsafe fn write_to_fd(&self, fd: BorrowedFd<'_>, segs: &[(usize, usize)]) -> io::Result<usize> {
         let mut buf = Vec::new();
         for &(off, len) in segs {
@@ -1000,6 +1046,24 @@ impl<B: RingBytes> Consumer<B> {
     /// [`Consumer::publish_cons`]. This is ocaml-vchan's reader, which
     /// acknowledges a chunk only at its next read (docs/vchan.md §12.1); our own
     /// reads always publish at once.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"lazy");
+    /// rx.fast_ready(&hdr, 4, 1).unwrap();
+    /// let mut d = [0u8; 4];
+    /// assert_eq!(rx.take(&hdr, &mut d), 4);
+    /// assert_eq!(hdr.load_u32(RIGHT_CONS), 0); // not acknowledged yet
+    /// rx.publish_cons(&hdr);
+    /// assert_eq!(hdr.load_u32(RIGHT_CONS), 4);
+    /// ```
     pub fn take<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
         let ready = self.cached_ready();
         let n = to_u32_clamped(dst.len()).min(ready);
@@ -1032,12 +1096,44 @@ impl<B: RingBytes> Consumer<B> {
     /// Bytes from `cons` to the end of the ring's storage: how much one
     /// contiguous copy can take before it wraps (ocaml-vchan's reads stop
     /// there).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(rx.contiguous(), 2048); // from `cons` = 0 to the end of the ring
+    /// tx.push(&hdr, &[7u8; 100]);
+    /// rx.fast_ready(&hdr, 100, 1).unwrap();
+    /// rx.pop(&hdr, &mut [0u8; 100]);
+    /// assert_eq!(rx.contiguous(), 1948);
+    /// ```
     pub fn contiguous(&self) -> u32 {
         self.ring.size() - (self.cons & self.ring.mask())
     }
 
     /// Publishes our private `cons` (after [`Consumer::take`]; [`Consumer::pop`]
     /// does it itself).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"xy");
+    /// rx.fast_ready(&hdr, 2, 1).unwrap();
+    /// rx.take(&hdr, &mut [0u8; 2]);
+    /// rx.publish_cons(&hdr); // now the producer sees the space again
+    /// assert_eq!(tx.load_space(&hdr).unwrap(), 2048);
+    /// ```
     pub fn publish_cons<H: SharedHeader>(&self, h: &H) {
         // FENCE (xen_mb, "consume, then publish").
         // Forbids: the store of the new `cons` becoming visible before our
@@ -1056,6 +1152,27 @@ impl<B: RingBytes> Consumer<B> {
     ///
     /// # Errors
     /// The error of `write(2)` (nothing is consumed then).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Read;
+    /// use std::os::fd::AsFd;
+    /// tx.push(&hdr, b"to a socket");
+    /// rx.fast_ready(&hdr, 11, 1).unwrap();
+    /// let (w, mut r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// assert_eq!(rx.pop_to_fd(&hdr, w.as_fd(), 4096).unwrap(), 11);
+    /// let mut got = [0u8; 11];
+    /// r.read_exact(&mut got).unwrap();
+    /// assert_eq!(&got, b"to a socket");
+    /// assert_eq!(hdr.load_u32(RIGHT_CONS), 11);
+    /// ```
     pub fn pop_to_fd<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1424,6 +1541,27 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// The error of `read(2)` (nothing is published then).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"from a socket").unwrap();
+    /// assert_eq!(tx.push_from_fd(&hdr, r.as_fd(), 4096).unwrap(), 13);
+    /// assert_eq!(hdr.load_u32(RIGHT_PROD), 13);
+    /// let mut got = [0u8; 13];
+    /// rx.fast_ready(&hdr, 13, 1).unwrap();
+    /// assert_eq!(rx.pop(&hdr, &mut got), 13);
+    /// assert_eq!(&got, b"from a socket");
+    /// ```
     #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn push_from_fd<H: SharedHeader>(
         &mut self,
@@ -1471,6 +1609,27 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// The error of `read(2)` (nothing is published then).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"body").unwrap();
+    /// let n = tx.push_framed_from_fd(&hdr, r.as_fd(), 4096, |n| [n as u8]).unwrap();
+    /// assert_eq!(n, 4);
+    /// let mut got = [0u8; 5];
+    /// rx.fast_ready(&hdr, 5, 1).unwrap();
+    /// assert_eq!(rx.pop(&hdr, &mut got), 5);
+    /// assert_eq!(&got, b"\x04body");
+    /// ```
     #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn push_framed_from_fd<H: SharedHeader, const N: usize>(
         &mut self,

@@ -14,7 +14,7 @@
 
 use std::io::Write;
 
-/// The logger [`install`] sets: warnings and errors, one [`line`] each.
+/// The logger [`install`] sets: warnings and errors, one [`line()`] each.
 ///
 /// ```
 /// use log::{Level, Log, Metadata};
