@@ -1,3 +1,6 @@
+// Why this file is long (~1200 lines): about 760 are doc comments (every
+// method of `Vchan` has a runnable example over the Local transport); the
+// code, about 460 lines, is the one facade over the transports.
 //! A pure-Rust Xen vchan, byte-compatible with libxenvchan: control page,
 //! rings, server/client rendezvous over the Xen, Local and Socket transports.
 //!
