@@ -48,7 +48,7 @@ impl ::log::Log for Logger {
     fn flush(&self) {}
 }
 
-/// Routes the libraries' `log` events to [`line`] (once per process).
+/// Routes the libraries' `log` events to [`line()`] (once per process).
 pub fn install() {
     if ::log::set_logger(&Logger).is_ok() {
         ::log::set_max_level(::log::LevelFilter::Warn);
