@@ -708,6 +708,7 @@ impl Drop for ShmChan {
         // 4. an explicit event, then the event channel goes;
         let _ = parts.events.notify();
         drop(parts.events);
+        // 5. (the grant device handles went with the mappings above;)
         // 6. (server) remove the xenstore nodes.
         self.remove_nodes();
     }
