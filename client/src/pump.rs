@@ -1,7 +1,20 @@
-//! The data-channel pump of qrexec-client-vm (docs/qrexec.md §6, §8): HELLO, then
-//! local input → `MSG_DATA_STDIN`, `MSG_DATA_STDOUT` → local output,
-//! `MSG_DATA_STDERR` → stderr, `MSG_DATA_EXIT_CODE`, EOF and half-close
-//! rules, escape filtering, backpressure, SIGUSR1 and the exit status.
+//! The qrexec data pump, for both ends of a data channel (docs/qrexec.md
+//! §6, §8): HELLO, then local input → data messages, data messages → local
+//! output, the EOF and half-close rules, backpressure, the exit code.
+//! One loop, parameterised by [`Role`] (as upstream's one `process_io` for
+//! the agent and the client):
+//!
+//! | | [`Role::Client`] (`qrexec-client-vm`) | [`Role::Service`] (a VM's agent) |
+//! |---|---|---|
+//! | sends | local input as `MSG_DATA_STDIN` | the service's stdout and stderr as `MSG_DATA_STDOUT`, `MSG_DATA_STDERR` |
+//! | receives | `STDOUT` → local output, `STDERR` → stderr, `EXIT_CODE` | `STDIN` → the service's stdin |
+//! | ends | exit code received, both directions closed, local program reaped | all output sent, stdin closed: waits for the service and sends its exit code |
+//!
+//! The client side adds escape filtering, `--prefix-data`, SIGUSR1 and the
+//! exit status. Payloads go from a local pipe or file straight into the
+//! ring ([`DataChannel::send_message_from_fd`]); the loop's one wait is
+//! [`DataChannel::wait_ready`] (look, spin, ask for an event and look
+//! again, sleep: docs/vchan.md §5.4).
 //!
 //! Generic over [`DataChannel`], whose one implementation is the vchan
 //! (`crate::transport::VchanChannel`, any transport).
@@ -14,16 +27,37 @@ use crate::local::{
 };
 use crate::proto::{
     DecoderMode, MSG_HEADER_SIZE, Message, MessageDecoder, MsgHeader, MsgType, ProtoError,
-    chunk_limit, encode_hello, negotiate,
+    chunk_limit, encode_exit_code, encode_hello, negotiate,
 };
-use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::PollFlags;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Duration;
+use vchan::{Interest, Watch};
 
 /// Poll timeout of the pump loop: only a safety net, every state change
 /// that matters wakes the loop through a descriptor.
-const POLL_TIMEOUT_MS: u16 = 10_000;
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the service side looks whether the service exited, while it
+/// has nothing else to wait for (no SIGCHLD watch there): its output has
+/// ended, or it still runs.
+const REAP_IDLE: Duration = Duration::from_millis(20);
+const REAP_BUSY: Duration = Duration::from_millis(100);
+
+/// Which end of the data channel the pump runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The calling side (`qrexec-client-vm`, the vchan server): local
+    /// input goes out as `MSG_DATA_STDIN`, the service's stdout and stderr
+    /// come in, then its exit code.
+    Client,
+    /// The service side (the target VM's agent, the vchan client): the
+    /// service's stdout and stderr go out, `MSG_DATA_STDIN` comes in; the
+    /// pump sends the service's exit code at the end.
+    Service,
+}
 
 /// A failure that ends the call with exit status 1.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +151,7 @@ impl std::fmt::Debug for LocalSide {
 }
 
 /// What happened, for the exit status (docs/qrexec.md §8.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PumpOutcome {
     /// The service's exit code, if one arrived.
     pub remote_status: Option<i32>,
@@ -125,6 +159,9 @@ pub struct PumpOutcome {
     pub local_status: Option<i32>,
     /// Whether a local program was involved.
     pub had_local_program: bool,
+    /// Whether the peer closed the channel before the call ended (the
+    /// client: no exit code came; the service: none was sent).
+    pub closed_early: bool,
 }
 
 impl PumpOutcome {
@@ -134,7 +171,7 @@ impl PumpOutcome {
     ///
     /// ```
     /// # use qrexec::pump::PumpOutcome;
-    /// let o = |r, l, p| PumpOutcome { remote_status: r, local_status: l, had_local_program: p };
+    /// let o = |r, l, p| PumpOutcome { remote_status: r, local_status: l, had_local_program: p, ..PumpOutcome::default() };
     /// assert_eq!(o(Some(42), Some(0), true).exit_code(), 42);
     /// assert_eq!(o(Some(0), Some(1), true).exit_code(), 1);
     /// assert_eq!(o(None, Some(0), true).exit_code(), 255);
@@ -154,14 +191,20 @@ impl PumpOutcome {
     }
 }
 
-fn poll_fds(fds: &mut [PollFd<'_>], timeout: PollTimeout) -> Result<(), PumpError> {
-    match poll(fds, timeout) {
-        Ok(_) | Err(Errno::EINTR) => Ok(()),
-        Err(e) => Err(PumpError::Local {
-            op: "poll",
-            source: e.into(),
-        }),
-    }
+/// The local side of a call on the service side: the service's stdio.
+#[derive(Debug)]
+pub struct ServiceSide {
+    /// The service's stdout (sent as `MSG_DATA_STDOUT`). A pipe read until
+    /// it is empty when non-blocking, else once per poll.
+    pub stdout: LocalInput,
+    /// The service's stderr (sent as `MSG_DATA_STDERR`), if it is captured.
+    pub stderr: Option<LocalInput>,
+    /// The service's stdin (what `MSG_DATA_STDIN` brings), written by the
+    /// output thread and ended with the caller's EOF.
+    pub stdin: LocalOutput,
+    /// The service itself: reaped while the pump runs (its stdin is closed
+    /// then), waited for at the end, its status sent as the exit code.
+    pub program: LocalProgram,
 }
 
 /// Send our HELLO at once, then read the peer's (docs/qrexec.md §6: sending first is
@@ -190,12 +233,8 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
         if !open {
             return Err(PumpError::ClosedDuringHandshake);
         }
-        let ev = ch.poll_events();
-        let mut fds = [PollFd::new(ch.as_fd(), ev)];
-        poll_fds(&mut fds, PollTimeout::from(POLL_TIMEOUT_MS))?;
-        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
-            ch.wait().map_err(chan_err("wait"))?;
-        }
+        ch.wait_ready(Interest::data(1), &mut [], Some(POLL_TIMEOUT))
+            .map_err(chan_err("wait"))?;
     }
 }
 
@@ -203,19 +242,54 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
 /// message's buffer (see `Pump::receive`); smaller ones are batched.
 const DIRECT_PAYLOAD: usize = 4096;
 
-/// Build a STDIN message in `tx` (payload already at `tx[8..8 + n]`).
-fn stdin_header(tx: &mut [u8], n: usize) {
-    tx[..MSG_HEADER_SIZE].copy_from_slice(&MsgHeader::new(MsgType::DataStdin, n as u32).encode());
+/// One local descriptor whose data the pump sends, as messages of type `ty`.
+#[derive(Debug)]
+struct Source {
+    /// `None` once it has ended.
+    input: Option<LocalInput>,
+    ty: MsgType,
+    /// Known to have data (or EOF) to read now.
+    readable: bool,
+    /// Read until `EAGAIN` (a socket, read with `MSG_DONTWAIT`, or a
+    /// non-blocking descriptor) instead of once per poll.
+    drain: bool,
+}
+
+impl Source {
+    fn new(input: LocalInput, ty: MsgType) -> Source {
+        let mut s = Source {
+            input: None,
+            ty,
+            readable: false,
+            drain: false,
+        };
+        s.set(input);
+        s
+    }
+
+    fn set(&mut self, input: LocalInput) {
+        self.drain = input.is_socket() || is_nonblocking(input.fd.as_fd());
+        self.input = Some(input);
+        self.readable = false;
+    }
+}
+
+fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+    fcntl(fd, FcntlArg::F_GETFL)
+        .is_ok_and(|f| OFlag::from_bits_retain(f).contains(OFlag::O_NONBLOCK))
 }
 
 struct Pump<'a, C: DataChannel + ?Sized> {
+    role: Role,
     ch: &'a mut C,
     limit: usize,
     cfg: &'a PumpConfig,
     writer: OutputWriter,
-    stderr: Box<dyn Write + Send>,
-    input: Option<LocalInput>,
-    input_readable: bool,
+    /// Where incoming `MSG_DATA_STDERR` goes (the service side discards it).
+    stderr: Option<Box<dyn Write + Send>>,
+    /// What we send: `sources[0]` is the main stream (local input, or the
+    /// service's stdout), `--prefix-data` and SIGUSR1 apply to it.
+    sources: Vec<Source>,
     prefix_sent: usize,
     sending: bool,
     remote_status: Option<i32>,
@@ -234,9 +308,14 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         self.cfg.prefix.len().saturating_sub(self.prefix_sent)
     }
 
-    /// Stop reading local input; `send_eof` says whether to tell the service.
-    fn close_input(&mut self, send_eof: bool) -> Result<(), PumpError> {
-        if let Some(inp) = self.input.take() {
+    fn has_input(&self) -> bool {
+        self.sources.iter().any(|s| s.input.is_some())
+    }
+
+    /// Stop reading source `i`; `send_eof` says whether to tell the peer
+    /// (an empty message of the source's type).
+    fn close_input(&mut self, i: usize, send_eof: bool) -> Result<(), PumpError> {
+        if let Some(inp) = self.sources[i].input.take() {
             if send_eof && self.sending {
                 // An EOF that cannot be sent is ignored (4c51f26): the peer
                 // has usually gone already. Never block on it.
@@ -246,16 +325,23 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     .map_err(chan_err("look at the ring"))?
                     >= MSG_HEADER_SIZE
                 {
-                    let hdr = MsgHeader::new(MsgType::DataStdin, 0).encode();
+                    let hdr = MsgHeader::new(self.sources[i].ty, 0).encode();
                     if let Err(e) = self.ch.send_all(&hdr) {
-                        crate::vlog!("sending STDIN EOF failed (ignored): {e}");
+                        crate::vlog!("sending EOF failed (ignored): {e}");
                     }
                 } else {
-                    crate::vlog!("no room for STDIN EOF in the vchan: not sent");
+                    crate::vlog!("no room for EOF in the vchan: not sent");
                 }
             }
             inp.close();
-            self.input_readable = false;
+            self.sources[i].readable = false;
+        }
+        Ok(())
+    }
+
+    fn close_inputs(&mut self, send_eof: bool) -> Result<(), PumpError> {
+        for i in 0..self.sources.len() {
+            self.close_input(i, send_eof)?;
         }
         Ok(())
     }
@@ -277,11 +363,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             return false;
         };
         let socket = LocalFd::Owned(program.to_child.clone());
-        match self.input.take() {
+        match self.sources[0].input.take() {
             Some(old) => {
                 old.close();
-                self.input = Some(LocalInput::new(socket, CloseMode::Shutdown));
-                self.input_readable = false;
+                self.sources[0].set(LocalInput::new(socket, CloseMode::Shutdown));
                 crate::vlog!("SIGUSR1: using the local program's stdin socket both ways");
                 true
             }
@@ -299,7 +384,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     return Ok(()); // output already ended: discard
                 }
                 if data.is_empty() {
-                    crate::vlog!("service stdout EOF");
+                    crate::vlog!("peer's stream EOF");
                     self.writer.request_close();
                     return Ok(());
                 }
@@ -309,23 +394,27 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 self.writer.write(data);
             }
             Message::Stderr(mut data) => {
+                let Some(stderr) = self.stderr.as_mut() else {
+                    return Ok(());
+                };
                 if data.is_empty() {
                     return Ok(());
                 }
                 if self.cfg.filter_stderr {
                     replace_escape_chars(&mut data);
                 }
-                if let Err(e) = self.stderr.write_all(&data) {
+                if let Err(e) = stderr.write_all(&data) {
                     crate::vlog!("writing service stderr: {e}");
                 }
             }
-            Message::ExitCode(code) => {
+            Message::ExitCode(code) if self.role == Role::Client => {
                 crate::vlog!("service exit code {code}");
                 self.remote_status = Some(code);
-                self.close_input(true)?;
+                self.close_inputs(true)?;
             }
-            // The data-mode decoder rejects HELLO before it gets here.
-            Message::Hello(_) => {}
+            // The caller sends no exit code; the data-mode decoder rejects
+            // HELLO before it gets here.
+            Message::ExitCode(_) | Message::Hello(_) => {}
         }
         Ok(())
     }
@@ -415,17 +504,19 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     }
 
     fn dispatch(&mut self, m: Message) -> Result<(), PumpError> {
-        if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
+        if self.role == Role::Client && matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
             self.warned_stdin_type = true;
             crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
         }
         self.handle(m)
     }
 
-    /// Send a STDIN message whose payload is at `tx[8..8 + n]`. A failure
-    /// stops sending but not receiving (66c1519): no EOF is sent then.
-    fn send_stdin(&mut self, n: usize) -> Result<(), PumpError> {
-        stdin_header(&mut self.tx, n);
+    /// Send a message of source `i`'s type whose payload is at
+    /// `tx[8..8 + n]`. A failure stops sending but not receiving (66c1519):
+    /// no EOF is sent then.
+    fn send_buffered(&mut self, i: usize, n: usize) -> Result<(), PumpError> {
+        self.tx[..MSG_HEADER_SIZE]
+            .copy_from_slice(&MsgHeader::new(self.sources[i].ty, n as u32).encode());
         match self.ch.send_all(&self.tx[..MSG_HEADER_SIZE + n]) {
             Ok(()) => Ok(()),
             Err(e) => self.send_failed(e),
@@ -445,12 +536,19 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         }
         crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
         self.sending = false;
-        self.close_input(false)
+        self.close_inputs(false)
     }
 
     /// Move prefix data and local input into the channel while it has room.
     fn send(&mut self) -> Result<(), PumpError> {
-        while self.sending && self.input.is_some() {
+        for i in 0..self.sources.len() {
+            self.send_source(i)?;
+        }
+        Ok(())
+    }
+
+    fn send_source(&mut self, i: usize) -> Result<(), PumpError> {
+        while self.sending && self.sources[i].input.is_some() {
             let space = self
                 .ch
                 .peek_buffer_space()
@@ -459,20 +557,20 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 break;
             }
             let max = (space - MSG_HEADER_SIZE).min(self.limit);
-            let left = self.prefix_left();
+            let left = if i == 0 { self.prefix_left() } else { 0 };
             if left > 0 {
                 let n = left.min(max);
                 let start = self.prefix_sent;
                 self.tx[MSG_HEADER_SIZE..MSG_HEADER_SIZE + n]
                     .copy_from_slice(&self.cfg.prefix[start..start + n]);
                 self.prefix_sent += n;
-                self.send_stdin(n)?;
+                self.send_buffered(i, n)?;
                 continue;
             }
-            if !self.input_readable {
+            if !self.sources[i].readable {
                 break;
             }
-            let Some(inp) = self.input.as_ref() else {
+            let Some(inp) = self.sources[i].input.as_ref() else {
                 break;
             };
             let socket = inp.is_socket();
@@ -481,71 +579,78 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 // straight into the ring, the header in front of it from
                 // private memory (one copy, no bounce buffer). Sockets keep
                 // the buffered path: they are read with MSG_DONTWAIT.
-                if self.send_from_input(max)? {
+                if self.send_from_input(i, max)? {
                     continue;
                 }
                 break;
             }
             let r = inp.read(&mut self.tx[MSG_HEADER_SIZE..MSG_HEADER_SIZE + max]);
-            // Non-sockets are read once per poll; sockets until EAGAIN.
-            self.input_readable = socket;
             match r {
                 Ok(0) => {
                     // A SIGUSR1 sent before the program closed its stdout
                     // wins over that EOF.
-                    if self.check_signals() {
+                    if i == 0 && self.check_signals() {
                         continue;
                     }
                     crate::vlog!("local input EOF");
-                    self.close_input(true)?;
+                    self.close_input(i, true)?;
                 }
-                Ok(n) => self.send_stdin(n)?,
+                Ok(n) => self.send_buffered(i, n)?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.input_readable = false;
+                    self.sources[i].readable = false;
                 }
                 Err(e) => {
                     crate::log_error(&format!("error reading local input: {e}"));
-                    self.close_input(true)?;
+                    self.close_input(i, true)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// One STDIN message read from a non-socket input straight into the
-    /// channel (read once per poll, as before). Returns whether to go on
-    /// sending in this round.
-    fn send_from_input(&mut self, max: usize) -> Result<bool, PumpError> {
-        let Some(inp) = self.input.as_ref() else {
+    /// One message read from a non-socket source straight into the channel
+    /// (read once per poll unless the descriptor is non-blocking). Returns
+    /// whether to go on sending in this round.
+    fn send_from_input(&mut self, i: usize, max: usize) -> Result<bool, PumpError> {
+        let src = &mut self.sources[i];
+        let Some(inp) = src.input.as_ref() else {
             return Ok(false);
         };
-        let header = |n: usize| MsgHeader::new(MsgType::DataStdin, n as u32).encode();
+        let ty = src.ty;
+        let header = |n: usize| MsgHeader::new(ty, n as u32).encode();
         let r = self.ch.send_message_from_fd(inp.fd.as_fd(), max, &header);
-        self.input_readable = false;
+        src.readable = src.drain;
         match r {
             Ok(FromFd::Sent(_)) => Ok(true),
             Ok(FromFd::NoRoom) => {
                 // Nothing was read: the input is still readable.
-                self.input_readable = true;
+                src.readable = true;
                 Ok(false)
             }
             Ok(FromFd::Eof) => {
                 // A SIGUSR1 sent before the program closed its stdout wins
                 // over that EOF.
-                if !self.check_signals() {
+                if i != 0 || !self.check_signals() {
                     crate::vlog!("local input EOF");
-                    self.close_input(true)?;
+                    self.close_input(i, true)?;
                 }
                 Ok(true)
             }
-            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                src.readable = false;
+                Ok(false)
+            }
             Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::Interrupted => {
-                self.input_readable = true;
+                src.readable = true;
+                Ok(true)
+            }
+            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.close_input(i, true)?;
                 Ok(true)
             }
             Err(FromFdError::Fd(e)) => {
                 crate::log_error(&format!("error reading local input: {e}"));
-                self.close_input(true)?;
+                self.close_input(i, true)?;
                 Ok(true)
             }
             Err(FromFdError::Channel(e)) => {
@@ -559,7 +664,9 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         self.program.as_ref().is_some_and(|p| p.child.is_some())
     }
 
-    fn run(&mut self) -> Result<(), PumpError> {
+    /// Runs until the call is over; `Ok(true)` when the peer closed the
+    /// channel first.
+    fn run(&mut self) -> Result<bool, PumpError> {
         loop {
             self.check_signals();
             self.sigchld_seen = false;
@@ -580,15 +687,15 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             self.receive()?;
             self.send()?;
 
-            // All done: both local directions closed, exit code received,
-            // local program reaped.
+            // All done: both local directions closed, and on the client
+            // side the exit code received and the local program reaped.
             let ws = self.writer.status();
             if ws.closed
-                && self.input.is_none()
-                && self.remote_status.is_some()
-                && !self.child_running()
+                && !self.has_input()
+                && (self.role == Role::Service
+                    || (self.remote_status.is_some() && !self.child_running()))
             {
-                return Ok(());
+                return Ok(false);
             }
             // The peer has gone: is_open before data_ready (bd07c52).
             let open = self.ch.is_open();
@@ -596,164 +703,184 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 && self.ch.data_ready().map_err(chan_err("look at the ring"))? == 0
                 && ws.pending == 0
             {
-                if self.remote_status.is_none() {
+                if self.role == Role::Client && self.remote_status.is_none() {
                     crate::log_error(
                         "vchan connection closed early (no exit code from the service)",
                     );
                 }
-                return Ok(());
+                return Ok(true);
             }
+            self.wait(&ws)?;
+        }
+    }
 
-            // Wait for something to happen. Ask the peer for an event only
-            // for what we would sleep on, and only now, then look again
-            // (request, re-check, sleep: docs/vchan.md §5.4): the busy path above
-            // only peeks, so the peer sends no event per message.
-            let has_input = self.sending && self.input.is_some();
-            // Before asking for events, spin a little (adaptive, none on one
-            // CPU) when the ring is all we would wait for: the peer usually
-            // moves within microseconds, far sooner than an event and two
-            // wake-ups.
-            if has_input
-                && self
-                    .ch
-                    .peek_buffer_space()
-                    .map_err(chan_err("look at the ring"))?
-                    <= MSG_HEADER_SIZE
-            {
-                self.ch
-                    .spin_for_space(MSG_HEADER_SIZE + self.limit / 2)
-                    .map_err(chan_err("spin for space"))?;
-            } else if !has_input
-                && !self.sigchld_seen
-                && ws.pending < OUTPUT_HIGH_WATER
-                && self
-                    .ch
-                    .peek_data_ready()
-                    .map_err(chan_err("look at the ring"))?
-                    == 0
-            {
-                self.ch
-                    .spin_for_data(1)
-                    .map_err(chan_err("spin for data"))?;
-            }
-            let room = has_input
-                && (self
-                    .ch
-                    .peek_buffer_space()
-                    .map_err(chan_err("look at the ring"))?
-                    > MSG_HEADER_SIZE
-                    || self
-                        .ch
-                        .buffer_space()
-                        .map_err(chan_err("look at the ring"))?
-                        > MSG_HEADER_SIZE);
-            let want_input = room && self.prefix_left() == 0 && !self.input_readable;
-            let data_now = ws.pending < OUTPUT_HIGH_WATER
-                && (self
-                    .ch
-                    .peek_data_ready()
-                    .map_err(chan_err("look at the ring"))?
-                    > 0
-                    || self.ch.data_ready().map_err(chan_err("look at the ring"))? > 0);
-            let ch_events = self.ch.poll_events();
-            let timeout = if self.input_readable
-                || self.sigchld_seen
-                || data_now
-                || (room && self.prefix_left() > 0)
-            {
-                PollTimeout::ZERO
-            } else {
-                PollTimeout::from(POLL_TIMEOUT_MS)
-            };
-            let watch_output = !self.writer.close_requested() && ws.pending == 0;
-            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(5);
-            let mut idx_ch = None;
-            let mut idx_in = None;
-            let mut idx_out = None;
-            if !ch_events.is_empty() {
-                idx_ch = Some(fds.len());
-                fds.push(PollFd::new(self.ch.as_fd(), ch_events));
-            }
-            if want_input && let Some(inp) = &self.input {
-                idx_in = Some(fds.len());
-                fds.push(PollFd::new(inp.fd.as_fd(), PollFlags::POLLIN));
-            }
-            if watch_output {
-                // No events requested: only POLLHUP/POLLERR (reader gone).
-                idx_out = Some(fds.len());
-                fds.push(PollFd::new(self.writer.fd(), PollFlags::empty()));
-            }
-            fds.push(PollFd::new(self.writer.wake_fd(), PollFlags::POLLIN));
-            if let Some(sig) = &self.signals {
-                fds.push(PollFd::new(sig.fd(), PollFlags::POLLIN));
-            }
-            poll_fds(&mut fds, timeout)?;
-            let fired = |i: Option<usize>| -> PollFlags {
-                i.and_then(|i| fds[i].revents())
-                    .unwrap_or(PollFlags::empty())
-            };
-            let ch_fired = !fired(idx_ch).is_empty();
-            let in_fired = !fired(idx_in).is_empty();
-            let out_gone = fired(idx_out)
-                .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL);
-            drop(fds);
-            if ch_fired {
-                self.ch.wait().map_err(chan_err("wait"))?;
-            }
-            if in_fired {
-                self.input_readable = true;
-            }
-            if out_gone {
-                crate::vlog!("local output was closed by its reader");
-                self.writer.request_close();
+    /// Sleep until something to do: the one wait of the loop
+    /// ([`DataChannel::wait_ready`]). Data is waited for while the output
+    /// takes more; space while a source has data but the ring has no room
+    /// (then the source is not polled), the sources while there is room.
+    /// The channel spins only when it is all the loop waits for.
+    fn wait(&mut self, ws: &crate::local::WriterStatus) -> Result<(), PumpError> {
+        let has_input = self.sending && self.has_input();
+        let room = has_input
+            && self
+                .ch
+                .peek_buffer_space()
+                .map_err(chan_err("look at the ring"))?
+                > MSG_HEADER_SIZE;
+        let any_readable = self.sources.iter().any(|s| s.input.is_some() && s.readable);
+        let take_data = ws.pending < OUTPUT_HIGH_WATER;
+        let mut want = Interest::NONE;
+        if take_data {
+            want.data = 1;
+        }
+        if has_input && !room {
+            // Wait for half a chunk of room (batching), at most half the ring.
+            want.space = MSG_HEADER_SIZE + self.limit.min(self.ch.write_ring_size()) / 2;
+        }
+        // Spin only when the ring is all we would wait for.
+        want.spin = !self.sigchld_seen && (!has_input || !room);
+        let timeout = if any_readable
+            || self.sigchld_seen
+            || (room && self.prefix_left() > 0 && self.sources[0].input.is_some())
+        {
+            Duration::ZERO
+        } else if self.signals.is_none() && self.child_running() {
+            // No SIGCHLD here: look for the program's exit now and then.
+            if has_input { REAP_BUSY } else { REAP_IDLE }
+        } else {
+            POLL_TIMEOUT
+        };
+        let watch_output = !self.writer.close_requested() && ws.pending == 0;
+        let prefix_left = self.prefix_left();
+        let mut watches: Vec<Watch<'_>> = Vec::with_capacity(self.sources.len() + 3);
+        let mut idx_in = [None; 2];
+        if room {
+            for (i, s) in self.sources.iter().enumerate().take(2) {
+                if let Some(inp) = &s.input
+                    && !s.readable
+                    && (i != 0 || prefix_left == 0)
+                {
+                    idx_in[i] = Some(watches.len());
+                    watches.push(Watch::new(inp.fd.as_fd(), PollFlags::POLLIN));
+                }
             }
         }
+        let idx_out = watch_output.then(|| {
+            // No events requested: only POLLHUP/POLLERR (reader gone).
+            watches.push(Watch::new(self.writer.fd(), PollFlags::empty()));
+            watches.len() - 1
+        });
+        watches.push(Watch::new(self.writer.wake_fd(), PollFlags::POLLIN));
+        if let Some(sig) = &self.signals {
+            watches.push(Watch::new(sig.fd(), PollFlags::POLLIN));
+        }
+        self.ch
+            .wait_ready(want, &mut watches, Some(timeout))
+            .map_err(chan_err("wait"))?;
+        let fired = |i: Option<usize>| i.map_or(PollFlags::empty(), |i| watches[i].revents());
+        let in_fired = idx_in.map(|i| !fired(i).is_empty());
+        let out_gone = fired(idx_out)
+            .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL);
+        drop(watches);
+        for (i, f) in in_fired.into_iter().enumerate() {
+            if f {
+                self.sources[i].readable = true;
+            }
+        }
+        if out_gone {
+            crate::vlog!("local output was closed by its reader");
+            self.writer.request_close();
+        }
+        Ok(())
     }
 }
 
-/// Run the data phase over a connected channel whose HELLO exchange gave
-/// `version`. Returns when the call is over (docs/qrexec.md §8.4); the caller turns
-/// the outcome into the exit status. Local descriptors are closed and the
-/// local program waited for before returning.
-pub fn run<C: DataChannel + ?Sized>(
-    ch: &mut C,
+/// One side's local ends, whichever the role.
+struct Ends {
+    output: LocalOutput,
+    stderr: Option<Box<dyn Write + Send>>,
+    sources: Vec<Source>,
+    program: Option<LocalProgram>,
+    signals: Option<SignalWatch>,
+}
+
+/// The pump for `role` over a connected channel whose HELLO exchange gave
+/// `version`.
+fn start<'a, C: DataChannel + ?Sized>(
+    role: Role,
+    ch: &'a mut C,
     version: u32,
-    cfg: &PumpConfig,
-    local: LocalSide,
-) -> Result<PumpOutcome, PumpError> {
+    cfg: &'a PumpConfig,
+    ends: Ends,
+) -> Result<Pump<'a, C>, PumpError> {
+    let Ends {
+        output,
+        stderr,
+        sources,
+        program,
+        signals,
+    } = ends;
     let limit = chunk_limit(version);
-    let writer = OutputWriter::start(local.output).map_err(|source| PumpError::Local {
+    let writer = OutputWriter::start(output).map_err(|source| PumpError::Local {
         op: "starting the output thread",
         source,
     })?;
-    let had_local_program = local.program.is_some();
-    let mut pump = Pump {
+    Ok(Pump {
+        role,
         ch,
         limit,
         cfg,
         writer,
-        stderr: local.stderr,
-        input: Some(local.input),
-        input_readable: false,
+        stderr,
+        sources,
         prefix_sent: 0,
         sending: true,
         remote_status: None,
-        program: local.program,
-        signals: local.signals,
+        program,
+        signals,
         switched: false,
         sigchld_seen: false,
         warned_stdin_type: false,
         decoder: MessageDecoder::new(DecoderMode::Data { chunk_limit: limit }),
         rx: vec![0u8; limit + MSG_HEADER_SIZE],
         tx: vec![0u8; limit + MSG_HEADER_SIZE],
-    };
+    })
+}
+
+/// Run the data phase of the client side over a connected channel whose
+/// HELLO exchange gave `version`. Returns when the call is over
+/// (docs/qrexec.md §8.4); the caller turns the outcome into the exit
+/// status. Local descriptors are closed and the local program waited for
+/// before returning.
+pub fn run<C: DataChannel + ?Sized>(
+    ch: &mut C,
+    version: u32,
+    cfg: &PumpConfig,
+    local: LocalSide,
+) -> Result<PumpOutcome, PumpError> {
+    let had_local_program = local.program.is_some();
+    let mut pump = start(
+        Role::Client,
+        ch,
+        version,
+        cfg,
+        Ends {
+            output: local.output,
+            stderr: Some(local.stderr),
+            sources: vec![Source::new(local.input, MsgType::DataStdin)],
+            program: local.program,
+            signals: local.signals,
+        },
+    )?;
     // A fatal error ends the call at once (exit 1), as in the C client: the
     // local program is not waited for and sees EOF when we exit.
-    pump.run()?;
+    let closed_early = pump.run()?;
     // Close both local directions so a local program sees EOF, then wait
     // for it.
-    if let Some(inp) = pump.input.take() {
-        inp.close();
+    for s in &mut pump.sources {
+        if let Some(inp) = s.input.take() {
+            inp.close();
+        }
     }
     let Pump {
         writer,
@@ -767,6 +894,7 @@ pub fn run<C: DataChannel + ?Sized>(
         remote_status,
         local_status,
         had_local_program,
+        closed_early: closed_early && remote_status.is_none(),
     })
 }
 
@@ -781,4 +909,64 @@ pub fn run_session<C: DataChannel + ?Sized>(
 ) -> Result<PumpOutcome, PumpError> {
     let version = handshake(ch, own_version)?;
     run(ch, version, cfg, local)
+}
+
+/// Run the data phase of the service side (a VM's agent) over a connected
+/// channel whose HELLO exchange gave `version`: the service's stdout and
+/// stderr go out, the caller's stdin comes in, until the service's output
+/// has ended and its stdin is closed; then the service is waited for and
+/// its status sent as `MSG_DATA_EXIT_CODE` (docs/qrexec.md §8.3, §13). If
+/// the caller closes the channel first, nothing more is sent
+/// (`closed_early`); the service's descriptors are closed and it is waited
+/// for either way. `local_status` is the service's status.
+pub fn serve<C: DataChannel + ?Sized>(
+    ch: &mut C,
+    version: u32,
+    side: ServiceSide,
+) -> Result<PumpOutcome, PumpError> {
+    let cfg = PumpConfig::default();
+    let mut sources = vec![Source::new(side.stdout, MsgType::DataStdout)];
+    if let Some(e) = side.stderr {
+        sources.push(Source::new(e, MsgType::DataStderr));
+    }
+    let mut pump = start(
+        Role::Service,
+        ch,
+        version,
+        &cfg,
+        Ends {
+            output: side.stdin,
+            stderr: None,
+            sources,
+            program: Some(side.program),
+            signals: None,
+        },
+    )?;
+    let result = pump.run();
+    // Whatever happened: end our side of the service's stdio so it sees
+    // EOF, and reap it.
+    for s in &mut pump.sources {
+        s.input = None;
+    }
+    let Pump {
+        ch,
+        writer,
+        program,
+        ..
+    } = pump;
+    // Not `finish`: after an error the service may never read its stdin;
+    // the thread ends the stream once what is queued is written or fails.
+    drop(writer);
+    let status = program.map(|mut p| p.wait()).unwrap_or(255);
+    let closed_early = result?;
+    if !closed_early {
+        ch.send_all(&encode_exit_code(status))
+            .map_err(chan_err("send(exit code)"))?;
+    }
+    Ok(PumpOutcome {
+        remote_status: None,
+        local_status: Some(status),
+        had_local_program: true,
+        closed_early,
+    })
 }

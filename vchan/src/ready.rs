@@ -10,13 +10,14 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::{Error, Result, Vchan};
 
-/// What [`Vchan::wait_ready`] waits for on the vchan itself. A zero field
-/// means "not this".
+/// What [`Vchan::wait_ready`] waits for on the vchan itself. A zero
+/// `data` or `space` means "not this".
 ///
 /// ```
 /// use vchan::Interest;
 /// let i = Interest::data(1).and_space(9);
-/// assert_eq!((i.data, i.space), (1, 9));
+/// assert_eq!((i.data, i.space, i.spin), (1, 9, true));
+/// assert!(!i.without_spin().spin);
 /// assert_eq!(Interest::NONE, Interest::default());
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,38 +28,66 @@ pub struct Interest {
     /// Ready when at least this many bytes of the write ring are free (0:
     /// space does not matter).
     pub space: usize,
+    /// Whether to spin briefly before asking for an event and sleeping:
+    /// worth it when the rings are what the loop waits for, not when it
+    /// mostly waits for a local descriptor.
+    pub spin: bool,
 }
 
 impl Interest {
     /// Nothing from the rings: only the watched descriptors, the timeout
     /// and the vchan's own events (connect, close) end the wait.
-    pub const NONE: Interest = Interest { data: 0, space: 0 };
+    pub const NONE: Interest = Interest {
+        data: 0,
+        space: 0,
+        spin: false,
+    };
 
-    /// At least `n` bytes to read.
+    /// At least `n` bytes to read (spinning first).
     ///
     /// ```
     /// assert_eq!(vchan::Interest::data(4).data, 4);
     /// ```
     pub fn data(n: usize) -> Interest {
-        Interest { data: n, space: 0 }
+        Interest {
+            data: n,
+            space: 0,
+            spin: true,
+        }
     }
 
-    /// At least `n` bytes of free space.
+    /// At least `n` bytes of free space (spinning first).
     ///
     /// ```
     /// assert_eq!(vchan::Interest::space(4).space, 4);
     /// ```
     pub fn space(n: usize) -> Interest {
-        Interest { data: 0, space: n }
+        Interest {
+            data: 0,
+            space: n,
+            spin: true,
+        }
     }
 
     /// This, and also at least `n` bytes of free space.
     ///
     /// ```
-    /// assert_eq!(vchan::Interest::data(1).and_space(2), vchan::Interest { data: 1, space: 2 });
+    /// assert_eq!(vchan::Interest::data(1).and_space(2), vchan::Interest { data: 1, space: 2, spin: true });
     /// ```
     pub fn and_space(self, n: usize) -> Interest {
         Interest { space: n, ..self }
+    }
+
+    /// This, without the spin.
+    ///
+    /// ```
+    /// assert!(!vchan::Interest::data(1).without_spin().spin);
+    /// ```
+    pub fn without_spin(self) -> Interest {
+        Interest {
+            spin: false,
+            ..self
+        }
     }
 
     /// Whether `data` bytes ready and `space` bytes free satisfy it.
@@ -172,9 +201,10 @@ impl Vchan {
     ///
     /// 1. look at the rings without asking for an event (no write to
     ///    shared memory);
-    /// 2. if that is not enough and the call may sleep: spin briefly for
-    ///    it (adaptive, none on one CPU; for space when `want.space` is
-    ///    set, else for data), still without asking;
+    /// 2. if that is not enough, the call may sleep and `want.spin`: spin
+    ///    briefly for it (adaptive, none on one CPU; for space when
+    ///    `want.space` is set and short, else for data), still without
+    ///    asking;
     /// 3. ask the peer for an event for what `want` names, then look
     ///    again: what the peer published before it could see the request
     ///    is found here and never slept through;
@@ -230,7 +260,7 @@ impl Vchan {
         let may_sleep = timeout != Some(Duration::ZERO);
         let (mut data, mut space) = self.look(want, false)?;
         let mut ready = want.met(data, space);
-        if !ready && may_sleep {
+        if !ready && may_sleep && want.spin {
             let spun = if want.space > 0 && space < want.space {
                 self.spin_for_space(want.space)?
             } else if want.data > 0 {
@@ -243,7 +273,7 @@ impl Vchan {
                 ready = want.met(data, space);
             }
         }
-        if !ready && may_sleep && want != Interest::NONE {
+        if !ready && may_sleep && (want.data > 0 || want.space > 0) {
             #[cfg(test)]
             tests::before_request();
             (data, space) = self.look(want, true)?;
