@@ -23,7 +23,7 @@ use crate::channel::{DataChannel, FromFd, FromFdError};
 use crate::filter::replace_escape_chars;
 use crate::local::{
     CloseMode, LocalFd, LocalInput, LocalOutput, LocalProgram, OUTPUT_HIGH_WATER, OutputWriter,
-    SignalWatch, write_all_fd,
+    SignalWatch, WriterStatus, write_all_fd,
 };
 use crate::proto::{
     DecoderMode, MSG_HEADER_SIZE, Message, MessageDecoder, MsgHeader, MsgType, ProtoError,
@@ -199,8 +199,9 @@ pub struct ServiceSide {
     pub stdout: LocalInput,
     /// The service's stderr (sent as `MSG_DATA_STDERR`), if it is captured.
     pub stderr: Option<LocalInput>,
-    /// The service's stdin (what `MSG_DATA_STDIN` brings), written by the
-    /// output thread and ended with the caller's EOF.
+    /// The service's stdin (what `MSG_DATA_STDIN` brings), ended with the
+    /// caller's EOF. Written directly from the loop when non-blocking, else
+    /// by an output thread.
     pub stdin: LocalOutput,
     /// The service itself: reaped while the pump runs (its stdin is closed
     /// then), waited for at the end, its status sent as the exit code.
@@ -279,12 +280,174 @@ fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
         .is_ok_and(|f| OFlag::from_bits_retain(f).contains(OFlag::O_NONBLOCK))
 }
 
+/// Where the payload of incoming stream messages goes.
+///
+/// The client writes its stdout from a thread ([`OutputWriter`]): the
+/// descriptor is shared and may block. A non-blocking descriptor of our
+/// own (the service's stdin on the service side) is written directly from
+/// the loop, without a thread and its wake-ups: what does not fit waits
+/// here and the loop polls for `POLLOUT`.
+#[derive(Debug)]
+enum Sink {
+    Thread(OutputWriter),
+    Direct(DirectSink),
+}
+
+#[derive(Debug)]
+struct DirectSink {
+    out: LocalOutput,
+    queue: std::collections::VecDeque<Vec<u8>>,
+    /// Bytes of `queue[0]` already written.
+    head: usize,
+    pending: usize,
+    close_requested: bool,
+    closed: bool,
+    broken: Option<String>,
+}
+
+impl DirectSink {
+    /// Write what is queued until done or the descriptor is full, then
+    /// close if that was asked for and nothing is left.
+    fn flush(&mut self) {
+        while let Some(buf) = self.queue.front() {
+            if self.broken.is_some() {
+                self.queue.clear();
+                self.pending = 0;
+                break;
+            }
+            match nix::unistd::write(self.out.fd.as_fd(), &buf[self.head..]) {
+                Ok(n) => {
+                    self.head += n;
+                    self.pending -= n;
+                    if self.head == buf.len() {
+                        self.queue.pop_front();
+                        self.head = 0;
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    // EPIPE and friends: nobody reads any more; discard.
+                    crate::vlog!("write to local output: {e}");
+                    self.broken = Some(e.to_string());
+                }
+            }
+        }
+        if self.close_requested && !self.closed && self.queue.is_empty() {
+            self.out.close();
+            self.closed = true;
+        }
+    }
+}
+
+impl Sink {
+    fn start(output: LocalOutput) -> io::Result<Sink> {
+        if is_nonblocking(output.fd.as_fd()) {
+            return Ok(Sink::Direct(DirectSink {
+                out: output,
+                queue: Default::default(),
+                head: 0,
+                pending: 0,
+                close_requested: false,
+                closed: false,
+                broken: None,
+            }));
+        }
+        OutputWriter::start(output).map(Sink::Thread)
+    }
+
+    fn status(&self) -> WriterStatus {
+        match self {
+            Sink::Thread(w) => w.status(),
+            Sink::Direct(d) => WriterStatus {
+                pending: d.pending,
+                closed: d.closed,
+                broken: d.broken.clone(),
+            },
+        }
+    }
+
+    fn close_requested(&self) -> bool {
+        match self {
+            Sink::Thread(w) => w.close_requested(),
+            Sink::Direct(d) => d.close_requested,
+        }
+    }
+
+    fn request_close(&mut self) {
+        match self {
+            Sink::Thread(w) => w.request_close(),
+            Sink::Direct(d) => {
+                d.close_requested = true;
+                d.flush();
+            }
+        }
+    }
+
+    fn write(&mut self, data: Vec<u8>) {
+        match self {
+            Sink::Thread(w) => w.write(data),
+            Sink::Direct(d) => {
+                if data.is_empty() || d.close_requested || d.broken.is_some() {
+                    return;
+                }
+                d.pending += data.len();
+                d.queue.push_back(data);
+                d.flush();
+            }
+        }
+    }
+
+    /// Before the loop's checks: consume the thread's wake-ups, or write
+    /// what waits for the direct descriptor.
+    fn refresh(&mut self, woken: bool) {
+        match self {
+            Sink::Thread(w) if woken => w.clear_wake(),
+            Sink::Thread(_) => {}
+            Sink::Direct(d) => d.flush(),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sink::Thread(w) => w.fd(),
+            Sink::Direct(d) => d.out.fd.as_fd(),
+        }
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Sink::Thread(w) => Some(w.wake_fd()),
+            Sink::Direct(_) => None,
+        }
+    }
+
+    /// Write and close what is left (the client waits for its output
+    /// thread; the direct sink closes now, discarding what would block).
+    fn finish(self) {
+        match self {
+            Sink::Thread(w) => w.finish(),
+            Sink::Direct(mut d) => {
+                d.flush();
+                if !d.closed {
+                    d.out.close();
+                }
+            }
+        }
+    }
+}
+
 struct Pump<'a, C: DataChannel + ?Sized> {
     role: Role,
     ch: &'a mut C,
     limit: usize,
     cfg: &'a PumpConfig,
-    writer: OutputWriter,
+    writer: Sink,
+    /// Whether the output thread's wake-up descriptor fired in the last
+    /// wait (then its counter is read once).
+    woken: bool,
+    /// When the program was last looked at without a SIGCHLD watch.
+    last_reap: std::time::Instant,
     /// Where incoming `MSG_DATA_STDERR` goes (the service side discards it).
     stderr: Option<Box<dyn Write + Send>>,
     /// What we send: `sources[0]` is the main stream (local input, or the
@@ -669,8 +832,19 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     fn run(&mut self) -> Result<bool, PumpError> {
         loop {
             self.check_signals();
+            // Reap on SIGCHLD; without a signal watch (the service side)
+            // now and then, and at once when its output has ended.
+            let reap = if self.signals.is_some() {
+                std::mem::take(&mut self.sigchld_seen) || self.last_reap.elapsed() >= POLL_TIMEOUT
+            } else {
+                !self.has_input() || self.last_reap.elapsed() >= REAP_BUSY
+            };
             self.sigchld_seen = false;
-            if let Some(p) = self.program.as_mut()
+            if reap {
+                self.last_reap = std::time::Instant::now();
+            }
+            if reap
+                && let Some(p) = self.program.as_mut()
                 && p.child.is_some()
                 && let Some(code) = p.try_reap()
             {
@@ -678,7 +852,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 // Stop writing to the program's stdin (docs/qrexec.md §12).
                 self.writer.request_close();
             }
-            self.writer.clear_wake();
+            self.writer.refresh(std::mem::take(&mut self.woken));
             if self.writer.status().broken.is_some() && !self.writer.close_requested() {
                 // EPIPE etc.: local output ended; discard further data.
                 self.writer.request_close();
@@ -719,7 +893,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// takes more; space while a source has data but the ring has no room
     /// (then the source is not polled), the sources while there is room.
     /// The channel spins only when it is all the loop waits for.
-    fn wait(&mut self, ws: &crate::local::WriterStatus) -> Result<(), PumpError> {
+    fn wait(&mut self, ws: &WriterStatus) -> Result<(), PumpError> {
         let has_input = self.sending && self.has_input();
         let room = has_input
             && self
@@ -737,9 +911,13 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             // Wait for half a chunk of room (batching), at most half the ring.
             want.space = MSG_HEADER_SIZE + self.limit.min(self.ch.write_ring_size()) / 2;
         }
-        // Spin only when the ring is all we would wait for.
-        want.spin = !self.sigchld_seen && (!has_input || !room);
-        let timeout = if any_readable
+        // Spin before sleeping (adaptive: it shrinks while it finds
+        // nothing), unless a signal waits to be handled.
+        want.spin = !self.sigchld_seen;
+        // Something to do at once: only look, never sleep. A readable
+        // source counts only while the ring has room for it (else it is
+        // space we wait for).
+        let timeout = if (any_readable && room)
             || self.sigchld_seen
             || (room && self.prefix_left() > 0 && self.sources[0].input.is_some())
         {
@@ -750,7 +928,16 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         } else {
             POLL_TIMEOUT
         };
-        let watch_output = !self.writer.close_requested() && ws.pending == 0;
+        // The output: its reader gone (POLLHUP/POLLERR, asked for with
+        // no events) while idle, or room again in a direct sink.
+        let direct = matches!(self.writer, Sink::Direct(_));
+        let out_events = if direct && ws.pending > 0 {
+            Some(PollFlags::POLLOUT)
+        } else if !self.writer.close_requested() && ws.pending == 0 {
+            Some(PollFlags::empty())
+        } else {
+            None
+        };
         let prefix_left = self.prefix_left();
         let mut watches: Vec<Watch<'_>> = Vec::with_capacity(self.sources.len() + 3);
         let mut idx_in = [None; 2];
@@ -765,12 +952,14 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 }
             }
         }
-        let idx_out = watch_output.then(|| {
-            // No events requested: only POLLHUP/POLLERR (reader gone).
-            watches.push(Watch::new(self.writer.fd(), PollFlags::empty()));
+        let idx_out = out_events.map(|ev| {
+            watches.push(Watch::new(self.writer.fd(), ev));
             watches.len() - 1
         });
-        watches.push(Watch::new(self.writer.wake_fd(), PollFlags::POLLIN));
+        let idx_wake = self.writer.wake_fd().map(|fd| {
+            watches.push(Watch::new(fd, PollFlags::POLLIN));
+            watches.len() - 1
+        });
         if let Some(sig) = &self.signals {
             watches.push(Watch::new(sig.fd(), PollFlags::POLLIN));
         }
@@ -781,6 +970,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         let in_fired = idx_in.map(|i| !fired(i).is_empty());
         let out_gone = fired(idx_out)
             .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL);
+        self.woken = !fired(idx_wake).is_empty();
         drop(watches);
         for (i, f) in in_fired.into_iter().enumerate() {
             if f {
@@ -821,7 +1011,7 @@ fn start<'a, C: DataChannel + ?Sized>(
         signals,
     } = ends;
     let limit = chunk_limit(version);
-    let writer = OutputWriter::start(output).map_err(|source| PumpError::Local {
+    let writer = Sink::start(output).map_err(|source| PumpError::Local {
         op: "starting the output thread",
         source,
     })?;
@@ -831,6 +1021,8 @@ fn start<'a, C: DataChannel + ?Sized>(
         limit,
         cfg,
         writer,
+        woken: true,
+        last_reap: std::time::Instant::now(),
         stderr,
         sources,
         prefix_sent: 0,
@@ -954,9 +1146,14 @@ pub fn serve<C: DataChannel + ?Sized>(
         program,
         ..
     } = pump;
-    // Not `finish`: after an error the service may never read its stdin;
-    // the thread ends the stream once what is queued is written or fails.
-    drop(writer);
+    match writer {
+        // Closes now: the service sees EOF whatever is left.
+        Sink::Direct(_) => writer.finish(),
+        // Not `finish`: after an error the service may never read its
+        // stdin; the thread ends the stream once what is queued is written
+        // or fails.
+        Sink::Thread(w) => drop(w),
+    }
     let status = program.map(|mut p| p.wait()).unwrap_or(255);
     let closed_early = result?;
     if !closed_early {

@@ -456,6 +456,8 @@ fn service_side(
         nix::sys::socket::sockopt::SndBuf,
         &(PIPE_SIZE as usize),
     );
+    // Non-blocking: the pump writes it directly, no output thread.
+    nb(set_nonblocking(&stdin))?;
     let stdin = Arc::new(OwnedFd::from(stdin));
     Ok(ServiceSide {
         stdout: LocalInput::new(LocalFd::Owned(stdout.clone()), CloseMode::Shutdown),
