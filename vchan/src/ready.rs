@@ -201,10 +201,11 @@ impl Vchan {
     ///
     /// 1. look at the rings without asking for an event (no write to
     ///    shared memory);
-    /// 2. if that is not enough, the call may sleep and `want.spin`: spin
-    ///    briefly for it (adaptive, none on one CPU; for space when
-    ///    `want.space` is set and short, else for data), still without
-    ///    asking;
+    /// 2. if that is not enough, the call may sleep and `want.spin`: look
+    ///    at the descriptors once without waiting (one that is ready ends
+    ///    the call: spinning would only delay it), then spin briefly for
+    ///    the rings (adaptive, none on one CPU; for space when `want.space`
+    ///    is set and short, else for data), still without asking;
     /// 3. ask the peer for an event for what `want` names, then look
     ///    again: what the peer published before it could see the request
     ///    is found here and never slept through;
@@ -260,6 +261,22 @@ impl Vchan {
         let may_sleep = timeout != Some(Duration::ZERO);
         let (mut data, mut space) = self.look(want, false)?;
         let mut ready = want.met(data, space);
+        if !ready && may_sleep && want.spin && !extra.is_empty() {
+            // Before spinning for the peer: is a local descriptor ready
+            // already? Then spinning would only delay it.
+            let (event, watched, _) = self.poll_with(extra, Some(Duration::ZERO))?;
+            if event || watched {
+                let (data, space) = self.look(want, false)?;
+                return Ok(Readiness {
+                    data,
+                    space,
+                    ring: want.met(data, space),
+                    event,
+                    watched,
+                    timed_out: false,
+                });
+            }
+        }
         if !ready && may_sleep && want.spin {
             let spun = if want.space > 0 && space < want.space {
                 self.spin_for_space(want.space)?
@@ -279,8 +296,7 @@ impl Vchan {
             (data, space) = self.look(want, true)?;
             ready = want.met(data, space);
         }
-        let interest = self.poll_interest();
-        if ready && extra.is_empty() && !interest.contains(PollFlags::POLLOUT) {
+        if ready && extra.is_empty() && !self.poll_interest().contains(PollFlags::POLLOUT) {
             // Nothing else to look at (and no held-back socket output to
             // push): no syscall.
             return Ok(Readiness {
@@ -291,6 +307,28 @@ impl Vchan {
             });
         }
         let timeout = if ready { Some(Duration::ZERO) } else { timeout };
+        let (event, watched, n) = self.poll_with(extra, timeout)?;
+        let (data, space) = self.look(want, false)?;
+        Ok(Readiness {
+            data,
+            space,
+            ring: want.met(data, space),
+            event,
+            watched,
+            timed_out: n == 0 && timeout != Some(Duration::ZERO),
+        })
+    }
+
+    /// One `poll(2)` of our descriptor (for what [`Vchan::poll_interest`]
+    /// names) and `extra`; consumes our events if it fired. Returns whether
+    /// it fired, whether any of `extra` did, and poll's count (-1 on
+    /// `EINTR`).
+    fn poll_with(
+        &mut self,
+        extra: &mut [Watch<'_>],
+        timeout: Option<Duration>,
+    ) -> Result<(bool, bool, i32)> {
+        let interest = self.poll_interest();
         let (event, watched, n) = {
             let own = (!interest.is_empty()).then(|| PollFd::new(self.as_fd(), interest));
             let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(extra.len() + 1);
@@ -314,15 +352,7 @@ impl Vchan {
         if event {
             self.consume_events()?;
         }
-        let (data, space) = self.look(want, false)?;
-        Ok(Readiness {
-            data,
-            space,
-            ring: want.met(data, space),
-            event,
-            watched,
-            timed_out: n == 0 && timeout != Some(Duration::ZERO),
-        })
+        Ok((event, watched, n))
     }
 }
 
