@@ -908,7 +908,8 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             want.data = 1;
         }
         if has_input && !room {
-            // Wait for half a chunk of room (batching), at most half the ring.
+            // Wait for half a chunk of room (batching), at most half the
+            // ring: always reachable, also when the peer has read it all.
             want.space = MSG_HEADER_SIZE + self.limit.min(self.ch.write_ring_size()) / 2;
         }
         // Spin before sleeping (adaptive: it shrinks while it finds

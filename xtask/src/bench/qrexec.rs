@@ -514,19 +514,19 @@ fn measure(plan: &Plan, builds: &[Build], cat: &Path) -> Result<Json, String> {
             Kind::Recv(b, 0) => Some(Kind::Recv(b, v)),
             _ => None,
         };
-        for v in 1..builds.len() {
+        for (v, b) in builds.iter().enumerate().skip(1) {
             let Some(j) = other(v).and_then(|o| kinds.iter().position(|&x| x == o)) else {
                 continue;
             };
             let (r, c) = (paired_ratio(&tp(i), &tp(j)), paired_ratio(&cpu(i), &cpu(j)));
             vs.row(vec![
                 name(k),
-                builds[v].name.clone(),
+                b.name.clone(),
                 report::ratio(r),
                 report::ratio(c),
             ]);
             vs_json.push((
-                format!("{}/{}", name(k), builds[v].name),
+                format!("{}/{}", name(k), b.name),
                 Json::obj([("ratio", Json::Num(r)), ("cpu_ratio", Json::Num(c))]),
             ));
         }
