@@ -1,6 +1,7 @@
-//! The qrexec data pump, for both ends of a data channel (docs/qrexec.md
-//! §6, §8): HELLO, then local input → data messages, data messages → local
-//! output, the EOF and half-close rules, backpressure, the exit code.
+//! The qrexec data pump, for both ends of a data channel:
+//! docs/qrexec.md §6, §8, §14. HELLO, then local input → data messages,
+//! data messages → local output, the EOF and half-close rules,
+//! backpressure, the exit code.
 //! One loop, parameterised by [`Role`] (as upstream's one `process_io` for
 //! the agent and the client):
 //!
@@ -1108,7 +1109,7 @@ pub fn run_session<C: DataChannel + ?Sized>(
 /// channel whose HELLO exchange gave `version`: the service's stdout and
 /// stderr go out, the caller's stdin comes in, until the service's output
 /// has ended and its stdin is closed; then the service is waited for and
-/// its status sent as `MSG_DATA_EXIT_CODE` (docs/qrexec.md §8.3, §13). If
+/// its status sent as `MSG_DATA_EXIT_CODE` (docs/qrexec.md §8.3, §14). If
 /// the caller closes the channel first, nothing more is sent
 /// (`closed_early`); the service's descriptors are closed and it is waited
 /// for either way. `local_status` is the service's status.
