@@ -59,6 +59,7 @@ mod ready;
 pub mod ring;
 mod shm;
 mod socket;
+pub mod spin;
 mod transport;
 
 use std::io;
