@@ -444,6 +444,9 @@ struct Pump<'a, C: DataChannel + ?Sized> {
     limit: usize,
     cfg: &'a PumpConfig,
     writer: Sink,
+    /// Whether a source's data went out in this round (then local input
+    /// is streaming: the wait does not spin for the peer).
+    sent_local: bool,
     /// Whether the output thread's wake-up descriptor fired in the last
     /// wait (then its counter is read once).
     woken: bool,
@@ -759,7 +762,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     crate::vlog!("local input EOF");
                     self.close_input(i, true)?;
                 }
-                Ok(n) => self.send_buffered(i, n)?,
+                Ok(n) => {
+                    self.sent_local = true;
+                    self.send_buffered(i, n)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.sources[i].readable = false;
                 }
@@ -785,7 +791,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         let r = self.ch.send_message_from_fd(inp.fd.as_fd(), max, &header);
         src.readable = src.drain;
         match r {
-            Ok(FromFd::Sent(_)) => Ok(true),
+            Ok(FromFd::Sent(_)) => {
+                self.sent_local = true;
+                Ok(true)
+            }
             Ok(FromFd::NoRoom) => {
                 // Nothing was read: the input is still readable.
                 src.readable = true;
@@ -860,6 +869,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             }
 
             self.receive()?;
+            self.sent_local = false;
             self.send()?;
 
             // All done: both local directions closed, and on the client
@@ -913,9 +923,12 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             // ring: always reachable, also when the peer has read it all.
             want.space = MSG_HEADER_SIZE + self.limit.min(self.ch.write_ring_size()) / 2;
         }
-        // Spin before sleeping (adaptive: it shrinks while it finds
-        // nothing), unless a signal waits to be handled.
-        want.spin = !self.sigchld_seen;
+        // Spin before sleeping when the ring is what moves: for space when
+        // it is full, for data when no local input came this round. Not
+        // while local input streams (then that input is what comes next:
+        // a spin for the peer's data would burn its whole bound on every
+        // chunk), nor with a signal to handle.
+        want.spin = !self.sigchld_seen && (!room || !self.sent_local);
         // Something to do at once: only look, never sleep. A readable
         // source counts only while the ring has room for it (else it is
         // space we wait for).
@@ -1023,6 +1036,7 @@ fn start<'a, C: DataChannel + ?Sized>(
         limit,
         cfg,
         writer,
+        sent_local: false,
         woken: true,
         last_reap: std::time::Instant::now(),
         stderr,
