@@ -238,11 +238,19 @@ impl Vchan {
     /// // A loop that forwards `stdin` to the vchan and reads what comes back.
     /// let writer = std::thread::spawn(move || {
     ///     srv.write_all(b"pong")?;
-    ///     Ok::<_, vchan::Error>(srv)
+    ///     Ok::<_, std::io::Error>(srv)
     /// });
     /// let mut watch = [Watch::new(stdin.as_fd(), PollFlags::POLLIN)];
-    /// let r = cli.wait_ready(Interest::data(4), &mut watch, Some(Duration::from_secs(10)))?;
-    /// assert!(r.ring && r.data == 4 && !r.timed_out);
+    /// // A wait can also end for an event that changed nothing we asked
+    /// // for (the connect's): wait until the rings are ready.
+    /// let r = loop {
+    ///     let r = cli.wait_ready(Interest::data(4), &mut watch, Some(Duration::from_secs(10)))?;
+    ///     assert!(!r.timed_out);
+    ///     if r.ring {
+    ///         break r;
+    ///     }
+    /// };
+    /// assert_eq!(r.data, 4);
     /// feed.write_all(b"ping")?;
     /// let r = cli.wait_ready(Interest::NONE, &mut watch, Some(Duration::from_secs(10)))?;
     /// assert!(r.watched && watch[0].revents().contains(PollFlags::POLLIN));
