@@ -227,7 +227,7 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
             let (_, msg) = decoder.feed(&buf[..n])?;
             if let Some(Message::Hello(peer)) = msg {
                 let v = negotiate(own_version, peer)?;
-                crate::vlog!("service announced version {peer}, using {v}");
+                log::debug!("service announced version {peer}, using {v}");
                 return Ok(v);
             }
             continue;
@@ -329,7 +329,7 @@ impl DirectSink {
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => {
                     // EPIPE and friends: nobody reads any more; discard.
-                    crate::vlog!("write to local output: {e}");
+                    log::debug!("write to local output: {e}");
                     self.broken = Some(e.to_string());
                 }
             }
@@ -484,7 +484,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     fn close_input(&mut self, i: usize, send_eof: bool) -> Result<(), PumpError> {
         if let Some(inp) = self.sources[i].input.take() {
             if send_eof && self.sending {
-                // An EOF that cannot be sent is ignored (4c51f26): the peer
+                // An EOF that cannot be sent is ignored (QubesOS/qubes-core-qrexec@4c51f26): the peer
                 // has usually gone already. Never block on it.
                 if self
                     .ch
@@ -494,10 +494,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 {
                     let hdr = MsgHeader::new(self.sources[i].ty, 0).encode();
                     if let Err(e) = self.ch.send_all(&hdr) {
-                        crate::vlog!("sending EOF failed (ignored): {e}");
+                        log::debug!("sending EOF failed (ignored): {e}");
                     }
                 } else {
-                    crate::vlog!("no room for EOF in the vchan: not sent");
+                    log::debug!("no room for EOF in the vchan: not sent");
                 }
             }
             inp.close();
@@ -534,11 +534,11 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             Some(old) => {
                 old.close();
                 self.sources[0].set(LocalInput::new(socket, CloseMode::Shutdown));
-                crate::vlog!("SIGUSR1: using the local program's stdin socket both ways");
+                log::debug!("SIGUSR1: using the local program's stdin socket both ways");
                 true
             }
             None => {
-                crate::vlog!("SIGUSR1 after local input ended: ignored");
+                log::debug!("SIGUSR1 after local input ended: ignored");
                 false
             }
         }
@@ -551,7 +551,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     return Ok(()); // output already ended: discard
                 }
                 if data.is_empty() {
-                    crate::vlog!("peer's stream EOF");
+                    log::debug!("peer's stream EOF");
                     self.writer.request_close();
                     return Ok(());
                 }
@@ -571,11 +571,11 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     replace_escape_chars(&mut data);
                 }
                 if let Err(e) = stderr.write_all(&data) {
-                    crate::vlog!("writing service stderr: {e}");
+                    log::debug!("writing service stderr: {e}");
                 }
             }
             Message::ExitCode(code) if self.role == Role::Client => {
-                crate::vlog!("service exit code {code}");
+                log::debug!("service exit code {code}");
                 self.remote_status = Some(code);
                 self.close_inputs(true)?;
             }
@@ -673,13 +673,13 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     fn dispatch(&mut self, m: Message) -> Result<(), PumpError> {
         if self.role == Role::Client && matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
             self.warned_stdin_type = true;
-            crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
+            log::debug!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
         }
         self.handle(m)
     }
 
     /// Send a message of source `i`'s type whose payload is at
-    /// `tx[8..8 + n]`. A failure stops sending but not receiving (66c1519):
+    /// `tx[8..8 + n]`. A failure stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519):
     /// no EOF is sent then.
     fn send_buffered(&mut self, i: usize, n: usize) -> Result<(), PumpError> {
         self.tx[..MSG_HEADER_SIZE]
@@ -693,7 +693,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// A send failed. A corrupted ring ends the call; anything else (the
     /// peer went away) is like #5597: not worth an error line when the exit
     /// code still arrives ("closed early" is reported if it does not), and
-    /// it stops sending but not receiving (66c1519): no EOF is sent then.
+    /// it stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519): no EOF is sent then.
     fn send_failed(&mut self, e: io::Error) -> Result<(), PumpError> {
         if is_ring_corruption(&e) {
             return Err(PumpError::Channel {
@@ -701,7 +701,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 source: e,
             });
         }
-        crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
+        log::debug!("error while vchan send (stop sending, keep receiving): {e}");
         self.sending = false;
         self.close_inputs(false)
     }
@@ -759,7 +759,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     if i == 0 && self.check_signals() {
                         continue;
                     }
-                    crate::vlog!("local input EOF");
+                    log::debug!("local input EOF");
                     self.close_input(i, true)?;
                 }
                 Ok(n) => {
@@ -770,7 +770,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     self.sources[i].readable = false;
                 }
                 Err(e) => {
-                    crate::log_error(&format!("error reading local input: {e}"));
+                    log::error!("error reading local input: {e}");
                     self.close_input(i, true)?;
                 }
             }
@@ -804,7 +804,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 // A SIGUSR1 sent before the program closed its stdout wins
                 // over that EOF.
                 if i != 0 || !self.check_signals() {
-                    crate::vlog!("local input EOF");
+                    log::debug!("local input EOF");
                     self.close_input(i, true)?;
                 }
                 Ok(true)
@@ -822,7 +822,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 Ok(true)
             }
             Err(FromFdError::Fd(e)) => {
-                crate::log_error(&format!("error reading local input: {e}"));
+                log::error!("error reading local input: {e}");
                 self.close_input(i, true)?;
                 Ok(true)
             }
@@ -858,7 +858,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 && p.child.is_some()
                 && let Some(code) = p.try_reap()
             {
-                crate::vlog!("local program exited with status {code}");
+                log::debug!("local program exited with status {code}");
                 // Stop writing to the program's stdin (docs/qrexec.md §12).
                 self.writer.request_close();
             }
@@ -882,16 +882,14 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             {
                 return Ok(false);
             }
-            // The peer has gone: is_open before data_ready (bd07c52).
+            // The peer has gone: is_open before data_ready (QubesOS/qubes-core-qrexec@bd07c52).
             let open = self.ch.is_open();
             if !open
                 && self.ch.data_ready().map_err(chan_err("look at the ring"))? == 0
                 && ws.pending == 0
             {
                 if self.role == Role::Client && self.remote_status.is_none() {
-                    crate::log_error(
-                        "vchan connection closed early (no exit code from the service)",
-                    );
+                    log::error!("vchan connection closed early (no exit code from the service)");
                 }
                 return Ok(true);
             }
@@ -993,7 +991,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             }
         }
         if out_gone {
-            crate::vlog!("local output was closed by its reader");
+            log::debug!("local output was closed by its reader");
             self.writer.request_close();
         }
         Ok(())
