@@ -132,4 +132,18 @@ pub trait DataChannel: AsFd + fmt::Debug {
     /// Consume the readiness poll reported; called only after poll returned
     /// events for the descriptor, so it must not block.
     fn wait(&mut self) -> io::Result<()>;
+
+    /// The size of the ring we send into (the pump waits for half a chunk
+    /// of it, at most half of this, before it sends again).
+    fn write_ring_size(&self) -> usize;
+
+    /// The pump's one wait: look, spin, ask for an event and look again,
+    /// then sleep on the channel and `extra` together, as
+    /// [`vchan::Vchan::wait_ready`] (docs/vchan.md §5.4).
+    fn wait_ready(
+        &mut self,
+        want: vchan::Interest,
+        extra: &mut [vchan::Watch<'_>],
+        timeout: Option<Duration>,
+    ) -> io::Result<vchan::Readiness>;
 }

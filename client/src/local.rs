@@ -200,6 +200,14 @@ pub struct LocalOutput {
     pub close: CloseMode,
 }
 
+impl LocalOutput {
+    /// End this direction (`SHUT_WR` or replace with /dev/null), for a
+    /// caller that writes it itself (the service side's direct sink).
+    pub fn close(&self) {
+        end_direction(&self.fd, self.close, Shutdown::Write);
+    }
+}
+
 #[derive(Debug, Default)]
 struct WriterState {
     queue: VecDeque<Vec<u8>>,

@@ -1,7 +1,21 @@
-//! The data-channel pump of qrexec-client-vm (docs/qrexec.md §6, §8): HELLO, then
-//! local input → `MSG_DATA_STDIN`, `MSG_DATA_STDOUT` → local output,
-//! `MSG_DATA_STDERR` → stderr, `MSG_DATA_EXIT_CODE`, EOF and half-close
-//! rules, escape filtering, backpressure, SIGUSR1 and the exit status.
+//! The qrexec data pump, for both ends of a data channel:
+//! docs/qrexec.md §6, §8, §14. HELLO, then local input → data messages,
+//! data messages → local output, the EOF and half-close rules,
+//! backpressure, the exit code.
+//! One loop, parameterised by [`Role`] (as upstream's one `process_io` for
+//! the agent and the client):
+//!
+//! | | [`Role::Client`] (`qrexec-client-vm`) | [`Role::Service`] (a VM's agent) |
+//! |---|---|---|
+//! | sends | local input as `MSG_DATA_STDIN` | the service's stdout and stderr as `MSG_DATA_STDOUT`, `MSG_DATA_STDERR` |
+//! | receives | `STDOUT` → local output, `STDERR` → stderr, `EXIT_CODE` | `STDIN` → the service's stdin |
+//! | ends | exit code received, both directions closed, local program reaped | all output sent, stdin closed: waits for the service and sends its exit code |
+//!
+//! The client side adds escape filtering, `--prefix-data`, SIGUSR1 and the
+//! exit status. Payloads go from a local pipe or file straight into the
+//! ring ([`DataChannel::send_message_from_fd`]); the loop's one wait is
+//! [`DataChannel::wait_ready`] (look, spin, ask for an event and look
+//! again, sleep: docs/vchan.md §5.4).
 //!
 //! Generic over [`DataChannel`], whose one implementation is the vchan
 //! (`crate::transport::VchanChannel`, any transport).
@@ -10,20 +24,41 @@ use crate::channel::{DataChannel, FromFd, FromFdError};
 use crate::filter::replace_escape_chars;
 use crate::local::{
     CloseMode, LocalFd, LocalInput, LocalOutput, LocalProgram, OUTPUT_HIGH_WATER, OutputWriter,
-    SignalWatch, write_all_fd,
+    SignalWatch, WriterStatus, write_all_fd,
 };
 use crate::proto::{
     DecoderMode, MSG_HEADER_SIZE, Message, MessageDecoder, MsgHeader, MsgType, ProtoError,
-    chunk_limit, encode_hello, negotiate,
+    chunk_limit, encode_exit_code, encode_hello, negotiate,
 };
-use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::PollFlags;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Duration;
+use vchan::{Interest, Watch};
 
 /// Poll timeout of the pump loop: only a safety net, every state change
 /// that matters wakes the loop through a descriptor.
-const POLL_TIMEOUT_MS: u16 = 10_000;
+const POLL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the service side looks whether the service exited, while it
+/// has nothing else to wait for (no SIGCHLD watch there): its output has
+/// ended, or it still runs.
+const REAP_IDLE: Duration = Duration::from_millis(20);
+const REAP_BUSY: Duration = Duration::from_millis(100);
+
+/// Which end of the data channel the pump runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The calling side (`qrexec-client-vm`, the vchan server): local
+    /// input goes out as `MSG_DATA_STDIN`, the service's stdout and stderr
+    /// come in, then its exit code.
+    Client,
+    /// The service side (the target VM's agent, the vchan client): the
+    /// service's stdout and stderr go out, `MSG_DATA_STDIN` comes in; the
+    /// pump sends the service's exit code at the end.
+    Service,
+}
 
 /// A failure that ends the call with exit status 1.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +152,7 @@ impl std::fmt::Debug for LocalSide {
 }
 
 /// What happened, for the exit status (docs/qrexec.md §8.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PumpOutcome {
     /// The service's exit code, if one arrived.
     pub remote_status: Option<i32>,
@@ -125,6 +160,9 @@ pub struct PumpOutcome {
     pub local_status: Option<i32>,
     /// Whether a local program was involved.
     pub had_local_program: bool,
+    /// Whether the peer closed the channel before the call ended (the
+    /// client: no exit code came; the service: none was sent).
+    pub closed_early: bool,
 }
 
 impl PumpOutcome {
@@ -134,7 +172,7 @@ impl PumpOutcome {
     ///
     /// ```
     /// # use qrexec::pump::PumpOutcome;
-    /// let o = |r, l, p| PumpOutcome { remote_status: r, local_status: l, had_local_program: p };
+    /// let o = |r, l, p| PumpOutcome { remote_status: r, local_status: l, had_local_program: p, ..PumpOutcome::default() };
     /// assert_eq!(o(Some(42), Some(0), true).exit_code(), 42);
     /// assert_eq!(o(Some(0), Some(1), true).exit_code(), 1);
     /// assert_eq!(o(None, Some(0), true).exit_code(), 255);
@@ -154,14 +192,21 @@ impl PumpOutcome {
     }
 }
 
-fn poll_fds(fds: &mut [PollFd<'_>], timeout: PollTimeout) -> Result<(), PumpError> {
-    match poll(fds, timeout) {
-        Ok(_) | Err(Errno::EINTR) => Ok(()),
-        Err(e) => Err(PumpError::Local {
-            op: "poll",
-            source: e.into(),
-        }),
-    }
+/// The local side of a call on the service side: the service's stdio.
+#[derive(Debug)]
+pub struct ServiceSide {
+    /// The service's stdout (sent as `MSG_DATA_STDOUT`). A pipe read until
+    /// it is empty when non-blocking, else once per poll.
+    pub stdout: LocalInput,
+    /// The service's stderr (sent as `MSG_DATA_STDERR`), if it is captured.
+    pub stderr: Option<LocalInput>,
+    /// The service's stdin (what `MSG_DATA_STDIN` brings), ended with the
+    /// caller's EOF. Written directly from the loop when non-blocking, else
+    /// by an output thread.
+    pub stdin: LocalOutput,
+    /// The service itself: reaped while the pump runs (its stdin is closed
+    /// then), waited for at the end, its status sent as the exit code.
+    pub program: LocalProgram,
 }
 
 /// Send our HELLO at once, then read the peer's (docs/qrexec.md §6: sending first is
@@ -190,12 +235,8 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
         if !open {
             return Err(PumpError::ClosedDuringHandshake);
         }
-        let ev = ch.poll_events();
-        let mut fds = [PollFd::new(ch.as_fd(), ev)];
-        poll_fds(&mut fds, PollTimeout::from(POLL_TIMEOUT_MS))?;
-        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
-            ch.wait().map_err(chan_err("wait"))?;
-        }
+        ch.wait_ready(Interest::data(1), &mut [], Some(POLL_TIMEOUT))
+            .map_err(chan_err("wait"))?;
     }
 }
 
@@ -203,19 +244,219 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
 /// message's buffer (see `Pump::receive`); smaller ones are batched.
 const DIRECT_PAYLOAD: usize = 4096;
 
-/// Build a STDIN message in `tx` (payload already at `tx[8..8 + n]`).
-fn stdin_header(tx: &mut [u8], n: usize) {
-    tx[..MSG_HEADER_SIZE].copy_from_slice(&MsgHeader::new(MsgType::DataStdin, n as u32).encode());
+/// One local descriptor whose data the pump sends, as messages of type `ty`.
+#[derive(Debug)]
+struct Source {
+    /// `None` once it has ended.
+    input: Option<LocalInput>,
+    ty: MsgType,
+    /// Known to have data (or EOF) to read now.
+    readable: bool,
+    /// Read until `EAGAIN` (a socket, read with `MSG_DONTWAIT`, or a
+    /// non-blocking descriptor) instead of once per poll.
+    drain: bool,
+}
+
+impl Source {
+    fn new(input: LocalInput, ty: MsgType) -> Source {
+        let mut s = Source {
+            input: None,
+            ty,
+            readable: false,
+            drain: false,
+        };
+        s.set(input);
+        s
+    }
+
+    fn set(&mut self, input: LocalInput) {
+        self.drain = input.is_socket() || is_nonblocking(input.fd.as_fd());
+        self.input = Some(input);
+        self.readable = false;
+    }
+}
+
+fn is_nonblocking(fd: BorrowedFd<'_>) -> bool {
+    fcntl(fd, FcntlArg::F_GETFL)
+        .is_ok_and(|f| OFlag::from_bits_retain(f).contains(OFlag::O_NONBLOCK))
+}
+
+/// Where the payload of incoming stream messages goes.
+///
+/// The client writes its stdout from a thread ([`OutputWriter`]): the
+/// descriptor is shared and may block. A non-blocking descriptor of our
+/// own (the service's stdin on the service side) is written directly from
+/// the loop, without a thread and its wake-ups: what does not fit waits
+/// here and the loop polls for `POLLOUT`.
+#[derive(Debug)]
+enum Sink {
+    Thread(OutputWriter),
+    Direct(DirectSink),
+}
+
+#[derive(Debug)]
+struct DirectSink {
+    out: LocalOutput,
+    queue: std::collections::VecDeque<Vec<u8>>,
+    /// Bytes of `queue[0]` already written.
+    head: usize,
+    pending: usize,
+    close_requested: bool,
+    closed: bool,
+    broken: Option<String>,
+}
+
+impl DirectSink {
+    /// Write what is queued until done or the descriptor is full, then
+    /// close if that was asked for and nothing is left.
+    fn flush(&mut self) {
+        while let Some(buf) = self.queue.front() {
+            if self.broken.is_some() {
+                self.queue.clear();
+                self.pending = 0;
+                break;
+            }
+            match nix::unistd::write(self.out.fd.as_fd(), &buf[self.head..]) {
+                Ok(n) => {
+                    self.head += n;
+                    self.pending -= n;
+                    if self.head == buf.len() {
+                        self.queue.pop_front();
+                        self.head = 0;
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    // EPIPE and friends: nobody reads any more; discard.
+                    log::debug!("write to local output: {e}");
+                    self.broken = Some(e.to_string());
+                }
+            }
+        }
+        if self.close_requested && !self.closed && self.queue.is_empty() {
+            self.out.close();
+            self.closed = true;
+        }
+    }
+}
+
+impl Sink {
+    fn start(output: LocalOutput) -> io::Result<Sink> {
+        if is_nonblocking(output.fd.as_fd()) {
+            return Ok(Sink::Direct(DirectSink {
+                out: output,
+                queue: Default::default(),
+                head: 0,
+                pending: 0,
+                close_requested: false,
+                closed: false,
+                broken: None,
+            }));
+        }
+        OutputWriter::start(output).map(Sink::Thread)
+    }
+
+    fn status(&self) -> WriterStatus {
+        match self {
+            Sink::Thread(w) => w.status(),
+            Sink::Direct(d) => WriterStatus {
+                pending: d.pending,
+                closed: d.closed,
+                broken: d.broken.clone(),
+            },
+        }
+    }
+
+    fn close_requested(&self) -> bool {
+        match self {
+            Sink::Thread(w) => w.close_requested(),
+            Sink::Direct(d) => d.close_requested,
+        }
+    }
+
+    fn request_close(&mut self) {
+        match self {
+            Sink::Thread(w) => w.request_close(),
+            Sink::Direct(d) => {
+                d.close_requested = true;
+                d.flush();
+            }
+        }
+    }
+
+    fn write(&mut self, data: Vec<u8>) {
+        match self {
+            Sink::Thread(w) => w.write(data),
+            Sink::Direct(d) => {
+                if data.is_empty() || d.close_requested || d.broken.is_some() {
+                    return;
+                }
+                d.pending += data.len();
+                d.queue.push_back(data);
+                d.flush();
+            }
+        }
+    }
+
+    /// Before the loop's checks: consume the thread's wake-ups, or write
+    /// what waits for the direct descriptor.
+    fn refresh(&mut self, woken: bool) {
+        match self {
+            Sink::Thread(w) if woken => w.clear_wake(),
+            Sink::Thread(_) => {}
+            Sink::Direct(d) => d.flush(),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Sink::Thread(w) => w.fd(),
+            Sink::Direct(d) => d.out.fd.as_fd(),
+        }
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Sink::Thread(w) => Some(w.wake_fd()),
+            Sink::Direct(_) => None,
+        }
+    }
+
+    /// Write and close what is left (the client waits for its output
+    /// thread; the direct sink closes now, discarding what would block).
+    fn finish(self) {
+        match self {
+            Sink::Thread(w) => w.finish(),
+            Sink::Direct(mut d) => {
+                d.flush();
+                if !d.closed {
+                    d.out.close();
+                }
+            }
+        }
+    }
 }
 
 struct Pump<'a, C: DataChannel + ?Sized> {
+    role: Role,
     ch: &'a mut C,
     limit: usize,
     cfg: &'a PumpConfig,
-    writer: OutputWriter,
-    stderr: Box<dyn Write + Send>,
-    input: Option<LocalInput>,
-    input_readable: bool,
+    writer: Sink,
+    /// Whether a source's data went out in this round (then local input
+    /// is streaming: the wait does not spin for the peer).
+    sent_local: bool,
+    /// Whether the output thread's wake-up descriptor fired in the last
+    /// wait (then its counter is read once).
+    woken: bool,
+    /// When the program was last looked at without a SIGCHLD watch.
+    last_reap: std::time::Instant,
+    /// Where incoming `MSG_DATA_STDERR` goes (the service side discards it).
+    stderr: Option<Box<dyn Write + Send>>,
+    /// What we send: `sources[0]` is the main stream (local input, or the
+    /// service's stdout), `--prefix-data` and SIGUSR1 apply to it.
+    sources: Vec<Source>,
     prefix_sent: usize,
     sending: bool,
     remote_status: Option<i32>,
@@ -234,9 +475,14 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         self.cfg.prefix.len().saturating_sub(self.prefix_sent)
     }
 
-    /// Stop reading local input; `send_eof` says whether to tell the service.
-    fn close_input(&mut self, send_eof: bool) -> Result<(), PumpError> {
-        if let Some(inp) = self.input.take() {
+    fn has_input(&self) -> bool {
+        self.sources.iter().any(|s| s.input.is_some())
+    }
+
+    /// Stop reading source `i`; `send_eof` says whether to tell the peer
+    /// (an empty message of the source's type).
+    fn close_input(&mut self, i: usize, send_eof: bool) -> Result<(), PumpError> {
+        if let Some(inp) = self.sources[i].input.take() {
             if send_eof && self.sending {
                 // An EOF that cannot be sent is ignored (QubesOS/qubes-core-qrexec@4c51f26): the peer
                 // has usually gone already. Never block on it.
@@ -246,16 +492,23 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     .map_err(chan_err("look at the ring"))?
                     >= MSG_HEADER_SIZE
                 {
-                    let hdr = MsgHeader::new(MsgType::DataStdin, 0).encode();
+                    let hdr = MsgHeader::new(self.sources[i].ty, 0).encode();
                     if let Err(e) = self.ch.send_all(&hdr) {
-                        log::debug!("sending STDIN EOF failed (ignored): {e}");
+                        log::debug!("sending EOF failed (ignored): {e}");
                     }
                 } else {
-                    log::debug!("no room for STDIN EOF in the vchan: not sent");
+                    log::debug!("no room for EOF in the vchan: not sent");
                 }
             }
             inp.close();
-            self.input_readable = false;
+            self.sources[i].readable = false;
+        }
+        Ok(())
+    }
+
+    fn close_inputs(&mut self, send_eof: bool) -> Result<(), PumpError> {
+        for i in 0..self.sources.len() {
+            self.close_input(i, send_eof)?;
         }
         Ok(())
     }
@@ -277,11 +530,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             return false;
         };
         let socket = LocalFd::Owned(program.to_child.clone());
-        match self.input.take() {
+        match self.sources[0].input.take() {
             Some(old) => {
                 old.close();
-                self.input = Some(LocalInput::new(socket, CloseMode::Shutdown));
-                self.input_readable = false;
+                self.sources[0].set(LocalInput::new(socket, CloseMode::Shutdown));
                 log::debug!("SIGUSR1: using the local program's stdin socket both ways");
                 true
             }
@@ -299,7 +551,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     return Ok(()); // output already ended: discard
                 }
                 if data.is_empty() {
-                    log::debug!("service stdout EOF");
+                    log::debug!("peer's stream EOF");
                     self.writer.request_close();
                     return Ok(());
                 }
@@ -309,23 +561,27 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 self.writer.write(data);
             }
             Message::Stderr(mut data) => {
+                let Some(stderr) = self.stderr.as_mut() else {
+                    return Ok(());
+                };
                 if data.is_empty() {
                     return Ok(());
                 }
                 if self.cfg.filter_stderr {
                     replace_escape_chars(&mut data);
                 }
-                if let Err(e) = self.stderr.write_all(&data) {
+                if let Err(e) = stderr.write_all(&data) {
                     log::debug!("writing service stderr: {e}");
                 }
             }
-            Message::ExitCode(code) => {
+            Message::ExitCode(code) if self.role == Role::Client => {
                 log::debug!("service exit code {code}");
                 self.remote_status = Some(code);
-                self.close_input(true)?;
+                self.close_inputs(true)?;
             }
-            // The data-mode decoder rejects HELLO before it gets here.
-            Message::Hello(_) => {}
+            // The caller sends no exit code; the data-mode decoder rejects
+            // HELLO before it gets here.
+            Message::ExitCode(_) | Message::Hello(_) => {}
         }
         Ok(())
     }
@@ -415,17 +671,19 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     }
 
     fn dispatch(&mut self, m: Message) -> Result<(), PumpError> {
-        if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
+        if self.role == Role::Client && matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
             self.warned_stdin_type = true;
             log::debug!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
         }
         self.handle(m)
     }
 
-    /// Send a STDIN message whose payload is at `tx[8..8 + n]`. A failure
-    /// stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519): no EOF is sent then.
-    fn send_stdin(&mut self, n: usize) -> Result<(), PumpError> {
-        stdin_header(&mut self.tx, n);
+    /// Send a message of source `i`'s type whose payload is at
+    /// `tx[8..8 + n]`. A failure stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519):
+    /// no EOF is sent then.
+    fn send_buffered(&mut self, i: usize, n: usize) -> Result<(), PumpError> {
+        self.tx[..MSG_HEADER_SIZE]
+            .copy_from_slice(&MsgHeader::new(self.sources[i].ty, n as u32).encode());
         match self.ch.send_all(&self.tx[..MSG_HEADER_SIZE + n]) {
             Ok(()) => Ok(()),
             Err(e) => self.send_failed(e),
@@ -445,12 +703,19 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         }
         log::debug!("error while vchan send (stop sending, keep receiving): {e}");
         self.sending = false;
-        self.close_input(false)
+        self.close_inputs(false)
     }
 
     /// Move prefix data and local input into the channel while it has room.
     fn send(&mut self) -> Result<(), PumpError> {
-        while self.sending && self.input.is_some() {
+        for i in 0..self.sources.len() {
+            self.send_source(i)?;
+        }
+        Ok(())
+    }
+
+    fn send_source(&mut self, i: usize) -> Result<(), PumpError> {
+        while self.sending && self.sources[i].input.is_some() {
             let space = self
                 .ch
                 .peek_buffer_space()
@@ -459,20 +724,20 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 break;
             }
             let max = (space - MSG_HEADER_SIZE).min(self.limit);
-            let left = self.prefix_left();
+            let left = if i == 0 { self.prefix_left() } else { 0 };
             if left > 0 {
                 let n = left.min(max);
                 let start = self.prefix_sent;
                 self.tx[MSG_HEADER_SIZE..MSG_HEADER_SIZE + n]
                     .copy_from_slice(&self.cfg.prefix[start..start + n]);
                 self.prefix_sent += n;
-                self.send_stdin(n)?;
+                self.send_buffered(i, n)?;
                 continue;
             }
-            if !self.input_readable {
+            if !self.sources[i].readable {
                 break;
             }
-            let Some(inp) = self.input.as_ref() else {
+            let Some(inp) = self.sources[i].input.as_ref() else {
                 break;
             };
             let socket = inp.is_socket();
@@ -481,71 +746,84 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 // straight into the ring, the header in front of it from
                 // private memory (one copy, no bounce buffer). Sockets keep
                 // the buffered path: they are read with MSG_DONTWAIT.
-                if self.send_from_input(max)? {
+                if self.send_from_input(i, max)? {
                     continue;
                 }
                 break;
             }
             let r = inp.read(&mut self.tx[MSG_HEADER_SIZE..MSG_HEADER_SIZE + max]);
-            // Non-sockets are read once per poll; sockets until EAGAIN.
-            self.input_readable = socket;
             match r {
                 Ok(0) => {
                     // A SIGUSR1 sent before the program closed its stdout
                     // wins over that EOF.
-                    if self.check_signals() {
+                    if i == 0 && self.check_signals() {
                         continue;
                     }
                     log::debug!("local input EOF");
-                    self.close_input(true)?;
+                    self.close_input(i, true)?;
                 }
-                Ok(n) => self.send_stdin(n)?,
+                Ok(n) => {
+                    self.sent_local = true;
+                    self.send_buffered(i, n)?
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.input_readable = false;
+                    self.sources[i].readable = false;
                 }
                 Err(e) => {
                     log::error!("error reading local input: {e}");
-                    self.close_input(true)?;
+                    self.close_input(i, true)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// One STDIN message read from a non-socket input straight into the
-    /// channel (read once per poll, as before). Returns whether to go on
-    /// sending in this round.
-    fn send_from_input(&mut self, max: usize) -> Result<bool, PumpError> {
-        let Some(inp) = self.input.as_ref() else {
+    /// One message read from a non-socket source straight into the channel
+    /// (read once per poll unless the descriptor is non-blocking). Returns
+    /// whether to go on sending in this round.
+    fn send_from_input(&mut self, i: usize, max: usize) -> Result<bool, PumpError> {
+        let src = &mut self.sources[i];
+        let Some(inp) = src.input.as_ref() else {
             return Ok(false);
         };
-        let header = |n: usize| MsgHeader::new(MsgType::DataStdin, n as u32).encode();
+        let ty = src.ty;
+        let header = |n: usize| MsgHeader::new(ty, n as u32).encode();
         let r = self.ch.send_message_from_fd(inp.fd.as_fd(), max, &header);
-        self.input_readable = false;
+        src.readable = src.drain;
         match r {
-            Ok(FromFd::Sent(_)) => Ok(true),
+            Ok(FromFd::Sent(_)) => {
+                self.sent_local = true;
+                Ok(true)
+            }
             Ok(FromFd::NoRoom) => {
                 // Nothing was read: the input is still readable.
-                self.input_readable = true;
+                src.readable = true;
                 Ok(false)
             }
             Ok(FromFd::Eof) => {
                 // A SIGUSR1 sent before the program closed its stdout wins
                 // over that EOF.
-                if !self.check_signals() {
+                if i != 0 || !self.check_signals() {
                     log::debug!("local input EOF");
-                    self.close_input(true)?;
+                    self.close_input(i, true)?;
                 }
                 Ok(true)
             }
-            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                src.readable = false;
+                Ok(false)
+            }
             Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::Interrupted => {
-                self.input_readable = true;
+                src.readable = true;
+                Ok(true)
+            }
+            Err(FromFdError::Fd(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.close_input(i, true)?;
                 Ok(true)
             }
             Err(FromFdError::Fd(e)) => {
                 log::error!("error reading local input: {e}");
-                self.close_input(true)?;
+                self.close_input(i, true)?;
                 Ok(true)
             }
             Err(FromFdError::Channel(e)) => {
@@ -559,11 +837,24 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
         self.program.as_ref().is_some_and(|p| p.child.is_some())
     }
 
-    fn run(&mut self) -> Result<(), PumpError> {
+    /// Runs until the call is over; `Ok(true)` when the peer closed the
+    /// channel first.
+    fn run(&mut self) -> Result<bool, PumpError> {
         loop {
             self.check_signals();
+            // Reap on SIGCHLD; without a signal watch (the service side)
+            // now and then, and at once when its output has ended.
+            let reap = if self.signals.is_some() {
+                std::mem::take(&mut self.sigchld_seen) || self.last_reap.elapsed() >= POLL_TIMEOUT
+            } else {
+                !self.has_input() || self.last_reap.elapsed() >= REAP_BUSY
+            };
             self.sigchld_seen = false;
-            if let Some(p) = self.program.as_mut()
+            if reap {
+                self.last_reap = std::time::Instant::now();
+            }
+            if reap
+                && let Some(p) = self.program.as_mut()
                 && p.child.is_some()
                 && let Some(code) = p.try_reap()
             {
@@ -571,24 +862,25 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 // Stop writing to the program's stdin (docs/qrexec.md §12).
                 self.writer.request_close();
             }
-            self.writer.clear_wake();
+            self.writer.refresh(std::mem::take(&mut self.woken));
             if self.writer.status().broken.is_some() && !self.writer.close_requested() {
                 // EPIPE etc.: local output ended; discard further data.
                 self.writer.request_close();
             }
 
             self.receive()?;
+            self.sent_local = false;
             self.send()?;
 
-            // All done: both local directions closed, exit code received,
-            // local program reaped.
+            // All done: both local directions closed, and on the client
+            // side the exit code received and the local program reaped.
             let ws = self.writer.status();
             if ws.closed
-                && self.input.is_none()
-                && self.remote_status.is_some()
-                && !self.child_running()
+                && !self.has_input()
+                && (self.role == Role::Service
+                    || (self.remote_status.is_some() && !self.child_running()))
             {
-                return Ok(());
+                return Ok(false);
             }
             // The peer has gone: is_open before data_ready (QubesOS/qubes-core-qrexec@bd07c52).
             let open = self.ch.is_open();
@@ -596,162 +888,205 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 && self.ch.data_ready().map_err(chan_err("look at the ring"))? == 0
                 && ws.pending == 0
             {
-                if self.remote_status.is_none() {
+                if self.role == Role::Client && self.remote_status.is_none() {
                     log::error!("vchan connection closed early (no exit code from the service)");
                 }
-                return Ok(());
+                return Ok(true);
             }
+            self.wait(&ws)?;
+        }
+    }
 
-            // Wait for something to happen. Ask the peer for an event only
-            // for what we would sleep on, and only now, then look again
-            // (request, re-check, sleep: docs/vchan.md §5.4): the busy path above
-            // only peeks, so the peer sends no event per message.
-            let has_input = self.sending && self.input.is_some();
-            // Before asking for events, spin a little (adaptive, none on one
-            // CPU) when the ring is all we would wait for: the peer usually
-            // moves within microseconds, far sooner than an event and two
-            // wake-ups.
-            if has_input
-                && self
-                    .ch
-                    .peek_buffer_space()
-                    .map_err(chan_err("look at the ring"))?
-                    <= MSG_HEADER_SIZE
-            {
-                self.ch
-                    .spin_for_space(MSG_HEADER_SIZE + self.limit / 2)
-                    .map_err(chan_err("spin for space"))?;
-            } else if !has_input
-                && !self.sigchld_seen
-                && ws.pending < OUTPUT_HIGH_WATER
-                && self
-                    .ch
-                    .peek_data_ready()
-                    .map_err(chan_err("look at the ring"))?
-                    == 0
-            {
-                self.ch
-                    .spin_for_data(1)
-                    .map_err(chan_err("spin for data"))?;
-            }
-            let room = has_input
-                && (self
-                    .ch
-                    .peek_buffer_space()
-                    .map_err(chan_err("look at the ring"))?
-                    > MSG_HEADER_SIZE
-                    || self
-                        .ch
-                        .buffer_space()
-                        .map_err(chan_err("look at the ring"))?
-                        > MSG_HEADER_SIZE);
-            let want_input = room && self.prefix_left() == 0 && !self.input_readable;
-            let data_now = ws.pending < OUTPUT_HIGH_WATER
-                && (self
-                    .ch
-                    .peek_data_ready()
-                    .map_err(chan_err("look at the ring"))?
-                    > 0
-                    || self.ch.data_ready().map_err(chan_err("look at the ring"))? > 0);
-            let ch_events = self.ch.poll_events();
-            let timeout = if self.input_readable
-                || self.sigchld_seen
-                || data_now
-                || (room && self.prefix_left() > 0)
-            {
-                PollTimeout::ZERO
-            } else {
-                PollTimeout::from(POLL_TIMEOUT_MS)
-            };
-            let watch_output = !self.writer.close_requested() && ws.pending == 0;
-            let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(5);
-            let mut idx_ch = None;
-            let mut idx_in = None;
-            let mut idx_out = None;
-            if !ch_events.is_empty() {
-                idx_ch = Some(fds.len());
-                fds.push(PollFd::new(self.ch.as_fd(), ch_events));
-            }
-            if want_input && let Some(inp) = &self.input {
-                idx_in = Some(fds.len());
-                fds.push(PollFd::new(inp.fd.as_fd(), PollFlags::POLLIN));
-            }
-            if watch_output {
-                // No events requested: only POLLHUP/POLLERR (reader gone).
-                idx_out = Some(fds.len());
-                fds.push(PollFd::new(self.writer.fd(), PollFlags::empty()));
-            }
-            fds.push(PollFd::new(self.writer.wake_fd(), PollFlags::POLLIN));
-            if let Some(sig) = &self.signals {
-                fds.push(PollFd::new(sig.fd(), PollFlags::POLLIN));
-            }
-            poll_fds(&mut fds, timeout)?;
-            let fired = |i: Option<usize>| -> PollFlags {
-                i.and_then(|i| fds[i].revents())
-                    .unwrap_or(PollFlags::empty())
-            };
-            let ch_fired = !fired(idx_ch).is_empty();
-            let in_fired = !fired(idx_in).is_empty();
-            let out_gone = fired(idx_out)
-                .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL);
-            drop(fds);
-            if ch_fired {
-                self.ch.wait().map_err(chan_err("wait"))?;
-            }
-            if in_fired {
-                self.input_readable = true;
-            }
-            if out_gone {
-                log::debug!("local output was closed by its reader");
-                self.writer.request_close();
+    /// Sleep until something to do: the one wait of the loop
+    /// ([`DataChannel::wait_ready`]). Data is waited for while the output
+    /// takes more; space while a source has data but the ring has no room
+    /// (then the source is not polled), the sources while there is room.
+    /// The channel spins only when it is all the loop waits for.
+    fn wait(&mut self, ws: &WriterStatus) -> Result<(), PumpError> {
+        let has_input = self.sending && self.has_input();
+        let room = has_input
+            && self
+                .ch
+                .peek_buffer_space()
+                .map_err(chan_err("look at the ring"))?
+                > MSG_HEADER_SIZE;
+        let any_readable = self.sources.iter().any(|s| s.input.is_some() && s.readable);
+        let take_data = ws.pending < OUTPUT_HIGH_WATER;
+        let mut want = Interest::NONE;
+        if take_data {
+            want.data = 1;
+        }
+        if has_input && !room {
+            // Wait for half a chunk of room (batching), at most half the
+            // ring: always reachable, also when the peer has read it all.
+            want.space = MSG_HEADER_SIZE + self.limit.min(self.ch.write_ring_size()) / 2;
+        }
+        // Spin before sleeping when the ring is what moves: for space when
+        // it is full, for data when no local input came this round. Not
+        // while local input streams (then that input is what comes next:
+        // a spin for the peer's data would burn its whole bound on every
+        // chunk), nor with a signal to handle.
+        want.spin = !self.sigchld_seen && (!room || !self.sent_local);
+        // Something to do at once: only look, never sleep. A readable
+        // source counts only while the ring has room for it (else it is
+        // space we wait for).
+        let timeout = if (any_readable && room)
+            || self.sigchld_seen
+            || (room && self.prefix_left() > 0 && self.sources[0].input.is_some())
+        {
+            Duration::ZERO
+        } else if self.signals.is_none() && self.child_running() {
+            // No SIGCHLD here: look for the program's exit now and then.
+            if has_input { REAP_BUSY } else { REAP_IDLE }
+        } else {
+            POLL_TIMEOUT
+        };
+        // The output: its reader gone (POLLHUP/POLLERR, asked for with
+        // no events) while idle, or room again in a direct sink.
+        let direct = matches!(self.writer, Sink::Direct(_));
+        let out_events = if direct && ws.pending > 0 {
+            Some(PollFlags::POLLOUT)
+        } else if !self.writer.close_requested() && ws.pending == 0 {
+            Some(PollFlags::empty())
+        } else {
+            None
+        };
+        let prefix_left = self.prefix_left();
+        let mut watches: Vec<Watch<'_>> = Vec::with_capacity(self.sources.len() + 3);
+        let mut idx_in = [None; 2];
+        if room {
+            for (i, s) in self.sources.iter().enumerate().take(2) {
+                if let Some(inp) = &s.input
+                    && !s.readable
+                    && (i != 0 || prefix_left == 0)
+                {
+                    idx_in[i] = Some(watches.len());
+                    watches.push(Watch::new(inp.fd.as_fd(), PollFlags::POLLIN));
+                }
             }
         }
+        let idx_out = out_events.map(|ev| {
+            watches.push(Watch::new(self.writer.fd(), ev));
+            watches.len() - 1
+        });
+        let idx_wake = self.writer.wake_fd().map(|fd| {
+            watches.push(Watch::new(fd, PollFlags::POLLIN));
+            watches.len() - 1
+        });
+        if let Some(sig) = &self.signals {
+            watches.push(Watch::new(sig.fd(), PollFlags::POLLIN));
+        }
+        self.ch
+            .wait_ready(want, &mut watches, Some(timeout))
+            .map_err(chan_err("wait"))?;
+        let fired = |i: Option<usize>| i.map_or(PollFlags::empty(), |i| watches[i].revents());
+        let in_fired = idx_in.map(|i| !fired(i).is_empty());
+        let out_gone = fired(idx_out)
+            .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL);
+        self.woken = !fired(idx_wake).is_empty();
+        drop(watches);
+        for (i, f) in in_fired.into_iter().enumerate() {
+            if f {
+                self.sources[i].readable = true;
+            }
+        }
+        if out_gone {
+            log::debug!("local output was closed by its reader");
+            self.writer.request_close();
+        }
+        Ok(())
     }
 }
 
-/// Run the data phase over a connected channel whose HELLO exchange gave
-/// `version`. Returns when the call is over (docs/qrexec.md §8.4); the caller turns
-/// the outcome into the exit status. Local descriptors are closed and the
-/// local program waited for before returning.
-pub fn run<C: DataChannel + ?Sized>(
-    ch: &mut C,
+/// One side's local ends, whichever the role.
+struct Ends {
+    output: LocalOutput,
+    stderr: Option<Box<dyn Write + Send>>,
+    sources: Vec<Source>,
+    program: Option<LocalProgram>,
+    signals: Option<SignalWatch>,
+}
+
+/// The pump for `role` over a connected channel whose HELLO exchange gave
+/// `version`.
+fn start<'a, C: DataChannel + ?Sized>(
+    role: Role,
+    ch: &'a mut C,
     version: u32,
-    cfg: &PumpConfig,
-    local: LocalSide,
-) -> Result<PumpOutcome, PumpError> {
+    cfg: &'a PumpConfig,
+    ends: Ends,
+) -> Result<Pump<'a, C>, PumpError> {
+    let Ends {
+        output,
+        stderr,
+        sources,
+        program,
+        signals,
+    } = ends;
     let limit = chunk_limit(version);
-    let writer = OutputWriter::start(local.output).map_err(|source| PumpError::Local {
+    let writer = Sink::start(output).map_err(|source| PumpError::Local {
         op: "starting the output thread",
         source,
     })?;
-    let had_local_program = local.program.is_some();
-    let mut pump = Pump {
+    Ok(Pump {
+        role,
         ch,
         limit,
         cfg,
         writer,
-        stderr: local.stderr,
-        input: Some(local.input),
-        input_readable: false,
+        sent_local: false,
+        woken: true,
+        last_reap: std::time::Instant::now(),
+        stderr,
+        sources,
         prefix_sent: 0,
         sending: true,
         remote_status: None,
-        program: local.program,
-        signals: local.signals,
+        program,
+        signals,
         switched: false,
         sigchld_seen: false,
         warned_stdin_type: false,
         decoder: MessageDecoder::new(DecoderMode::Data { chunk_limit: limit }),
         rx: vec![0u8; limit + MSG_HEADER_SIZE],
         tx: vec![0u8; limit + MSG_HEADER_SIZE],
-    };
+    })
+}
+
+/// Run the data phase of the client side over a connected channel whose
+/// HELLO exchange gave `version`. Returns when the call is over
+/// (docs/qrexec.md §8.4); the caller turns the outcome into the exit
+/// status. Local descriptors are closed and the local program waited for
+/// before returning.
+pub fn run<C: DataChannel + ?Sized>(
+    ch: &mut C,
+    version: u32,
+    cfg: &PumpConfig,
+    local: LocalSide,
+) -> Result<PumpOutcome, PumpError> {
+    let had_local_program = local.program.is_some();
+    let mut pump = start(
+        Role::Client,
+        ch,
+        version,
+        cfg,
+        Ends {
+            output: local.output,
+            stderr: Some(local.stderr),
+            sources: vec![Source::new(local.input, MsgType::DataStdin)],
+            program: local.program,
+            signals: local.signals,
+        },
+    )?;
     // A fatal error ends the call at once (exit 1), as in the C client: the
     // local program is not waited for and sees EOF when we exit.
-    pump.run()?;
+    let closed_early = pump.run()?;
     // Close both local directions so a local program sees EOF, then wait
     // for it.
-    if let Some(inp) = pump.input.take() {
-        inp.close();
+    for s in &mut pump.sources {
+        if let Some(inp) = s.input.take() {
+            inp.close();
+        }
     }
     let Pump {
         writer,
@@ -765,6 +1100,7 @@ pub fn run<C: DataChannel + ?Sized>(
         remote_status,
         local_status,
         had_local_program,
+        closed_early: closed_early && remote_status.is_none(),
     })
 }
 
@@ -779,4 +1115,69 @@ pub fn run_session<C: DataChannel + ?Sized>(
 ) -> Result<PumpOutcome, PumpError> {
     let version = handshake(ch, own_version)?;
     run(ch, version, cfg, local)
+}
+
+/// Run the data phase of the service side (a VM's agent) over a connected
+/// channel whose HELLO exchange gave `version`: the service's stdout and
+/// stderr go out, the caller's stdin comes in, until the service's output
+/// has ended and its stdin is closed; then the service is waited for and
+/// its status sent as `MSG_DATA_EXIT_CODE` (docs/qrexec.md §8.3, §14). If
+/// the caller closes the channel first, nothing more is sent
+/// (`closed_early`); the service's descriptors are closed and it is waited
+/// for either way. `local_status` is the service's status.
+pub fn serve<C: DataChannel + ?Sized>(
+    ch: &mut C,
+    version: u32,
+    side: ServiceSide,
+) -> Result<PumpOutcome, PumpError> {
+    let cfg = PumpConfig::default();
+    let mut sources = vec![Source::new(side.stdout, MsgType::DataStdout)];
+    if let Some(e) = side.stderr {
+        sources.push(Source::new(e, MsgType::DataStderr));
+    }
+    let mut pump = start(
+        Role::Service,
+        ch,
+        version,
+        &cfg,
+        Ends {
+            output: side.stdin,
+            stderr: None,
+            sources,
+            program: Some(side.program),
+            signals: None,
+        },
+    )?;
+    let result = pump.run();
+    // Whatever happened: end our side of the service's stdio so it sees
+    // EOF, and reap it.
+    for s in &mut pump.sources {
+        s.input = None;
+    }
+    let Pump {
+        ch,
+        writer,
+        program,
+        ..
+    } = pump;
+    match writer {
+        // Closes now: the service sees EOF whatever is left.
+        Sink::Direct(_) => writer.finish(),
+        // Not `finish`: after an error the service may never read its
+        // stdin; the thread ends the stream once what is queued is written
+        // or fails.
+        Sink::Thread(w) => drop(w),
+    }
+    let status = program.map(|mut p| p.wait()).unwrap_or(255);
+    let closed_early = result?;
+    if !closed_early {
+        ch.send_all(&encode_exit_code(status))
+            .map_err(chan_err("send(exit code)"))?;
+    }
+    Ok(PumpOutcome {
+        remote_status: None,
+        local_status: Some(status),
+        had_local_program: true,
+        closed_early,
+    })
 }

@@ -241,4 +241,17 @@ impl DataChannel for VchanChannel {
     fn wait(&mut self) -> io::Result<()> {
         Ok(self.0.consume_events()?)
     }
+
+    fn write_ring_size(&self) -> usize {
+        self.0.write_ring_size()
+    }
+
+    fn wait_ready(
+        &mut self,
+        want: vchan::Interest,
+        extra: &mut [vchan::Watch<'_>],
+        timeout: Option<std::time::Duration>,
+    ) -> io::Result<vchan::Readiness> {
+        Ok(self.0.wait_ready(want, extra, timeout)?)
+    }
 }

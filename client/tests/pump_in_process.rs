@@ -310,3 +310,90 @@ fn whole_session_over_local_shared_memory() {
     assert!(out.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
     drop(xen);
 }
+
+/// The service side of the same pump (`serve`, `Role::Service`, what the
+/// simulated agent runs) with a real service process, over the Local
+/// transport: the caller's STDIN (a payload, then EOF) reaches the
+/// service's stdin socket and is echoed back as STDOUT, the service's
+/// stderr comes as STDERR, both streams end with an empty message, and the
+/// service's exit status arrives last as the exit code.
+#[test]
+fn service_side_runs_a_service_and_sends_its_exit_code() {
+    use qrexec::local::LocalProgram;
+    use qrexec::pump::{ServiceSide, serve};
+    use std::os::fd::AsFd;
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1]).unwrap();
+    // The caller: a vchan server with a raw peer that speaks the protocol.
+    let mut caller = Vchan::server(&xen.transport(0), 1, 600, 65536, 65536).unwrap();
+    let agent = Vchan::client(&xen.transport(1), 0, 600, TIMEOUT).unwrap();
+    caller.wait_connected(Some(TIMEOUT)).unwrap();
+    caller.set_io_timeout(Some(TIMEOUT));
+
+    let (stdin_ours, stdin_theirs) = UnixStream::pair().unwrap();
+    stdin_ours.set_nonblocking(true).unwrap();
+    let mut child = Command::new("sh")
+        .args(["-c", "cat; echo oops >&2; exit 3"])
+        .stdin(Stdio::from(OwnedFd::from(stdin_theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Arc::new(OwnedFd::from(child.stdout.take().unwrap()));
+    let stderr = Arc::new(OwnedFd::from(child.stderr.take().unwrap()));
+    let stdin = Arc::new(OwnedFd::from(stdin_ours));
+    let side = ServiceSide {
+        stdout: LocalInput::new(LocalFd::Owned(stdout.clone()), CloseMode::Shutdown),
+        stderr: Some(LocalInput::new(LocalFd::Owned(stderr), CloseMode::Shutdown)),
+        stdin: LocalOutput {
+            fd: LocalFd::Owned(stdin.clone()),
+            close: CloseMode::Shutdown,
+        },
+        program: LocalProgram {
+            child: Some(child),
+            status: None,
+            to_child: stdin,
+            from_child: stdout,
+        },
+    };
+    assert!(!qrexec::local::is_socket(side.stdout.fd.as_fd()));
+    let agent_thread = std::thread::spawn(move || {
+        let mut ch = VchanChannel(agent);
+        serve(&mut ch, 3, side)
+    });
+
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    for chunk in payload.chunks(65536) {
+        caller
+            .write_all(&encode_data(MsgType::DataStdin, chunk))
+            .unwrap();
+    }
+    caller
+        .write_all(&encode_data(MsgType::DataStdin, &[]))
+        .unwrap();
+
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (mut out_eof, mut err_eof) = (false, false);
+    let code = loop {
+        let (ty, body) = read_msg(&mut caller).expect("the service side closed early");
+        match MsgType::from_u32(ty) {
+            Some(MsgType::DataStdout) if body.is_empty() => out_eof = true,
+            Some(MsgType::DataStdout) => out.extend_from_slice(&body),
+            Some(MsgType::DataStderr) if body.is_empty() => err_eof = true,
+            Some(MsgType::DataStderr) => err.extend_from_slice(&body),
+            Some(MsgType::DataExitCode) => {
+                break i32::from_le_bytes(body[..4].try_into().unwrap());
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+    };
+    let outcome = agent_thread.join().unwrap().unwrap();
+    assert_eq!(out, payload);
+    assert_eq!(err, b"oops\n");
+    assert!(out_eof && err_eof, "both streams end before the exit code");
+    assert_eq!(code, 3);
+    assert_eq!(outcome.local_status, Some(3));
+    assert!(!outcome.closed_early);
+}

@@ -22,18 +22,21 @@
 
 use crate::{Error, Result};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use qrexec::local::{CloseMode, LocalFd, LocalInput, LocalOutput, LocalProgram};
 use qrexec::proto::{
-    ConnectionParams, MSG_HEADER_SIZE, MsgHeader, MsgType, QREXEC_EXIT_PROBLEM,
-    QREXEC_EXIT_SERVICE_NOT_FOUND, RPC_REQUEST_COMMAND, chunk_limit, encode_exit_code,
-    encode_hello, negotiate,
+    ConnectionParams, MsgHeader, MsgType, QREXEC_EXIT_PROBLEM, QREXEC_EXIT_SERVICE_NOT_FOUND,
+    RPC_REQUEST_COMMAND, encode_exit_code, encode_hello, negotiate,
 };
-use std::io::{self, Write};
-use std::os::fd::AsFd;
+use qrexec::pump::ServiceSide;
+use qrexec::transport::VchanChannel;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vchan::{State, Transport, Vchan};
+use vchan::{Transport, Vchan};
 
 /// How long the target waits for the caller's data vchan server (docs/qrexec.md §8.1).
 pub const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -273,8 +276,8 @@ fn grow_pipe(fd: impl AsFd) {
 }
 
 /// Connect the data vchan for a call and do the HELLO exchange (we send
-/// first). Returns the channel and the chunk limit.
-pub fn connect_data(ctx: &VmContext, params: ConnectionParams) -> Result<(Vchan, usize)> {
+/// first). Returns the channel and the negotiated protocol version.
+pub fn connect_data(ctx: &VmContext, params: ConnectionParams) -> Result<(Vchan, u32)> {
     let domid = u16::try_from(params.connect_domain)
         .ok()
         .filter(|&d| d < 0x7FF0)
@@ -326,7 +329,7 @@ pub fn connect_data(ctx: &VmContext, params: ConnectionParams) -> Result<(Vchan,
     let v = negotiate(ctx.version, u32::from_le_bytes([b[8], b[9], b[10], b[11]]))
         .map_err(|e| Error::protocol("caller", e.to_string()))?;
     ch.set_io_timeout(Some(Duration::from_secs(30)));
-    Ok((ch, chunk_limit(v)))
+    Ok((ch, v))
 }
 
 /// Send the failure sequence: empty STDOUT, empty STDERR, then `code`.
@@ -350,7 +353,7 @@ pub fn run_call(
     cmdline: &[u8],
     just_exec: bool,
 ) -> Result<()> {
-    let (mut ch, chunk) = connect_data(ctx, params)?;
+    let (mut ch, version) = connect_data(ctx, params)?;
     let cmd = match parse_cmdline(cmdline) {
         Ok(c) => c,
         Err(e) => {
@@ -385,11 +388,19 @@ pub fn run_call(
             Err(e) => send_failure(&mut ch, start_error(e, &program).exit_code()),
         };
     }
+    // stdin is a socket, as the C agent gives services (shut down for
+    // the caller's EOF); stdout and stderr are pipes, read straight into
+    // the ring.
+    let (stdin_ours, stdin_theirs) =
+        UnixStream::pair().map_err(|e| Error::io("socketpair for the service's stdin", e))?;
     command
-        .stdin(Stdio::piped())
+        .stdin(Stdio::from(OwnedFd::from(stdin_theirs)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = match command.spawn() {
+    let spawned = command.spawn();
+    // The child's ends must not stay open here (no EOF, no POLLHUP).
+    drop(command);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let e = start_error(e, &program);
@@ -398,471 +409,70 @@ pub fn run_call(
         }
     };
     crate::vlog!(
-        "call {cmd:?}: started {} (chunk {chunk})",
+        "call {cmd:?}: started {} (protocol {version})",
         program.display()
     );
-    let r = Pump::new(ch, chunk, child)?.run();
+    let side = service_side(child.stdout.take(), child.stderr.take(), stdin_ours, child)?;
+    ch.set_io_timeout(None);
+    let r = qrexec::pump::serve(&mut VchanChannel(ch), version, side);
     crate::vlog!("call {cmd:?}: finished: {r:?}");
-    r.map(|_| ())
-}
-
-/// Incoming-message parser state.
-#[derive(Debug)]
-enum Rx {
-    Header {
-        got: usize,
-        buf: [u8; MSG_HEADER_SIZE],
-    },
-    Payload {
-        ty: u32,
-        remaining: usize,
-    },
-}
-
-impl Rx {
-    fn header() -> Rx {
-        Rx::Header {
-            got: 0,
-            buf: [0; MSG_HEADER_SIZE],
+    match r {
+        Ok(o) if o.closed_early => {
+            crate::vlog!("caller closed the vchan early");
+            Ok(())
         }
+        Ok(_) => Ok(()),
+        Err(e) => Err(Error::other(format!("data channel: {e}"))),
     }
 }
 
-/// The service side of a data channel: child stdio ⇄ vchan messages.
-#[derive(Debug)]
-struct Pump {
-    ch: Vchan,
-    chunk: usize,
-    child: Child,
-    stdin: Option<std::process::ChildStdin>,
+/// The service's stdio as the pump's [`ServiceSide`]: stdout grown and
+/// non-blocking (read until empty), stderr non-blocking.
+fn service_side(
     stdout: Option<std::process::ChildStdout>,
     stderr: Option<std::process::ChildStderr>,
-    status: Option<i32>,
-    rx: Rx,
-    /// What one ring read brought (headers and payloads of several
-    /// messages): `inbuf[raw_pos..raw_len]` is not parsed yet.
-    inbuf: Vec<u8>,
-    raw_pos: usize,
-    raw_len: usize,
-    /// Payload for the child's stdin, inside `inbuf`: `inbuf[in_pos..in_len]`
-    /// is still to be written.
-    in_pos: usize,
-    in_len: usize,
-    /// Header + payload of the next outgoing message.
-    outbuf: Vec<u8>,
-    /// Whether the client's vchan has been seen closed.
-    peer_closed: bool,
-}
-
-impl Pump {
-    fn new(mut ch: Vchan, chunk: usize, mut child: Child) -> Result<Pump> {
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let nb = |r: io::Result<()>| r.map_err(|e| Error::io("set O_NONBLOCK on a pipe", e));
-        if let Some(s) = &stdin {
-            grow_pipe(s);
-            nb(set_nonblocking(s))?;
+    stdin: UnixStream,
+    child: Child,
+) -> Result<ServiceSide> {
+    let nb = |r: io::Result<()>| r.map_err(|e| Error::io("set O_NONBLOCK on a pipe", e));
+    let stdout = OwnedFd::from(stdout.ok_or_else(|| Error::other("service stdout not piped"))?);
+    grow_pipe(&stdout);
+    nb(set_nonblocking(&stdout))?;
+    let stdout = Arc::new(stdout);
+    let stderr = match stderr {
+        Some(e) => {
+            let e = OwnedFd::from(e);
+            nb(set_nonblocking(&e))?;
+            Some(LocalInput::new(
+                LocalFd::Owned(Arc::new(e)),
+                CloseMode::Shutdown,
+            ))
         }
-        if let Some(s) = &stdout {
-            grow_pipe(s);
-            nb(set_nonblocking(s))?;
-        }
-        if let Some(s) = &stderr {
-            nb(set_nonblocking(s))?;
-        }
-        ch.set_blocking(false);
-        ch.set_io_timeout(None);
-        // One ring read takes up to a whole message with its header, or
-        // several small ones.
-        let inlen = (MSG_HEADER_SIZE + chunk).min(ch.read_ring_size().max(MSG_HEADER_SIZE));
-        Ok(Pump {
-            ch,
-            chunk,
-            child,
-            stdin,
-            stdout,
-            stderr,
+        None => None,
+    };
+    // As the stdout pipe: room for a few chunks, fewer wake-ups.
+    let _ = nix::sys::socket::setsockopt(
+        &stdin,
+        nix::sys::socket::sockopt::SndBuf,
+        &(PIPE_SIZE as usize),
+    );
+    // Non-blocking: the pump writes it directly, no output thread.
+    nb(set_nonblocking(&stdin))?;
+    let stdin = Arc::new(OwnedFd::from(stdin));
+    Ok(ServiceSide {
+        stdout: LocalInput::new(LocalFd::Owned(stdout.clone()), CloseMode::Shutdown),
+        stderr,
+        stdin: LocalOutput {
+            fd: LocalFd::Owned(stdin.clone()),
+            close: CloseMode::Shutdown,
+        },
+        program: LocalProgram {
+            child: Some(child),
             status: None,
-            rx: Rx::header(),
-            inbuf: vec![0; inlen],
-            raw_pos: 0,
-            raw_len: 0,
-            in_pos: 0,
-            in_len: 0,
-            outbuf: vec![0; MSG_HEADER_SIZE + chunk],
-            peer_closed: false,
-        })
-    }
-
-    fn close_stdin(&mut self) {
-        self.stdin = None;
-        self.in_pos = 0;
-        self.in_len = 0;
-    }
-
-    fn reap(&mut self) -> Result<()> {
-        if self.status.is_none()
-            && let Some(st) = self
-                .child
-                .try_wait()
-                .map_err(|e| Error::io("wait for the service", e))?
-        {
-            self.status = Some(qrexec::local::status_code(st));
-            // The service is gone: nobody reads its stdin any more.
-            self.close_stdin();
-        }
-        Ok(())
-    }
-
-    /// Write pending stdin data; `Ok(true)` when nothing is pending.
-    fn flush_stdin(&mut self) -> bool {
-        while self.in_pos < self.in_len {
-            let Some(s) = &mut self.stdin else {
-                self.in_pos = 0;
-                self.in_len = 0;
-                return true;
-            };
-            match s.write(&self.inbuf[self.in_pos..self.in_len]) {
-                Ok(n) => self.in_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // EPIPE and friends: the service stopped reading.
-                    self.close_stdin();
-                    return true;
-                }
-            }
-        }
-        self.in_pos = 0;
-        self.in_len = 0;
-        true
-    }
-
-    /// Handle what the client sent, as long as the child keeps up.
-    ///
-    /// One ring read takes everything that is ready (up to `inbuf`), the
-    /// messages in it are split up here in private memory, and stdin
-    /// payload is written to the child straight from `inbuf`; the ring is
-    /// read again only when all of that is done (backpressure).
-    fn receive(&mut self) -> Result<()> {
-        loop {
-            if !self.flush_stdin() {
-                return Ok(());
-            }
-            if self.raw_pos == self.raw_len {
-                self.raw_pos = 0;
-                self.raw_len = 0;
-                // Look without asking for an event: `poll_once` asks
-                // only after its spin, right before it sleeps.
-                if self
-                    .ch
-                    .peek_data_ready()
-                    .map_err(ring("look at the ring"))?
-                    == 0
-                {
-                    return Ok(());
-                }
-                match self.ch.read_some(&mut self.inbuf[..]) {
-                    Ok(0) => return Ok(()),
-                    Err(ref e) if crate::ctrl::would_block(e) => return Ok(()),
-                    Ok(n) => self.raw_len = n,
-                    Err(e) => return Err(Error::vchan("read from the caller", e)),
-                }
-            }
-            let avail = self.raw_len - self.raw_pos;
-            match &mut self.rx {
-                Rx::Header { got, buf } => {
-                    let take = (MSG_HEADER_SIZE - *got).min(avail);
-                    buf[*got..*got + take]
-                        .copy_from_slice(&self.inbuf[self.raw_pos..self.raw_pos + take]);
-                    *got += take;
-                    self.raw_pos += take;
-                    if *got < MSG_HEADER_SIZE {
-                        continue;
-                    }
-                    let hdr = MsgHeader::decode(&buf[..])
-                        .map_err(|e| Error::protocol("caller", e.to_string()))?;
-                    let len = hdr.len as usize;
-                    if len > self.chunk {
-                        return Err(Error::protocol(
-                            "caller",
-                            format!("too big data chunk received: {len} > {}", self.chunk),
-                        ));
-                    }
-                    match MsgType::from_u32(hdr.ty) {
-                        Some(MsgType::DataStdin | MsgType::DataStdout) if len == 0 => {
-                            self.close_stdin()
-                        }
-                        Some(
-                            MsgType::DataStdin
-                            | MsgType::DataStdout
-                            | MsgType::DataStderr
-                            | MsgType::DataExitCode,
-                        ) => {}
-                        _ => {
-                            return Err(Error::protocol(
-                                "caller",
-                                format!("unexpected message type {:#x}", hdr.ty),
-                            ));
-                        }
-                    }
-                    self.rx = if len == 0 {
-                        Rx::header()
-                    } else {
-                        Rx::Payload {
-                            ty: hdr.ty,
-                            remaining: len,
-                        }
-                    };
-                }
-                Rx::Payload { ty, remaining } => {
-                    let to_stdin = (*ty == MsgType::DataStdin.as_u32()
-                        || *ty == MsgType::DataStdout.as_u32())
-                        && self.stdin.is_some();
-                    let take = (*remaining).min(avail);
-                    *remaining -= take;
-                    if *remaining == 0 {
-                        self.rx = Rx::header();
-                    }
-                    if to_stdin {
-                        self.in_pos = self.raw_pos;
-                        self.in_len = self.raw_pos + take;
-                    }
-                    self.raw_pos += take;
-                }
-            }
-        }
-    }
-
-    /// Forward one output stream while the ring has room. Returns whether
-    /// it reached EOF (after sending the empty message).
-    fn forward(&mut self, which: MsgType) -> Result<bool> {
-        loop {
-            // Peek: the poll loop asks for a space event only before it
-            // sleeps for space.
-            let space = self
-                .ch
-                .peek_buffer_space()
-                .map_err(ring("look at the ring"))?;
-            if space <= MSG_HEADER_SIZE {
-                return Ok(false);
-            }
-            let want = (space - MSG_HEADER_SIZE).min(self.chunk);
-            let fd = match which {
-                MsgType::DataStdout => self.stdout.as_ref().map(|s| s.as_fd()),
-                _ => self.stderr.as_ref().map(|s| s.as_fd()),
-            };
-            let Some(fd) = fd else {
-                return Ok(true);
-            };
-            // The service's output goes from its pipe straight into the
-            // ring, the header written in front (one copy).
-            let header = |n: usize| MsgHeader::new(which, n as u32).encode();
-            match self.ch.send_framed_from_fd(fd, want, header) {
-                Ok(0) => return self.send_eof(which),
-                Ok(_) => {}
-                Err(vchan::Error::WouldBlock) => return Ok(false),
-                Err(vchan::Error::Io {
-                    step: "read from fd",
-                    source,
-                }) => match source.kind() {
-                    io::ErrorKind::WouldBlock => return Ok(false),
-                    io::ErrorKind::Interrupted => {}
-                    io::ErrorKind::ConnectionReset => return self.send_eof(which),
-                    _ => return Err(Error::io("read from the service", source)),
-                },
-                Err(e) => {
-                    self.peer_closed = true;
-                    return Err(Error::vchan("send to the caller", e));
-                }
-            }
-        }
-    }
-
-    /// The empty message that ends one output stream.
-    fn send_eof(&mut self, which: MsgType) -> Result<bool> {
-        self.outbuf[..MSG_HEADER_SIZE].copy_from_slice(&MsgHeader::new(which, 0).encode());
-        self.send(MSG_HEADER_SIZE)?;
-        Ok(true)
-    }
-
-    fn send(&mut self, len: usize) -> Result<()> {
-        match self.ch.send(&self.outbuf[..len]) {
-            Ok(_) => Ok(()),
-            Err(ref e) if crate::ctrl::would_block(e) => {
-                // Cannot happen (we are the only writer and checked the
-                // space), but never lose data over it.
-                self.ch.set_blocking(true);
-                let r = self.ch.send(&self.outbuf[..len]);
-                self.ch.set_blocking(false);
-                r.map(|_| ())
-                    .map_err(|e| Error::vchan("send to the caller", e))
-            }
-            Err(e) => {
-                self.peer_closed = true;
-                Err(Error::vchan("send to the caller", e))
-            }
-        }
-    }
-
-    /// Run to the end: `Ok(Some(code))` when the exit code was sent,
-    /// `Ok(None)` when the caller went away first.
-    fn run(mut self) -> Result<Option<i32>> {
-        let result = self.run_inner();
-        // Whatever happened: close our ends so the service sees EOF, and
-        // reap it.
-        self.close_stdin();
-        self.stdout = None;
-        self.stderr = None;
-        if self.status.is_none()
-            && let Ok(st) = self.child.wait()
-        {
-            self.status = Some(qrexec::local::status_code(st));
-        }
-        result
-    }
-
-    fn run_inner(&mut self) -> Result<Option<i32>> {
-        let mut last_reap = Instant::now();
-        loop {
-            let outputs_done = self.stdout.is_none() && self.stderr.is_none();
-            if outputs_done || last_reap.elapsed() >= Duration::from_millis(100) {
-                self.reap()?;
-                last_reap = Instant::now();
-            }
-            if outputs_done && self.stdin.is_none() {
-                let code = match self.status {
-                    Some(c) => c,
-                    None => qrexec::local::status_code(
-                        self.child
-                            .wait()
-                            .map_err(|e| Error::io("wait for the service", e))?,
-                    ),
-                };
-                self.status = Some(code);
-                self.ch.set_blocking(true);
-                self.ch
-                    .send(&encode_exit_code(code))
-                    .map_err(|e| Error::vchan("send exit code", e))?;
-                return Ok(Some(code));
-            }
-            // The caller is gone and nothing of it is left to handle.
-            let open = self.ch.state() == State::Connected;
-            if !open
-                && self.ch.data_ready().map_err(ring("look at the ring"))? == 0
-                && self.in_pos == self.in_len
-                && self.raw_pos == self.raw_len
-            {
-                crate::vlog!("caller closed the vchan early");
-                return Ok(None);
-            }
-            self.receive()?;
-            if self.stdout.is_some() && self.forward(MsgType::DataStdout)? {
-                self.stdout = None;
-            }
-            if self.stderr.is_some() && self.forward(MsgType::DataStderr)? {
-                self.stderr = None;
-            }
-            self.poll_once()?;
-        }
-    }
-
-    fn poll_once(&mut self) -> Result<()> {
-        // Request, re-check, sleep (docs/vchan.md §5.4), and request only what we
-        // would sleep on: space when an output has no room (then its pipe
-        // is not polled), data when nothing is pending for stdin.
-        let outputs = self.stdout.is_some() || self.stderr.is_some();
-        let pending_in = self.in_pos < self.in_len || self.raw_pos < self.raw_len;
-        // Spin a little first (adaptive, none on one CPU) when the ring is
-        // what we would wait for: the caller usually moves within
-        // microseconds, far sooner than an event and two wake-ups.
-        if outputs
-            && self
-                .ch
-                .peek_buffer_space()
-                .map_err(ring("look at the ring"))?
-                <= MSG_HEADER_SIZE
-        {
-            self.ch
-                .spin_for_space(MSG_HEADER_SIZE + self.chunk / 2)
-                .map_err(ring("spin for space"))?;
-        } else if !pending_in
-            && self.stdin.is_some()
-            && self
-                .ch
-                .peek_data_ready()
-                .map_err(ring("look at the ring"))?
-                == 0
-        {
-            self.ch.spin_for_data(1).map_err(ring("spin for data"))?;
-        }
-        let space = outputs
-            && (self
-                .ch
-                .peek_buffer_space()
-                .map_err(ring("look at the ring"))?
-                > MSG_HEADER_SIZE
-                || self.ch.buffer_space().map_err(ring("look at the ring"))? > MSG_HEADER_SIZE);
-        let busy = !pending_in
-            && (self
-                .ch
-                .peek_data_ready()
-                .map_err(ring("look at the ring"))?
-                > 0
-                || self.ch.data_ready().map_err(ring("look at the ring"))? > 0);
-        let mut fds = Vec::with_capacity(4);
-        fds.push(PollFd::new(self.ch.as_fd(), PollFlags::POLLIN));
-        if let Some(s) = &self.stdin {
-            // POLLERR/POLLHUP are always reported: the service closed stdin.
-            let ev = if pending_in {
-                PollFlags::POLLOUT
-            } else {
-                PollFlags::empty()
-            };
-            fds.push(PollFd::new(s.as_fd(), ev));
-        }
-        let stdin_idx = self.stdin.as_ref().map(|_| fds.len() - 1);
-        if space {
-            if let Some(s) = &self.stdout {
-                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
-            }
-            if let Some(s) = &self.stderr {
-                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
-            }
-        }
-        let timeout = if busy {
-            PollTimeout::ZERO
-        } else if self.stdout.is_none() && self.stderr.is_none() {
-            PollTimeout::from(20u16)
-        } else {
-            PollTimeout::from(100u16)
-        };
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(Error::io("poll", e.into())),
-        }
-        let vchan_ev = fds[0].revents().is_some_and(|r| !r.is_empty());
-        let stdin_gone = stdin_idx.is_some_and(|i| {
-            fds[i]
-                .revents()
-                .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
-        });
-        drop(fds);
-        if vchan_ev {
-            let _ = self.ch.wait_timeout(Some(Duration::ZERO));
-        }
-        if stdin_gone {
-            self.close_stdin();
-        }
-        Ok(())
-    }
-}
-
-/// Maps a vchan error (a corrupted ring among them) to this crate's error,
-/// naming what was being done: such an error ends the service call.
-fn ring(op: &'static str) -> impl FnOnce(vchan::Error) -> Error {
-    move |e| Error::vchan(op, e)
+            to_child: stdin,
+            from_child: stdout,
+        },
+    })
 }
 
 #[cfg(test)]

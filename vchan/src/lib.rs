@@ -56,6 +56,7 @@ pub mod endpoint;
 mod error;
 mod local_xen;
 pub mod mem;
+mod ready;
 pub mod ring;
 mod shm;
 mod socket;
@@ -74,6 +75,7 @@ pub use async_io::AsyncVchan;
 pub use compat::{Compat, PortName};
 pub use error::{Error, Result};
 pub use local_xen::{LocalXen, LocalXenConfig};
+pub use ready::{Interest, Readiness, Watch};
 pub use shm::local_xenstore_socket;
 pub use socket::socket_path;
 pub use transport::{

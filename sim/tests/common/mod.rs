@@ -360,8 +360,13 @@ pub fn scripted_call(
             .unwrap();
         ch.send(c).unwrap();
     }
-    ch.send(&MsgHeader::new(MsgType::DataStdin, 0).encode())
-        .unwrap();
+    // The agent may have answered and closed already (a missing service:
+    // EOFs and 127 right after HELLO): our EOF then finds the peer gone,
+    // which is no failure; what it sent is still read below.
+    match ch.send(&MsgHeader::new(MsgType::DataStdin, 0).encode()) {
+        Ok(_) | Err(vchan::Error::PeerClosed) => {}
+        Err(e) => panic!("send STDIN EOF: {e}"),
+    }
     loop {
         let mut hb = [0u8; 8];
         if ch.recv(&mut hb).is_err() {

@@ -466,11 +466,14 @@ fn measure(plan: &Plan, builds: &[Build], cat: &Path) -> Result<Json, String> {
         "wall MB/s",
         "CPU s/GiB",
         "x cat",
+        "CPU x cat",
         "vs 2 GB/s",
     ]);
     let mut res = Vec::new();
     for (i, &k) in kinds.iter().enumerate() {
         let ratio = paired_ratio(&tp(i), &tp(cat_i));
+        // CPU per byte against cat's: below 1 is cheaper than the pipe.
+        let cpu_ratio = paired_ratio(&cpu(i), &cpu(cat_i));
         let m = median(&tp(i));
         t.row(vec![
             name(k),
@@ -482,6 +485,11 @@ fn measure(plan: &Plan, builds: &[Build], cat: &Path) -> Result<Json, String> {
             } else {
                 report::ratio(ratio)
             },
+            if k == Kind::Cat {
+                "1.00".into()
+            } else {
+                report::ratio(cpu_ratio)
+            },
             report::ratio(m / 2e9),
         ]);
         res.push((
@@ -492,8 +500,39 @@ fn measure(plan: &Plan, builds: &[Build], cat: &Path) -> Result<Json, String> {
                 ("wall_bytes_per_sec", Json::nums(&wall(i))),
                 ("cpu_s_per_gib", Json::nums(&cpu(i))),
                 ("ratio_to_cat", Json::Num(ratio)),
+                ("cpu_ratio_to_cat", Json::Num(cpu_ratio)),
             ]),
         ));
+    }
+    // This tree against each `--also` build, run by run (same repetition,
+    // same load): MB/s ratio and CPU-per-byte ratio.
+    let mut vs = Table::new(&["run", "vs", "MB/s ratio", "CPU/byte ratio"]);
+    let mut vs_json = Vec::new();
+    for (i, &k) in kinds.iter().enumerate() {
+        let other = |v: usize| match k {
+            Kind::Send(b, 0) => Some(Kind::Send(b, v)),
+            Kind::Recv(b, 0) => Some(Kind::Recv(b, v)),
+            _ => None,
+        };
+        for (v, b) in builds.iter().enumerate().skip(1) {
+            let Some(j) = other(v).and_then(|o| kinds.iter().position(|&x| x == o)) else {
+                continue;
+            };
+            let (r, c) = (paired_ratio(&tp(i), &tp(j)), paired_ratio(&cpu(i), &cpu(j)));
+            vs.row(vec![
+                name(k),
+                b.name.clone(),
+                report::ratio(r),
+                report::ratio(c),
+            ]);
+            vs_json.push((
+                format!("{}/{}", name(k), b.name),
+                Json::obj([("ratio", Json::Num(r)), ("cpu_ratio", Json::Num(c))]),
+            ));
+        }
+    }
+    if !vs_json.is_empty() {
+        res.push(("vs_also".into(), Json::Obj(vs_json)));
     }
     println!(
         "\nqrexec-client-vm through qubes-sim, {} per run (MB/s by the sink, first byte to last; wall: the whole command)",
@@ -504,6 +543,15 @@ fn measure(plan: &Plan, builds: &[Build], cat: &Path) -> Result<Json, String> {
         "  send: caller's stdin -> service that discards; recv: service that produces -> caller's stdout"
     );
     println!("  target: >= 2 GB/s each way (last column >= 1.00)");
+    println!(
+        "  CPU x cat: CPU per byte (every process involved) / cat's, run by run; below 1: cheaper"
+    );
+    if builds.len() > 1 {
+        println!(
+            "\nthis tree / the --also builds, median of run-by-run ratios (CPU/byte below 1: cheaper)"
+        );
+        print!("{vs}");
+    }
     Ok(Json::Obj(res))
 }
 

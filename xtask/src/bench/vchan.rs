@@ -217,6 +217,7 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
             head.push(s("(hub)"));
         }
     }
+    head.extend(vars[1..].iter().map(|(n, _)| format!("v/{}", short(n))));
     let mut tc = Table::new(&head.iter().map(String::as_str).collect::<Vec<_>>());
     let mut points = Vec::new();
     let mut progress =
@@ -237,11 +238,12 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
                         Kind::SocketPair => fd_stream(FdKind::SocketPair, chunk, b)?,
                     };
                     eprintln!(
-                        "  {} {name} ring {} chunk {}: {} MB/s",
+                        "  {} {name} ring {} chunk {}: {} MB/s, {:.2} CPU s/GiB",
                         progress.step(),
                         report::size(ring as u64),
                         report::size(chunk as u64),
-                        report::mbps(smp.bytes_per_sec)
+                        report::mbps(smp.bytes_per_sec),
+                        smp.cpu_per_gib + smp.hub_per_gib
                     );
                     samples[i].push(smp);
                 }
@@ -261,6 +263,16 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
             let ratios: Vec<f64> = (1..vars.len())
                 .map(|i| paired_ratio(&tps[0], &tps[i]))
                 .collect();
+            // CPU per byte, everything the transfer costs (the hub too):
+            // below 1 means ours is cheaper than x.
+            let totals: Vec<Vec<f64>> = cpus
+                .iter()
+                .zip(&hubs)
+                .map(|(c, h)| c.iter().zip(h).map(|(c, h)| c + h).collect())
+                .collect();
+            let cpu_ratios: Vec<f64> = (1..vars.len())
+                .map(|i| paired_ratio(&totals[0], &totals[i]))
+                .collect();
             let mut row = vec![report::size(ring as u64), report::size(chunk as u64)];
             row.extend(tps.iter().map(|v| report::mbps(median(v))));
             row.extend(ratios.iter().map(|&r| report::ratio(r)));
@@ -272,6 +284,7 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
                     row.push(report::fixed(median(&hubs[i]), 2));
                 }
             }
+            row.extend(cpu_ratios.iter().map(|&r| report::ratio(r)));
             tc.row(row);
             let at = |name: &str| {
                 vars.iter()
@@ -302,18 +315,22 @@ fn stream(plan: &Plan, hub: &Hub, ports: &mut impl Iterator<Item = u32>) -> Resu
             let rat: Vec<(String, Json)> = (1..vars.len())
                 .map(|i| (format!("vchan/{}", vars[i].0), Json::Num(ratios[i - 1])))
                 .collect();
+            let cpu_rat: Vec<(String, Json)> = (1..vars.len())
+                .map(|i| (format!("vchan/{}", vars[i].0), Json::Num(cpu_ratios[i - 1])))
+                .collect();
             points.push(Json::obj([
                 ("ring", Json::Num(ring as f64)),
                 ("chunk", Json::Num(chunk as f64)),
                 ("results", Json::Obj(res)),
                 ("ratios", Json::Obj(rat)),
+                ("cpu_ratios", Json::Obj(cpu_rat)),
             ]));
         }
     }
     println!("\nstream throughput, MB/s (median); v/x = median of paired ratios vchan/x");
     print!("{tp}");
     println!(
-        "\nCPU seconds per GiB moved (user+sys, both ends; vchan includes the hub, shown apart)"
+        "\nCPU seconds per GiB moved (user+sys, both ends; vchan includes the hub, shown apart); v/x = median of paired ratios of CPU per byte vchan (with hub)/x, below 1: cheaper than x"
     );
     print!("{tc}");
     Ok(Json::Arr(points))
