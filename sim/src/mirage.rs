@@ -526,6 +526,15 @@ fn client_call(t: &vchan::Transport, params: ConnectionParams, mut sock: UnixStr
                     progress = true;
                 }
                 Err(ref e) if would_block(e) => break,
+                // The service side has finished and closed (a service that
+                // does not read its stdin ends the call at once, as with the
+                // C agent): the rest of stdin has nobody to go to, but its
+                // output and exit code are still in our read ring.
+                Err(vchan::Error::PeerClosed) => {
+                    to_vchan.clear();
+                    stdin_open = false;
+                    break;
+                }
                 Err(e) => return Err(Error::vchan("send stdin", e)),
             }
         }
