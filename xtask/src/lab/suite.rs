@@ -157,6 +157,9 @@ struct Run {
     /// Domain ids by name (`xl domid` costs a guest round trip; the ids
     /// change only with a reboot, which clears this).
     ids: std::cell::RefCell<std::collections::HashMap<String, u16>>,
+    /// A command put in front of both peers of every transfer (the
+    /// throughput phase's counts: `busybox time -v`, `strace -c -f`).
+    wrap: Option<String>,
 }
 
 fn checksum_of(s: &str) -> Option<String> {
@@ -340,6 +343,10 @@ impl Run {
             x.packet.filter(|_| x.client != Impl::C),
             wait,
         );
+        let (scmd, ccmd) = match &self.wrap {
+            Some(w) => (format!("{w} {scmd}"), format!("{w} {ccmd}")),
+            None => (scmd, ccmd),
+        };
         self.bg(&x.server_dom, "srv", &scmd, limit)?;
         let t = Instant::now();
         let c = self.on(
@@ -470,9 +477,10 @@ pub fn test(cfg: &Config, args: &[String]) -> Result<(), String> {
         if o.quick { "quick" } else { "full" }
     );
     rep.notes.push(format!(
-        "lab: QEMU {} {} vCPU(s), {} MiB; xenstored {}; host load at start {}",
+        "lab: QEMU {} {} vCPU(s), {} vCPU(s) per domU, {} MiB; xenstored {}; host load at start {}",
         cfg.accel,
         cfg.smp,
+        cfg.domu_vcpus,
         cfg.mem,
         cfg.xenstored,
         loadavg()
@@ -543,6 +551,7 @@ pub fn test(cfg: &Config, args: &[String]) -> Result<(), String> {
         next_port: 1000 + std::process::id() % 20_000 * 2,
         rep,
         ids: Default::default(),
+        wrap: None,
     };
     run_phases(&mut run, &o);
 

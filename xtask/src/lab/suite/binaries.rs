@@ -68,6 +68,13 @@ pub(super) fn stage_binaries(cfg: &Config, bins: &[PathBuf]) -> Result<(), Strin
         crate::lab::guest::copy_replacing(b, &share.join(name))?;
         std::fs::copy(b, host.join(name)).map_err(|e| format!("{}: {e}", b.display()))?;
     }
+    // strace and its libraries from the dom0 root file system, for the
+    // throughput phase's syscall counts (only then: the archive rides in
+    // every domU's initramfs).
+    let rootfs = cfg.cache.join("dom0-rootfs");
+    if count_requested() && rootfs.join("usr/bin/strace").exists() {
+        setup::copy_elf(&rootfs, &st, &["/usr/bin/strace"])?;
+    }
     let stamp = stamp_of(bins)?;
     for d in [&share, &host] {
         std::fs::write(d.join(STAMP), &stamp).map_err(|e| e.to_string())?;
