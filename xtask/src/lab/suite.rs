@@ -160,6 +160,9 @@ struct Run {
     /// A command put in front of both peers of every transfer (the
     /// throughput phase's counts: `busybox time -v`, `strace -c -f`).
     wrap: Option<String>,
+    /// Our peer's file name under `/mnt/host` (the throughput phase's
+    /// `LAB_TPUT_PEER`; default `vchan-peer`).
+    ours_bin: String,
 }
 
 fn checksum_of(s: &str) -> Option<String> {
@@ -253,11 +256,13 @@ impl Run {
         }
         match (imp, server) {
             (Impl::Ours, true) => format!(
-                "/mnt/host/vchan-peer server {peer} {port} {dir} {mib} {ring_kib} --timeout {wait}{}",
+                "/mnt/host/{} server {peer} {port} {dir} {mib} {ring_kib} --timeout {wait}{}",
+                self.ours_bin,
                 packet.map_or(String::new(), |p| format!(" --packet {p}"))
             ),
             (Impl::Ours, false) => format!(
-                "/mnt/host/vchan-peer client {peer} {port} {dir} {mib} --timeout {wait}{}",
+                "/mnt/host/{} client {peer} {port} {dir} {mib} --timeout {wait}{}",
+                self.ours_bin,
                 packet.map_or(String::new(), |p| format!(" --packet {p}"))
             ),
             (Impl::C, true) => {
@@ -552,6 +557,7 @@ pub fn test(cfg: &Config, args: &[String]) -> Result<(), String> {
         rep,
         ids: Default::default(),
         wrap: None,
+        ours_bin: "vchan-peer".into(),
     };
     run_phases(&mut run, &o);
 

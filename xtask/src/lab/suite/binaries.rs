@@ -68,6 +68,17 @@ pub(super) fn stage_binaries(cfg: &Config, bins: &[PathBuf]) -> Result<(), Strin
         crate::lab::guest::copy_replacing(b, &share.join(name))?;
         std::fs::copy(b, host.join(name)).map_err(|e| format!("{}: {e}", b.display()))?;
     }
+    // LAB_EXTRA_BINS: more host files for /mnt/host (e.g. another build
+    // of vchan-peer for the throughput phase's LAB_TPUT_PEER), at boot only.
+    for b in std::env::var("LAB_EXTRA_BINS")
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        let b = std::path::Path::new(b);
+        let name = b.file_name().ok_or("LAB_EXTRA_BINS: bad path")?;
+        crate::lab::guest::copy_replacing(b, &share.join(name))?;
+        std::fs::copy(b, host.join(name)).map_err(|e| format!("{}: {e}", b.display()))?;
+    }
     // strace and its libraries from the dom0 root file system, for the
     // throughput phase's syscall counts (only then: the archive rides in
     // every domU's initramfs).

@@ -108,6 +108,43 @@ fn split_log(log: &str) -> (&str, &str) {
 const PAIRS: [&str; 4] = ["C→C", "ours→ours", "C→ours", "ours→C"];
 
 pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
+    let peer = std::env::var("LAB_TPUT_PEER").unwrap_or_default();
+    let saved = std::mem::replace(
+        &mut run.ours_bin,
+        if peer.is_empty() {
+            "vchan-peer".into()
+        } else {
+            peer
+        },
+    );
+    if run.ours_bin != "vchan-peer" {
+        run.rep.notes.push(format!(
+            "throughput: ours is /mnt/host/{} (LAB_TPUT_PEER)",
+            run.ours_bin
+        ));
+    }
+    let r = phase_body(run);
+    run.ours_bin = saved;
+    run.wrap = None;
+    r
+}
+
+/// Ring sizes in KiB (`LAB_TPUT_RINGS=64,1024`, the default).
+fn rings() -> Result<Vec<u32>, String> {
+    match std::env::var("LAB_TPUT_RINGS") {
+        Ok(s) if !s.is_empty() => s
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse()
+                    .map_err(|_| format!("LAB_TPUT_RINGS: {r:?} is not a number"))
+            })
+            .collect(),
+        _ => Ok(vec![64, 1024]),
+    }
+}
+
+fn phase_body(run: &mut Run) -> Result<(), String> {
     let reps = if run.quick { 1 } else { 3 };
     let count = count_requested();
     let strace = count && {
@@ -131,14 +168,14 @@ pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
         (Impl::C, Impl::Ours),
         (Impl::Ours, Impl::C),
     ];
-    for ring in [64u32, 1024] {
+    for ring in rings()? {
         for server_sends in [true, false] {
             // At least ~1 s per transfer at the rates seen here (15-25
             // MiB/s with 64 KiB rings, 70-180 with 1 MiB): shorter ones
             // mostly measure the start-up.
             let mib = match (ring, run.quick) {
-                (64, true) => 24,
-                (64, false) => 48,
+                (..=64, true) => 24,
+                (..=64, false) => 48,
                 (_, true) => 128,
                 (_, false) => 256,
             };
