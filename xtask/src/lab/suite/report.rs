@@ -50,8 +50,8 @@ pub(super) struct CountRow {
     pub(super) side: String,
     /// CPU ms, voluntary and involuntary context switches.
     pub(super) time: Option<(f64, f64, f64)>,
-    /// Syscalls: total, ioctl, read, write, poll.
-    pub(super) calls: Option<[f64; 5]>,
+    /// Syscalls: total, ioctl, read, write, poll, clock_gettime.
+    pub(super) calls: Option<[f64; 6]>,
 }
 
 #[derive(Debug, Default)]
@@ -192,10 +192,10 @@ impl Report {
                 "\n## Throughput: costs per MiB (`LAB_TPUT_COUNT=1`)\n\n\
                  CPU and context switches from `busybox time -v` around the best timed run;\n\
                  syscalls from one more transfer under `strace -c -f` (`ioctl` = evtchn notify,\n\
-                 `read`/`write` = evtchn wait/unmask, `poll` ours only). Whole process, set-up\n\
-                 included.\n\n\
-                 | ring | direction | pairing | side | CPU ms | vol. cs | invol. cs | syscalls | ioctl | read | write | poll |\n\
-                 |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+                 `read`/`write` = evtchn wait/unmask, `poll` ours only, `clock` = clock_gettime,\n\
+                 a syscall in these PV guests). Whole process, set-up included.\n\n\
+                 | ring | direction | pairing | side | CPU ms | vol. cs | invol. cs | syscalls | ioctl | read | write | poll | clock |\n\
+                 |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for c in &self.counts {
                 let (t0, t1, t2) = match c.time {
@@ -205,7 +205,7 @@ impl Report {
                 let k = |i: usize| c.calls.map_or("-".to_string(), |v| format!("{:.1}", v[i]));
                 let _ = writeln!(
                     s,
-                    "| {} KiB | {} | {} | {} | {t0} | {t1} | {t2} | {} | {} | {} | {} | {} |",
+                    "| {} KiB | {} | {} | {} | {t0} | {t1} | {t2} | {} | {} | {} | {} | {} | {} |",
                     c.ring_kib,
                     c.dir,
                     c.pair,
@@ -214,7 +214,8 @@ impl Report {
                     k(1),
                     k(2),
                     k(3),
-                    k(4)
+                    k(4),
+                    k(5)
                 );
             }
         }

@@ -66,8 +66,9 @@ fn strace_calls(s: &str) -> Vec<(String, u64)> {
 struct Costs {
     /// From `time -v` (CPU ms, voluntary, involuntary).
     time: Option<(f64, f64, f64)>,
-    /// From `strace -c`: total, ioctl, read, write, poll (+ppoll).
-    calls: Option<[f64; 5]>,
+    /// From `strace -c`: total, ioctl, read, write, poll (+ppoll),
+    /// clock_gettime.
+    calls: Option<[f64; 6]>,
 }
 
 fn per_mib_time(log: &str, mib: u32) -> Option<(f64, f64, f64)> {
@@ -76,7 +77,7 @@ fn per_mib_time(log: &str, mib: u32) -> Option<(f64, f64, f64)> {
     Some((cpu * 1000.0 / m, v as f64 / m, i as f64 / m))
 }
 
-fn per_mib_calls(log: &str, mib: u32) -> Option<[f64; 5]> {
+fn per_mib_calls(log: &str, mib: u32) -> Option<[f64; 6]> {
     let c = strace_calls(log);
     if c.is_empty() {
         return None;
@@ -94,6 +95,7 @@ fn per_mib_calls(log: &str, mib: u32) -> Option<[f64; 5]> {
         get("read") as f64 / m,
         get("write") as f64 / m,
         (get("poll") + get("ppoll")) as f64 / m,
+        get("clock_gettime") as f64 / m,
     ])
 }
 
@@ -317,7 +319,7 @@ received 25165824 bytes (24.0 MiB) in 1.000 s = 24.00 MiB/s; checksum=00
         let t = per_mib_time(log, 24).expect("time -v");
         assert!((t.0 - 31.25).abs() < 1e-9 && t.1 == 20.0 && t.2 == 1.0);
         let c = per_mib_calls(log, 24).expect("strace -c");
-        assert_eq!(c, [40.0, 10.0, 20.0, 10.0, 0.0]);
+        assert_eq!(c, [40.0, 10.0, 20.0, 10.0, 0.0, 0.0]);
         assert!(per_mib_calls("no table", 1).is_none());
     }
 
