@@ -147,7 +147,16 @@ fn rings() -> Result<Vec<u32>, String> {
 }
 
 fn phase_body(run: &mut Run) -> Result<(), String> {
-    let reps = if run.quick { 1 } else { 3 };
+    // LAB_TPUT_REPS=N: N timed runs per cell (best kept) instead of 1
+    // (quick) or 3 (full).
+    let reps = match std::env::var("LAB_TPUT_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(n) if n > 0 => n,
+        _ if run.quick => 1,
+        _ => 3,
+    };
     let count = count_requested();
     let strace = count && {
         let r = run.on("domU1", "command -v strace", Duration::from_secs(60))?;
