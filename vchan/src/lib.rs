@@ -58,6 +58,7 @@ mod local_xen;
 pub mod ring;
 mod shm;
 mod socket;
+pub mod spin;
 mod transport;
 
 use std::io;
