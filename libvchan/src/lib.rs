@@ -59,20 +59,22 @@
 //! * a blocking `write` that the peer's close interrupts after part of the
 //!   data went out returns that count; the next call returns −1 (`EPIPE`);
 //! * `data_ready`/`buffer_space` on a ring the peer corrupted: −1
-//!   (`EPROTO`) and a log line; every I/O call on it fails the same way;
+//!   (`EPROTO`) and a log line; once any call has seen the corruption,
+//!   every later I/O call and `libvchan_wait` on that handle fails the
+//!   same way (a stream `write` that still fits the space the peer had
+//!   freed when its index was last valid may succeed before that: it
+//!   trusts no index it has not checked);
 //! * liveness: `is_open` and the blocking waits use the vchan crate's
 //!   checks of the peer domain (event-channel status, domain probe,
 //!   xenstore; see the `vchan` crate docs) instead of libvchan-xen's
 //!   `xc_evtchn_status` slow check;
 //! * on the socket transport: `libvchan_client_init_async` does not block
 //!   (libvchan-socket's connects before it returns); a client's rings are
-//!   64 KiB (libvchan-socket's: a page); and there is no I/O thread, so
-//!   output a server wrote before its client connected, and a client
-//!   waiting to be accepted, are served at the program's next call into
-//!   the library (programs that poll the select fd and call
-//!   `libvchan_wait`, as Qubes' do, never notice; qubes-core-vchan-socket's
-//!   own tests `test_write_then_connect` and `test_buffer_space`, which read
-//!   from the raw socket without any further library call, hang on it).
+//!   64 KiB (libvchan-socket's: a page); and there is no I/O thread: bytes
+//!   move between the socket and our buffers in the library calls, except
+//!   that output a server wrote before its client connected is sent by a
+//!   helper thread that accepts the client (the vchan crate's socket
+//!   transport), so it arrives even if the server makes no further call.
 //!
 //! No panic crosses into C: every entry point runs under
 //! [`std::panic::catch_unwind`] and turns a panic into its error return
@@ -86,10 +88,21 @@
 //!
 //! On Xen and the Local transport `libvchan_fd_for_select` is the event
 //! channel's fd, as in C. On the socket transport it is an epoll fd that
-//! watches the connection with the interest [`vchan::Vchan::poll_interest`]
-//! gives (readable data, a hang-up, and writability while output is queued
-//! in our buffer), so it turns readable exactly when a `libvchan_wait`
-//! would not block, and it stays the same fd from `server_init` to close.
+//! stays the same from `server_init` to close and watches two things:
+//!
+//! * the connection, with the interest [`vchan::Vchan::poll_interest`]
+//!   gives (readable data, a hang-up, writability while output is queued in
+//!   our buffer);
+//! * an eventfd that is kept readable from the moment any call moved bytes
+//!   between the socket and our buffers (or saw the client connect or the
+//!   peer leave) until the next `libvchan_wait`, which then returns at once
+//!   ([`vchan::Vchan::take_socket_news`]). Any call takes in what arrived:
+//!   without this a program that asks `libvchan_data_ready` or
+//!   `libvchan_buffer_space` and then sleeps on the fd would sleep on data
+//!   already in our buffer, which the socket no longer shows (qrexec's
+//!   loops did, for their whole poll timeout). This is the event channel's
+//!   behaviour (pending from the peer's notify until the wait), and
+//!   libvchan-socket's, whose I/O thread writes a pipe for each move.
 //!
 //! Threads: like the C library, one handle is used by one thread at a time.
 
@@ -103,6 +116,7 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use vchan::{Connecting, State, Transport, Vchan};
@@ -131,6 +145,10 @@ pub struct LibVchan {
     conn: Conn,
     /// The socket transport's stable fd for `select`, made on first request.
     socket_poll: Option<SocketPoll>,
+    /// A call found the ring corrupted by the peer: every I/O call fails
+    /// from then on (the writer's fast path trusts its last valid look at
+    /// the peer's index and would not notice by itself).
+    corrupt: bool,
 }
 
 #[derive(Debug)]
@@ -147,22 +165,48 @@ enum Conn {
     Ready(Vchan),
 }
 
-/// An epoll fd that is readable exactly when the socket vchan's `wait`
-/// would not block; it follows the connection fd (the listener, then the
-/// accepted stream) and the changing interest.
+/// The socket transport's fd for `select` (module docs): an epoll fd over
+/// the connection fd (the listener, then the accepted stream) with the
+/// changing interest, and over `news`, readable while `pending`.
 #[derive(Debug)]
 struct SocketPoll {
     epoll: Epoll,
-    /// The fd registered last and with which interest.
-    registered: Option<(RawFd, EpollFlags)>,
+    /// The connection fd registered last.
+    registered: Option<Registered>,
+    /// Readable from the first call that took news in until `libvchan_wait`.
+    news: EventFd,
+    pending: bool,
 }
 
 impl SocketPoll {
     fn new() -> io::Result<SocketPoll> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let news = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
+        epoll.add(&news, EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
         Ok(SocketPoll {
-            epoll: Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?,
+            epoll,
             registered: None,
+            news,
+            pending: false,
         })
+    }
+
+    /// A call took news in: readable until the next wait.
+    fn raise(&mut self) -> io::Result<()> {
+        if !self.pending {
+            self.news.write(1)?;
+            self.pending = true;
+        }
+        Ok(())
+    }
+
+    /// A wait consumed the news.
+    fn lower(&mut self) {
+        if self.pending {
+            // Never blocks (EFD_NONBLOCK); the counter was non-zero.
+            let _ = self.news.read();
+            self.pending = false;
+        }
     }
 
     fn refresh(&mut self, v: &Vchan) -> io::Result<()> {
@@ -181,36 +225,56 @@ impl SocketPoll {
                 want |= ef;
             }
         }
-        let now = (fd.as_raw_fd(), want);
-        if self.registered == Some(now) {
+        // The same connection as last time? Compare the number and the
+        // file behind it: a closed listener's number can come back as the
+        // accepted stream's.
+        let st = nix::sys::stat::fstat(fd)?;
+        let id = (fd.as_raw_fd(), st.st_dev, st.st_ino);
+        let ev = EpollEvent::new(want, 0);
+        if let Some(r) = self.registered.as_mut().filter(|r| r.id == id) {
+            if r.want == want {
+                return Ok(());
+            }
+            if want.is_empty() {
+                // Nothing to wait for (the end of the stream was seen): out
+                // of the set, or epoll would report the hang-up forever and
+                // a caller's ppoll would never sleep (nor deliver signals).
+                self.epoll.delete(&r.dup)?;
+            } else if r.want.is_empty() {
+                self.epoll.add(&r.dup, ev)?;
+            } else {
+                self.epoll.modify(&r.dup, &mut { ev })?;
+            }
+            r.want = want;
             return Ok(());
         }
-        let same_fd = self.registered.map(|(f, _)| f) == Some(now.0);
-        let was_in_set = same_fd && self.registered.is_some_and(|(_, w)| !w.is_empty());
-        let ev = EpollEvent::new(want, 0);
-        let r = if want.is_empty() {
-            // Nothing to wait for (the end of the stream was seen): out of
-            // the set, or epoll would report the hang-up forever and a
-            // caller's ppoll would never sleep (nor deliver its signals).
-            if was_in_set {
-                self.epoll.delete(fd)
-            } else {
-                Ok(())
-            }
-        } else if was_in_set {
-            self.epoll.modify(fd, &mut { ev })
-        } else {
-            // A previous fd (the listener) left the set when the accepted
-            // stream replaced and closed it.
-            match self.epoll.add(fd, ev) {
-                Err(nix::errno::Errno::EEXIST) => self.epoll.modify(fd, &mut { ev }),
-                r => r,
-            }
-        };
-        r?;
-        self.registered = Some(now);
+        // A new connection fd (the accepted stream after the listener):
+        // the old one leaves the set explicitly, through our copy of it. Its
+        // own closing would not do: a child the program forked holds it
+        // too, and epoll drops a file only when its last holder closes it
+        // (a stale, readable entry then kept the fd readable for good).
+        if let Some(old) = self.registered.take()
+            && !old.want.is_empty()
+        {
+            self.epoll.delete(&old.dup)?;
+        }
+        let dup = fd.try_clone_to_owned()?;
+        if !want.is_empty() {
+            self.epoll.add(&dup, ev)?;
+        }
+        self.registered = Some(Registered { id, dup, want });
         Ok(())
     }
+}
+
+/// The connection fd in the epoll set: which one (number, device, inode),
+/// our copy of it (registered in its place, so that we can always take it
+/// out), and with which interest (empty: not in the set).
+#[derive(Debug)]
+struct Registered {
+    id: (RawFd, libc::dev_t, libc::ino_t),
+    dup: std::os::fd::OwnedFd,
+    want: EpollFlags,
 }
 
 impl LibVchan {
@@ -218,16 +282,23 @@ impl LibVchan {
         LibVchan {
             conn: Conn::Ready(vchan),
             socket_poll: None,
+            corrupt: false,
         }
     }
 
     /// After every call that may have moved data or changed the state: keep
-    /// the socket transport's select fd in step.
+    /// the socket transport's select fd in step (news the call took in
+    /// makes it readable until the next wait).
     fn after(&mut self) {
-        if let (Conn::Ready(v), Some(sp)) = (&self.conn, self.socket_poll.as_mut())
-            && let Err(e) = sp.refresh(v)
-        {
-            log("fd_for_select", format_args!("epoll update failed: {e}"));
+        if let (Conn::Ready(v), Some(sp)) = (&mut self.conn, self.socket_poll.as_mut()) {
+            let r = if v.take_socket_news() {
+                sp.raise()
+            } else {
+                Ok(())
+            };
+            if let Err(e) = r.and_then(|()| sp.refresh(v)) {
+                log("fd_for_select", format_args!("epoll update failed: {e}"));
+            }
         }
     }
 }
@@ -375,6 +446,24 @@ fn fail(op: &str, e: &vchan::Error) -> c_int {
     }
     set_errno(errno_of(e));
     -1
+}
+
+/// Whether `e` says the peer corrupted the ring.
+fn is_corrupt(e: &vchan::Error) -> bool {
+    errno_of(e) == libc::EPROTO
+}
+
+impl LibVchan {
+    /// −1 (`EPROTO`) with a log line if an earlier call found the ring
+    /// corrupted: a peer that lied once is not trusted again.
+    fn refused(&self, op: &str) -> Option<c_int> {
+        if !self.corrupt {
+            return None;
+        }
+        log(op, "refused: the peer corrupted the ring earlier");
+        set_errno(libc::EPROTO);
+        Some(-1)
+    }
 }
 
 fn invalid(op: &str, msg: impl fmt::Display) -> c_int {
@@ -578,6 +667,7 @@ pub unsafe extern "C" fn libvchan_client_init_async(
                 timer,
             },
             socket_poll: None,
+            corrupt: false,
         })
     })
 }
@@ -708,6 +798,9 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
     if data.is_null() && size > 0 {
         return invalid(op, "NULL data");
     }
+    if let Some(r) = h.refused(op) {
+        return r;
+    }
     let Conn::Ready(v) = &mut h.conn else {
         set_errno(libc::EAGAIN);
         return -1;
@@ -737,7 +830,10 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
     let ret = match r {
         Ok(n) => count(n),
         Err(vchan::Error::WouldBlock) => 0,
-        Err(e) => fail(op, &e),
+        Err(e) => {
+            h.corrupt |= is_corrupt(&e);
+            fail(op, &e)
+        }
     };
     h.after();
     ret
@@ -746,6 +842,9 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
 fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io) -> c_int {
     if data.is_null() && size > 0 {
         return invalid(op, "NULL data");
+    }
+    if let Some(r) = h.refused(op) {
+        return r;
     }
     let Conn::Ready(v) = &mut h.conn else {
         set_errno(libc::EAGAIN);
@@ -780,7 +879,10 @@ fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io)
         }
         Ok(n) => count(n),
         Err(vchan::Error::WouldBlock) => 0,
-        Err(e) => fail(op, &e),
+        Err(e) => {
+            h.corrupt |= is_corrupt(&e);
+            fail(op, &e)
+        }
     };
     h.after();
     ret
@@ -878,13 +980,32 @@ pub unsafe extern "C" fn libvchan_recv(
 
 impl LibVchan {
     fn wait(&mut self, op: &str) -> c_int {
+        if let Some(r) = self.refused(op) {
+            return r;
+        }
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
-        let ret = match v.wait() {
-            Ok(()) => 0,
-            Err(e) => fail(op, &e),
+        // News another call took in is this wait's event: no sleep.
+        let pending = self.socket_poll.as_ref().is_some_and(|sp| sp.pending);
+        let r = if pending {
+            v.consume_events()
+        } else {
+            v.wait()
         };
+        let ret = match r {
+            Ok(()) => 0,
+            Err(e) => {
+                self.corrupt |= is_corrupt(&e);
+                fail(op, &e)
+            }
+        };
+        // What this wait took in is consumed with it: the program looks
+        // at the vchan after a wait.
+        v.take_socket_news();
+        if let Some(sp) = self.socket_poll.as_mut() {
+            sp.lower();
+        }
         self.after();
         ret
     }
@@ -898,6 +1019,8 @@ impl LibVchan {
             return v.as_fd().as_raw_fd();
         }
         if self.socket_poll.is_none() {
+            // News taken in before the first request stays news (it was
+            // kept for this: `after` takes it only once the fd exists).
             match SocketPoll::new() {
                 Ok(sp) => self.socket_poll = Some(sp),
                 Err(e) => {
@@ -927,26 +1050,38 @@ impl LibVchan {
     }
 
     fn data_ready(&mut self, op: &str) -> c_int {
+        if let Some(r) = self.refused(op) {
+            return r;
+        }
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
         // An error here is a ring the peer corrupted: −1 (EPROTO).
         let n = match v.data_ready() {
             Ok(n) => count(n),
-            Err(e) => fail(op, &e),
+            Err(e) => {
+                self.corrupt |= is_corrupt(&e);
+                fail(op, &e)
+            }
         };
         self.after();
         n
     }
 
     fn buffer_space(&mut self, op: &str) -> c_int {
+        if let Some(r) = self.refused(op) {
+            return r;
+        }
         let Conn::Ready(v) = &mut self.conn else {
             return 0;
         };
         // An error here is a ring the peer corrupted: −1 (EPROTO).
         let n = match v.buffer_space() {
             Ok(n) => count(n),
-            Err(e) => fail(op, &e),
+            Err(e) => {
+                self.corrupt |= is_corrupt(&e);
+                fail(op, &e)
+            }
         };
         self.after();
         n

@@ -304,6 +304,35 @@ fn every_call_over_the_socket_transport_with_each_header() {
     }
 }
 
+/// `select_wakes.c`: after `libvchan_data_ready` took data off the socket,
+/// the select fd wakes a 2 s `poll` at once, the next `libvchan_wait` does
+/// not block, and the fd is quiet again after it.
+#[test]
+fn select_fd_shows_data_a_call_took_in_over_the_socket_transport() {
+    let tmp = tempfile::tempdir().unwrap();
+    let libdir = install_lib(tmp.path());
+    let exe = tmp.path().join("select_wakes");
+    gcc(&[
+        "-std=gnu11".as_ref(),
+        "-Wall".as_ref(),
+        "-Wextra".as_ref(),
+        "-Werror".as_ref(),
+        format!("-I{}", manifest().join("include").display()).as_ref(),
+        manifest().join("tests/c/select_wakes.c").as_os_str(),
+        "-o".as_ref(),
+        exe.as_os_str(),
+        format!("-L{}", libdir.display()).as_ref(),
+        format!("-Wl,-rpath,{}", libdir.display()).as_ref(),
+        "-lvchan-xen".as_ref(),
+    ]);
+    let sock = tempfile::tempdir().unwrap();
+    let (ok, out) = run(&exe, &[("VCHAN_SOCKET_DIR", sock.path())]);
+    assert!(
+        ok && out.contains("(server)"),
+        "select_wakes failed:\n{out}"
+    );
+}
+
 #[test]
 fn every_call_over_the_local_transport() {
     let tmp = tempfile::tempdir().unwrap();
@@ -422,6 +451,22 @@ fn xenvchan_struct_layout_matches_debians_header() {
         bit(FLAG_BLOCKING),
     );
     assert_eq!(text, expected);
+}
+
+/// The libxenvchan API over the socket transport (`VCHAN_SOCKET_DIR`):
+/// the same program, the ring orders it checks being the socket flavour's.
+#[test]
+fn xenvchan_calls_over_the_socket_transport() {
+    let tmp = tempfile::tempdir().unwrap();
+    let libdir = install_lib(tmp.path());
+    let exe = build_xenvchan_calls(tmp.path(), &libdir);
+    let sock = tempfile::tempdir().unwrap();
+    let (ok, out) = run(&exe, &[("VCHAN_SOCKET_DIR", sock.path())]);
+    assert!(ok, "xenvchan_calls failed:\n{out}");
+    assert!(
+        out.contains("(server)") && out.contains("(client)"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -30,6 +30,31 @@ pub fn line(msg: &str) {
     let _ = writeln!(std::io::stderr(), "[{name}] {msg}");
 }
 
+/// The `log` logger of every `qubes-sim` process: the libraries' events
+/// (vchan's warnings about a peer) as one prefixed line each, warnings and
+/// errors only: `[qubes-sim work/agent] vchan: warning: ...`.
+#[derive(Debug)]
+struct Logger;
+
+impl ::log::Log for Logger {
+    fn enabled(&self, metadata: &::log::Metadata<'_>) -> bool {
+        metadata.level() <= ::log::Level::Warn
+    }
+    fn log(&self, record: &::log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            line(&vchan::stderr_log::line(record));
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Routes the libraries' `log` events to [`line()`] (once per process).
+pub fn install() {
+    if ::log::set_logger(&Logger).is_ok() {
+        ::log::set_max_level(::log::LevelFilter::Warn);
+    }
+}
+
 /// Log a line (always shown).
 #[macro_export]
 macro_rules! log {

@@ -174,6 +174,7 @@ fn main() -> ExitCode {
     // The supervisor blocks its stop signals; its members must not inherit
     // that (nor the services they start).
     let _ = supervisor::stop_signals().thread_unblock();
+    qubes_sim::log::install();
     let cli = Cli::parse();
     let r: qubes_sim::Result<()> = match cli.cmd {
         Cmd::Run {

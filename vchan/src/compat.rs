@@ -54,8 +54,8 @@
 //! History that explains old bug reports (not reproduced; we follow
 //! ocaml-vchan 6.0.2): before 5.0.0 its client cut its view of the
 //! control page down to the header and the grant list ("ignore trailing
-//! junk", removed in PR #132, commit a2c2130), which put in-page rings out
-//! of its reach; before 2.0.x (commit 879e50c) its server zeroed `left.cons`
+//! junk", removed in PR #132, mirage/ocaml-vchan@a2c2130), which put in-page rings out
+//! of its reach; before 2.0.x (mirage/ocaml-vchan@879e50c) its server zeroed `left.cons`
 //! twice and never `right.prod`. "Invalid ring order: 0"
 //! (qubes-mirage-firewall #3) is its client reading an all-zero page; ours
 //! refuses such a page too, with [`crate::control::ControlError`].
@@ -125,6 +125,12 @@ pub struct PortName(String);
 
 impl PortName {
     /// The longest name we accept.
+    ///
+    /// ```
+    /// use vchan::PortName;
+    /// assert!(PortName::new(&"p".repeat(PortName::MAX_LEN)).is_ok());
+    /// assert!(PortName::new(&"p".repeat(PortName::MAX_LEN + 1)).is_err());
+    /// ```
     pub const MAX_LEN: usize = 255;
 
     /// Validates `name` with ocaml-vchan's rule, `[a-zA-Z0-9_-]+`.
@@ -132,6 +138,14 @@ impl PortName {
     /// # Errors
     /// [`Error::Config`] for an empty name, a character outside the set,
     /// or a name longer than [`PortName::MAX_LEN`].
+    ///
+    /// ```
+    /// use vchan::PortName;
+    /// assert!(PortName::new("qrexec-2_b").is_ok());
+    /// for bad in ["", "a b", "a/b", "port.1", "ü"] {
+    ///     assert!(PortName::new(bad).is_err(), "{bad:?}");
+    /// }
+    /// ```
     pub fn new(name: &str) -> Result<PortName> {
         let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
         if name.is_empty() || !name.chars().all(ok) {
@@ -150,12 +164,25 @@ impl PortName {
     }
 
     /// The name as it appears in the xenstore path.
+    ///
+    /// ```
+    /// assert_eq!(vchan::PortName::new("qrexec-01")?.as_str(), "qrexec-01");
+    /// # Ok::<(), vchan::Error>(())
+    /// ```
     pub fn as_str(&self) -> &str {
         &self.0
     }
 
     /// The port as a number, if it is a plain decimal `u32` (the form
     /// Qubes and the socket transport use).
+    ///
+    /// ```
+    /// use vchan::PortName;
+    /// assert_eq!(PortName::new("512")?.as_number(), Some(512));
+    /// assert_eq!(PortName::new("0512")?.as_number(), None); // a name, not a number
+    /// assert_eq!(PortName::new("mirage")?.as_number(), None);
+    /// # Ok::<(), vchan::Error>(())
+    /// ```
     pub fn as_number(&self) -> Option<u32> {
         if self.0.starts_with('0') && self.0.len() > 1 {
             return None;
@@ -239,6 +266,18 @@ pub fn ocaml_server_layout(read_size: usize, write_size: usize) -> Layout {
 ///
 /// # Errors
 /// [`ControlError::GrantCount`] when a grant slice does not fit the layout.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vchan::compat::{init_server_page_ocaml, ocaml_server_layout};
+/// use vchan::control::*;
+/// let hdr = ControlPage::new(Arc::new(vchan::mem::HeapPages::new(1)))?;
+/// let layout = ocaml_server_layout(1024, 1024); // ocaml-vchan's default: two in-page rings
+/// init_server_page_ocaml(&hdr, &layout, &[], &[])?;
+/// assert_eq!(read_orders(&hdr), (10, 11));
+/// assert_eq!((hdr.load_u8(CLI_LIVE), hdr.load_u8(SRV_LIVE)), (LIVE_WAITING, LIVE_CONNECTED));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn init_server_page_ocaml<H: SharedHeader>(
     h: &H,
     layout: &Layout,
@@ -396,6 +435,16 @@ impl Vchan {
 
     /// Which implementation this endpoint behaves like (the socket
     /// transport: always [`Compat::Libxenvchan`]).
+    ///
+    /// ```
+    /// use vchan::{Compat, PortName, Vchan};
+    /// let dir = tempfile::tempdir()?;
+    /// let xen = vchan::LocalXen::start(dir.path(), &[0, 1])?;
+    /// let port = PortName::new("mirage-demo")?;
+    /// let srv = Vchan::server_with(&xen.transport(0), 1, &port, 1024, 1024, Compat::OcamlVchan)?;
+    /// assert_eq!(srv.compat(), Compat::OcamlVchan);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn compat(&self) -> Compat {
         match &self.inner {
             Inner::Shm(c) => c.compat(),

@@ -1,3 +1,7 @@
+// Why this file is long (~1400 lines): about 540 are doc comments and 380
+// the unit tests (offsets pinned against the C header, run under Miri in
+// CI); the code, about 500 lines, is the control page's layout, order
+// rules and header access.
 //! The vchan control page: constants, byte offsets, ring order selection and
 //! placement, and typed access to the shared header.
 //!
@@ -21,7 +25,10 @@
 
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, Ordering, fence};
+
+use crate::mem::{RegionError, SharedMemory, checked_range};
 
 // ---------------------------------------------------------------------------
 // Constants (docs/vchan.md §2)
@@ -692,11 +699,8 @@ pub fn server_layout(read_min: usize, write_min: usize) -> Result<Layout, Contro
 ///
 /// ```
 /// # use vchan::control::*;
-/// #[repr(C, align(4096))]
-/// struct Page([u8; PAGE_SIZE]);
-/// let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// let hdr = ControlPage::new(page.clone()).unwrap();
 /// hdr.store_u8(CLI_NOTIFY, NOTIFY_WRITE);
 /// assert_eq!(hdr.fetch_and_u8(CLI_NOTIFY, !NOTIFY_WRITE), NOTIFY_WRITE);
 /// assert_eq!(hdr.load_u8(CLI_NOTIFY), 0);
@@ -706,10 +710,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// assert_eq!(hdr.load_u32(LEFT_PROD), 0);
     /// ```
     fn load_u32(&self, off: usize) -> u32;
@@ -717,10 +719,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// hdr.store_u32(RIGHT_PROD, 7);
     /// assert_eq!(hdr.load_u32(RIGHT_PROD), 7);
     /// ```
@@ -729,10 +729,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// assert_eq!(hdr.load_u16(LEFT_ORDER), 0); // not initialised yet
     /// ```
     fn load_u16(&self, off: usize) -> u16;
@@ -740,10 +738,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// hdr.store_u16(RIGHT_ORDER, 16);
     /// assert_eq!(hdr.load_u16(RIGHT_ORDER), 16);
     /// ```
@@ -752,10 +748,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// assert_eq!(hdr.load_u8(SRV_LIVE), LIVE_EXITED);
     /// ```
     fn load_u8(&self, off: usize) -> u8;
@@ -763,10 +757,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// hdr.store_u8(SRV_LIVE, LIVE_CONNECTED);
     /// assert_eq!(hdr.load_u8(SRV_LIVE), LIVE_CONNECTED);
     /// ```
@@ -775,10 +767,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// assert_eq!(hdr.fetch_or_u8(SRV_NOTIFY, NOTIFY_WRITE), 0);
     /// assert_eq!(hdr.load_u8(SRV_NOTIFY), NOTIFY_WRITE);
     /// ```
@@ -787,10 +777,8 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// hdr.store_u8(CLI_NOTIFY, NOTIFY_WRITE | NOTIFY_READ);
     /// assert_eq!(hdr.fetch_and_u8(CLI_NOTIFY, !NOTIFY_READ), NOTIFY_WRITE | NOTIFY_READ);
     /// assert_eq!(hdr.load_u8(CLI_NOTIFY), NOTIFY_WRITE);
@@ -800,80 +788,76 @@ pub trait SharedHeader: fmt::Debug {
     ///
     /// ```
     /// # use vchan::control::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// # let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// hdr.fence(std::sync::atomic::Ordering::SeqCst); // `xen_mb()`
     /// ```
     fn fence(&self, order: Ordering);
 }
 
-/// The real [`SharedHeader`]: a raw pointer to a mapped 4 KiB control page.
+/// The real [`SharedHeader`]: the first 4 KiB of a shared mapping
+/// ([`SharedMemory`]), which it keeps mapped (an [`Arc`] of it).
 ///
 /// Holds no reference into the page; each access builds a short-lived
 /// atomic view of one naturally aligned field.
 ///
-/// ```no_run
-/// use vchan::control::{ControlPage, SharedHeader, CLI_LIVE};
-/// # let page_ptr: *mut u8 = std::ptr::null_mut();
-/// // SAFETY: page_ptr is a mapped, page-aligned control page that outlives `page`.
-/// let page = unsafe { ControlPage::new(page_ptr) };
-/// let cli_live = page.load_u8(CLI_LIVE);
 /// ```
-#[derive(Debug, Clone, Copy)]
+/// use std::sync::Arc;
+/// use vchan::control::{ControlPage, SharedHeader, CLI_LIVE};
+/// use vchan::mem::HeapPages;
+/// let page = ControlPage::new(Arc::new(HeapPages::new(1)))?;
+/// let cli_live = page.load_u8(CLI_LIVE);
+/// # Ok::<(), vchan::mem::RegionError>(())
+/// ```
+#[derive(Debug, Clone)]
 pub struct ControlPage {
+    /// Keeps the mapping alive as long as this (or a clone) exists.
+    mem: Arc<dyn SharedMemory>,
     base: NonNull<u8>,
 }
 
-// SAFETY: `ControlPage` is a pointer to memory that is shared with another
-// domain anyway; every access through it is a single atomic operation, so
-// using it from several threads is no different from the peer doing so.
+// SAFETY: `ControlPage` reaches memory that is shared with another domain
+// anyway; every access through it is a single atomic operation, so using
+// it from several threads is no different from the peer doing so. The
+// mapping it holds is `Send + Sync` by its trait.
 unsafe impl Send for ControlPage {}
 // SAFETY: as for `Send`: `&ControlPage` only offers atomic accesses.
 unsafe impl Sync for ControlPage {}
 
 impl ControlPage {
-    /// Wraps a mapped control page.
+    /// The control page at the start of `mem`, which must be a writable
+    /// mapping of at least [`PAGE_SIZE`] bytes. Within this process the
+    /// header and grant list are then accessed only atomically (through
+    /// this type); another domain or process may write them at will.
     ///
-    /// # Safety
-    /// `base` must be non-null, 4-byte aligned (a page mapping is), and valid
-    /// for reads and writes of [`PAGE_SIZE`] bytes for as long as this value
-    /// or any copy of it is used. Within this process the header and grant
-    /// list must only be accessed atomically (through this type or
-    /// equivalent atomics); another domain or process may write it at will.
+    /// # Errors
+    /// [`RegionError`] if `mem` is too small, misaligned or read-only.
     ///
     /// ```
-    /// # use vchan::control::*;
-    /// #[repr(C, align(4096))]
-    /// struct Page([u8; PAGE_SIZE]);
-    /// let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+    /// use std::sync::Arc;
+    /// use vchan::control::*;
+    /// use vchan::mem::HeapPages;
+    /// let hdr = ControlPage::new(Arc::new(HeapPages::new(1)))?;
     /// assert_eq!(hdr.load_u32(LEFT_PROD), 0);
+    /// # Ok::<(), vchan::mem::RegionError>(())
     /// ```
-    pub unsafe fn new(base: *mut u8) -> Self {
-        debug_assert!(!base.is_null() && (base as usize).is_multiple_of(4));
-        // A null pointer would violate the contract; still avoid UB in
-        // `NonNull::new_unchecked` by checking.
-        let base = NonNull::new(base).expect("ControlPage::new: null control page pointer");
-        Self { base }
+    pub fn new(mem: Arc<dyn SharedMemory>) -> Result<Self, RegionError> {
+        let base = checked_range(&mem, 0, PAGE_SIZE, true)?;
+        Ok(Self { mem, base })
     }
 
-    /// The page's base address (for locating in-page rings).
+    /// The mapping the page lives in (in-page rings are further bytes of it).
     ///
     /// ```
-    /// # use vchan::control::*;
-    /// #[repr(C, align(4096))]
-    /// struct Page([u8; PAGE_SIZE]);
-    /// let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-    /// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
-    /// let order10_ring = hdr.as_ptr().wrapping_add(SMALL_RING_OFFSET);
-    /// assert_eq!(order10_ring as usize - hdr.as_ptr() as usize, 1024);
+    /// use std::sync::Arc;
+    /// use vchan::control::*;
+    /// use vchan::mem::HeapPages;
+    /// let hdr = ControlPage::new(Arc::new(HeapPages::new(1)))?;
+    /// assert_eq!(hdr.memory().len(), PAGE_SIZE);
+    /// # Ok::<(), vchan::mem::RegionError>(())
     /// ```
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.base.as_ptr()
+    pub fn memory(&self) -> &Arc<dyn SharedMemory> {
+        &self.mem
     }
 
     /// Pointer to a naturally aligned field of `size` bytes at `off`.
@@ -953,11 +937,8 @@ impl SharedHeader for ControlPage {
 ///
 /// ```
 /// # use vchan::control::*;
-/// #[repr(C, align(4096))]
-/// struct Page([u8; PAGE_SIZE]);
-/// let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// let hdr = ControlPage::new(page.clone()).unwrap();
 /// init_server_page(&hdr, &Layout::new(16, 16).unwrap(), &[1; 16], &[2; 16]).unwrap();
 /// let (l, r) = read_orders(&hdr);
 /// assert_eq!((l, r), (16, 16));
@@ -978,11 +959,8 @@ pub fn read_orders<H: SharedHeader>(h: &H) -> (u16, u16) {
 ///
 /// ```
 /// # use vchan::control::*;
-/// #[repr(C, align(4096))]
-/// struct Page([u8; PAGE_SIZE]);
-/// let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// let hdr = ControlPage::new(page.clone()).unwrap();
 /// let layout = Layout::new(11, 12).unwrap();
 /// init_server_page(&hdr, &layout, &[], &[77]).unwrap();
 /// assert_eq!(hdr.load_u8(CLI_LIVE), LIVE_WAITING);
@@ -1032,11 +1010,8 @@ pub fn init_server_page<H: SharedHeader>(
 ///
 /// ```
 /// # use vchan::control::*;
-/// #[repr(C, align(4096))]
-/// struct Page([u8; PAGE_SIZE]);
-/// let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// let hdr = ControlPage::new(page.clone()).unwrap();
 /// let layout = Layout::new(12, 13).unwrap();
 /// init_server_page(&hdr, &layout, &[5], &[6, 7]).unwrap();
 /// assert_eq!(read_grants(&hdr, &layout), (vec![5], vec![6, 7]));
@@ -1055,11 +1030,8 @@ pub fn read_grants<H: SharedHeader>(h: &H, layout: &Layout) -> (Vec<u32>, Vec<u3
 ///
 /// ```
 /// # use vchan::control::*;
-/// #[repr(C, align(4096))]
-/// struct Page([u8; PAGE_SIZE]);
-/// let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// // SAFETY: `page` is aligned, 4096 bytes, and outlives `hdr`.
-/// let hdr = unsafe { ControlPage::new(page.0.as_mut_ptr()) };
+/// let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// let hdr = ControlPage::new(page.clone()).unwrap();
 /// init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
 /// announce_client_connected(&hdr);
 /// assert_eq!(hdr.load_u8(CLI_LIVE), LIVE_CONNECTED);
@@ -1070,46 +1042,6 @@ pub fn announce_client_connected<H: SharedHeader>(h: &H) {
     h.store_u8(SRV_NOTIFY, NOTIFY_WRITE);
     // The event that follows must not overtake these stores.
     h.fence(Ordering::SeqCst);
-}
-
-/// A page-aligned page of private memory for unit tests, reached only
-/// through raw pointers: a `Box` moved or reborrowed after a pointer was
-/// taken from it would invalidate that pointer (Miri's Stacked Borrows),
-/// so the allocation is held as a raw pointer and read back by copy.
-#[cfg(test)]
-pub(crate) struct TestPage(std::ptr::NonNull<TestPageBytes>);
-
-#[cfg(test)]
-#[repr(C, align(4096))]
-pub(crate) struct TestPageBytes([u8; PAGE_SIZE]);
-
-#[cfg(test)]
-impl TestPage {
-    /// A page filled with `fill`.
-    pub(crate) fn new(fill: u8) -> TestPage {
-        TestPage(std::ptr::NonNull::from(Box::leak(Box::new(TestPageBytes(
-            [fill; PAGE_SIZE],
-        )))))
-    }
-    /// The start of the page (valid for reads and writes of `PAGE_SIZE`
-    /// bytes while `self` lives).
-    pub(crate) fn ptr(&self) -> *mut u8 {
-        self.0.as_ptr().cast()
-    }
-    /// A copy of the page's bytes.
-    pub(crate) fn bytes(&self) -> [u8; PAGE_SIZE] {
-        // SAFETY: the allocation is live and initialised; no reference to
-        // it exists, and the copy goes through the raw pointer.
-        unsafe { std::ptr::read(self.0.as_ptr()).0 }
-    }
-}
-
-#[cfg(test)]
-impl Drop for TestPage {
-    fn drop(&mut self) {
-        // SAFETY: allocated by Box::new in `new`, freed only here.
-        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
-    }
 }
 
 #[cfg(test)]
@@ -1415,12 +1347,9 @@ mod tests {
         assert_eq!(grants_for(255), usize::MAX);
     }
 
-    fn page() -> (TestPage, ControlPage) {
-        let b = TestPage::new(0xEE);
-        let ptr = b.ptr();
-        // SAFETY: the page is page-aligned, 4096 bytes, and outlives every
-        // use in the test; it is written only through the ControlPage.
-        (b, unsafe { ControlPage::new(ptr) })
+    fn page() -> (Arc<crate::mem::HeapPages>, ControlPage) {
+        let b = Arc::new(crate::mem::HeapPages::filled(1, 0xEE));
+        (b.clone(), ControlPage::new(b).unwrap())
     }
 
     #[test]
@@ -1428,7 +1357,7 @@ mod tests {
         let (b, p) = page();
         let layout = Layout::new(13, 12).unwrap();
         init_server_page(&p, &layout, &[0x11, 0x22], &[0x33]).unwrap();
-        let bytes = &b.bytes();
+        let bytes = &b.copy_out();
         // Little-endian fixed layout, byte by byte.
         let mut expect = [0u8; 36];
         expect[16] = 13;
@@ -1445,7 +1374,7 @@ mod tests {
         assert_eq!(read_grants(&p, &layout), (vec![0x11, 0x22], vec![0x33]));
         announce_client_connected(&p);
         assert_eq!(
-            (b.bytes()[CLI_LIVE], b.bytes()[SRV_NOTIFY]),
+            (b.copy_out()[CLI_LIVE], b.copy_out()[SRV_NOTIFY]),
             (LIVE_CONNECTED, NOTIFY_WRITE)
         );
     }
@@ -1475,13 +1404,13 @@ mod tests {
     fn control_page_accesses_hit_the_right_bytes() {
         let (b, p) = page();
         p.store_u32(RIGHT_PROD, 0x0403_0201);
-        assert_eq!(&b.bytes()[12..16], &[1, 2, 3, 4]);
+        assert_eq!(&b.copy_out()[12..16], &[1, 2, 3, 4]);
         p.store_u16(RIGHT_ORDER, 0x0b0a);
-        assert_eq!(&b.bytes()[18..20], &[0x0a, 0x0b]);
+        assert_eq!(&b.copy_out()[18..20], &[0x0a, 0x0b]);
         p.store_u8(SRV_NOTIFY, 0);
         assert_eq!(p.fetch_or_u8(SRV_NOTIFY, NOTIFY_READ), 0);
         assert_eq!(p.fetch_and_u8(SRV_NOTIFY, !NOTIFY_WRITE), NOTIFY_READ);
-        assert_eq!(b.bytes()[SRV_NOTIFY], NOTIFY_READ);
+        assert_eq!(b.copy_out()[SRV_NOTIFY], NOTIFY_READ);
         assert_eq!(p.load_u8(SRV_NOTIFY), NOTIFY_READ);
     }
 

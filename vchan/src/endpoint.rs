@@ -1,3 +1,9 @@
+// Why this file is long (~2500 lines): about 1700 of them are doc comments,
+// 1050 of those the hidden set-up lines that make each method's example
+// runnable (an in-memory page and two endpoints); the code is under 800
+// lines and is one concern, the blocking policy around a ring pair
+// (waiting, liveness, timeouts, close). Splitting it would scatter the
+// semantics table below across files.
 //! One end of a connected vchan: both rings, the liveness bytes, the event
 //! channel and the blocking policy, with the API semantics of libxenvchan
 //! (docs/vchan.md §5.6) in Rust types.
@@ -23,6 +29,7 @@
 use std::fmt;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -30,6 +37,7 @@ use crate::control::{
     ControlPage, LIVE_CONNECTED, LIVE_EXITED, LIVE_WAITING, Layout, RingId, RingLocation,
     SharedHeader, Side,
 };
+use crate::mem::SharedMemory;
 use crate::ring::{Consumer, Corruption, Producer, RawRingBytes, Ring, RingBytes, RingError};
 use crate::spin::SpinPolicy;
 
@@ -51,17 +59,12 @@ use crate::spin::SpinPolicy;
 /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
 /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
 /// # }
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
 /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &layout, &[], &[])?;
-/// # // SAFETY: as above; in-page rings, so null ring pointers.
-/// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-/// # // SAFETY: as above (the client's view of the same page).
-/// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
 /// # announce_client_connected(&hdr);
 /// // An implementation only forwards to its channel; the endpoint never
 /// // counts events and re-checks the rings after every wake-up.
@@ -86,17 +89,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.events().notify().unwrap();
     /// # Ok::<(), RingError>(())
@@ -118,17 +116,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.events().wait().unwrap(); // NoEvents: a spurious wake-up, which is allowed
     /// # Ok::<(), RingError>(())
@@ -151,17 +144,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!cli.events().wait_timeout(Duration::from_millis(1)).unwrap());
     /// # Ok::<(), RingError>(())
@@ -184,17 +172,12 @@ pub trait Events: fmt::Debug + Send {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!cli.events().consume_pending().unwrap());
     /// # Ok::<(), RingError>(())
@@ -205,6 +188,19 @@ pub trait Events: fmt::Debug + Send {
 /// The error of [`Endpoint::read_from_fd`] and [`Endpoint::write_to_fd`]:
 /// the ring's, or the file descriptor's, kept apart so that a caller can
 /// tell "the ring is full" from "the fd is empty".
+///
+/// ```
+/// use std::io;
+/// use vchan::endpoint::FdError;
+/// use vchan::ring::RingError;
+/// // "The ring is full" and "the fd failed" stay apart...
+/// let full = FdError::from(RingError::WouldBlock);
+/// assert!(matches!(full, FdError::Ring(RingError::WouldBlock)));
+/// // ...and both become an io::Error of the right kind.
+/// assert_eq!(io::Error::from(full).kind(), io::ErrorKind::WouldBlock);
+/// let fd = FdError::Fd(io::Error::from(io::ErrorKind::BrokenPipe));
+/// assert_eq!(io::Error::from(fd).kind(), io::ErrorKind::BrokenPipe);
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum FdError {
     /// The ring (full or empty: [`RingError::WouldBlock`], corrupted, closed…).
@@ -240,17 +236,12 @@ impl From<FdError> for io::Error {
 /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
 /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
 /// # }
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
 /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &layout, &[], &[])?;
-/// # // SAFETY: as above; in-page rings, so null ring pointers.
-/// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-/// # // SAFETY: as above (the client's view of the same page).
-/// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
 /// # announce_client_connected(&hdr);
 /// assert_eq!(srv.peer_state(), PeerState::Connected);
 /// cli.close()?;
@@ -286,17 +277,12 @@ impl PeerState {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(PeerState::Waiting.is_open());
     /// assert!(!PeerState::Closed.is_open());
@@ -346,15 +332,19 @@ const WRITE_BATCH: u32 = 64 * 1024;
 /// storage `B`; the defaults are the real shared-memory types. The `loom`
 /// model instantiates it with model-checked ones.
 ///
-/// The endpoint does not own the memory: whoever mapped it must keep it
-/// mapped while the endpoint exists, call [`Endpoint::close`], and only then
-/// unmap it. Dropping an endpoint does nothing to shared memory.
+/// The endpoint owns its share of the memory: its header and rings hold
+/// the mappings ([`crate::mem::SharedMemory`]), so nothing can unmap them
+/// while it exists. Dropping an endpoint writes nothing to shared memory;
+/// call [`Endpoint::close`] first (or take it apart in a chosen order with
+/// [`Endpoint::into_parts`]).
 ///
-/// ```no_run
+/// ```
 /// use std::io;
+/// use std::sync::Arc;
 /// use std::time::Duration;
-/// use vchan::control::{server_layout, Side};
+/// use vchan::control::{ControlPage, init_server_page, server_layout, Side};
 /// use vchan::endpoint::{Endpoint, Events};
+/// use vchan::mem::HeapPages;
 ///
 /// #[derive(Debug)]
 /// struct MyEvents; // e.g. an event-channel fd
@@ -365,16 +355,13 @@ const WRITE_BATCH: u32 = 64 * 1024;
 ///     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
 /// }
 ///
-/// # fn demo(page: *mut u8) -> Result<(), vchan::ring::RingError> {
+/// let page = Arc::new(HeapPages::new(1)); // a grant mapping, in real life
 /// let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-/// // SAFETY: `page` is our mapped, initialised control page; it stays
-/// // mapped until after `close`.
-/// let mut ep = unsafe {
-///     Endpoint::new(page, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), MyEvents)?
-/// };
+/// init_server_page(&ControlPage::new(page.clone())?, &layout, &[], &[])?;
+/// let mut ep = Endpoint::new(page, Side::Server, &layout, None, None, MyEvents)?;
 /// ep.write(b"hello")?;
 /// ep.close()?;
-/// # Ok(()) }
+/// # Ok::<(), vchan::ring::RingError>(())
 /// ```
 pub struct Endpoint<E: Events, H: SharedHeader = ControlPage, B: RingBytes = RawRingBytes> {
     header: H,
@@ -414,31 +401,27 @@ impl<E: Events, H: SharedHeader, B: RingBytes> fmt::Debug for Endpoint<E, H, B> 
 }
 
 impl<E: Events> Endpoint<E> {
-    /// An endpoint over a mapped control page and mapped rings.
+    /// An endpoint over a mapped control page and mapped rings, which it
+    /// keeps mapped: the memory goes when the endpoint (and whatever else
+    /// holds the mappings) is dropped, never before.
     ///
     /// `layout` is the validated layout ([`crate::control::server_layout`]
     /// on the server, [`crate::control::validate_client_orders`] on the
-    /// client); its orders become the endpoint's private copy. For a ring
-    /// that `layout` places in the page pass a null pointer (its address is
-    /// `ctrl + offset`); for an external ring pass the start of its
-    /// virtually contiguous mapping of `1 << order` bytes.
+    /// client); its orders become the endpoint's private copy. `ctrl` holds
+    /// the control page in its first 4 KiB (writable). For a ring that
+    /// `layout` places in the page pass `None` (it is bytes of `ctrl`); for
+    /// an external ring pass its virtually contiguous mapping of
+    /// `1 << order` bytes, writable for our write ring
+    /// (`side.write_ring()`); the client's read ring may be read-only.
     ///
     /// Our own indices are read once here (indices survive reconnects) and
     /// kept privately afterwards.
     ///
-    /// # Safety
-    /// * `ctrl` is a 4 KiB control page mapping (4-byte aligned), valid for
-    ///   reads and writes until the endpoint is dropped; within this process
-    ///   its header and grant list are accessed only atomically.
-    /// * Each non-null ring pointer is valid for `1 << order` bytes until
-    ///   the endpoint is dropped: for reads, and also for writes for our
-    ///   write ring (`side.write_ring()`). The client's read ring may be a
-    ///   read-only mapping.
-    /// * No Rust reference to any ring byte exists while the endpoint lives.
-    ///
     /// # Errors
-    /// [`RingError::RingAddress`] if a pointer contradicts the layout,
-    /// [`RingError::Corrupt`] if the shared indices are already impossible.
+    /// [`RingError::RingAddress`] if a mapping contradicts the layout,
+    /// [`RingError::Region`] if a mapping is too small or read-only where
+    /// we write, [`RingError::Corrupt`] if the shared indices are already
+    /// impossible.
     ///
     /// ```
     /// # use std::io;
@@ -454,56 +437,42 @@ impl<E: Events> Endpoint<E> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.read_ring_size(), 1024); // left, order 10, at byte 1024
     /// assert_eq!(srv.write_ring_size(), 2048); // right, order 11, at byte 2048
     /// # Ok::<(), RingError>(())
     /// ```
-    pub unsafe fn new(
-        ctrl: *mut u8,
+    pub fn new(
+        ctrl: Arc<dyn SharedMemory>,
         side: Side,
         layout: &Layout,
-        left: *mut u8,
-        right: *mut u8,
+        left: Option<Arc<dyn SharedMemory>>,
+        right: Option<Arc<dyn SharedMemory>>,
         events: E,
     ) -> Result<Self, RingError> {
-        // SAFETY: forwarded from this function's contract.
-        let header = unsafe { ControlPage::new(ctrl) };
-        let ring_bytes = |id: RingId, given: *mut u8| -> Result<RawRingBytes, RingError> {
-            let ptr = match (layout.location(id), given.is_null()) {
-                (RingLocation::InPage { offset }, true) => {
-                    // SAFETY: in-page offsets are 1024 or 2048 and the ring
-                    // ends at most at 4096: inside the page.
-                    unsafe { ctrl.add(offset) }
+        let header = ControlPage::new(ctrl.clone())?;
+        let ring_bytes = |id: RingId, given: Option<Arc<dyn SharedMemory>>| {
+            let size = layout.ring_size(id);
+            match (layout.location(id), given) {
+                (RingLocation::InPage { offset }, None) => {
+                    Ok(RawRingBytes::new(ctrl.clone(), offset, size)?)
                 }
-                (RingLocation::InPage { .. }, false) => {
-                    return Err(RingError::RingAddress {
-                        ring: id,
-                        reason: "ring lives in the control page; pass a null pointer",
-                    });
-                }
-                (RingLocation::External { .. }, true) => {
-                    return Err(RingError::RingAddress {
-                        ring: id,
-                        reason: "external ring needs its mapping's address, got null",
-                    });
-                }
-                (RingLocation::External { .. }, false) => given,
-            };
-            // SAFETY: `ptr` is valid for `ring_size` bytes: inside the page
-            // for in-page rings, by the caller's contract for external ones.
-            Ok(unsafe { RawRingBytes::new(ptr, layout.ring_size(id)) })
+                (RingLocation::InPage { .. }, Some(_)) => Err(RingError::RingAddress {
+                    ring: id,
+                    reason: "ring lives in the control page; pass no mapping",
+                }),
+                (RingLocation::External { .. }, None) => Err(RingError::RingAddress {
+                    ring: id,
+                    reason: "external ring needs its mapping, got none",
+                }),
+                (RingLocation::External { .. }, Some(m)) => Ok(RawRingBytes::new(m, 0, size)?),
+            }
         };
         let left = ring_bytes(RingId::Left, left)?;
         let right = ring_bytes(RingId::Right, right)?;
@@ -534,21 +503,16 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// use vchan::ring::RawRingBytes;
-    /// // SAFETY: bytes 1024..2048 and 2048..4096 of the page are the two rings.
-    /// let (left, right) = unsafe { (RawRingBytes::new(base.add(1024), 1024), RawRingBytes::new(base.add(2048), 2048)) };
+    /// // Bytes 1024..2048 and 2048..4096 of the page are the two rings.
+    /// let (left, right) = (RawRingBytes::new(page.clone(), 1024, 1024)?, RawRingBytes::new(page.clone(), 2048, 2048)?);
     /// let ep = Endpoint::from_parts(hdr, Side::Server, &layout, left, right, NoEvents)?;
     /// assert_eq!(ep.write_ring_size(), 2048);
     /// # Ok::<(), RingError>(())
@@ -602,17 +566,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.side(), Side::Client);
     /// # Ok::<(), RingError>(())
@@ -637,17 +596,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!((srv.layout().left_order, srv.layout().right_order), (10, 11));
     /// # Ok::<(), RingError>(())
@@ -672,17 +626,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.read_ring_size(), 2048); // the client reads `right`
     /// # Ok::<(), RingError>(())
@@ -707,17 +656,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.write_ring_size(), 1024); // the client writes `left`
     /// # Ok::<(), RingError>(())
@@ -742,17 +686,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.events().notify().unwrap();
     /// # Ok::<(), RingError>(())
@@ -777,17 +716,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.header().load_u8(CLI_LIVE), LIVE_CONNECTED);
     /// # Ok::<(), RingError>(())
@@ -812,17 +746,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.set_blocking(false);
     /// let mut b = [0u8; 4];
@@ -849,17 +778,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(srv.is_blocking());
     /// # Ok::<(), RingError>(())
@@ -885,17 +809,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.set_timeout(Some(Duration::from_millis(20)));
     /// let mut b = [0u8; 4];
@@ -922,17 +841,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.timeout(), None);
     /// srv.set_timeout(Some(Duration::from_secs(5)));
@@ -960,17 +874,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_poll_interval(Duration::from_millis(100));
     /// # Ok::<(), RingError>(())
@@ -1003,17 +912,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_spin(Duration::ZERO); // never spin: sleep on the event at once
     /// assert_eq!(srv.spin(), Duration::ZERO);
@@ -1039,17 +943,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_spin(Duration::from_micros(20));
     /// assert_eq!(srv.spin(), Duration::from_micros(20));
@@ -1078,17 +977,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.set_spin(Duration::from_micros(20));
     /// assert_eq!(srv.spin_policy().max(), Duration::from_micros(20));
@@ -1124,6 +1018,33 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     }
 
     /// Whether reads acknowledge lazily ([`Endpoint::set_lazy_ack`]).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// assert!(!cli.lazy_ack());
+    /// cli.set_lazy_ack(true); // as ocaml-vchan's reader
+    /// assert!(cli.lazy_ack());
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn lazy_ack(&self) -> bool {
         self.lazy_ack
     }
@@ -1144,17 +1065,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!srv.is_closed());
     /// srv.close()?;
@@ -1181,22 +1097,16 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.peer_state(), PeerState::Connected);
     /// # Ok::<(), RingError>(())
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn peer_state(&self) -> PeerState {
         let live = self.header.load_u8(self.side.peer_live());
         // FENCE (acquire after reading the live byte).
@@ -1226,17 +1136,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(srv.is_open());
     /// # Ok::<(), RingError>(())
@@ -1265,17 +1170,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"abc")?;
     /// assert_eq!(cli.data_ready()?, 3);
@@ -1304,17 +1204,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.buffer_space()?, 2048);
     /// # Ok::<(), RingError>(())
@@ -1348,17 +1243,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"abc")?;
     /// assert_eq!(cli.peek_data_ready()?, 3);
@@ -1389,17 +1279,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"abc")?;
     /// assert_eq!(srv.peek_buffer_space()?, 2045);
@@ -1435,17 +1320,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"x")?;
     /// assert!(cli.spin_for_data(1)?);
@@ -1456,8 +1336,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if self.rx.load_ready(&self.header)? >= want {
             return Ok(true);
         }
-        self.spin
-            .spin_until(|| self.rx.load_ready(&self.header).map(|v| v >= want))
+        self.spin_for(Dir::Read, want)
     }
 
     /// As [`Endpoint::spin_for_data`], for at least `want` bytes of free
@@ -1480,17 +1359,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(srv.spin_for_space(16)?);
     /// # Ok::<(), RingError>(())
@@ -1500,8 +1374,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if self.tx.load_space(&self.header)? >= want {
             return Ok(true);
         }
-        self.spin
-            .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= want))
+        self.spin_for(Dir::Write, want)
     }
 
     /// Stream read: up to `buf.len()` bytes.
@@ -1528,17 +1401,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.write(b"hello")?;
     /// let mut b = [0u8; 16];
@@ -1560,43 +1428,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         } else {
             buf
         };
-        let want = clamp_u32(buf.len());
-        let mut deadline = None;
-        // Until we have spun once, look without requesting a notification.
-        let mut spin = self.blocking;
-        loop {
-            let ready = if spin {
-                self.peek_ready(want)?
-            } else {
-                self.rx.fast_ready(&self.header, want, 1)?
-            };
-            if ready > 0 {
-                return self.consume(buf);
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.rx.load_ready(&self.header).map(|v| v > 0))?;
-                continue;
-            }
-            // Empty. Liveness matters only now: data written before a close
-            // is still delivered.
-            if self.peer_state() == PeerState::Closed {
-                // The peer may have written and closed between our index
-                // load and the live load; `peer_state`'s acquire fence makes
-                // this re-load see everything it published before closing.
-                // (No `continue` here: a peer flipping `prod` must not be
-                // able to keep us looping without ever blocking.)
-                if self.rx.load_ready(&self.header)? > 0 {
-                    return self.consume(buf);
-                }
-                return Ok(0);
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            self.block(&mut deadline)?;
-            spin = true;
+        // Any data will do; all of `buf` if it is there.
+        let need = Need::any(clamp_u32(buf.len()));
+        match self.wait_for(Dir::Read, need, &mut None)? {
+            Some(_) => self.consume(buf),
+            // Closed and drained: EOF.
+            None => Ok(0),
         }
     }
 
@@ -1629,17 +1466,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(cli.write(b"to the server")?, 13);
     /// # Ok::<(), RingError>(())
@@ -1654,49 +1486,28 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
         let mut pos = 0;
         let mut deadline = None;
-        let mut spin = self.blocking;
         let batch_cap = clamp_u32(self.write_ring_size() / 2).min(WRITE_BATCH);
         loop {
-            let rest = &buf[pos..];
-            let want = clamp_u32(rest.len());
-            // Until we have spun, write only in batches (see WRITE_BATCH).
-            let batch = if spin { want.min(batch_cap).max(1) } else { 1 };
-            let space = if spin {
-                self.peek_space(batch)?
-            } else {
-                self.tx.fast_space(&self.header, want, 1)?
+            let want = clamp_u32(buf.len() - pos);
+            // Until we have spun, write only in batches (see WRITE_BATCH);
+            // once a notification is requested, any space will do.
+            let batch = want.min(batch_cap).max(1);
+            let need = Need {
+                spin: Amount::exactly(batch),
+                armed: Amount { want, need: 1 },
             };
-            if space >= batch {
-                pos += self.tx.push(&self.header, rest);
-                self.after_produce()?;
-                if pos == buf.len() || !self.blocking {
-                    return Ok(pos);
-                }
-                spin = true;
-                continue;
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= batch))?;
-                continue;
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            match self.block(&mut deadline) {
-                Ok(()) => {}
+            match self.wait_for(Dir::Write, need, &mut deadline) {
+                Ok(Some(_)) => {}
+                Ok(None) if pos > 0 => return Ok(pos),
+                Ok(None) => return Err(RingError::PeerClosed),
                 Err(RingError::TimedOut) if pos > 0 => return Ok(pos),
                 Err(e) => return Err(e),
             }
-            if !self.peer_state().is_open() {
-                return if pos > 0 {
-                    Ok(pos)
-                } else {
-                    Err(RingError::PeerClosed)
-                };
+            pos += self.tx.push(&self.header, &buf[pos..]);
+            self.after_produce()?;
+            if pos == buf.len() || !self.blocking {
+                return Ok(pos);
             }
-            spin = true;
         }
     }
 
@@ -1716,6 +1527,38 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// [`RingError::PeerClosed`], [`RingError::Corrupt`], …;
     /// [`FdError::Fd`] with the error of `read(2)` (`WouldBlock` for an
     /// empty non-blocking fd).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"from the fd").unwrap();
+    /// assert_eq!(srv.read_from_fd(r.as_fd(), 4096).unwrap(), 11);
+    /// let mut got = [0u8; 11];
+    /// assert_eq!(cli.read(&mut got)?, 11);
+    /// assert_eq!(&got, b"from the fd");
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn read_from_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize, FdError> {
         self.ensure_not_closed()?;
         if !self.peer_state().is_open() {
@@ -1748,6 +1591,40 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Errors
     /// As [`Endpoint::read_from_fd`]; [`RingError::WouldBlock`] when there
     /// is no room for the header and one byte.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"payload").unwrap();
+    /// // A 2-byte length header in front of what the fd gave.
+    /// let n = srv.send_framed_from_fd(r.as_fd(), 4096, |n| (n as u16).to_le_bytes()).unwrap();
+    /// assert_eq!(n, 7);
+    /// let mut got = [0u8; 9];
+    /// assert_eq!(cli.recv(&mut got)?, 9);
+    /// assert_eq!(&got, b"\x07\x00payload");
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn send_framed_from_fd<const N: usize>(
         &mut self,
         fd: BorrowedFd<'_>,
@@ -1790,6 +1667,41 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// ready (a notification has then been requested), [`RingError::Corrupt`],
     /// …; [`FdError::Fd`] with the error of `write(2)` (nothing is consumed
     /// then).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// use std::io::Read;
+    /// use std::os::fd::AsFd;
+    /// use vchan::endpoint::FdError;
+    /// let (w, mut r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// // Nothing to move yet: the ring's WouldBlock, not the fd's.
+    /// assert!(matches!(cli.write_to_fd(w.as_fd(), 4096), Err(FdError::Ring(RingError::WouldBlock))));
+    /// srv.write(b"to the fd")?;
+    /// assert_eq!(cli.write_to_fd(w.as_fd(), 4096).unwrap(), 9);
+    /// let mut got = [0u8; 9];
+    /// r.read_exact(&mut got).unwrap();
+    /// assert_eq!(&got, b"to the fd");
+    /// # Ok::<(), RingError>(())
+    /// ```
     pub fn write_to_fd(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<usize, FdError> {
         self.ensure_not_closed()?;
         // Lazy (ocaml-vchan) mode: what earlier reads took is acknowledged
@@ -1843,17 +1755,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert_eq!(srv.send(b"packet")?, 6);
     /// assert!(matches!(srv.send(&[0; 4096]), Err(RingError::TooBig { .. }))); // > 2 KiB ring
@@ -1874,36 +1781,14 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let n = clamp_u32(buf.len());
-        let mut deadline = None;
-        let mut spin = self.blocking;
-        loop {
-            let space = if spin {
-                self.peek_space(n)?
-            } else {
-                self.tx.fast_space(&self.header, n, n)?
-            };
-            if space >= n {
-                let written = self.tx.push(&self.header, buf);
-                debug_assert_eq!(written, buf.len());
-                self.after_produce()?;
-                return Ok(written);
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= n))?;
-                continue;
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            self.block(&mut deadline)?;
-            if !self.peer_state().is_open() {
-                return Err(RingError::PeerClosed);
-            }
-            spin = true;
+        let need = Need::all(clamp_u32(buf.len()));
+        if self.wait_for(Dir::Write, need, &mut None)?.is_none() {
+            return Err(RingError::PeerClosed);
         }
+        let written = self.tx.push(&self.header, buf);
+        debug_assert_eq!(written, buf.len());
+        self.after_produce()?;
+        Ok(written)
     }
 
     /// Packet receive: exactly `buf.len()` bytes or nothing. Returns
@@ -1930,17 +1815,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.send(b"packet")?;
     /// let mut b = [0u8; 6];
@@ -1960,36 +1840,11 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let n = clamp_u32(buf.len());
-        let mut deadline = None;
-        let mut spin = self.blocking;
-        loop {
-            let ready = if spin {
-                self.peek_ready(n)?
-            } else {
-                self.rx.fast_ready(&self.header, n, n)?
-            };
-            if ready >= n {
-                return self.consume(buf);
-            }
-            if spin {
-                spin = false;
-                self.spin
-                    .spin_until(|| self.rx.load_ready(&self.header).map(|v| v >= n))?;
-                continue;
-            }
-            if self.peer_state() == PeerState::Closed {
-                // As in `read`: re-load after seeing "closed".
-                if self.rx.load_ready(&self.header)? >= n {
-                    return self.consume(buf);
-                }
-                return Err(RingError::PeerClosed);
-            }
-            if !self.blocking {
-                return Err(RingError::WouldBlock);
-            }
-            self.block(&mut deadline)?;
-            spin = true;
+        let need = Need::all(clamp_u32(buf.len()));
+        match self.wait_for(Dir::Read, need, &mut None)? {
+            Some(_) => self.consume(buf),
+            // Closed with fewer bytes left than asked for.
+            None => Err(RingError::PeerClosed),
         }
     }
 
@@ -2018,17 +1873,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.set_timeout(Some(Duration::from_millis(20)));
     /// // No event and no change of the rings or the live bytes: it times out.
@@ -2074,17 +1924,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// assert!(!cli.consume_pending()?);
     /// # Ok::<(), RingError>(())
@@ -2114,17 +1959,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// srv.check()?;
     /// hdr.store_u16(LEFT_ORDER, 12); // a hostile peer rewrites an order
@@ -2169,17 +2009,12 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
     /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
     /// # }
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
     /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &layout, &[], &[])?;
-    /// # // SAFETY: as above; in-page rings, so null ring pointers.
-    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
-    /// # // SAFETY: as above (the client's view of the same page).
-    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
     /// # announce_client_connected(&hdr);
     /// cli.close()?;
     /// assert_eq!(hdr.load_u8(CLI_LIVE), LIVE_EXITED);
@@ -2190,13 +2025,53 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             return Ok(());
         }
         self.closed = true;
-        // FENCE (release before the live byte).
-        // Forbids: `live = 0` becoming visible before our last index stores.
-        // Without it the peer could see us closed, re-load our `prod`, find
-        // it old and report EOF with our final bytes still in flight.
-        self.header.fence(Ordering::SeqCst);
-        self.header.store_u8(self.side.own_live(), LIVE_EXITED);
+        store_closed(&self.header, self.side);
         self.events.notify().map_err(RingError::Event)
+    }
+
+    /// Takes the endpoint apart, without closing it, so that its owner can
+    /// close and release the memory in an order of its choosing (the
+    /// shared-memory transports follow libxenvchan's: rings first, then
+    /// own live byte 0, then the control page, docs/vchan.md §10.1).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// # let mut cli = Endpoint::new(page.clone(), Side::Client, &layout, None, None, NoEvents)?;
+    /// # announce_client_connected(&hdr);
+    /// let mut parts = cli.into_parts();
+    /// drop((parts.rx, parts.tx)); // the rings' hold on the memory goes first
+    /// parts.close.close(&parts.header, &parts.events)?;
+    /// assert_eq!(parts.header.load_u8(CLI_LIVE), LIVE_EXITED);
+    /// # Ok::<(), RingError>(())
+    /// ```
+    pub fn into_parts(self) -> EndpointParts<E, H, B> {
+        EndpointParts {
+            header: self.header,
+            rx: self.rx,
+            tx: self.tx,
+            events: self.events,
+            close: Closer {
+                side: self.side,
+                closed: self.closed,
+            },
+        }
     }
 
     fn ensure_not_closed(&self) -> Result<(), RingError> {
@@ -2207,23 +2082,114 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         }
     }
 
-    /// Bytes ready without requesting a notification: the cached `prod` if
-    /// it shows `want` bytes, else one fresh load.
-    fn peek_ready(&mut self, want: u32) -> Result<u32, RingError> {
-        let cached = self.rx.cached_ready();
-        if cached >= want {
-            return Ok(cached);
+    /// The one waiting loop of [`read`](Self::read),
+    /// [`write`](Self::write), [`send`](Self::send) and
+    /// [`recv`](Self::recv) (docs/vchan.md §5.4 and §5.6): until `dir` has
+    /// enough (bytes ready to read, or free space to write), in this order:
+    ///
+    /// 1. look without requesting a notification (blocking calls only: a
+    ///    cached count that covers `need.spin.want` needs no load);
+    /// 2. spin for at most the adaptive bound ([`SpinPolicy`]);
+    /// 3. request a notification and look again (the Dekker re-check of
+    ///    [`Consumer::fast_ready`] / [`Producer::fast_space`]);
+    /// 4. reading: the peer's liveness, only now (data written before a
+    ///    close is still delivered); non-blocking: `WouldBlock`;
+    /// 5. sleep for at most the poll interval (bounded by `deadline`),
+    ///    re-validate the shared header, and (writing) check the peer is
+    ///    still open; then from 1 again.
+    ///
+    /// `Ok(Some(n))`: `n` bytes (at least the phase's `need`) are there,
+    /// and the ring's cached count says so. `Ok(None)`: the peer has
+    /// closed; reading, with fewer than `need.armed.need` bytes left.
+    /// Every pass loads each peer index once per look; a peer that keeps
+    /// changing its index cannot keep us from blocking (the closed
+    /// re-check does not loop).
+    ///
+    /// # Errors
+    /// [`RingError::WouldBlock`] (non-blocking), [`RingError::TimedOut`]
+    /// (the endpoint's timeout, counted from the first sleep of `deadline`),
+    /// [`RingError::Corrupt`], [`RingError::Event`].
+    fn wait_for(
+        &mut self,
+        dir: Dir,
+        need: Need,
+        deadline: &mut Option<Instant>,
+    ) -> Result<Option<u32>, RingError> {
+        // Until we have spun once, look without requesting a notification.
+        let mut spin = self.blocking;
+        loop {
+            let (have, enough) = if spin {
+                (self.peek(dir, need.spin.want)?, need.spin.need)
+            } else {
+                (self.fast(dir, need.armed)?, need.armed.need)
+            };
+            if have >= enough {
+                return Ok(Some(have));
+            }
+            if spin {
+                spin = false;
+                self.spin_for(dir, need.spin.need)?;
+                continue;
+            }
+            if dir == Dir::Read && self.peer_state() == PeerState::Closed {
+                // The peer may have written and closed between our index
+                // load and the live load; `peer_state`'s acquire fence makes
+                // this re-load see everything it published before closing.
+                // (No `continue` here: a peer flipping `prod` must not be
+                // able to keep us looping without ever blocking.)
+                let have = self.rx.load_ready(&self.header)?;
+                return Ok((have >= need.armed.need).then_some(have));
+            }
+            if !self.blocking {
+                return Err(RingError::WouldBlock);
+            }
+            self.block(deadline)?;
+            if dir == Dir::Write && !self.peer_state().is_open() {
+                return Ok(None);
+            }
+            spin = true;
         }
-        self.rx.load_ready(&self.header)
     }
 
-    /// Free space without requesting a notification (as [`Self::peek_ready`]).
-    fn peek_space(&mut self, want: u32) -> Result<u32, RingError> {
-        let cached = self.tx.cached_space();
+    /// A look without requesting a notification: the cached count if it
+    /// covers `want`, else one load of the peer's index.
+    fn peek(&mut self, dir: Dir, want: u32) -> Result<u32, RingError> {
+        let cached = match dir {
+            Dir::Read => self.rx.cached_ready(),
+            Dir::Write => self.tx.cached_space(),
+        };
         if cached >= want {
             return Ok(cached);
         }
-        self.tx.load_space(&self.header)
+        match dir {
+            Dir::Read => self.rx.load_ready(&self.header),
+            Dir::Write => self.tx.load_space(&self.header),
+        }
+    }
+
+    /// A look that requests a notification (and re-checks) when the ring
+    /// has less than `amount.need`.
+    fn fast(&mut self, dir: Dir, amount: Amount) -> Result<u32, RingError> {
+        match dir {
+            Dir::Read => self.rx.fast_ready(&self.header, amount.want, amount.need),
+            Dir::Write => self.tx.fast_space(&self.header, amount.want, amount.need),
+        }
+    }
+
+    /// Busy-waits (the endpoint's [`SpinPolicy`]) until `dir` has at least
+    /// `need` bytes: `Ok(true)` if it has. Requests no notification, so the
+    /// peer sends no event for what we catch here; after a fruitless spin
+    /// the caller requests one, re-checks (the Dekker re-load of
+    /// docs/vchan.md §5.4) and only then sleeps.
+    fn spin_for(&mut self, dir: Dir, need: u32) -> Result<bool, RingError> {
+        match dir {
+            Dir::Read => self
+                .spin
+                .spin_until(|| self.rx.load_ready(&self.header).map(|n| n >= need)),
+            Dir::Write => self
+                .spin
+                .spin_until(|| self.tx.load_space(&self.header).map(|n| n >= need)),
+        }
     }
 
     /// Copies out what the last validated `prod` allows (all of `buf` for
@@ -2292,6 +2258,211 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     fn block(&mut self, deadline: &mut Option<Instant>) -> Result<(), RingError> {
         self.wait_once(deadline)?;
         self.check()
+    }
+}
+
+/// Our live byte = 0, after everything we published (the close of
+/// [`Endpoint::close`] and [`Closer::close`]).
+fn store_closed<H: SharedHeader>(header: &H, side: Side) {
+    // FENCE (release before the live byte).
+    // Forbids: `live = 0` becoming visible before our last index stores.
+    // Without it the peer could see us closed, re-load our `prod`, find
+    // it old and report EOF with our final bytes still in flight.
+    header.fence(Ordering::SeqCst);
+    header.store_u8(side.own_live(), LIVE_EXITED);
+}
+
+/// An [`Endpoint`] taken apart ([`Endpoint::into_parts`]): each piece
+/// holds its share of the shared memory and lets it go when dropped.
+///
+/// ```
+/// # use std::io;
+/// # use std::time::Duration;
+/// # use vchan::control::*;
+/// # use vchan::endpoint::{Endpoint, Events, PeerState};
+/// # use vchan::ring::RingError;
+/// # #[derive(Debug)]
+/// # struct NoEvents; // both ends in one process: nothing to signal
+/// # impl Events for NoEvents {
+/// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+/// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+/// # }
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+/// # let hdr = ControlPage::new(page.clone())?;
+/// # init_server_page(&hdr, &layout, &[], &[])?;
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// let parts = srv.into_parts();
+/// assert_eq!(parts.tx.id(), RingId::Right);
+/// # Ok::<(), RingError>(())
+/// ```
+#[derive(Debug)]
+pub struct EndpointParts<E, H, B> {
+    /// The shared header (the control page).
+    pub header: H,
+    /// Our read ring.
+    pub rx: Consumer<B>,
+    /// Our write ring.
+    pub tx: Producer<B>,
+    /// The event channel.
+    pub events: E,
+    /// The close the endpoint had not done yet, if any.
+    pub close: Closer,
+}
+
+/// The close of an endpoint taken apart ([`EndpointParts`]): the same
+/// stores and event as [`Endpoint::close`], once.
+///
+/// ```
+/// # use std::io;
+/// # use std::time::Duration;
+/// # use vchan::control::*;
+/// # use vchan::endpoint::{Endpoint, Events, PeerState};
+/// # use vchan::ring::RingError;
+/// # #[derive(Debug)]
+/// # struct NoEvents; // both ends in one process: nothing to signal
+/// # impl Events for NoEvents {
+/// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+/// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+/// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+/// # }
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+/// # let hdr = ControlPage::new(page.clone())?;
+/// # init_server_page(&hdr, &layout, &[], &[])?;
+/// # let mut srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+/// srv.close()?;
+/// let mut parts = srv.into_parts();
+/// assert!(parts.close.is_closed()); // already closed: closing again does nothing
+/// parts.close.close(&parts.header, &parts.events)?;
+/// # Ok::<(), RingError>(())
+/// ```
+#[derive(Debug)]
+pub struct Closer {
+    side: Side,
+    closed: bool,
+}
+
+impl Closer {
+    /// Whether the endpoint is closed already.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// assert!(!srv.into_parts().close.is_closed());
+    /// # Ok::<(), RingError>(())
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// As [`Endpoint::close`]: our live byte = 0 (after a fence), then one
+    /// event; nothing if closed already.
+    ///
+    /// # Errors
+    /// [`RingError::Event`] if the event could not be sent (the live byte
+    /// is stored regardless).
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # let hdr = ControlPage::new(page.clone())?;
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # let srv = Endpoint::new(page.clone(), Side::Server, &layout, None, None, NoEvents)?;
+    /// let mut parts = srv.into_parts();
+    /// parts.close.close(&parts.header, &parts.events)?;
+    /// assert_eq!(hdr.load_u8(SRV_LIVE), LIVE_EXITED);
+    /// # Ok::<(), RingError>(())
+    /// ```
+    pub fn close<H: SharedHeader, E: Events>(
+        &mut self,
+        header: &H,
+        events: &E,
+    ) -> Result<(), RingError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        store_closed(header, self.side);
+        events.notify().map_err(RingError::Event)
+    }
+}
+
+/// Which way a waiting call moves bytes: it waits for data to read or for
+/// space to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Read,
+    Write,
+}
+
+/// A byte count for one phase of a wait.
+#[derive(Debug, Clone, Copy)]
+struct Amount {
+    /// What the caller could use: a cached count this large needs no load.
+    want: u32,
+    /// Enough to stop waiting.
+    need: u32,
+}
+
+impl Amount {
+    fn exactly(n: u32) -> Self {
+        Amount { want: n, need: n }
+    }
+}
+
+/// What a waiting call needs before and after it requests a notification.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    /// While looking and spinning, no notification requested.
+    spin: Amount,
+    /// Once a notification is requested.
+    armed: Amount,
+}
+
+impl Need {
+    /// A stream call: any byte will do, `want` if they are there.
+    fn any(want: u32) -> Self {
+        let a = Amount { want, need: 1 };
+        Need { spin: a, armed: a }
+    }
+
+    /// A packet call: all `n` bytes or nothing.
+    fn all(n: u32) -> Self {
+        let a = Amount::exactly(n);
+        Need { spin: a, armed: a }
     }
 }
 

@@ -1,3 +1,8 @@
+// Why this file is long (~2150 lines): about 980 are doc comments (370 of
+// them hidden example set-up) and 440 the unit tests that Miri runs in CI
+// (every shared-memory access of the ring); the code, about 730 lines, is
+// one concern: a ring's two ends, their fences and the notify protocol,
+// which read best side by side.
 //! The two byte rings of a vchan and the notification protocol, written so
 //! that every byte of shared memory is hostile.
 //!
@@ -32,21 +37,16 @@
 //! use vchan::control::{ControlPage, Layout, Side, SharedHeader, PAGE_SIZE, init_server_page};
 //! use vchan::ring::{Consumer, Producer, RawRingBytes, Ring};
 //!
-//! #[repr(C, align(4096))]
-//! struct Page([u8; PAGE_SIZE]);
-//! let mut page = Box::new(Page([0; PAGE_SIZE]));
-//! let base = page.0.as_mut_ptr();
-//! // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-//! let hdr = unsafe { ControlPage::new(base) };
+//! let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+//! let hdr = ControlPage::new(page.clone()).unwrap();
 //! let layout = Layout::new(10, 11).unwrap();
 //! init_server_page(&hdr, &layout, &[], &[]).unwrap();
 //!
 //! // The server's write ring is the order-11 ring at byte 2048 of the page.
-//! // SAFETY: bytes 2048..4096 of `page` are valid and only used as ring bytes.
-//! let right = unsafe { RawRingBytes::new(base.add(2048), 2048) };
+//! let right = RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 //! let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right, 11).unwrap()).unwrap();
-//! // SAFETY: as above; the client's view of the same ring.
-//! let right = unsafe { RawRingBytes::new(base.add(2048), 2048) };
+//! // The client's view of the same ring.
+//! let right = RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 //! let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right, 11).unwrap()).unwrap();
 //!
 //! assert_eq!(tx.fast_space(&hdr, 5, 5).unwrap(), 2048);
@@ -63,10 +63,13 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+
 use crate::control::{
     ControlError, MAX_RING_SHIFT, MIN_RING_SHIFT, NOTIFY_READ, NOTIFY_WRITE, RingId, SharedHeader,
     Side,
 };
+use crate::mem::{RegionError, SharedMemory, checked_range};
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -76,14 +79,10 @@ use crate::control::{
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
 /// hdr.store_u32(RIGHT_PROD, 5000); // the server "produced" more than the ring holds
@@ -121,18 +120,13 @@ pub enum Corruption {
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
-/// // SAFETY: as in the setup: the order-11 ring's bytes.
-/// let bytes = unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// let bytes = RawRingBytes::new(page.clone(), 2048, 2048).unwrap(); // the order-11 ring's bytes
 /// assert!(Ring::new(bytes, 12).is_err()); // 2048 bytes are not an order-12 ring
 /// ```
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +185,10 @@ pub enum RingError {
     /// Invalid orders or layout.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The memory offered for the control page or a ring cannot serve
+    /// (outside its mapping, misaligned, or read-only where we write).
+    #[error(transparent)]
+    Region(#[from] RegionError),
 }
 
 impl From<RingError> for io::Error {
@@ -203,9 +201,10 @@ impl From<RingError> for io::Error {
             RingError::WouldBlock => io::ErrorKind::WouldBlock,
             RingError::TimedOut => io::ErrorKind::TimedOut,
             RingError::Event(inner) => inner.kind(),
-            RingError::Geometry { .. } | RingError::RingAddress { .. } | RingError::Control(_) => {
-                io::ErrorKind::InvalidInput
-            }
+            RingError::Geometry { .. }
+            | RingError::RingAddress { .. }
+            | RingError::Control(_)
+            | RingError::Region(_) => io::ErrorKind::InvalidInput,
         };
         io::Error::new(kind, e)
     }
@@ -223,18 +222,13 @@ impl From<RingError> for io::Error {
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
-/// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
-/// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+/// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
 /// // SAFETY: 0 + 2 <= 1024.
 /// unsafe { b.write_at(0, b"hi") };
 /// let mut d = [0u8; 2];
@@ -248,21 +242,31 @@ pub trait RingBytes: fmt::Debug {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
-    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
-    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
     /// assert_eq!(b.size(), 1024);
     /// ```
     fn size(&self) -> usize;
+
+    /// Whether we may write these bytes ([`Producer::new`] refuses storage
+    /// that says no). Default: yes.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vchan::mem::HeapPages;
+    /// use vchan::ring::{RawRingBytes, RingBytes};
+    /// let b = RawRingBytes::new(Arc::new(HeapPages::new(1)), 0, 1024)?;
+    /// assert!(b.is_writable());
+    /// # Ok::<(), vchan::mem::RegionError>(())
+    /// ```
+    fn is_writable(&self) -> bool {
+        true
+    }
 
     /// Copies `src` into the ring at byte offset `off`.
     ///
@@ -272,18 +276,13 @@ pub trait RingBytes: fmt::Debug {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
-    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
-    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
     /// // SAFETY: 1020 + 4 <= 1024.
     /// unsafe { b.write_at(1020, b"tail") };
     /// ```
@@ -297,18 +296,13 @@ pub trait RingBytes: fmt::Debug {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
-    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
-    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
     /// let mut d = [0xffu8; 4];
     /// // SAFETY: 0 + 4 <= 1024.
     /// unsafe { b.read_at(0, &mut d) };
@@ -327,6 +321,30 @@ pub trait RingBytes: fmt::Debug {
     ///
     /// # Safety
     /// For every segment, `off + len <= self.size()`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"abcdef").unwrap();
+    /// // Across the wrap point: 2 bytes at the end, the rest at the start.
+    /// // SAFETY: 1022 + 2 <= 1024 and 0 + 4 <= 1024.
+    /// let n = unsafe { b.read_from_fd(r.as_fd(), &[(1022, 2), (0, 4)]) }.unwrap();
+    /// assert_eq!(n, 6);
+    /// let mut d = [0u8; 4];
+    /// // SAFETY: 0 + 4 <= 1024.
+    /// unsafe { b.read_at(0, &mut d) };
+    /// assert_eq!(&d, b"cdef");
+    /// ```
     unsafe fn read_from_fd(
         &self,
         fd: BorrowedFd<'_>,
@@ -353,6 +371,28 @@ pub trait RingBytes: fmt::Debug {
     ///
     /// # Safety
     /// For every segment, `off + len <= self.size()`.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Read;
+    /// use std::os::fd::AsFd;
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024).unwrap(); // the order-10 ring
+    /// // SAFETY: 1022 + 2 <= 1024 and 0 + 2 <= 1024.
+    /// unsafe { b.write_at(1022, b"ab"); b.write_at(0, b"cd") };
+    /// let (w, mut r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// // SAFETY: as above.
+    /// assert_eq!(unsafe { b.write_to_fd(w.as_fd(), &[(1022, 2), (0, 2)]) }.unwrap(), 4);
+    /// let mut got = [0u8; 4];
+    /// r.read_exact(&mut got).unwrap();
+    /// assert_eq!(&got, b"abcd");
+    /// ```
     unsafe fn write_to_fd(&self, fd: BorrowedFd<'_>, segs: &[(usize, usize)]) -> io::Result<usize> {
         let mut buf = Vec::new();
         for &(off, len) in segs {
@@ -365,64 +405,84 @@ pub trait RingBytes: fmt::Debug {
     }
 }
 
-/// Ring bytes at a raw address (an in-page ring or mapped ring pages).
+/// Ring bytes in a shared mapping (an in-page ring of the control page, or
+/// mapped ring pages), which it keeps mapped (an [`Arc`] of it).
 ///
 /// ```
+/// use std::sync::Arc;
+/// use vchan::mem::HeapPages;
 /// use vchan::ring::{RawRingBytes, RingBytes};
-/// let mut mem = vec![0u8; 1024];
-/// // SAFETY: `mem` is 1024 bytes and outlives `bytes`.
-/// let bytes = unsafe { RawRingBytes::new(mem.as_mut_ptr(), 1024) };
+/// let bytes = RawRingBytes::new(Arc::new(HeapPages::new(1)), 0, 1024)?;
 /// assert_eq!(bytes.size(), 1024);
+/// # Ok::<(), vchan::mem::RegionError>(())
 /// ```
 #[derive(Debug)]
 pub struct RawRingBytes {
+    /// Keeps the mapping alive as long as these bytes exist.
+    mem: Arc<dyn SharedMemory>,
     base: NonNull<u8>,
     size: usize,
 }
 
 // SAFETY: the bytes are shared with another domain anyway; `RawRingBytes`
-// only copies to and from private buffers, with no references into the ring.
+// only copies to and from private buffers, with no references into the
+// ring, and the mapping it holds is `Send + Sync` by its trait.
 unsafe impl Send for RawRingBytes {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for RawRingBytes {}
 
 impl RawRingBytes {
-    /// Wraps `size` bytes of ring storage at `base`.
+    /// The `size` bytes at `offset` of `mem` as ring storage. Whether we
+    /// may write them is the mapping's ([`SharedMemory::is_writable`]): a
+    /// [`Producer`] refuses read-only storage, a [`Consumer`] only reads
+    /// (the client's read ring may be mapped read-only).
     ///
-    /// # Safety
-    /// `base` must be non-null and valid for reads of `size` bytes for as
-    /// long as this value is used, and valid for writes too if it is used by
-    /// a [`Producer`] (a [`Consumer`] only reads, so a read-only mapping is
-    /// fine for the client's read ring). No Rust reference to these bytes
-    /// may exist while this value is used; the peer may modify them at any
-    /// time.
+    /// # Errors
+    /// [`RegionError::OutOfBounds`] if the bytes are not all inside `mem`.
     ///
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
-    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
-    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
-    /// // SAFETY: bytes 1024..2048 of the page are the order-10 ring.
-    /// let b = unsafe { RawRingBytes::new(base.add(1024), 1024) };
+    /// // Bytes 1024..2048 of the page are the order-10 ring.
+    /// let b = RawRingBytes::new(page.clone(), 1024, 1024)?;
     /// assert_eq!(b.size(), 1024);
+    /// assert!(RawRingBytes::new(page.clone(), 2048, 4096).is_err());
+    /// # Ok::<(), vchan::mem::RegionError>(())
     /// ```
-    pub unsafe fn new(base: *mut u8, size: usize) -> Self {
-        let base = NonNull::new(base).expect("RawRingBytes::new: null ring pointer");
-        Self { base, size }
+    pub fn new(
+        mem: Arc<dyn SharedMemory>,
+        offset: usize,
+        size: usize,
+    ) -> Result<Self, RegionError> {
+        let base = checked_range(&mem, offset, size, false)?;
+        Ok(Self { mem, base, size })
+    }
+
+    /// The mapping these bytes live in.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use vchan::mem::{HeapPages, SharedMemory};
+    /// use vchan::ring::RawRingBytes;
+    /// let b = RawRingBytes::new(Arc::new(HeapPages::new(1)), 2048, 2048)?;
+    /// assert_eq!(b.memory().len(), 4096);
+    /// # Ok::<(), vchan::mem::RegionError>(())
+    /// ```
+    pub fn memory(&self) -> &Arc<dyn SharedMemory> {
+        &self.mem
     }
 }
 
 impl RingBytes for RawRingBytes {
     fn size(&self) -> usize {
         self.size
+    }
+
+    fn is_writable(&self) -> bool {
+        self.mem.is_writable()
     }
 
     unsafe fn write_at(&self, off: usize, src: &[u8]) {
@@ -511,14 +571,10 @@ impl RawRingBytes {
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
 /// let r = Ring::new(right(), 11).unwrap();
@@ -543,14 +599,10 @@ impl<B: RingBytes> Ring<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert!(Ring::new(right(), 11).is_ok());
@@ -568,14 +620,10 @@ impl<B: RingBytes> Ring<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// let r = Ring::for_ring(right(), 11, RingId::Right).unwrap();
@@ -604,14 +652,10 @@ impl<B: RingBytes> Ring<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(Ring::new(right(), 11).unwrap().order(), 11);
@@ -625,14 +669,10 @@ impl<B: RingBytes> Ring<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(Ring::new(right(), 11).unwrap().size(), 2048);
@@ -660,14 +700,10 @@ impl<B: RingBytes> Ring<B> {
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
 /// // The client (reader of `right`) asks to be told of the server's next write...
@@ -675,7 +711,6 @@ impl<B: RingBytes> Ring<B> {
 /// // ...so the server, after producing, finds the request and sends one event.
 /// assert!(send_notify(&hdr, Side::Server.own_notify(), NOTIFY_WRITE));
 /// ```
-#[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
 pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
     h.fetch_or_u8(peer_notify, bit);
     // FENCE (xen_mb, "post the request before re-reading any index").
@@ -696,14 +731,10 @@ pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
 /// request_notify(&hdr, Side::Client.peer_notify(), NOTIFY_WRITE);
@@ -711,7 +742,6 @@ pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
 /// // One-shot: the request was cleared.
 /// assert!(!send_notify(&hdr, Side::Server.own_notify(), NOTIFY_WRITE));
 /// ```
-#[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
 pub fn send_notify<H: SharedHeader>(h: &H, own_notify: usize, bit: u8) -> bool {
     // FENCE (xen_mb, "indexes updated before we decide").
     // Forbids: our test of the request bit being satisfied before our new
@@ -739,14 +769,10 @@ fn to_u32_clamped(n: usize) -> u32 {
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
 /// tx.push(&hdr, b"abc");
@@ -778,14 +804,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// let rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
@@ -811,14 +833,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(rx.id(), RingId::Right);
@@ -832,14 +850,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(rx.ring().size(), 2048);
@@ -854,14 +868,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.push(&hdr, b"abc");
@@ -879,14 +889,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.push(&hdr, b"abc");
@@ -908,14 +914,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.push(&hdr, b"abc");
@@ -953,14 +955,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(rx.fast_ready(&hdr, 1, 1).unwrap(), 0); // empty: a WRITE request is now posted
@@ -968,7 +966,6 @@ impl<B: RingBytes> Consumer<B> {
     /// assert!(tx.notify_produced(&hdr)); // so the writer owes us an event
     /// assert_eq!(rx.fast_ready(&hdr, 1, 1).unwrap(), 1);
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn fast_ready<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1004,14 +1001,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.push(&hdr, b"xy");
@@ -1030,14 +1023,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.push(&hdr, b"hello");
@@ -1059,6 +1048,24 @@ impl<B: RingBytes> Consumer<B> {
     /// [`Consumer::publish_cons`]. This is ocaml-vchan's reader, which
     /// acknowledges a chunk only at its next read (docs/vchan.md §12.1); our own
     /// reads always publish at once.
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"lazy");
+    /// rx.fast_ready(&hdr, 4, 1).unwrap();
+    /// let mut d = [0u8; 4];
+    /// assert_eq!(rx.take(&hdr, &mut d), 4);
+    /// assert_eq!(hdr.load_u32(RIGHT_CONS), 0); // not acknowledged yet
+    /// rx.publish_cons(&hdr);
+    /// assert_eq!(hdr.load_u32(RIGHT_CONS), 4);
+    /// ```
     pub fn take<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
         let ready = self.cached_ready();
         let n = to_u32_clamped(dst.len()).min(ready);
@@ -1091,12 +1098,44 @@ impl<B: RingBytes> Consumer<B> {
     /// Bytes from `cons` to the end of the ring's storage: how much one
     /// contiguous copy can take before it wraps (ocaml-vchan's reads stop
     /// there).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// assert_eq!(rx.contiguous(), 2048); // from `cons` = 0 to the end of the ring
+    /// tx.push(&hdr, &[7u8; 100]);
+    /// rx.fast_ready(&hdr, 100, 1).unwrap();
+    /// rx.pop(&hdr, &mut [0u8; 100]);
+    /// assert_eq!(rx.contiguous(), 1948);
+    /// ```
     pub fn contiguous(&self) -> u32 {
         self.ring.size() - (self.cons & self.ring.mask())
     }
 
     /// Publishes our private `cons` (after [`Consumer::take`]; [`Consumer::pop`]
     /// does it itself).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// tx.push(&hdr, b"xy");
+    /// rx.fast_ready(&hdr, 2, 1).unwrap();
+    /// rx.take(&hdr, &mut [0u8; 2]);
+    /// rx.publish_cons(&hdr); // now the producer sees the space again
+    /// assert_eq!(tx.load_space(&hdr).unwrap(), 2048);
+    /// ```
     pub fn publish_cons<H: SharedHeader>(&self, h: &H) {
         // FENCE (xen_mb, "consume, then publish").
         // Forbids: the store of the new `cons` becoming visible before our
@@ -1115,6 +1154,27 @@ impl<B: RingBytes> Consumer<B> {
     ///
     /// # Errors
     /// The error of `write(2)` (nothing is consumed then).
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Read;
+    /// use std::os::fd::AsFd;
+    /// tx.push(&hdr, b"to a socket");
+    /// rx.fast_ready(&hdr, 11, 1).unwrap();
+    /// let (w, mut r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// assert_eq!(rx.pop_to_fd(&hdr, w.as_fd(), 4096).unwrap(), 11);
+    /// let mut got = [0u8; 11];
+    /// r.read_exact(&mut got).unwrap();
+    /// assert_eq!(&got, b"to a socket");
+    /// assert_eq!(hdr.load_u32(RIGHT_CONS), 11);
+    /// ```
     pub fn pop_to_fd<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1153,14 +1213,10 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.push(&hdr, b"abc");
@@ -1182,14 +1238,10 @@ impl<B: RingBytes> Consumer<B> {
 /// ```
 /// # use vchan::control::*;
 /// # use vchan::ring::*;
-/// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-/// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-/// # let base = page.0.as_mut_ptr();
-/// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-/// # let hdr = unsafe { ControlPage::new(base) };
+/// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+/// # let hdr = ControlPage::new(page.clone()).unwrap();
 /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-/// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-/// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+/// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
 /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
 /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
 /// assert_eq!(tx.fast_space(&hdr, 5, 5).unwrap(), 2048);
@@ -1213,25 +1265,25 @@ impl<B: RingBytes> Producer<B> {
     /// from now on) and `cons` once, and validates them.
     ///
     /// # Errors
-    /// [`RingError::Corrupt`] if the indices are already inconsistent.
+    /// [`RingError::Corrupt`] if the indices are already inconsistent,
+    /// [`RingError::Region`] if the storage is read-only.
     ///
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// let tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(tx.id(), RingId::Right);
     /// ```
     pub fn new<H: SharedHeader>(h: &H, side: Side, ring: Ring<B>) -> Result<Self, RingError> {
+        if !ring.bytes.is_writable() {
+            return Err(RegionError::ReadOnly.into());
+        }
         let id = side.write_ring();
         let prod = h.load_u32(id.prod_offset());
         let mut p = Self {
@@ -1251,14 +1303,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(tx.id(), RingId::Right);
@@ -1272,14 +1320,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(tx.ring().size(), 2048);
@@ -1293,14 +1337,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.load_space(&hdr).unwrap();
@@ -1316,14 +1356,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(tx.load_space(&hdr).unwrap(), 2048);
@@ -1344,14 +1380,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(tx.load_space(&hdr).unwrap(), 2048);
@@ -1385,14 +1417,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(tx.fast_space(&hdr, 2048, 2048).unwrap(), 2048);
@@ -1403,7 +1431,6 @@ impl<B: RingBytes> Producer<B> {
     /// assert!(rx.notify_consumed(&hdr)); // the reader owes us an event
     /// assert_eq!(tx.fast_space(&hdr, 1, 1).unwrap(), 16);
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn fast_space<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1438,14 +1465,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// assert_eq!(tx.buffer_space(&hdr).unwrap(), 2048);
@@ -1463,21 +1486,16 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// tx.load_space(&hdr).unwrap();
     /// assert_eq!(tx.push(&hdr, b"hello"), 5);
     /// assert_eq!(rx.load_ready(&hdr).unwrap(), 5);
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn push<H: SharedHeader>(&mut self, h: &H, src: &[u8]) -> usize {
         let space = self.cached_space();
         let n = to_u32_clamped(src.len()).min(space);
@@ -1523,7 +1541,27 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// The error of `read(2)` (nothing is published then).
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"from a socket").unwrap();
+    /// assert_eq!(tx.push_from_fd(&hdr, r.as_fd(), 4096).unwrap(), 13);
+    /// assert_eq!(hdr.load_u32(RIGHT_PROD), 13);
+    /// let mut got = [0u8; 13];
+    /// rx.fast_ready(&hdr, 13, 1).unwrap();
+    /// assert_eq!(rx.pop(&hdr, &mut got), 13);
+    /// assert_eq!(&got, b"from a socket");
+    /// ```
     pub fn push_from_fd<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1570,7 +1608,27 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// The error of `read(2)` (nothing is published then).
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
+    ///
+    /// ```
+    /// # use vchan::control::*;
+    /// # use vchan::ring::*;
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
+    /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
+    /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
+    /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
+    /// use std::io::Write;
+    /// use std::os::fd::AsFd;
+    /// let (mut w, r) = std::os::unix::net::UnixStream::pair().unwrap();
+    /// w.write_all(b"body").unwrap();
+    /// let n = tx.push_framed_from_fd(&hdr, r.as_fd(), 4096, |n| [n as u8]).unwrap();
+    /// assert_eq!(n, 4);
+    /// let mut got = [0u8; 5];
+    /// rx.fast_ready(&hdr, 5, 1).unwrap();
+    /// assert_eq!(rx.pop(&hdr, &mut got), 5);
+    /// assert_eq!(&got, b"\x04body");
+    /// ```
     pub fn push_framed_from_fd<H: SharedHeader, const N: usize>(
         &mut self,
         h: &H,
@@ -1633,14 +1691,10 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
-    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
-    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
-    /// # let base = page.0.as_mut_ptr();
-    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
-    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # let page = std::sync::Arc::new(vchan::mem::HeapPages::new(1));
+    /// # let hdr = ControlPage::new(page.clone()).unwrap();
     /// # init_server_page(&hdr, &Layout::new(10, 11).unwrap(), &[], &[]).unwrap();
-    /// # // SAFETY: bytes 2048..4096 are the order-11 ring, only used as ring bytes.
-    /// # let right = || unsafe { RawRingBytes::new(base.add(2048), 2048) };
+    /// # let right = || RawRingBytes::new(page.clone(), 2048, 2048).unwrap();
     /// # let mut tx = Producer::new(&hdr, Side::Server, Ring::new(right(), 11).unwrap()).unwrap();
     /// # let mut rx = Consumer::new(&hdr, Side::Client, Ring::new(right(), 11).unwrap()).unwrap();
     /// rx.data_ready(&hdr).unwrap(); // the reader asks for a WRITE notification
@@ -1660,31 +1714,28 @@ mod tests {
         CLI_NOTIFY, ControlPage, LEFT_CONS, LEFT_PROD, PAGE_SIZE, RIGHT_CONS, RIGHT_PROD,
         SRV_NOTIFY,
     };
+    use crate::mem::HeapPages;
     use std::os::fd::AsFd;
 
     /// A control page plus one 4 KiB ring (order 12) in private memory,
-    /// reached through raw pointers only (see `TestPage`).
+    /// reached through raw pointers only ([`HeapPages`]).
     struct Fixture {
-        page: crate::control::TestPage,
-        ring: crate::control::TestPage,
+        page: Arc<HeapPages>,
+        ring: Arc<HeapPages>,
     }
 
     impl Fixture {
         fn new() -> Self {
             Self {
-                page: crate::control::TestPage::new(0),
-                ring: crate::control::TestPage::new(0),
+                page: Arc::new(HeapPages::new(1)),
+                ring: Arc::new(HeapPages::new(1)),
             }
         }
         fn hdr(&mut self) -> ControlPage {
-            // SAFETY: page-aligned 4096 bytes owned by the fixture, which
-            // outlives the test's use; only accessed through ControlPage.
-            unsafe { ControlPage::new(self.page.ptr()) }
+            ControlPage::new(self.page.clone()).unwrap()
         }
         fn bytes(&mut self) -> RawRingBytes {
-            // SAFETY: 4096 bytes owned by the fixture; accessed only
-            // through RawRingBytes while the test runs.
-            unsafe { RawRingBytes::new(self.ring.ptr(), PAGE_SIZE) }
+            RawRingBytes::new(self.ring.clone(), 0, PAGE_SIZE).unwrap()
         }
         /// Server writes the right ring, client reads it.
         fn pair(&mut self) -> (ControlPage, Producer<RawRingBytes>, Consumer<RawRingBytes>) {

@@ -2,7 +2,6 @@
 //! client setup (docs/vchan.md §9.2, §9.3), Qubes' xenstore conventions (§11) and
 //! close (docs/vchan.md §10), over the `gnttab`, `evtchn` and `xenstore` backends.
 
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -12,103 +11,14 @@ use crate::compat::{Compat, PortName};
 use crate::control::{self, CLI_LIVE, ControlPage, Layout, RingId, RingLocation, SRV_LIVE, Side};
 use crate::endpoint::{Endpoint, Events, PeerState};
 use crate::error::{Error, Result};
+use crate::mem::SharedMemory;
 use crate::transport::{DomId, Transport};
 use xenstore::{NodePerm, Perm, Watcher, Xs};
 
-/// The event channel as the endpoint sees it, plus the peer-domain
-/// liveness check that ends blocking waits when the peer domain is gone
-/// (a destroyed domain sends no event and leaves the live byte alone,
-/// docs/vchan.md §16 row D).
-#[derive(Debug)]
-pub(crate) struct EvtchnEvents {
-    ch: Box<dyn evtchn::EventChannel>,
-    liveness: Option<Liveness>,
-}
+mod events;
 
-/// What we can ask about the peer domain, and when we last asked.
-#[derive(Debug)]
-struct Liveness {
-    evt: Arc<dyn evtchn::Backend>,
-    xs: Xs,
-    peer: DomId,
-    last: std::cell::Cell<Instant>,
-    /// Our port has been seen connected to the peer's.
-    seen_interdomain: std::cell::Cell<bool>,
-}
-
-/// How often an idle blocking wait asks whether the peer domain is gone.
-const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
-
-impl EvtchnEvents {
-    fn new(
-        ch: Box<dyn evtchn::EventChannel>,
-        evt: &Arc<dyn evtchn::Backend>,
-        xs: Option<Xs>,
-        peer: DomId,
-    ) -> Self {
-        let liveness = xs.map(|xs| Liveness {
-            evt: evt.clone(),
-            xs,
-            peer,
-            last: std::cell::Cell::new(Instant::now()),
-            seen_interdomain: std::cell::Cell::new(false),
-        });
-        EvtchnEvents { ch, liveness }
-    }
-
-    /// Whether the peer domain is known to be gone (asked at most once per
-    /// [`LIVENESS_INTERVAL`]): our port turned unbound after having been
-    /// connected (the local double and, with privcmd, dom0 can see this),
-    /// or see [`peer_domain_gone`].
-    fn peer_gone(&self) -> Option<DomId> {
-        let l = self.liveness.as_ref()?;
-        if l.last.get().elapsed() < LIVENESS_INTERVAL {
-            return None;
-        }
-        l.last.set(Instant::now());
-        match self.ch.status() {
-            Ok(Some(evtchn::PortStatus::Interdomain { .. })) => l.seen_interdomain.set(true),
-            Ok(Some(evtchn::PortStatus::Unbound { .. } | evtchn::PortStatus::Closed))
-                if l.seen_interdomain.get() =>
-            {
-                return Some(l.peer);
-            }
-            _ => {}
-        }
-        peer_domain_gone(&*l.evt, &l.xs, l.peer).then_some(l.peer)
-    }
-
-    /// [`peer_domain_gone`] now, without the rate limit (`false` when this
-    /// endpoint has no liveness check).
-    fn peer_domain_gone_now(&self) -> bool {
-        self.liveness
-            .as_ref()
-            .is_some_and(|l| peer_domain_gone(&*l.evt, &l.xs, l.peer))
-    }
-}
-
-impl Events for EvtchnEvents {
-    fn notify(&self) -> io::Result<()> {
-        self.ch.notify().map_err(Into::into)
-    }
-    fn wait(&self) -> io::Result<()> {
-        while !self.wait_timeout(LIVENESS_INTERVAL)? {}
-        Ok(())
-    }
-    fn wait_timeout(&self, d: Duration) -> io::Result<bool> {
-        let got = self.ch.wait_timeout(d).map_err(io::Error::from)?;
-        if !got && let Some(peer) = self.peer_gone() {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!("peer domain {peer} is gone"),
-            ));
-        }
-        Ok(got)
-    }
-    fn consume_pending(&self) -> io::Result<bool> {
-        self.ch.consume_pending().map_err(Into::into)
-    }
-}
+pub(crate) use events::EvtchnEvents;
+use events::peer_domain_gone;
 
 /// The three kernel interfaces of one transport.
 #[derive(Debug)]
@@ -179,51 +89,47 @@ fn own_domid(xs: &Xs, peer: DomId) -> Result<DomId> {
     Ok(own)
 }
 
-/// Whether the peer domain is known to be gone. Two questions, each
-/// answering "gone" only when the answer is definite:
-///
-/// 1. The event-channel probe ([`evtchn::Backend::probe_domain`]): Xen
-///    knows no domain with the peer's id (`ESRCH`). Works in dom0 and in a
-///    domU alike. A destroyed peer whose granted pages someone still maps
-///    lingers and counts as existing; any error is "unknown".
-/// 2. xenstore: `/local/domain/<peer>` missing (ENOENT). A daemon that
-///    answers EACCES for missing nodes (C xenstored, seen from a domU)
-///    can't tell, and then we say "not known to be gone".
-///
-/// Otherwise the caller's timeout bounds the wait.
-fn peer_domain_gone(evt: &dyn evtchn::Backend, xs: &Xs, peer: DomId) -> bool {
-    if let Ok(evtchn::DomainProbe::NoSuchDomain) = evt.probe_domain(peer) {
-        return true;
-    }
-    match xs.read(&format!("/local/domain/{peer}")) {
-        Err(e) => e.is_enoent(),
-        Ok(_) => false,
-    }
-}
-
-/// The memory behind a vchan end: the control page and any external rings.
+/// A grant mapping as the endpoint's memory: the pages we share (server)
+/// or map (client). The endpoint's header and rings hold it in an `Arc`;
+/// the pages are unshared or unmapped when the last holder drops it.
 #[derive(Debug)]
 enum Pages {
     Shared(Box<dyn gnttab::SharedPages>),
     Mapped(Box<dyn gnttab::MappedPages>),
 }
 
-impl Pages {
+// SAFETY: the gnttab backends return mappings that are page-aligned, of
+// `len()` bytes, at a fixed address, readable, and writable unless mapped
+// read-only (`MappedPages::writable`; what we share is always writable),
+// until they are dropped; nothing in vchan makes a reference into them.
+unsafe impl SharedMemory for Pages {
     fn as_ptr(&self) -> *mut u8 {
         match self {
             Pages::Shared(p) => p.as_ptr(),
             Pages::Mapped(p) => p.as_ptr(),
         }
     }
+    fn len(&self) -> usize {
+        match self {
+            Pages::Shared(p) => p.len(),
+            Pages::Mapped(p) => p.len(),
+        }
+    }
+    fn is_writable(&self) -> bool {
+        match self {
+            Pages::Shared(_) => true,
+            Pages::Mapped(p) => p.writable(),
+        }
+    }
 }
 
-/// One end of a shared-memory vchan.
+/// One end of a shared-memory vchan. The endpoint owns the memory (its
+/// header and rings hold the mappings); `Drop` takes it apart in
+/// libxenvchan's or ocaml-vchan's close order.
 #[derive(Debug)]
 pub(crate) struct ShmChan {
-    /// Dropped by hand in `Drop`, in libxenvchan's order.
-    rings: Vec<Pages>,
-    ctrl: Option<Pages>,
-    ep: Endpoint<EvtchnEvents>,
+    /// Always `Some` until `Drop` takes it apart.
+    ep: Option<Endpoint<EvtchnEvents>>,
     side: Side,
     peer: DomId,
     /// Server: xenstore and the base path still to remove.
@@ -232,11 +138,20 @@ pub(crate) struct ShmChan {
     compat: Compat,
 }
 
-/// The ring pointer argument `Endpoint::new` wants for `ring`.
-fn ring_ptr(layout: &Layout, ring: RingId, mapping: Option<&Pages>) -> *mut u8 {
-    match (layout.location(ring), mapping) {
-        (RingLocation::External { .. }, Some(m)) => m.as_ptr(),
-        _ => std::ptr::null_mut(),
+/// The mapping `Endpoint::new` wants for `ring`: `None` for an in-page
+/// ring, the ring's own pages for an external one.
+fn ring_memory(
+    layout: &Layout,
+    ring: RingId,
+    pages: &mut [Option<Arc<dyn SharedMemory>>; 2],
+) -> Option<Arc<dyn SharedMemory>> {
+    match layout.location(ring) {
+        RingLocation::External { .. } => pages[match ring {
+            RingId::Left => 0,
+            RingId::Right => 1,
+        }]
+        .take(),
+        RingLocation::InPage { .. } => None,
     }
 }
 
@@ -313,9 +228,8 @@ impl ShmChan {
         }
         let ctrl_ref = ctrl.refs()[0];
 
-        let mut rings = Vec::new();
         let mut grants: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-        let mut ring_pages: [Option<usize>; 2] = [None, None];
+        let mut ring_pages: [Option<Arc<dyn SharedMemory>>; 2] = [None, None];
         for (i, ring) in [RingId::Left, RingId::Right].into_iter().enumerate() {
             if let RingLocation::External { pages, .. } = layout.location(ring) {
                 let p = be
@@ -326,39 +240,34 @@ impl ShmChan {
                         source,
                     })?;
                 grants[i] = p.refs().to_vec();
-                ring_pages[i] = Some(rings.len());
-                rings.push(Pages::Shared(p));
+                ring_pages[i] = Some(Arc::new(Pages::Shared(p)));
             }
         }
-        // SAFETY: `ctrl` is our fresh 4 KiB shared mapping; it stays mapped
-        // until `Drop`, after the last use of the header.
-        let header = unsafe { ControlPage::new(ctrl.as_ptr()) };
+        let ctrl: Arc<dyn SharedMemory> = Arc::new(Pages::Shared(ctrl));
+        let header = ControlPage::new(ctrl.clone()).map_err(|e| Error::config(e.to_string()))?;
         if ocaml {
             crate::compat::init_server_page_ocaml(&header, &layout, &grants[0], &grants[1])
         } else {
             control::init_server_page(&header, &layout, &grants[0], &grants[1])
         }
         .map_err(|e| Error::config(e.to_string()))?;
+        drop(header);
         let evt = match early_evt {
             Some(evt) => evt,
             None => bind()?,
         };
         let evt_port = evt.local_port();
-        let left = ring_ptr(&layout, RingId::Left, ring_pages[0].map(|i| &rings[i]));
-        let right = ring_ptr(&layout, RingId::Right, ring_pages[1].map(|i| &rings[i]));
-        // SAFETY: the page and the rings are mapped read-write for us and
-        // stay mapped until `Drop`, which closes the endpoint before
-        // unmapping; no references to ring bytes exist.
-        let mut ep = unsafe {
-            Endpoint::new(
-                ctrl.as_ptr(),
-                Side::Server,
-                &layout,
-                left,
-                right,
-                EvtchnEvents::new(evt, &be.evt, Some(be.xs()?), peer),
-            )
-        }?;
+        let left = ring_memory(&layout, RingId::Left, &mut ring_pages);
+        let right = ring_memory(&layout, RingId::Right, &mut ring_pages);
+        // The endpoint now holds the page and the rings (read-write).
+        let mut ep = Endpoint::new(
+            ctrl,
+            Side::Server,
+            &layout,
+            left,
+            right,
+            EvtchnEvents::new(evt, &be.evt, Some(be.xs()?), peer),
+        )?;
         ep.set_lazy_ack(ocaml);
 
         // Publish in one transaction, readable by the client only; Qubes
@@ -396,9 +305,7 @@ impl ShmChan {
         })
         .map_err(xs_err("publish ring-ref and event-channel"))?;
         Ok(ShmChan {
-            rings,
-            ctrl: Some(Pages::Shared(ctrl)),
-            ep,
+            ep: Some(ep),
             side: Side::Server,
             peer,
             xs_nodes: Some((xs, base)),
@@ -480,15 +387,14 @@ impl ShmChan {
                     source,
                 })?;
         }
-        // SAFETY: `ctrl` is a read-write mapping of one page that stays
-        // mapped until `Drop`.
-        let header = unsafe { ControlPage::new(ctrl.as_ptr()) };
+        let ctrl: Arc<dyn SharedMemory> = Arc::new(Pages::Mapped(ctrl));
+        let header = ControlPage::new(ctrl.clone()).map_err(|e| Error::config(e.to_string()))?;
         let (lo, ro) = control::read_orders(&header);
         let layout = control::validate_client_orders(lo, ro)
             .map_err(|e| Error::peer(format!("control page: {e}")))?;
         if layout.grant_list_overlaps_ring {
-            eprintln!(
-                "vchan: warning: server's grant list runs into an in-page ring (orders {lo}/{ro}; ocaml-vchan layout)"
+            log::warn!(
+                "server's grant list runs into an in-page ring (orders {lo}/{ro}; ocaml-vchan layout)"
             );
         }
         let (left_grants, right_grants) = control::read_grants(&header, &layout);
@@ -496,8 +402,7 @@ impl ShmChan {
             Some(evt) => evt,
             None => bind()?,
         };
-        let mut rings = Vec::new();
-        let mut idx: [Option<usize>; 2] = [None, None];
+        let mut ring_pages: [Option<Arc<dyn SharedMemory>>; 2] = [None, None];
         // Left ring: we write (read-write); right ring: we read (read-only;
         // ocaml-vchan maps it read-write too).
         for (i, (grants, writable)) in [(left_grants, true), (right_grants, ocaml)]
@@ -514,34 +419,28 @@ impl ShmChan {
                     step: "map ring pages",
                     source,
                 })?;
-            idx[i] = Some(rings.len());
-            rings.push(Pages::Mapped(m));
+            ring_pages[i] = Some(Arc::new(Pages::Mapped(m)));
         }
-        let left = ring_ptr(&layout, RingId::Left, idx[0].map(|i| &rings[i]));
-        let right = ring_ptr(&layout, RingId::Right, idx[1].map(|i| &rings[i]));
-        // SAFETY: the control page is mapped read-write, the left ring
-        // read-write and the right ring (our read ring) read-only or (as
-        // ocaml-vchan) read-write, which `Endpoint::new` allows; all stay
-        // mapped until `Drop`.
-        let mut ep = unsafe {
-            Endpoint::new(
-                ctrl.as_ptr(),
-                Side::Client,
-                &layout,
-                left,
-                right,
-                EvtchnEvents::new(evt, &be.evt, Some(xs), peer),
-            )
-        }?;
+        let left = ring_memory(&layout, RingId::Left, &mut ring_pages);
+        let right = ring_memory(&layout, RingId::Right, &mut ring_pages);
+        // The endpoint now holds the page (read-write), the left ring
+        // (read-write) and the right ring, our read ring (read-only, or as
+        // ocaml-vchan read-write).
+        let mut ep = Endpoint::new(
+            ctrl,
+            Side::Client,
+            &layout,
+            left,
+            right,
+            EvtchnEvents::new(evt, &be.evt, Some(xs), peer),
+        )?;
         ep.set_lazy_ack(ocaml);
         control::announce_client_connected(&header);
         ep.events()
             .notify()
             .map_err(|source| Error::io("notify server of connect", source))?;
         Ok(ShmChan {
-            rings,
-            ctrl: Some(Pages::Mapped(ctrl)),
-            ep,
+            ep: Some(ep),
             side: Side::Client,
             peer,
             xs_nodes: None,
@@ -550,11 +449,11 @@ impl ShmChan {
     }
 
     pub(crate) fn endpoint(&mut self) -> &mut Endpoint<EvtchnEvents> {
-        &mut self.ep
+        self.ep.as_mut().expect("the endpoint lives until Drop")
     }
 
     pub(crate) fn endpoint_ref(&self) -> &Endpoint<EvtchnEvents> {
-        &self.ep
+        self.ep.as_ref().expect("the endpoint lives until Drop")
     }
 
     pub(crate) fn compat(&self) -> Compat {
@@ -564,7 +463,7 @@ impl ShmChan {
     /// The peer's state; once a client shows up, the server removes its
     /// xenstore nodes (Qubes: no second client, no stale entries).
     pub(crate) fn peer_state(&mut self) -> PeerState {
-        let s = self.ep.peer_state();
+        let s = self.endpoint_ref().peer_state();
         // ocaml-vchan leaves its nodes until it closes.
         if self.side == Side::Server
             && s != PeerState::Waiting
@@ -624,11 +523,11 @@ impl ShmChan {
                 None => slice,
             };
             let got = self
-                .ep
+                .endpoint_ref()
                 .events()
                 .wait_timeout(wait)
                 .map_err(|source| Error::io("wait for client event", source))?;
-            if !got && self.ep.events().peer_domain_gone_now() {
+            if !got && self.endpoint_ref().events().peer_domain_gone_now() {
                 return Err(Error::PeerGone {
                     step: "wait for vchan client",
                     domid: self.peer,
@@ -639,7 +538,7 @@ impl ShmChan {
 
     /// Server, non-blocking: consume any event and report whether connected.
     pub(crate) fn poll_connected(&mut self) -> Result<bool> {
-        let _ = self.ep.consume_pending()?;
+        let _ = self.endpoint_ref().consume_pending()?;
         match self.peer_state() {
             PeerState::Connected => Ok(true),
             PeerState::Waiting => Ok(false),
@@ -648,7 +547,7 @@ impl ShmChan {
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.ep.events().ch.as_fd()
+        self.endpoint_ref().events().fd()
     }
 }
 
@@ -775,31 +674,42 @@ fn parse_positive(s: &str, what: &str) -> Result<u32> {
 
 impl Drop for ShmChan {
     fn drop(&mut self) {
+        let Some(ep) = self.ep.take() else {
+            return;
+        };
+        // The endpoint holds the memory: its rings hold the ring mappings
+        // (and, for in-page rings, the control page), its header the
+        // control page. Taking it apart lets each go at its step below.
+        let mut parts = ep.into_parts();
         if self.compat == Compat::OcamlVchan {
             // ocaml-vchan's close: own live byte 0 and one event; the
             // server withdraws its xenstore nodes; then the read ring, the
             // write ring and the page go (no unmap-notify fires); the event
-            // channel goes with the endpoint.
-            let _ = self.ep.close();
+            // channel goes last.
+            let _ = parts.close.close(&parts.header, &parts.events);
             self.remove_nodes();
-            // `rings` holds the external rings left first; the read ring
-            // goes first (the client reads the right one).
-            if self.side == Side::Client {
-                while self.rings.pop().is_some() {}
-            } else {
-                self.rings.clear();
-            }
-            self.ctrl = None;
+            drop(parts.rx);
+            drop(parts.tx);
+            drop(parts.header);
+            drop(parts.events);
             return;
         }
-        // libxenvchan close order (docs/vchan.md §10.1): unmap the data rings, own
-        // live byte 0, unmap the control page (the unmap-notify clears the
-        // byte again and sends an event), an explicit event, then the
-        // event channel goes with the endpoint.
-        self.rings.clear();
-        let _ = self.ep.close();
-        self.ctrl = None;
-        let _ = self.ep.events().notify();
+        // libxenvchan's close order (docs/vchan.md §10.1):
+        // 1. unmap the external rings (the in-page ones only let go of the
+        //    control page, which the header still holds);
+        drop(parts.rx);
+        drop(parts.tx);
+        // 2. own live byte 0 (and one event);
+        let _ = parts.close.close(&parts.header, &parts.events);
+        // 3. unmap the control page: the last holder of the mapping is the
+        //    header, so the unmap-notify (clear the byte, send an event)
+        //    fires here;
+        drop(parts.header);
+        // 4. an explicit event, then the event channel goes;
+        let _ = parts.events.notify();
+        drop(parts.events);
+        // 5. (the grant device handles went with the mappings above;)
+        // 6. (server) remove the xenstore nodes.
         self.remove_nodes();
     }
 }

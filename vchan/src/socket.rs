@@ -6,6 +6,13 @@
 //! no shared ring: the vchan semantics (`data_ready`, `buffer_space`,
 //! all-or-nothing `send`/`recv`) are kept with two private buffers of the ring
 //! sizes, as the threaded C library does.
+//!
+//! There is no I/O thread: bytes move between the socket and the buffers in
+//! the calls. One exception, so that output a server wrote before its client
+//! came reaches the client even if the server makes no further call (the C
+//! library's thread does that; on shared memory the data sits in the ring):
+//! while such output waits, a helper thread accepts the client and sends it
+//! (docs/vchan.md §17), and the end's fd turns readable when it did.
 
 #![forbid(unsafe_code)]
 
@@ -14,9 +21,12 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::error::{Error, Result};
 
@@ -57,31 +67,159 @@ pub(crate) struct SocketChan {
     eof: bool,
     /// Writing failed: the peer is gone.
     broken: bool,
+    /// Something changed since the last [`SocketChan::take_news`]: bytes
+    /// moved between the socket and a buffer, the client was accepted, the
+    /// peer's end of the stream or a failed write was seen.
+    news: bool,
+    /// While a server that has not accepted its client holds output: the
+    /// helper that accepts the client and sends it.
+    early: Option<Early>,
+}
+
+/// The helper thread of a server that wrote before its client came: it
+/// waits for the client on a clone of the listener, accepts it, sends what
+/// was queued (without blocking: the rest goes out in the next call), hands
+/// the stream over in `shared` and makes `done` readable. While it runs,
+/// only it accepts.
+#[derive(Debug)]
+struct Early {
+    shared: Arc<Mutex<EarlyShared>>,
+    /// Readable once the helper accepted the client (the end's fd then).
+    done: Arc<EventFd>,
+    /// Written to stop the helper.
+    cancel: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct EarlyShared {
+    /// A copy of the output queued so far.
+    pending: Vec<u8>,
+    /// The accepted client and how much of `pending` went out to it.
+    accepted: Option<(UnixStream, usize)>,
+    /// Why the helper stopped without a client (an accept error).
+    error: Option<io::Error>,
+}
+
+fn lock(m: &Mutex<EarlyShared>) -> MutexGuard<'_, EarlyShared> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Early {
+    fn start(listener: &UnixListener, pending: Vec<u8>) -> Result<Early> {
+        let listener = listener
+            .try_clone()
+            .map_err(|e| Error::io("clone vchan listener", e))?;
+        let efd = || {
+            EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+                .map(Arc::new)
+                .map_err(|e| Error::io("eventfd", e.into()))
+        };
+        let (done, cancel) = (efd()?, efd()?);
+        let shared = Arc::new(Mutex::new(EarlyShared {
+            pending,
+            ..EarlyShared::default()
+        }));
+        let (s, d, c) = (shared.clone(), done.clone(), cancel.clone());
+        let thread = std::thread::Builder::new()
+            .name("vchan-accept".into())
+            .spawn(move || early_accept(&listener, &s, &d, &c))
+            .map_err(|e| Error::io("spawn the accept helper", e))?;
+        Ok(Early {
+            shared,
+            done,
+            cancel,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the helper (if it still waits) and returns what it accepted.
+    fn finish(mut self) -> Result<Option<(UnixStream, usize)>> {
+        let _ = self.cancel.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut sh = lock(&self.shared);
+        if let Some(a) = sh.accepted.take() {
+            return Ok(Some(a));
+        }
+        match sh.error.take() {
+            Some(e) => Err(Error::io("accept vchan client", e)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Drop for Early {
+    fn drop(&mut self) {
+        let _ = self.cancel.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The helper's body (see [`Early`]).
+fn early_accept(
+    listener: &UnixListener,
+    shared: &Mutex<EarlyShared>,
+    done: &EventFd,
+    cancel: &EventFd,
+) {
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(cancel.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                lock(shared).error = Some(e.into());
+                let _ = done.write(1);
+                return;
+            }
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return;
+        }
+        let mut sh = lock(shared);
+        match listener.accept() {
+            Ok((s, _)) => {
+                let mut sent = 0;
+                if s.set_nonblocking(true).is_ok() {
+                    while sent < sh.pending.len() {
+                        match (&s).write(&sh.pending[sent..]) {
+                            Ok(0) => break,
+                            Ok(n) => sent += n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            // Full or failed: the owner's next pump goes on.
+                            Err(_) => break,
+                        }
+                    }
+                }
+                sh.accepted = Some((s, sent));
+                drop(sh);
+                let _ = done.write(1);
+                return;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                sh.error = Some(e);
+                drop(sh);
+                let _ = done.write(1);
+                return;
+            }
+        }
+    }
 }
 
 fn wait_fd(fd: BorrowedFd<'_>, flags: PollFlags, timeout: Option<Duration>) -> Result<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let ms = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                    .unwrap_or(PollTimeout::MAX)
-            }
-        };
-        let mut fds = [PollFd::new(fd, flags)];
-        match poll(&mut fds, ms) {
-            Ok(0) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(false);
-                }
-            }
-            Ok(_) => return Ok(true),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(Error::io("poll", e.into())),
-        }
-    }
+    xen_base::poll_until(fd, flags, deadline).map_err(|e| Error::io("poll", e.into()))
 }
 
 impl SocketChan {
@@ -113,6 +251,8 @@ impl SocketChan {
             tx_cap: write_cap,
             eof: false,
             broken: false,
+            news: false,
+            early: None,
         })
     }
 
@@ -165,6 +305,8 @@ impl SocketChan {
             tx_cap: cap,
             eof: false,
             broken: false,
+            news: false,
+            early: None,
         })
     }
 
@@ -173,23 +315,71 @@ impl SocketChan {
         let Conn::Listening(l) = &self.conn else {
             return Ok(true);
         };
+        if let Some(early) = &self.early {
+            // The helper accepts; it is done once `done` is readable.
+            let sh = lock(&early.shared);
+            let finished = sh.accepted.is_some() || sh.error.is_some();
+            drop(sh);
+            if !finished {
+                return Ok(false);
+            }
+        }
+        if let Some(early) = self.early.take() {
+            return match early.finish()? {
+                Some((s, sent)) => {
+                    self.tx.drain(..sent.min(self.tx.len()));
+                    self.connected(s)
+                }
+                None => Ok(false),
+            };
+        }
         match l.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(true)
                     .map_err(|e| Error::io("set socket non-blocking", e))?;
-                self.conn = Conn::Connected(s);
-                // One connection only: nobody else may find the socket now.
-                if let Some(p) = self.path.take() {
-                    let _ = std::fs::remove_file(p);
-                }
-                // What was written before the client came goes out now.
-                self.pump();
-                Ok(true)
+                self.connected(s)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
             Err(e) => Err(Error::io("accept vchan client", e)),
         }
+    }
+
+    fn connected(&mut self, s: UnixStream) -> Result<bool> {
+        self.conn = Conn::Connected(s);
+        self.news = true;
+        // One connection only: nobody else may find the socket now.
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+        // What was written before the client came goes out now.
+        self.pump();
+        Ok(true)
+    }
+
+    /// After output was queued while no client is there: the helper gets
+    /// a copy of it (started on the first such write).
+    fn queued_early(&mut self) {
+        let Conn::Listening(l) = &self.conn else {
+            return;
+        };
+        match &self.early {
+            Some(e) => {
+                let mut sh = lock(&e.shared);
+                if sh.accepted.is_none() {
+                    sh.pending = self.tx.iter().copied().collect();
+                }
+            }
+            // Without the helper (it could not start) the output goes out
+            // at the first call after the client came.
+            None => self.early = Early::start(l, self.tx.iter().copied().collect()).ok(),
+        }
+    }
+
+    /// Whether anything changed since the last call (see the `news`
+    /// field); clears it.
+    pub(crate) fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
     }
 
     /// Waits up to `timeout` for the client (server).
@@ -241,11 +431,13 @@ impl SocketChan {
                 Ok(0) => break,
                 Ok(n) => {
                     self.tx.drain(..n);
+                    self.news = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.broken = true;
+                    self.news = true;
                     self.tx.clear();
                 }
             }
@@ -254,11 +446,17 @@ impl SocketChan {
         while self.rx.len() < self.rx_cap && !self.eof {
             let want = (self.rx_cap - self.rx.len()).min(buf.len());
             match s.read(&mut buf[..want]) {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.rx.extend(&buf[..n]),
+                Ok(n) => {
+                    self.rx.extend(&buf[..n]);
+                    self.eof = n == 0;
+                    self.news = true;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => self.eof = true,
+                Err(_) => {
+                    self.eof = true;
+                    self.news = true;
+                }
             }
         }
         if !self.eof && self.rx.len() >= self.rx_cap {
@@ -270,6 +468,7 @@ impl SocketChan {
                 && fds[0].revents().is_some_and(|r| r.intersects(flags))
             {
                 self.eof = true;
+                self.news = true;
             }
         }
     }
@@ -423,6 +622,9 @@ impl SocketChan {
             let n = (buf.len() - done).min(self.tx_cap - self.tx.len());
             self.tx.extend(&buf[done..done + n]);
             done += n;
+            if n > 0 {
+                self.queued_early();
+            }
             self.pump();
             if done == buf.len() {
                 return Ok(done);
@@ -454,6 +656,9 @@ impl SocketChan {
             }
             if self.tx_cap - self.tx.len() >= buf.len() {
                 self.tx.extend(buf);
+                if !buf.is_empty() {
+                    self.queued_early();
+                }
                 self.pump();
                 return Ok(buf.len());
             }
@@ -577,6 +782,12 @@ impl SocketChan {
     /// Flushes pending output (bounded: gives up after 10 s without
     /// progress), then shuts the connection down.
     pub(crate) fn close(&mut self) {
+        if let Some(early) = self.early.take()
+            && let Ok(Some((s, sent))) = early.finish()
+        {
+            self.tx.drain(..sent.min(self.tx.len()));
+            self.conn = Conn::Connected(s);
+        }
         let mut last = Instant::now();
         while !self.tx.is_empty() && !self.broken && self.is_connected() {
             let before = self.tx.len();
@@ -598,9 +809,11 @@ impl SocketChan {
 
 impl AsFd for SocketChan {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        match &self.conn {
-            Conn::Listening(l) => l.as_fd(),
-            Conn::Connected(s) => s.as_fd(),
+        match (&self.conn, &self.early) {
+            // The helper accepts: its `done` turns readable when it did.
+            (Conn::Listening(_), Some(e)) => e.done.as_fd(),
+            (Conn::Listening(l), None) => l.as_fd(),
+            (Conn::Connected(s), _) => s.as_fd(),
         }
     }
 }

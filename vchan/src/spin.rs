@@ -63,9 +63,20 @@ pub const SPIN_YIELD_AFTER: Duration = Duration::from_micros(1);
 /// ```
 pub trait SpinClock: fmt::Debug {
     /// The current time (monotonic).
+    ///
+    /// ```
+    /// use vchan::spin::{SpinClock, SystemClock};
+    /// let a = SystemClock.now();
+    /// assert!(SystemClock.now() >= a);
+    /// ```
     fn now(&self) -> Instant;
     /// Lets another thread on this CPU run (`sched_yield`); returns at once
     /// when nothing else is runnable.
+    ///
+    /// ```
+    /// use vchan::spin::{SpinClock, SystemClock};
+    /// SystemClock.yield_now(); // returns at once when nothing else wants the CPU
+    /// ```
     fn yield_now(&self) {
         std::thread::yield_now();
     }
@@ -273,7 +284,7 @@ impl<C: SpinClock> SpinPolicy<C> {
     /// returned.
     ///
     /// `done` must not block: it is a load of the peer's index and a
-    /// comparison. The clock is read once per [`SPIN_BATCH`] (8) calls of
+    /// comparison. The clock is read once per 8 calls of
     /// `done`. Under the `loom` model `done` is called once.
     ///
     /// # Errors

@@ -503,3 +503,41 @@ fn connect_driven_from_poll_reaches_a_mirage_server() {
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"ping");
 }
+
+/// The library does not print: a client that meets ocaml-vchan's (10, 20)
+/// layout, whose grant list runs into the in-page ring, emits a `log`
+/// warning, and a program that installed `vchan::stderr_log` (here
+/// `vchan-peer`) shows it as one line on stderr, as users saw it before.
+#[test]
+fn overlapping_grant_list_is_one_warning_line_on_the_programs_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let port = PortName::from(25);
+    let (read, write) = (1024, 1 << 20);
+    assert_eq!(ocaml_server_orders(read, write), (10, 20));
+    let mut s =
+        Vchan::server_with(&xen.transport(1), 2, &port, read, write, Compat::OcamlVchan).unwrap();
+    let child = Command::new(PEER)
+        .args(["client", "1", "25", "recv", "1"])
+        .env("VCHAN_LOCAL_DIR", xen.dir())
+        .env("VCHAN_DOMAIN", "2")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    s.wait_connected(Some(T)).unwrap();
+    // The peer waits for a transfer; closing ends it (with an error).
+    drop(s);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("grant list runs into an in-page ring"))
+        .collect();
+    assert_eq!(
+        warnings,
+        [
+            "vchan: warning: server's grant list runs into an in-page ring (orders 10/20; ocaml-vchan layout)"
+        ],
+        "{stderr}"
+    );
+}

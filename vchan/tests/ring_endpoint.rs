@@ -14,6 +14,7 @@ use vchan::control::{
     PAGE_SIZE, RingId, SRV_LIVE, SRV_NOTIFY, SharedHeader, Side, server_layout,
 };
 use vchan::endpoint::{Endpoint, PeerState};
+use vchan::mem::RegionError;
 use vchan::ring::{Corruption, RingError};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -536,20 +537,16 @@ fn client_refuses_invalid_orders() {
 #[test]
 fn constructor_checks_ring_addresses_against_the_layout() {
     let mem = VchanMemory::new(Layout::new(12, 11).unwrap(), 0, true);
-    let left = mem.left.as_ref().unwrap().ptr();
+    let left = mem.left.clone().unwrap();
     let (se, _ce) = TestEvents::pair();
-    // SAFETY: the pointers are valid mappings owned by `mem` (the call is
-    // expected to fail before using them anyway).
-    let r = unsafe {
-        Endpoint::new(
-            mem.ctrl.ptr(),
-            Side::Server,
-            &mem.layout,
-            left,
-            left,
-            se.clone(),
-        )
-    };
+    let r = Endpoint::new(
+        mem.ctrl.clone(),
+        Side::Server,
+        &mem.layout,
+        Some(left.clone()),
+        Some(left.clone()),
+        se.clone(),
+    );
     assert!(matches!(
         r,
         Err(RingError::RingAddress {
@@ -557,17 +554,14 @@ fn constructor_checks_ring_addresses_against_the_layout() {
             ..
         })
     ));
-    // SAFETY: as above.
-    let r = unsafe {
-        Endpoint::new(
-            mem.ctrl.ptr(),
-            Side::Server,
-            &mem.layout,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            se,
-        )
-    };
+    let r = Endpoint::new(
+        mem.ctrl.clone(),
+        Side::Server,
+        &mem.layout,
+        None,
+        None,
+        se.clone(),
+    );
     assert!(matches!(
         r,
         Err(RingError::RingAddress {
@@ -575,6 +569,48 @@ fn constructor_checks_ring_addresses_against_the_layout() {
             ..
         })
     ));
+    // A mapping too small for its ring is refused, not read past.
+    let r = Endpoint::new(
+        mem.ctrl.clone(),
+        Side::Server,
+        &Layout::new(13, 11).unwrap(),
+        Some(left),
+        None,
+        se,
+    );
+    assert!(
+        matches!(
+            r,
+            Err(RingError::Region(RegionError::OutOfBounds {
+                offset: 0,
+                len: 8192,
+                size: 4096
+            }))
+        ),
+        "{r:?}"
+    );
+}
+
+/// The endpoint owns its memory: the mappings stay alive while it exists,
+/// whoever else drops them, and go with it.
+#[test]
+fn endpoint_keeps_its_mappings_alive() {
+    let mem = VchanMemory::new(Layout::new(12, 13).unwrap(), 0, true);
+    let (se, ce) = TestEvents::pair();
+    let mut srv = mem.endpoint(Side::Server, se);
+    let mut cli = mem.endpoint(Side::Client, ce);
+    let ctrl = Arc::downgrade(&mem.ctrl);
+    let left = Arc::downgrade(mem.left.as_ref().unwrap());
+    drop(mem);
+    assert!(ctrl.upgrade().is_some() && left.upgrade().is_some());
+    srv.write(b"still mapped").unwrap();
+    let mut b = [0u8; 12];
+    cli.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still mapped");
+    drop(srv);
+    assert!(ctrl.upgrade().is_some(), "the client still holds the page");
+    drop(cli);
+    assert!(ctrl.upgrade().is_none() && left.upgrade().is_none());
 }
 
 #[test]

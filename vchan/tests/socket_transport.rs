@@ -54,6 +54,55 @@ fn our_server_round_trip_with_plain_socket_client() {
     assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
 }
 
+/// Output a server wrote before its client came reaches the client while
+/// the server makes no further call (qubes-core-vchan-socket's
+/// `test_write_then_connect`, where its I/O thread sends it): the accept
+/// helper takes the client and sends it; the server's fd turns readable,
+/// and its next call takes the connection over with the count sent.
+#[test]
+fn output_written_before_the_client_came_arrives_without_a_further_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Vchan::server(&transport(dir.path(), 0), 5, 514, 4096, 4096).unwrap();
+    assert_eq!(srv.write(b"early bytes").unwrap(), 11);
+    assert_eq!(srv.buffer_space().unwrap(), 4096 - 11);
+    let mut s = UnixStream::connect(dir.path().join("vchan.0.5.514.sock")).unwrap();
+    // A bounded wait: a server that only sends in its own calls never does.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = [0u8; 11];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"early bytes");
+    // The server's fd says something happened (the helper accepted).
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&srv),
+        srv.poll_interest(),
+    )];
+    assert_eq!(
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16)).unwrap(),
+        1
+    );
+    assert_eq!(srv.state(), State::Connected);
+    assert_eq!(srv.buffer_space().unwrap(), 4096, "what went out is gone");
+    srv.write_all(b"later").unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"later");
+    s.write_all(b"back").unwrap();
+    let mut back = [0u8; 4];
+    srv.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"back");
+}
+
+/// A server that queued output and is closed before any client came: the
+/// helper stops, nothing hangs, the socket is gone.
+#[test]
+fn closing_a_server_with_early_output_and_no_client_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut srv = Vchan::server(&transport(dir.path(), 0), 5, 515, 4096, 4096).unwrap();
+    srv.write_all(b"nobody reads this").unwrap();
+    drop(srv);
+    assert!(!dir.path().join("vchan.0.5.515.sock").exists());
+}
+
 #[test]
 fn our_client_retries_until_plain_server_appears() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,14 +9,12 @@
 //! cargo xtask upstream <cmd>     the real C qrexec stack as a test peer (build|suite|cases)
 //! cargo xtask man [--out DIR]    man page and shell completions of qrexec-client-vm
 //! cargo xtask msrv               the MSRV check (clippy incompatible_msrv, with a canary)
-//! cargo xtask package            .deb and .rpm of qrexec-client-vm (target/packages)
+//! cargo xtask package            .deb and .rpm of qrexec-client-vm and of libvchan-xen-rs (target/packages)
 //! ```
 #![forbid(unsafe_code)]
 
 mod bench;
 mod demo;
-// The lab's test suite is landing in steps; some helpers are used only by it.
-#[allow(dead_code)]
 mod lab;
 mod libvchan;
 mod man;
@@ -67,7 +65,7 @@ fn usage_text() -> &'static str {
      \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names\
      \n  man [--out DIR]  man page + bash/zsh/fish completions of qrexec-client-vm (target/assets)\
      \n  msrv             check the MSRV (rust-version) with clippy incompatible_msrv and a canary\
-     \n  package [--check-root DIR]  .deb and .rpm of qrexec-client-vm; install/remove them in copies of a Debian root"
+     \n  package [--check-root DIR]  .deb and .rpm of qrexec-client-vm and libvchan-xen-rs; install/remove them in copies of a Debian root"
 }
 
 fn usage() -> ExitCode {

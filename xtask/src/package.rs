@@ -1,12 +1,16 @@
 //! `cargo xtask package`: a `.deb` (cargo-deb) and an `.rpm`
 //! (cargo-generate-rpm) of `qrexec-client-vm`, with the man page and the
-//! completions generated from the clap definition (`crate::man`).
+//! completions generated from the clap definition (`crate::man`), and of
+//! the drop-in libvchan (`libvchan-xen-rs`: `libvchan-xen.so.1` with
+//! upstream's soname, the development links and `.pc` files, laid out as
+//! `cargo xtask libvchan install` does).
 //!
-//! The packages' metadata and maintainer scripts live with the crate
-//! (`client/Cargo.toml`, `client/packaging/`); this command builds the
-//! release binary, renders the generated assets into
-//! `<target>/release/pkg-assets/` (where that metadata expects them), runs
-//! both tools into `<target>/packages/`, and lists what each package holds.
+//! The packages' metadata and maintainer scripts live with the crates
+//! (`client/Cargo.toml`, `client/packaging/`, `libvchan/Cargo.toml`,
+//! `libvchan/packaging/`); this command builds the release binary and
+//! library, renders the generated assets into `<target>/release/pkg-assets/`
+//! (where that metadata expects them), runs both tools into
+//! `<target>/packages/`, and lists what each package holds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +19,9 @@ use crate::util::{cargo, root, target_dir};
 
 /// The crate that ships the command.
 const CRATE: &str = "qrexec";
+/// The package names (as in the crates' metadata).
+const CLIENT_PKG: &str = "qrexec-client-vm-rs";
+pub(crate) const LIB_PKG: &str = "libvchan-xen-rs";
 
 /// Where the generated assets go, relative to the target directory.
 const ASSETS: &str = "release/pkg-assets";
@@ -65,13 +72,34 @@ fn stripped_binary(target: &Path, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The newest file in `dir` whose name ends with `suffix`.
-fn newest(dir: &Path, suffix: &str) -> Result<PathBuf, String> {
+/// The drop-in library's staging trees: `libvchan-deb` (libdir `lib`, as
+/// Debian's libvchan-xen1) and `libvchan-rpm` (`lib64`, as Fedora's
+/// qubes-libvchan-xen), from a stripped copy of the release library.
+fn library_assets(dir: &Path) -> Result<(), String> {
+    let so = dir.join("libvchan-xen.so.1");
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let built = crate::libvchan::built_library();
+    let _ = std::fs::remove_file(&so);
+    std::fs::copy(&built, &so).map_err(|e| format!("{}: {e}", built.display()))?;
+    // --strip-unneeded keeps the dynamic symbol table (the API).
+    run_tool(Command::new("strip").arg("--strip-unneeded").arg(&so))?;
+    for (stage, libdir) in [("libvchan-deb", "lib"), ("libvchan-rpm", "lib64")] {
+        let stage = dir.join(stage);
+        let _ = std::fs::remove_dir_all(&stage);
+        crate::libvchan::layout(&so, &stage, Path::new("/usr"), libdir)?;
+    }
+    Ok(())
+}
+
+/// The newest file in `dir` whose name starts with `prefix` and ends with
+/// `suffix`.
+fn newest(dir: &Path, prefix: &str, suffix: &str) -> Result<PathBuf, String> {
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
         let e = e.map_err(|e| e.to_string())?;
         let p = e.path();
-        if p.to_string_lossy().ends_with(suffix) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) && name.ends_with(suffix) {
             let t = e
                 .metadata()
                 .and_then(|m| m.modified())
@@ -82,7 +110,7 @@ fn newest(dir: &Path, suffix: &str) -> Result<PathBuf, String> {
         }
     }
     best.map(|(_, p)| p)
-        .ok_or_else(|| format!("no *{suffix} in {}", dir.display()))
+        .ok_or_else(|| format!("no {prefix}*{suffix} in {}", dir.display()))
 }
 
 const USAGE: &str = "usage: cargo xtask package [--no-build] [--check-root DEBIAN_ROOT]";
@@ -112,9 +140,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let target = target_dir();
     if build {
         cargo(&["build", "--release", "-p", CRATE, "--bin", crate::man::BIN])?;
+        cargo(&["build", "--release", "-p", "libvchan"])?;
     }
     assets(&target.join(ASSETS))?;
     stripped_binary(&target, &target.join(ASSETS))?;
+    library_assets(&target.join(ASSETS))?;
     let out = target.join("packages");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
 
@@ -131,7 +161,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ])
             .arg(&out),
     )?;
-    let deb = newest(&out, ".deb")?;
+    let deb = newest(&out, CLIENT_PKG, ".deb")?;
     run_tool(
         Command::new("cargo")
             .args([
@@ -144,18 +174,52 @@ pub fn run(args: &[String]) -> Result<(), String> {
             ])
             .arg(&out),
     )?;
-    let rpm = newest(&out, ".rpm")?;
+    let rpm = newest(&out, CLIENT_PKG, ".rpm")?;
+    // The library: cargo-deb must not strip it again (done above, keeping
+    // the dynamic symbols).
+    run_tool(
+        Command::new("cargo")
+            .args([
+                "deb",
+                "-p",
+                "libvchan",
+                "--no-build",
+                "--no-dbgsym",
+                "--no-strip",
+                "-o",
+            ])
+            .arg(&out),
+    )?;
+    let lib_deb = newest(&out, LIB_PKG, ".deb")?;
+    run_tool(
+        Command::new("cargo")
+            .args([
+                "generate-rpm",
+                "-p",
+                "libvchan",
+                "--payload-compress",
+                "gzip",
+                "-o",
+            ])
+            .arg(&out),
+    )?;
+    let lib_rpm = newest(&out, LIB_PKG, ".rpm")?;
 
-    println!("{}", deb.display());
-    if let Ok(list) = run_tool(Command::new("dpkg-deb").arg("-c").arg(&deb)) {
-        print!("{list}");
+    for p in [&deb, &lib_deb] {
+        println!("{}", p.display());
+        if let Ok(list) = run_tool(Command::new("dpkg-deb").arg("-c").arg(p)) {
+            print!("{list}");
+        }
     }
-    println!("{}", rpm.display());
-    if let Ok(list) = run_tool(Command::new("rpm").args(["-qlp"]).arg(&rpm)) {
-        print!("{list}");
+    for p in [&rpm, &lib_rpm] {
+        println!("{}", p.display());
+        if let Ok(list) = run_tool(Command::new("rpm").args(["-qlp"]).arg(p)) {
+            print!("{list}");
+        }
     }
     if let Some(base) = check_root {
         crate::package_check::run(&base, &deb, &rpm)?;
+        crate::package_check::run_library(&base, &lib_deb, &lib_rpm)?;
     }
     Ok(())
 }
@@ -197,6 +261,62 @@ mod tests {
             "/usr/share/fish/vendor_completions.d/qrexec-client-vm.fish\"",
         ] {
             assert!(toml.contains(dest), "{dest} is not installed");
+        }
+    }
+
+    /// The value of `key = "..."` in `line`, if there.
+    fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+        let at = line.find(&format!("{key} = \""))? + key.len() + 4;
+        let rest = &line[at..];
+        Some(&rest[..rest.find('"')?])
+    }
+
+    /// The library packages install exactly what `cargo xtask libvchan
+    /// install` lays out (`crate::libvchan::FILES`, which a test of that
+    /// module checks against the files written), each from the staging
+    /// tree `library_assets` fills and at the same path under `/usr`:
+    /// libdir `lib` in the .deb (Debian's libvchan-xen1), `lib64` in the
+    /// .rpm (Fedora's qubes-libvchan-xen).
+    #[test]
+    fn library_package_metadata_installs_the_generated_layout() {
+        let toml = std::fs::read_to_string(root().join("libvchan/Cargo.toml")).unwrap();
+        for (stage, libdir, dest_prefix) in [
+            ("libvchan-deb", "lib", "usr/"),
+            ("libvchan-rpm", "lib64", "/usr/"),
+        ] {
+            let src_prefix = format!("target/{ASSETS}/{stage}/");
+            let mut got: Vec<String> = Vec::new();
+            for line in toml.lines() {
+                let (Some(src), Some(dest)) = (field(line, "source"), field(line, "dest")) else {
+                    continue;
+                };
+                let Some(rel) = src.strip_prefix(&src_prefix) else {
+                    continue;
+                };
+                assert_eq!(
+                    dest,
+                    format!("{dest_prefix}{rel}"),
+                    "{stage}: {src} goes elsewhere"
+                );
+                got.push(rel.replacen(&format!("{libdir}/"), "LIB/", 1));
+            }
+            got.sort();
+            let mut want: Vec<String> = crate::libvchan::FILES
+                .iter()
+                .map(|f| f.to_string())
+                .collect();
+            want.sort();
+            assert_eq!(got, want, "{stage}");
+        }
+        // What it replaces, and how to switch back, is said in both.
+        for s in [
+            "conflicts = \"libvchan-xen1, libvchan-xen-dev",
+            "qubes-libvchan-xen = \"*\"",
+            "provides = \"libvchan-xen1 (= ",
+            "dnf swap libvchan-xen-rs qubes-libvchan-xen",
+            "apt install libvchan-xen1",
+        ] {
+            assert!(toml.contains(s), "{s} missing from libvchan/Cargo.toml");
         }
     }
 }

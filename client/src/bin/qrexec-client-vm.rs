@@ -5,5 +5,7 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
+    // The libraries never print; their warnings become one line on stderr.
+    vchan::stderr_log::install();
     qrexec::cli::main()
 }

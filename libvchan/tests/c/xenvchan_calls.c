@@ -81,7 +81,12 @@ static void client(void) {
     CHECK(c != NULL);
     CHECK(!c->is_server);
     CHECK(!c->blocking);
-    CHECK(c->read.order == 11 && c->write.order == 10);
+    if (getenv("VCHAN_SOCKET_DIR"))
+        /* The socket flavour's client cannot learn the server's ring
+         * sizes: its buffers are 64 KiB (the crate docs). */
+        CHECK(c->read.order == 16 && c->write.order == 16);
+    else
+        CHECK(c->read.order == 11 && c->write.order == 10);
     c->blocking = 1;
     CHECK(libxenvchan_is_open(c) == 1);
     CHECK(libxenvchan_send(c, "hello", 5) == 5);

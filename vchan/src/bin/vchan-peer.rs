@@ -369,6 +369,7 @@ fn sum_stdin() -> std::io::Result<(u64, u64)> {
 }
 
 fn main() -> ExitCode {
+    vchan::stderr_log::install();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["gen", mib] => {

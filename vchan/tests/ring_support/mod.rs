@@ -25,6 +25,7 @@ use vchan::control::{
     Side, init_server_page, validate_client_orders,
 };
 use vchan::endpoint::{Endpoint, Events};
+use vchan::mem::SharedMemory;
 
 /// `len` bytes (a multiple of the page size) of zeroed read-write memory
 /// between two inaccessible guard pages.
@@ -91,6 +92,20 @@ impl Guarded {
     }
 }
 
+// SAFETY: `base` is non-null, page-aligned and valid for reads and writes
+// of `len` bytes until `drop`; only raw accesses are made to it.
+unsafe impl SharedMemory for Guarded {
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+}
+
 impl Drop for Guarded {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the region mapped in `new` (guards
@@ -111,9 +126,9 @@ impl Drop for Guarded {
 #[derive(Debug)]
 pub struct VchanMemory {
     pub layout: Layout,
-    pub ctrl: Guarded,
-    pub left: Option<Guarded>,
-    pub right: Option<Guarded>,
+    pub ctrl: Arc<Guarded>,
+    pub left: Option<Arc<Guarded>>,
+    pub right: Option<Arc<Guarded>>,
 }
 
 impl VchanMemory {
@@ -122,10 +137,10 @@ impl VchanMemory {
     /// value is legitimate) and the client already connected unless
     /// `client_connected` is false.
     pub fn new(layout: Layout, start: u32, client_connected: bool) -> Self {
-        let ctrl = Guarded::new(PAGE_SIZE);
+        let ctrl = Arc::new(Guarded::new(PAGE_SIZE));
         let ext = |id: RingId| match layout.location(id) {
             RingLocation::InPage { .. } => None,
-            RingLocation::External { pages, .. } => Some(Guarded::new(pages * PAGE_SIZE)),
+            RingLocation::External { pages, .. } => Some(Arc::new(Guarded::new(pages * PAGE_SIZE))),
         };
         let mem = Self {
             layout,
@@ -151,16 +166,13 @@ impl VchanMemory {
 
     /// The control page as a [`ControlPage`].
     pub fn header(&self) -> ControlPage {
-        // SAFETY: a page-aligned 4096-byte mapping owned by `self`; callers
-        // keep `self` alive while using the header.
-        unsafe { ControlPage::new(self.ctrl.ptr()) }
+        ControlPage::new(self.ctrl.clone()).expect("a page")
     }
 
     /// An endpoint for `side` over this memory. The client validates the
     /// orders from the page first, as a real client does.
     ///
-    /// The endpoint holds raw pointers into `self`: keep `self` alive
-    /// (e.g. in an `Arc` held next to the endpoint) while it is used.
+    /// The endpoint holds the mappings: it may outlive `self`.
     pub fn endpoint(&self, side: Side, events: TestEvents) -> Endpoint<TestEvents> {
         self.try_endpoint(side, events).expect("endpoint")
     }
@@ -178,21 +190,15 @@ impl VchanMemory {
                 validate_client_orders(l, r)?
             }
         };
-        let ptr = |g: &Option<Guarded>| g.as_ref().map_or(std::ptr::null_mut(), Guarded::ptr);
-        // SAFETY: the control page and the external rings are live guarded
-        // mappings of the right sizes owned by `self`, which the caller keeps
-        // alive while the endpoint is used; nothing holds references into
-        // them.
-        unsafe {
-            Endpoint::new(
-                self.ctrl.ptr(),
-                side,
-                &layout,
-                ptr(&self.left),
-                ptr(&self.right),
-                events,
-            )
-        }
+        let mem = |g: &Option<Arc<Guarded>>| g.clone().map(|g| g as Arc<dyn SharedMemory>);
+        Endpoint::new(
+            self.ctrl.clone(),
+            side,
+            &layout,
+            mem(&self.left),
+            mem(&self.right),
+            events,
+        )
     }
 
     /// Start address of `ring`'s bytes.

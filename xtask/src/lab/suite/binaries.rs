@@ -116,18 +116,6 @@ pub(super) fn stage_binaries(cfg: &Config, bins: &[PathBuf]) -> Result<(), Strin
     }
 }
 
-pub(super) fn sha256(p: &std::path::Path) -> Result<String, String> {
-    let out = Command::new("sha256sum")
-        .arg(p)
-        .output()
-        .map_err(|e| format!("sha256sum: {e}"))?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .map(String::from)
-        .ok_or_else(|| format!("sha256sum {}: no output", p.display()))
-}
-
 /// The file beside the binaries in every guest that names them by hash.
 pub(super) const STAMP: &str = "lab-bins.sha256";
 
@@ -137,7 +125,7 @@ pub(super) fn stamp_of(bins: &[PathBuf]) -> Result<String, String> {
     let mut s = String::new();
     for b in bins {
         let name = b.file_name().ok_or("bad binary path")?.to_string_lossy();
-        let _ = writeln!(s, "{} {name}", sha256(b)?);
+        let _ = writeln!(s, "{} {name}", crate::util::sha256_file(b)?);
     }
     Ok(s)
 }
