@@ -440,8 +440,9 @@ fn wait_with(
     let start = timeout.map(|_| coarse_now());
     let mut left = timeout;
     loop {
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, left.map_or(PollTimeout::NONE, poll_timeout)) {
+        let mut fds = [nix::poll::PollFd::new(fd, PollFlags::POLLIN)];
+        let wait = left.map_or(nix::poll::PollTimeout::NONE, xen_base::poll_timeout);
+        match nix::poll::poll(&mut fds, wait) {
             // Timed out: one last look, so that an event that raced the
             // timeout counts.
             Ok(0) => return consume(),
