@@ -533,8 +533,11 @@ fn print_error(msg: &str) {
     let _ = writeln!(io::stderr(), "qrexec-client-vm: {msg}");
 }
 
-/// The command's logger: every `log` event of the library as one
-/// `qrexec-client-vm: ...` line on stderr, as the C command prints them.
+/// The command's logger: every `log` event as one `qrexec-client-vm: ...`
+/// line on stderr, as the C command prints them; events of the other
+/// libraries (vchan, xenstore, ...) name their crate and level after the
+/// prefix (`qrexec-client-vm: vchan: warning: ...`, see
+/// [`vchan::stderr_log::line`]).
 struct StderrLogger;
 
 impl log::Log for StderrLogger {
@@ -544,7 +547,11 @@ impl log::Log for StderrLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            print_error(&record.args().to_string());
+            if record.target().starts_with("qrexec") {
+                print_error(&record.args().to_string());
+            } else {
+                print_error(&vchan::stderr_log::line(record));
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    // The libraries never print; their warnings become one line on stderr.
-    vchan::stderr_log::install();
+    // The libraries never print: `qrexec::cli` installs the command's logger
+    // (one `qrexec-client-vm: ...` line per event, the debug trace with -v).
     qrexec::cli::main()
 }
