@@ -409,26 +409,64 @@ fn poll_readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<bool, 
     xen_base::poll_until(fd, PollFlags::POLLIN, deadline)
 }
 
-/// The shared body of `wait`/`wait_timeout`: poll, then try to consume;
-/// another thread may have taken the event between the two, so loop.
+/// A monotonic clock that is always answered in user space (the vDSO): a
+/// Xen PV guest without a stable TSC has no vDSO `CLOCK_MONOTONIC`, so
+/// `Instant::now()` is a system call there, on every wait. Its ticks (a few
+/// ms) are fine grained enough for the repeats of [`wait_with`].
+fn coarse_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+/// The shared body of `wait`/`wait_timeout`: poll (at most `timeout`;
+/// `None`: forever), then consume; another thread may have taken the event
+/// between the two, or a signal may interrupt the poll, so loop with what
+/// is left of the timeout.
+///
+/// No read before the poll: a pending event makes the poll return at once,
+/// and when there is none (the usual case: the caller has just found its
+/// ring empty and asked for an event) that read is a wasted `EAGAIN`. And
+/// no `Instant::now()`: see [`coarse_now`]. A wait is on the path of every
+/// blocking vchan call that sleeps, so each system call here counts (the
+/// lab's throughput phase with `LAB_TPUT_COUNT=1`: libxenvchan does a
+/// blocking `read` and the unmask `write`, two calls per wait).
 fn wait_with(
     fd: BorrowedFd<'_>,
     port: Port,
-    deadline: Option<Instant>,
+    timeout: Option<Duration>,
     mut consume: impl FnMut() -> Result<bool, Error>,
 ) -> Result<bool, Error> {
+    let start = timeout.map(|_| coarse_now());
+    let mut left = timeout;
     loop {
-        if consume()? {
-            return Ok(true);
+        let mut fds = [nix::poll::PollFd::new(fd, PollFlags::POLLIN)];
+        let wait = left.map_or(nix::poll::PollTimeout::NONE, xen_base::poll_timeout);
+        match nix::poll::poll(&mut fds, wait) {
+            // Timed out: one last look, so that an event that raced the
+            // timeout counts.
+            Ok(0) => return consume(),
+            // Readable, or hung up / error: the read tells which.
+            Ok(_) => {
+                if consume()? {
+                    return Ok(true);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    op: "poll",
+                    port,
+                    source: e.into(),
+                });
+            }
         }
-        let ready = poll_readable(fd, deadline).map_err(|e| Error::Io {
-            op: "poll",
-            port,
-            source: e.into(),
-        })?;
-        if !ready {
-            // One last look, so that an event that raced the timeout counts.
-            return consume();
+        if let (Some(t), Some(s)) = (timeout, start) {
+            let l = t.saturating_sub(coarse_now().saturating_sub(s));
+            if l.is_zero() {
+                return consume();
+            }
+            left = Some(l);
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 
@@ -201,8 +201,7 @@ impl EventChannel for XenChannel {
     }
 
     fn wait_timeout(&self, timeout: Duration) -> Result<bool, Error> {
-        let deadline = Instant::now().checked_add(timeout);
-        crate::wait_with(self.fd.as_fd(), self.port, deadline, || {
+        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
             self.consume_pending()
         })
     }

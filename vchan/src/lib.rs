@@ -441,6 +441,34 @@ impl Vchan {
         }
     }
 
+    /// Bounds the busy-wait of a blocking call before it asks the peer for
+    /// an event and sleeps (zero: sleep at once). The default
+    /// ([`spin::SpinPolicy::for_this_machine`]) spins only when this machine
+    /// has more than one CPU. No effect on the socket transport.
+    ///
+    /// ```
+    /// # use std::io::{Read, Write};
+    /// # use std::time::Duration;
+    /// # use vchan::{LocalXen, Vchan};
+    /// # let dir = tempfile::tempdir()?;
+    /// # // A same-host Xen double; this process plays domains 1 and 2.
+    /// # let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// # let (t1, t2) = (xen.transport(1), xen.transport(2));
+    /// # let mut srv = Vchan::server(&t1, 2, 4242, 4096, 4096)?;
+    /// # let mut cli = Vchan::client(&t2, 1, 4242, Duration::from_secs(10))?;
+    /// # srv.wait_connected(Some(Duration::from_secs(10)))?;
+    /// cli.set_spin(Duration::ZERO); // a peer on the same CPU: never spin
+    /// srv.write_all(b"x")?;
+    /// let mut b = [0u8; 1];
+    /// cli.read_exact(&mut b)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_spin(&mut self, d: Duration) {
+        if let Inner::Shm(c) = &mut self.inner {
+            c.endpoint().set_spin(d);
+        }
+    }
+
     /// Whether I/O calls block.
     ///
     /// ```

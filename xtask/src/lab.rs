@@ -42,6 +42,8 @@ pub(crate) struct Config {
     pub cpu: String,
     /// vCPUs of the QEMU machine (= dom0 vCPUs).
     pub smp: u32,
+    /// vCPUs of each domU (`vcpus=` of its Xen config).
+    pub domu_vcpus: u32,
     /// MiB of the whole QEMU machine.
     pub mem: u32,
     /// MiB for dom0.
@@ -97,11 +99,15 @@ impl Config {
         if xenstored != "o" && xenstored != "c" {
             return Err(format!("LAB_XENSTORED={xenstored:?}: o or c"));
         }
+        // LAB_VCPUS=N: N vCPUs per guest (each domU, and the QEMU machine
+        // and dom0 unless LAB_SMP says otherwise).
+        let domu_vcpus = env_num("LAB_VCPUS", 1)?.max(1);
         Ok(Config {
             cache,
             accel: env_or("LAB_ACCEL", "tcg"),
             cpu: env_or("LAB_CPU", "qemu64,+npt"),
-            smp: env_num("LAB_SMP", 1)?,
+            smp: env_num("LAB_SMP", domu_vcpus)?,
+            domu_vcpus,
             mem: env_num("LAB_MEM", 3072)?,
             dom0_mem: env_num("LAB_DOM0_MEM", 1024)?,
             domu_mem: env_num("LAB_DOMU_MEM", 256)?,

@@ -267,8 +267,7 @@ impl EventChannel for LocalChannel {
     }
 
     fn wait_timeout(&self, timeout: Duration) -> Result<bool, Error> {
-        let deadline = Instant::now().checked_add(timeout);
-        crate::wait_with(self.fd.as_fd(), self.port, deadline, || {
+        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
             self.consume_pending()
         })
     }

@@ -14,6 +14,8 @@
 //!   --compat libxenvchan   the default
 //!   --io-timeout S bound every blocking read/write (a Mirage peer that
 //!                  dies leaves no trace in shared memory)
+//!   --spin-us N    busy-wait at most N µs before sleeping on the event
+//!                  channel (default: the library's, none on one CPU)
 //! PORT is a number or, as ocaml-vchan allows, a name of [a-zA-Z0-9_-].
 //! vchan-peer gen MIB     the sender's stream (MIB MiB) to stdout
 //! vchan-peer sum         checksum of stdin: `bytes=N checksum=...`
@@ -126,6 +128,7 @@ struct Opts {
     port: PortName,
     compat: Compat,
     io_timeout: Option<Duration>,
+    spin: Option<Duration>,
     sending: bool,
     bytes: u64,
     ring: usize,
@@ -138,7 +141,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: vchan-peer server|client PEER_DOMID PORT send|recv MIB [RING_KIB] \
          [--bytes N] [--packet N] [--chunk N] [--timeout S] \
-         [--compat ocaml|libxenvchan] [--io-timeout S]\n       vchan-peer gen MIB | vchan-peer sum"
+         [--compat ocaml|libxenvchan] [--io-timeout S] [--spin-us N]\n       vchan-peer gen MIB | vchan-peer sum"
     );
     ExitCode::from(2)
 }
@@ -155,6 +158,7 @@ fn parse() -> Result<Opts, String> {
         .unwrap_or(60);
     let mut compat = Compat::Libxenvchan;
     let mut io_timeout = None;
+    let mut spin = None;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         if a == "--compat" {
@@ -176,6 +180,7 @@ fn parse() -> Result<Opts, String> {
             "--chunk" => chunk = val("--chunk")? as usize,
             "--timeout" => timeout = val("--timeout")?,
             "--io-timeout" => io_timeout = Some(Duration::from_secs(val("--io-timeout")?)),
+            "--spin-us" => spin = Some(Duration::from_micros(val("--spin-us")?)),
             _ => pos.push(a),
         }
     }
@@ -211,6 +216,7 @@ fn parse() -> Result<Opts, String> {
         port: PortName::new(&pos[2]).map_err(|e| format!("PORT: {e}"))?,
         compat,
         io_timeout,
+        spin,
         sending,
         bytes: bytes.unwrap_or(mib * 1024 * 1024),
         ring,
@@ -292,6 +298,9 @@ fn run(o: &Opts) -> Result<bool, vchan::Error> {
         Vchan::client_with(&t, o.peer, &o.port, o.timeout, o.compat)?
     };
     v.set_io_timeout(o.io_timeout);
+    if let Some(d) = o.spin {
+        v.set_spin(d);
+    }
     eprintln!(
         "connected to dom{} (read ring {} B, write ring {} B)",
         o.peer,

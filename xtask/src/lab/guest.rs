@@ -83,8 +83,8 @@ impl Lab {
         let mut script = String::new();
         for (i, n) in names.iter().enumerate() {
             script.push_str(&format!(
-                "lab-domu create {n} {} > /run/lab/create-{i}.log 2>&1 & p{i}=$!; ",
-                self.cfg.domu_mem
+                "lab-domu create {n} {} {} > /run/lab/create-{i}.log 2>&1 & p{i}=$!; ",
+                self.cfg.domu_mem, self.cfg.domu_vcpus
             ));
         }
         script.push_str("rc=0; ");

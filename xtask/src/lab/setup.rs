@@ -444,7 +444,7 @@ fn copy_modules(c: &Path, dst: &Path, mods: &[&str]) -> Result<(), String> {
 }
 
 /// Copies programs from the dom0 rootfs into `dst`, with their libraries.
-fn copy_elf(rootfs: &Path, dst: &Path, paths: &[&str]) -> Result<(), String> {
+pub(super) fn copy_elf(rootfs: &Path, dst: &Path, paths: &[&str]) -> Result<(), String> {
     for p in paths {
         let rel = p.trim_start_matches('/');
         sh(&format!(

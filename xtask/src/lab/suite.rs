@@ -157,6 +157,12 @@ struct Run {
     /// Domain ids by name (`xl domid` costs a guest round trip; the ids
     /// change only with a reboot, which clears this).
     ids: std::cell::RefCell<std::collections::HashMap<String, u16>>,
+    /// A command put in front of both peers of every transfer (the
+    /// throughput phase's counts: `busybox time -v`, `strace -c -f`).
+    wrap: Option<String>,
+    /// Our peer's file name under `/mnt/host` (the throughput phase's
+    /// `LAB_TPUT_PEER`; default `vchan-peer`).
+    ours_bin: String,
 }
 
 fn checksum_of(s: &str) -> Option<String> {
@@ -250,11 +256,13 @@ impl Run {
         }
         match (imp, server) {
             (Impl::Ours, true) => format!(
-                "/mnt/host/vchan-peer server {peer} {port} {dir} {mib} {ring_kib} --timeout {wait}{}",
+                "/mnt/host/{} server {peer} {port} {dir} {mib} {ring_kib} --timeout {wait}{}",
+                self.ours_bin,
                 packet.map_or(String::new(), |p| format!(" --packet {p}"))
             ),
             (Impl::Ours, false) => format!(
-                "/mnt/host/vchan-peer client {peer} {port} {dir} {mib} --timeout {wait}{}",
+                "/mnt/host/{} client {peer} {port} {dir} {mib} --timeout {wait}{}",
+                self.ours_bin,
                 packet.map_or(String::new(), |p| format!(" --packet {p}"))
             ),
             (Impl::C, true) => {
@@ -340,6 +348,10 @@ impl Run {
             x.packet.filter(|_| x.client != Impl::C),
             wait,
         );
+        let (scmd, ccmd) = match &self.wrap {
+            Some(w) => (format!("{w} {scmd}"), format!("{w} {ccmd}")),
+            None => (scmd, ccmd),
+        };
         self.bg(&x.server_dom, "srv", &scmd, limit)?;
         let t = Instant::now();
         let c = self.on(
@@ -470,9 +482,10 @@ pub fn test(cfg: &Config, args: &[String]) -> Result<(), String> {
         if o.quick { "quick" } else { "full" }
     );
     rep.notes.push(format!(
-        "lab: QEMU {} {} vCPU(s), {} MiB; xenstored {}; host load at start {}",
+        "lab: QEMU {} {} vCPU(s), {} vCPU(s) per domU, {} MiB; xenstored {}; host load at start {}",
         cfg.accel,
         cfg.smp,
+        cfg.domu_vcpus,
         cfg.mem,
         cfg.xenstored,
         loadavg()
@@ -543,6 +556,8 @@ pub fn test(cfg: &Config, args: &[String]) -> Result<(), String> {
         next_port: 1000 + std::process::id() % 20_000 * 2,
         rep,
         ids: Default::default(),
+        wrap: None,
+        ours_bin: "vchan-peer".into(),
     };
     run_phases(&mut run, &o);
 

@@ -4,6 +4,17 @@ use super::*;
 
 pub(super) fn build_binaries() -> Result<Vec<PathBuf>, String> {
     let target = crate::util::target_dir().join("lab-static");
+    let dir = target.join("x86_64-unknown-linux-gnu/release");
+    let bins: Vec<PathBuf> = ["vchan-peer", "xen-devtest", "qrexec-client-vm", "qubes-sim"]
+        .iter()
+        .map(|b| dir.join(b))
+        .collect();
+    // LAB_PREBUILT=1: the last build as it is (an A/B run on a kept lab
+    // with LAB_TPUT_PEER, while the tree has moved on).
+    if std::env::var("LAB_PREBUILT").is_ok_and(|v| v == "1") && bins.iter().all(|b| b.exists()) {
+        eprintln!("lab test: LAB_PREBUILT=1, using {}", dir.display());
+        return Ok(bins);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!(
         "lab test: building static vchan-peer, xen-devtest, qrexec-client-vm, qubes-sim ({})",
@@ -43,13 +54,7 @@ pub(super) fn build_binaries() -> Result<Vec<PathBuf>, String> {
     if !st.success() {
         return Err(format!("cargo build of the lab binaries failed ({st})"));
     }
-    let dir = target.join("x86_64-unknown-linux-gnu/release");
-    Ok(
-        ["vchan-peer", "xen-devtest", "qrexec-client-vm", "qubes-sim"]
-            .iter()
-            .map(|b| dir.join(b))
-            .collect(),
-    )
+    Ok(bins)
 }
 
 /// Puts the binaries where the guests find them at boot: the 9p share
@@ -67,6 +72,24 @@ pub(super) fn stage_binaries(cfg: &Config, bins: &[PathBuf]) -> Result<(), Strin
         let name = b.file_name().ok_or("bad binary path")?;
         crate::lab::guest::copy_replacing(b, &share.join(name))?;
         std::fs::copy(b, host.join(name)).map_err(|e| format!("{}: {e}", b.display()))?;
+    }
+    // LAB_EXTRA_BINS: more host files for /mnt/host (e.g. another build
+    // of vchan-peer for the throughput phase's LAB_TPUT_PEER), at boot only.
+    for b in std::env::var("LAB_EXTRA_BINS")
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        let b = std::path::Path::new(b);
+        let name = b.file_name().ok_or("LAB_EXTRA_BINS: bad path")?;
+        crate::lab::guest::copy_replacing(b, &share.join(name))?;
+        std::fs::copy(b, host.join(name)).map_err(|e| format!("{}: {e}", b.display()))?;
+    }
+    // strace and its libraries from the dom0 root file system, for the
+    // throughput phase's syscall counts (only then: the archive rides in
+    // every domU's initramfs).
+    let rootfs = cfg.cache.join("dom0-rootfs");
+    if count_requested() && rootfs.join("usr/bin/strace").exists() {
+        setup::copy_elf(&rootfs, &st, &["/usr/bin/strace"])?;
     }
     let stamp = stamp_of(bins)?;
     for d in [&share, &host] {

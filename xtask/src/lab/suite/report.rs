@@ -38,6 +38,22 @@ pub(super) struct Tput {
     pub(super) rates: [Option<f64>; 4],
 }
 
+/// One side of one pairing in the throughput phase's counts
+/// (`LAB_TPUT_COUNT=1`), per MiB.
+#[derive(Debug)]
+pub(super) struct CountRow {
+    pub(super) ring_kib: u32,
+    pub(super) dir: &'static str,
+    /// `C→C`, `ours→ours`, ...
+    pub(super) pair: &'static str,
+    /// `send ours`, `recv C`, ...
+    pub(super) side: String,
+    /// CPU ms, voluntary and involuntary context switches.
+    pub(super) time: Option<(f64, f64, f64)>,
+    /// Syscalls: total, ioctl, read, write, poll, clock_gettime.
+    pub(super) calls: Option<[f64; 6]>,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Report {
     pub(super) rows: Vec<Row>,
@@ -46,6 +62,7 @@ pub(super) struct Report {
     pub(super) rows_timed: usize,
     pub(super) timings: Vec<(String, f64)>,
     pub(super) tput: Vec<Tput>,
+    pub(super) counts: Vec<CountRow>,
     pub(super) notes: Vec<String>,
 }
 
@@ -166,6 +183,39 @@ impl Report {
                     ratio(r[1], r[0]),
                     ratio(r[2], r[0]),
                     ratio(r[3], r[0])
+                );
+            }
+        }
+        if !self.counts.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## Throughput: costs per MiB (`LAB_TPUT_COUNT=1`)\n\n\
+                 CPU and context switches from `busybox time -v` around the best timed run;\n\
+                 syscalls from one more transfer under `strace -c -f` (`ioctl` = evtchn notify,\n\
+                 `read`/`write` = evtchn wait/unmask, `poll` ours only, `clock` = clock_gettime,\n\
+                 a syscall in these PV guests). Whole process, set-up included.\n\n\
+                 | ring | direction | pairing | side | CPU ms | vol. cs | invol. cs | syscalls | ioctl | read | write | poll | clock |\n\
+                 |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for c in &self.counts {
+                let (t0, t1, t2) = match c.time {
+                    Some((a, b, d)) => (format!("{a:.1}"), format!("{b:.1}"), format!("{d:.1}")),
+                    None => ("-".into(), "-".into(), "-".into()),
+                };
+                let k = |i: usize| c.calls.map_or("-".to_string(), |v| format!("{:.1}", v[i]));
+                let _ = writeln!(
+                    s,
+                    "| {} KiB | {} | {} | {} | {t0} | {t1} | {t2} | {} | {} | {} | {} | {} | {} |",
+                    c.ring_kib,
+                    c.dir,
+                    c.pair,
+                    c.side,
+                    k(0),
+                    k(1),
+                    k(2),
+                    k(3),
+                    k(4),
+                    k(5)
                 );
             }
         }

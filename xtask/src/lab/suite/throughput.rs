@@ -1,9 +1,175 @@
 //! Phase `throughput`: ours vs C, rings 64 KiB and 1 MiB, both directions (informational).
+//!
+//! `LAB_TPUT_COUNT=1` adds the costs per MiB of each side: CPU time and
+//! context switches (voluntary: sleeps on the event channel; involuntary:
+//! preemptions) from `busybox time -v` around the timed runs, and one more
+//! transfer per pairing under `strace -c -f` for the syscalls by kind
+//! (`ioctl` is the event-channel notify, `read`/`write` on the evtchn fd are
+//! the wait and the unmask, `poll` ours only). Every count covers the whole
+//! process, set-up included (a few dozen calls). strace slows each syscall,
+//! so its transfer is not timed.
 
 use super::*;
 
+/// `LAB_TPUT_COUNT=1`: count syscalls, context switches and CPU per MiB.
+pub(super) fn count_requested() -> bool {
+    std::env::var("LAB_TPUT_COUNT").is_ok_and(|v| v == "1")
+}
+
+/// CPU seconds (user + system), voluntary and involuntary context switches
+/// from `busybox time -v` output.
+fn time_v(s: &str) -> Option<(f64, u64, u64)> {
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Some((
+        field("User time (seconds):")? + field("System time (seconds):")?,
+        field("Voluntary context switches:")? as u64,
+        field("Involuntary context switches:")? as u64,
+    ))
+}
+
+/// `(syscall, calls)` from the table `strace -c` prints, the `total` row
+/// included.
+fn strace_calls(s: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for l in s.lines() {
+        let l = l.trim();
+        if l.starts_with("% time") {
+            inside = true;
+            continue;
+        }
+        if !inside || l.starts_with("---") {
+            continue;
+        }
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 5 {
+            inside = false;
+            continue;
+        }
+        let Ok(calls) = f[3].parse() else { continue };
+        let name = f[f.len() - 1].to_string();
+        let done = name == "total";
+        out.push((name, calls));
+        if done {
+            inside = false;
+        }
+    }
+    out
+}
+
+/// One side's costs in one transfer, per MiB.
+#[derive(Debug, Default, Clone)]
+struct Costs {
+    /// From `time -v` (CPU ms, voluntary, involuntary).
+    time: Option<(f64, f64, f64)>,
+    /// From `strace -c`: total, ioctl, read, write, poll (+ppoll),
+    /// clock_gettime.
+    calls: Option<[f64; 6]>,
+}
+
+fn per_mib_time(log: &str, mib: u32) -> Option<(f64, f64, f64)> {
+    let (cpu, v, i) = time_v(log)?;
+    let m = f64::from(mib);
+    Some((cpu * 1000.0 / m, v as f64 / m, i as f64 / m))
+}
+
+fn per_mib_calls(log: &str, mib: u32) -> Option<[f64; 6]> {
+    let c = strace_calls(log);
+    if c.is_empty() {
+        return None;
+    }
+    let get = |n: &str| {
+        c.iter()
+            .filter(|(k, _)| k == n)
+            .map(|(_, v)| *v)
+            .sum::<u64>()
+    };
+    let m = f64::from(mib);
+    Some([
+        get("total") as f64 / m,
+        get("ioctl") as f64 / m,
+        get("read") as f64 / m,
+        get("write") as f64 / m,
+        (get("poll") + get("ppoll")) as f64 / m,
+        get("clock_gettime") as f64 / m,
+    ])
+}
+
+/// The server's and the client's part of a transfer log (see `Run::xfer`).
+fn split_log(log: &str) -> (&str, &str) {
+    match log.find("\n\nclient (") {
+        Some(i) => (&log[..i], &log[i..]),
+        None => (log, ""),
+    }
+}
+
+const PAIRS: [&str; 4] = ["C→C", "ours→ours", "C→ours", "ours→C"];
+
 pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
-    let reps = if run.quick { 1 } else { 3 };
+    let peer = std::env::var("LAB_TPUT_PEER").unwrap_or_default();
+    let saved = std::mem::replace(
+        &mut run.ours_bin,
+        if peer.is_empty() {
+            "vchan-peer".into()
+        } else {
+            peer
+        },
+    );
+    if run.ours_bin != "vchan-peer" {
+        run.rep.notes.push(format!(
+            "throughput: ours is /mnt/host/{} (LAB_TPUT_PEER)",
+            run.ours_bin
+        ));
+    }
+    let r = phase_body(run);
+    run.ours_bin = saved;
+    run.wrap = None;
+    r
+}
+
+/// Ring sizes in KiB (`LAB_TPUT_RINGS=64,1024`, the default).
+fn rings() -> Result<Vec<u32>, String> {
+    match std::env::var("LAB_TPUT_RINGS") {
+        Ok(s) if !s.is_empty() => s
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse()
+                    .map_err(|_| format!("LAB_TPUT_RINGS: {r:?} is not a number"))
+            })
+            .collect(),
+        _ => Ok(vec![64, 1024]),
+    }
+}
+
+fn phase_body(run: &mut Run) -> Result<(), String> {
+    // LAB_TPUT_REPS=N: N timed runs per cell (best kept) instead of 1
+    // (quick) or 3 (full).
+    let reps = match std::env::var("LAB_TPUT_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(n) if n > 0 => n,
+        _ if run.quick => 1,
+        _ => 3,
+    };
+    let count = count_requested();
+    let strace = count && {
+        let r = run.on("domU1", "command -v strace", Duration::from_secs(60))?;
+        let r2 = run.on("domU2", "command -v strace", Duration::from_secs(60))?;
+        r.ok() && r2.ok()
+    };
+    if count && !strace {
+        run.rep.notes.push(
+            "LAB_TPUT_COUNT=1: no strace in the domUs (they were made without it: `lab stop` \
+             and rerun), syscall counts left out"
+                .into(),
+        );
+    }
     // (sender, receiver): ours against ours, and each of our halves alone
     // against the C peer (C→ours: our receive path, ours→C: our send
     // path), all beside C→C.
@@ -13,40 +179,60 @@ pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
         (Impl::C, Impl::Ours),
         (Impl::Ours, Impl::C),
     ];
-    for ring in [64u32, 1024] {
+    for ring in rings()? {
         for server_sends in [true, false] {
             // At least ~1 s per transfer at the rates seen here (15-25
             // MiB/s with 64 KiB rings, 70-180 with 1 MiB): shorter ones
             // mostly measure the start-up.
             let mib = match (ring, run.quick) {
-                (64, true) => 24,
-                (64, false) => 48,
+                (..=64, true) => 24,
+                (..=64, false) => 48,
                 (_, true) => 128,
                 (_, false) => 256,
             };
             let mut best = [None::<f64>; 4];
+            // (sender, receiver) costs per pairing.
+            let mut costs: [(Costs, Costs); 4] = Default::default();
+            let mk = |i: usize| {
+                let (sender, receiver) = combos[i];
+                let (server, client) = if server_sends {
+                    (sender, receiver)
+                } else {
+                    (receiver, sender)
+                };
+                Xfer {
+                    server_dom: "domU1".into(),
+                    client_dom: "domU2".into(),
+                    server,
+                    client,
+                    ring_kib: ring,
+                    mib,
+                    server_sends,
+                    packet: None,
+                }
+            };
+            let by_role = |log: &str| {
+                let (s, c) = split_log(log);
+                if server_sends {
+                    (s.to_string(), c.to_string())
+                } else {
+                    (c.to_string(), s.to_string())
+                }
+            };
+            run.wrap = count.then(|| "/bin/busybox time -v".to_string());
             for _ in 0..reps {
-                for (i, &(sender, receiver)) in combos.iter().enumerate() {
-                    let (server, client) = if server_sends {
-                        (sender, receiver)
-                    } else {
-                        (receiver, sender)
-                    };
-                    let x = Xfer {
-                        server_dom: "domU1".into(),
-                        client_dom: "domU2".into(),
-                        server,
-                        client,
-                        ring_kib: ring,
-                        mib,
-                        server_sends,
-                        packet: None,
-                    };
+                for i in 0..combos.len() {
+                    let x = mk(i);
                     let r = run.xfer(&x)?;
                     let name = xfer_name(&x);
                     run.save_log(&format!("throughput-{name}"), &r.log);
                     if r.ok {
                         if let Some(rate) = r.rate {
+                            if best[i].is_none_or(|b| rate > b) {
+                                let (snd, rcv) = by_role(&r.log);
+                                costs[i].0.time = per_mib_time(&snd, mib);
+                                costs[i].1.time = per_mib_time(&rcv, mib);
+                            }
                             best[i] = Some(best[i].map_or(rate, |b: f64| b.max(rate)));
                         }
                     } else {
@@ -54,6 +240,24 @@ pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
                     }
                 }
             }
+            if strace {
+                run.wrap = Some("strace -c -f".to_string());
+                for (i, c) in costs.iter_mut().enumerate() {
+                    let x = mk(i);
+                    let r = run.xfer(&x)?;
+                    let name = xfer_name(&x);
+                    run.save_log(&format!("throughput-strace-{name}"), &r.log);
+                    if r.ok {
+                        let (snd, rcv) = by_role(&r.log);
+                        c.0.calls = per_mib_calls(&snd, mib);
+                        c.1.calls = per_mib_calls(&rcv, mib);
+                    } else {
+                        run.rep
+                            .add("throughput", format!("strace {name}"), St::Fail, r.detail);
+                    }
+                }
+            }
+            run.wrap = None;
             let dir = if server_sends {
                 "server→client"
             } else {
@@ -76,6 +280,21 @@ pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
                     f(best[3])
                 ),
             );
+            if count {
+                for (i, (snd, rcv)) in costs.iter().enumerate() {
+                    let (simp, rimp) = combos[i];
+                    for (role, imp, c) in [("send", simp, snd), ("recv", rimp, rcv)] {
+                        run.rep.counts.push(CountRow {
+                            ring_kib: ring,
+                            dir,
+                            pair: PAIRS[i],
+                            side: format!("{role} {}", imp.name()),
+                            time: c.time,
+                            calls: c.calls,
+                        });
+                    }
+                }
+            }
             run.rep.tput.push(Tput {
                 ring_kib: ring,
                 dir,
@@ -84,4 +303,41 @@ pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_time_v_and_strace_c() {
+        let log = "\
+received 25165824 bytes (24.0 MiB) in 1.000 s = 24.00 MiB/s; checksum=00
+\tUser time (seconds): 0.25
+\tSystem time (seconds): 0.50
+\tVoluntary context switches: 480
+\tInvoluntary context switches: 24
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 50.00    0.000500           2       240           ioctl
+ 30.00    0.000300           1       480        24 read
+ 20.00    0.000200           1       240           write
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.001000           1       960        24 total
+";
+        let t = per_mib_time(log, 24).expect("time -v");
+        assert!((t.0 - 31.25).abs() < 1e-9 && t.1 == 20.0 && t.2 == 1.0);
+        let c = per_mib_calls(log, 24).expect("strace -c");
+        assert_eq!(c, [40.0, 10.0, 20.0, 10.0, 0.0, 0.0]);
+        assert!(per_mib_calls("no table", 1).is_none());
+    }
+
+    #[test]
+    fn splits_a_transfer_log_by_side() {
+        let (s, c) = split_log(
+            "server (C) in domU1: x\nS\n[server rc Some(0)]\n\nclient (ours) in domU2: y\nC\n",
+        );
+        assert!(s.contains('S') && !s.contains("client ("));
+        assert!(c.contains("client (ours)") && c.contains('C'));
+    }
 }
