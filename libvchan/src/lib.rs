@@ -1,3 +1,8 @@
+// Why this file is long (~1280 lines): it is the whole C ABI of Qubes'
+// libvchan (16 entry points, each with its errno contract and SAFETY
+// comments, ~340 lines of docs and comments), the handle registry every
+// entry point goes through, and ~80 lines of unit tests. Xen's libxenvchan
+// ABI is in xenvchan.rs.
 //! Qubes' `libvchan` C API and ABI on the pure-Rust [`vchan`] crate, so
 //! that existing C programs (`qrexec-agent`, `qrexec-daemon`, the GUI
 //! agent, `qubesdb`, …) run on it unchanged.

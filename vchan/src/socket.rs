@@ -1,3 +1,8 @@
+// Why this file is long (~830 lines): it is the whole socket transport,
+// one state machine (listening, queued output before the client, connected,
+// half-closed) whose readiness rules libvchan-socket's C programs depend on;
+// about 100 lines are doc comments. Split by concern it would scatter one
+// struct's invariants over files.
 //! The socket transport: the byte stream of Qubes' `qubes-core-vchan-socket`.
 //!
 //! The server binds `<dir>/vchan.<server>.<client>.<port>.sock` (removing a
