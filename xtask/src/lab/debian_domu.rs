@@ -42,7 +42,7 @@ pub(crate) const DEBIAN_DOMU_PKGS: &str = "man-db";
 const IMAGE_SIZE: &str = "1G";
 
 /// The cached root file system.
-fn rootfs(cfg: &Config) -> PathBuf {
+pub(crate) fn rootfs(cfg: &Config) -> PathBuf {
     cfg.cache.join("debian-domU-rootfs")
 }
 
