@@ -35,6 +35,7 @@ const PHASES: &[&str] = &[
     "destroy",
     "cxenstored",
     "mirage",
+    "package",
 ];
 
 #[derive(Debug)]
@@ -74,7 +75,7 @@ impl Opts {
         if o.phases.is_empty() {
             o.phases = PHASES
                 .iter()
-                .filter(|p| !(o.quick && **p == "cxenstored"))
+                .filter(|p| !(o.quick && (**p == "cxenstored" || **p == "package")))
                 .map(|p| p.to_string())
                 .collect();
         }
@@ -371,6 +372,12 @@ impl Run {
         let id = self.lab.domid(dom)?;
         self.ids.borrow_mut().insert(dom.to_string(), id);
         Ok(id)
+    }
+
+    /// Drops a domain's cached id (it was destroyed; a new one of that
+    /// name gets a new id).
+    fn forget_id(&self, dom: &str) {
+        self.ids.borrow_mut().remove(dom);
     }
 
     fn on(&self, dom: &str, cmd: &str, timeout: Duration) -> Result<Output, String> {
@@ -1031,6 +1038,9 @@ fn phase_throughput(run: &mut Run) -> Result<(), String> {
 #[path = "qrexec.rs"]
 mod qrexec;
 
+#[path = "package_phase.rs"]
+mod package_phase;
+
 fn phase_qrexec(run: &mut Run) -> Result<(), String> {
     qrexec::phase(run)
 }
@@ -1544,6 +1554,7 @@ fn run_phases(run: &mut Run, o: &Opts) {
         let q = r.quick;
         phase_matrix(r, mirage_cases(q), "mirage-like")
     });
+    phase(run, "package", &mut package_phase::phase);
     phase(run, "destroy", &mut phase_destroy);
 }
 
@@ -1556,6 +1567,7 @@ fn section_of(phase: &str) -> &'static str {
         "qrexec" => "qrexec",
         "destroy" => "xl destroy",
         "mirage" => "mirage-like",
+        "package" => "package",
         _ => "C xenstored",
     }
 }
