@@ -24,9 +24,9 @@
 //! Boot cost under TCG: about that of an initramfs domU (no systemd: busybox
 //! init runs the same sysinit), plus the copy of `/mnt/host`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::setup::{chroot_install, log, mkdirs, q, run, sh};
 use super::{Config, Lab, lab_src};
@@ -104,10 +104,39 @@ fn build_image(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// `lab setup`'s part: the root file system (cached) and the image.
+/// The newest modification time under `p` (a file or a directory).
+fn newest_mtime(p: &Path) -> Option<SystemTime> {
+    let m = std::fs::symlink_metadata(p).ok()?;
+    let mut t = m.modified().ok()?;
+    if m.is_dir() {
+        for e in std::fs::read_dir(p).ok()?.flatten() {
+            if let Some(x) = newest_mtime(&e.path()) {
+                t = t.max(x);
+            }
+        }
+    }
+    Some(t)
+}
+
+/// `lab setup`'s part: the root file system (cached) and the image (made
+/// again when the root file system or the domU's lab files are newer).
 pub(super) fn setup(cfg: &Config, force: bool) -> Result<(), String> {
     setup_rootfs(cfg, force)?;
-    build_image(cfg)
+    let img = newest_mtime(&cfg.cache.join(IMAGE));
+    let inputs = [
+        cfg.cache.join(".debian-domU-rootfs.done"),
+        lab_src().join("guest/domU"),
+    ]
+    .iter()
+    .filter_map(|p| newest_mtime(p))
+    .max();
+    match (img, inputs) {
+        (Some(i), Some(n)) if i > n && !force => {
+            log("debian-domU.img is up to date");
+            Ok(())
+        }
+        _ => build_image(cfg),
+    }
 }
 
 /// QEMU's `-drive` argument for the image, if setup made it.
