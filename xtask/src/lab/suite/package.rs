@@ -270,7 +270,7 @@ fn in_domu(run: &mut Run, deb: &str, boot: Duration) -> Result<(), String> {
              echo \"@@path=$(command -v qrexec-client-vm)\"; echo \"@@owner=$(dpkg -S /usr/bin/qrexec-client-vm 2>&1 | tail -n 1)\"; \
              echo \"@@status=$(dpkg-query -W -f='${{Status}} ${{Version}}' {PKG})\"; \
              echo \"@@libc=$(ldd /usr/bin/qrexec-client-vm 2>&1 | grep -o 'libc.so.6 => [^ ]*')\"; \
-             echo \"@@help=$(qrexec-client-vm --help | head -1)\"; cat /tmp/dpkg-i.log"
+             echo \"@@help=$(qrexec-client-vm --help | grep -m1 '^Usage:')\"; cat /tmp/dpkg-i.log"
         ),
         Duration::from_secs(300),
     )?;
@@ -281,7 +281,7 @@ fn in_domu(run: &mut Run, deb: &str, boot: Duration) -> Result<(), String> {
         && f("@@path=") == "/usr/bin/qrexec-client-vm"
         && f("@@owner=") == format!("{PKG}: /usr/bin/qrexec-client-vm")
         && f("@@status=").starts_with("install ok installed")
-        && f("@@help=").contains("qrexec-client-vm");
+        && f("@@help=").starts_with("Usage: qrexec-client-vm");
     run.rep.add(
         SECTION,
         format!("dpkg -i {deb}: `command -v qrexec-client-vm` is the package's file"),
