@@ -13,7 +13,7 @@
 //! | `dpkg -L` | the command, the man page, the completions |
 //! | `man qrexec-client-vm` | man-db renders the page (SYNOPSIS, EXIT STATUS) |
 //! | the qrexec calls | those of the `qrexec` phase (`qrexec.rs`) with domU3 as the caller and `qrexec-client-vm` from `PATH`: 100 MiB with checksums, refusal 126, `--buffer-size=1048576`, exit code 3, 127 |
-//! | `dpkg --purge` | exit 0; no `qrexec-client-vm` on `PATH`, no diversion left; `find / -xdev` (path, type, mode, size) as before the install, except `/tmp`, `/var/log`, `/var/lib/dpkg`, `/var/cache` |
+//! | `dpkg --purge` | exit 0; no `qrexec-client-vm` on `PATH`, no diversion left; `find / -xdev` (path, type, mode, size of files) as before the install, except `/tmp`, `/var/log`, `/var/lib/dpkg`, `/var/cache` |
 //!
 //! Not in `--quick` (CI): CI installs neither cargo-deb nor
 //! cargo-generate-rpm (minutes to compile), which `cargo xtask package`
