@@ -16,10 +16,12 @@
 //! cargo xtask lab test [--quick]    setup, build, start, device tests, interop matrix,
 //!                                   death and throughput checks, stop
 //! cargo xtask lab run-dom0 CMD | run-domU [-d NAME] CMD | push FILE... | log | console
+//! cargo xtask lab debian-domU [-d NAME] [FILE...]   a domU with a Debian root file system
 //! ```
 //!
 //! See `lab/README.md` for the knobs and what each phase checks.
 
+mod debian_domu;
 mod guest;
 mod qga;
 mod setup;
@@ -152,6 +154,9 @@ fn usage() -> String {
      \n  run-dom0 CMD             run a shell command in dom0\
      \n  run-domU [-d NAME] CMD   run a shell command in a domU (default domU1)\
      \n  push FILE...             copy files to /mnt/host/ in dom0 and every domU\
+     \n  debian-domU [-d NAME] [FILE...]\
+     \n                           create a domU (default domU3) booted from the Debian root\
+     \n                           file system, with FILEs in its /mnt/host/\
      \n  log                      the serial console log (Xen + dom0 kernel)\
      \n  console                  attach to the serial console (socat; Ctrl-] leaves)\
      \n\
@@ -209,6 +214,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
             let lab = Lab::attach(&cfg)?;
             let files: Vec<PathBuf> = rest.iter().map(PathBuf::from).collect();
             lab.push(&files, None)
+        }
+        "debian-domU" | "debian-domu" => {
+            let (name, files) = match rest {
+                [d, name, files @ ..] if d == "-d" => (name.as_str(), files),
+                files => ("domU3", files),
+            };
+            let lab = Lab::attach(&cfg)?;
+            let files: Vec<PathBuf> = files.iter().map(PathBuf::from).collect();
+            let took = debian_domu::create(&lab, name, &files)?;
+            eprintln!(
+                "lab: {name} (Debian root) ready after {:.1}s",
+                took.as_secs_f64()
+            );
+            Ok(())
         }
         "log" => {
             let p = cfg.run_dir().join("console.log");

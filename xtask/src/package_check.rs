@@ -469,3 +469,13 @@ pub fn run_library(base: &Path, deb: &Path, rpm: &Path) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
+
+/// Only the `.rpm` check, against a copy of `base` (the lab's `package`
+/// phase, with its Debian domU's root file system).
+pub(crate) fn run_rpm(base: &Path, rpm: &Path) -> Result<(), String> {
+    let work = crate::util::target_dir().join("package-check-rpm");
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let r = check_rpm(base, &work, rpm);
+    let _ = std::fs::remove_dir_all(&work);
+    r
+}

@@ -7,9 +7,11 @@
 //!    then `xen-utils-4.17` and friends in a chroot);
 //! 4. `vchan-node` (the C libxenvchan peer, `lab/vchan-node.c`), dynamic and
 //!    static;
-//! 5. the domU initramfs, the dom0 stage-1 initramfs and the dom0 image.
+//! 5. the domU initramfs, the dom0 stage-1 initramfs and the dom0 image;
+//! 6. the Debian domU's root file system (a copy of the dom0 one + man-db)
+//!    and image (`debian_domu`).
 //!
-//! Steps 2 and 3 are slow and marked done in the cache (`--force` redoes
+//! Steps 2, 3 and 6's copy are slow and marked done in the cache (`--force` redoes
 //! them); the others are rebuilt every time (a few seconds).
 
 use std::path::{Path, PathBuf};
@@ -58,15 +60,20 @@ const DOMU_MODULES: &[&str] = &[
     "xen-netfront",
     "9pnet_xen",
     "9p",
+    // For a domU booted from a Debian root (`debian_domu`): its disk, an
+    // overlay on it.
+    "crc32c_generic",
+    "ext4",
+    "overlay",
 ];
 const INITRD_DOM0_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
 
-fn log(msg: &str) {
+pub(super) fn log(msg: &str) {
     eprintln!("lab setup: {msg}");
 }
 
 /// Runs a command; on failure the error carries its output (tail).
-fn run(cmd: &mut Command) -> Result<String, String> {
+pub(super) fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -87,7 +94,7 @@ fn run(cmd: &mut Command) -> Result<String, String> {
 }
 
 /// Runs a command with its output in a log file.
-fn run_logged(cmd: &mut Command, logf: &Path) -> Result<(), String> {
+pub(super) fn run_logged(cmd: &mut Command, logf: &Path) -> Result<(), String> {
     let f = std::fs::File::create(logf).map_err(|e| format!("{}: {e}", logf.display()))?;
     let f2 = f.try_clone().map_err(|e| e.to_string())?;
     let st = cmd
@@ -110,15 +117,15 @@ fn run_logged(cmd: &mut Command, logf: &Path) -> Result<(), String> {
     }
 }
 
-fn sh(script: &str) -> Result<String, String> {
+pub(super) fn sh(script: &str) -> Result<String, String> {
     run(Command::new("sh").arg("-c").arg(script))
 }
 
-fn q(p: &Path) -> String {
+pub(super) fn q(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
-fn mkdirs(p: &Path) -> Result<(), String> {
+pub(super) fn mkdirs(p: &Path) -> Result<(), String> {
     std::fs::create_dir_all(p).map_err(|e| format!("mkdir {}: {e}", p.display()))
 }
 
@@ -336,6 +343,14 @@ fn setup_dom0_rootfs(cfg: &Config, force: bool) -> Result<(), String> {
     std::fs::write(&prc, "#!/bin/sh\nexit 101\n").map_err(|e| e.to_string())?;
     run(Command::new("chmod").arg("+x").arg(&prc))?;
     log(&format!("installing into the dom0 rootfs: {DOM0_PKGS}"));
+    chroot_install(&r, DOM0_PKGS, &c.join("dom0-apt.log"))?;
+    std::fs::write(&done, "").map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// `apt-get install PKGS` in the chroot `r` (with /proc, /dev and /sys
+/// mounted for the time of it), output in `logf`.
+pub(super) fn chroot_install(r: &Path, pkgs: &str, logf: &Path) -> Result<(), String> {
     let mut mounts = Mounts(Vec::new());
     run(Command::new("mount")
         .args(["-t", "proc", "proc"])
@@ -350,17 +365,16 @@ fn setup_dom0_rootfs(cfg: &Config, force: bool) -> Result<(), String> {
     }
     run_logged(
         Command::new("chroot")
-            .arg(&r)
+            .arg(r)
             .arg("sh")
             .arg("-c")
             .arg(format!(
                 "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
-             apt-get install -y -q --no-install-recommends {DOM0_PKGS} && apt-get clean"
+             apt-get install -y -q --no-install-recommends {pkgs} && apt-get clean"
             )),
-        &c.join("dom0-apt.log"),
+        logf,
     )?;
     drop(mounts);
-    std::fs::write(&done, "").map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -596,6 +610,9 @@ pub fn setup(cfg: &Config, force: bool) -> Result<(), String> {
     build_dom0_initrd(c)?;
     build_dom0_image(c)?;
     step("images", t);
+    let t = Instant::now();
+    super::debian_domu::setup(cfg, force)?;
+    step("Debian domU image", t);
     log(&format!(
         "done in {:.1}s; cache {}",
         t0.elapsed().as_secs_f64(),

@@ -13,6 +13,7 @@
 //! | `qrexec` | `qrexec-client-vm` in domU1 calling services in domU2 through `qubes-sim` agents (domUs) and daemons (dom0), all on Xen (see `qrexec.rs`) |
 //! | `destroy` | `xl destroy` of the peer's domain while connected and while waiting (last: domU2 is gone after it) |
 //! | `mirage` | our ocaml-vchan-like peer (`vchan-peer --compat ocaml`) against the C `vchan-node`, both roles, rings {1, 2, 4, 64, 1024} KiB (1 = ocaml-vchan's default 1024/1024: in-page rings), stream and packet; checksums compared (20 cases; `--quick`: 10) |
+//! | `package` | (full run) the `.deb` of `cargo xtask package` installed with `dpkg -i` in a domU booted from a Debian root file system, the `qrexec` calls with the installed command, `dpkg --purge` leaves the file tree as it was (see `package.rs`) |
 //! | `cxenstored` | (full run) reboot with C xenstored: devtest, a matrix subset, destroy |
 //!
 //! `--quick` runs a subset that still covers every pairing, both domain
@@ -35,6 +36,7 @@ const PHASES: &[&str] = &[
     "destroy",
     "cxenstored",
     "mirage",
+    "package",
 ];
 
 #[derive(Debug)]
@@ -74,7 +76,7 @@ impl Opts {
         if o.phases.is_empty() {
             o.phases = PHASES
                 .iter()
-                .filter(|p| !(o.quick && **p == "cxenstored"))
+                .filter(|p| !(o.quick && (**p == "cxenstored" || **p == "package")))
                 .map(|p| p.to_string())
                 .collect();
         }
@@ -91,6 +93,7 @@ mod destroy;
 mod devtest;
 mod kill;
 mod matrix;
+mod package;
 mod qrexec;
 mod report;
 mod throughput;
@@ -203,6 +206,12 @@ impl Run {
         let id = self.lab.domid(dom)?;
         self.ids.borrow_mut().insert(dom.to_string(), id);
         Ok(id)
+    }
+
+    /// Drops a domain's cached id (it was destroyed; a new one of that
+    /// name gets a new id).
+    fn forget_id(&self, dom: &str) {
+        self.ids.borrow_mut().remove(dom);
     }
 
     fn on(&self, dom: &str, cmd: &str, timeout: Duration) -> Result<Output, String> {
@@ -452,6 +461,7 @@ fn run_phases(run: &mut Run, o: &Opts) {
         let q = r.quick;
         phase_matrix(r, mirage_cases(q), "mirage-like")
     });
+    phase(run, "package", &mut package::phase);
     phase(run, "destroy", &mut phase_destroy);
 }
 
@@ -464,6 +474,7 @@ fn section_of(phase: &str) -> &'static str {
         "qrexec" => "qrexec",
         "destroy" => "xl destroy",
         "mirage" => "mirage-like",
+        "package" => "package",
         _ => "C xenstored",
     }
 }

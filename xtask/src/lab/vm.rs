@@ -191,6 +191,10 @@ pub fn start(cfg: &Config) -> Result<Guard, String> {
             "file={},if=virtio,format=raw,snapshot=on",
             c.join("dom0.img").display()
         ));
+        // The Debian domU's root file system: dom0's /dev/vdb, read-only.
+        if let Some(d) = super::debian_domu::qemu_drive(cfg) {
+            q.arg("-drive").arg(d);
+        }
         q.args(["-device", "virtio-serial-pci,id=vser0"]);
         q.arg("-chardev").arg(format!(
             "socket,id=qga0,path={},server=on,wait=off",

@@ -16,6 +16,10 @@
 //! | `--buffer-size=1048576 test.Gen+32`, 32 MiB domU2→domU1 | 1 MiB data rings; checksum of what the service sent = what the caller received |
 //! | `test.Exit` | the service's exit code 3 and its stdout come through |
 //! | `test.Missing` | allowed, no such service: exit 127 |
+//!
+//! The `package` phase makes the same calls ([`calls`]) from a domU booted
+//! from a Debian root file system, with the `qrexec-client-vm` that `dpkg -i`
+//! installed there.
 
 use std::time::{Duration, Instant};
 
@@ -33,15 +37,42 @@ const RPC_DIR: &str = "/run/qrexec-rpc";
 /// stopped at the end of the phase).
 const MEMBER_LIMIT: u64 = 1200;
 
-const POLICY: &str = "\
-# qrexec policy of the lab (domU1 calls domU2)
-test.Sum     *  domU1  domU2  allow
-test.Gen     *  domU1  domU2  allow
-test.Exit    *  domU1  domU2  allow
-test.Missing *  domU1  domU2  allow
-test.Denied  *  @anyvm @anyvm deny
-*            *  @anyvm @anyvm deny
-";
+/// The domain whose services are called.
+const SERVICE_VM: &str = "domU2";
+
+/// The qrexec policy of the lab: `caller` calls domU2.
+fn policy(caller: &str) -> String {
+    format!(
+        "# qrexec policy of the lab ({caller} calls {SERVICE_VM})\n\
+         test.Sum     *  {caller}  {SERVICE_VM}  allow\n\
+         test.Gen     *  {caller}  {SERVICE_VM}  allow\n\
+         test.Exit    *  {caller}  {SERVICE_VM}  allow\n\
+         test.Missing *  {caller}  {SERVICE_VM}  allow\n\
+         test.Denied  *  @anyvm @anyvm deny\n\
+         *            *  @anyvm @anyvm deny\n"
+    )
+}
+
+/// Who makes the calls, and with which command.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Caller<'a> {
+    /// The calling domain (a domU other than domU2).
+    pub dom: &'a str,
+    /// `qrexec-client-vm` there: a path, or a name looked up on `PATH`.
+    pub client: &'a str,
+    /// The report section of the rows.
+    pub section: &'static str,
+    /// Put in front of each row's name ("" for none).
+    pub what: &'a str,
+}
+
+/// The `qrexec` phase's caller: our static binary in domU1.
+const LAB_CALLER: Caller<'static> = Caller {
+    dom: "domU1",
+    client: "/mnt/host/qrexec-client-vm",
+    section: SECTION,
+    what: "",
+};
 
 /// The data: vchan-peer's xorshift64 stream (`gen`), checked with its
 /// word-wise FNV (`sum`), both as cheap as in the vchan transfers (busybox's
@@ -76,7 +107,7 @@ fn services() -> Vec<(&'static str, String)> {
 
 /// The value after the first line of `text` that starts with `key` (the
 /// guest scripts print `@@key=value` lines), trimmed; empty if none.
-fn marker(text: &str, key: &str) -> String {
+pub(super) fn marker(text: &str, key: &str) -> String {
     text.lines()
         .find_map(|l| l.strip_prefix(key))
         .map(|v| v.trim().to_string())
@@ -94,13 +125,19 @@ fn sum_of(s: &str) -> Option<String> {
 
 /// Runs the phase; the members are stopped on every path.
 pub(super) fn phase(run: &mut Run) -> Result<(), String> {
-    let r = cases(run);
-    let logs = stop_members(run);
-    run.save_log("qrexec-members", &logs);
+    calls(run, &LAB_CALLER)
+}
+
+/// The phase's calls from `caller`'s domain with its command, the agents
+/// (caller, domU2) and daemons (dom0) started before and stopped after.
+pub(super) fn calls(run: &mut Run, caller: &Caller) -> Result<(), String> {
+    let r = cases(run, caller);
+    let logs = stop_members(run, caller.dom);
+    run.save_log(&format!("qrexec-members-{}", caller.dom), &logs);
     if let Err(e) = &r {
         run.rep.add(
-            SECTION,
-            "qrexec (phase)",
+            caller.section,
+            format!("{}qrexec calls (phase)", prefix(caller)),
             St::Fail,
             format!("{e}\n\nagents and daemons:\n{logs}"),
         );
@@ -108,12 +145,27 @@ pub(super) fn phase(run: &mut Run) -> Result<(), String> {
     Ok(())
 }
 
-fn stop_members(run: &Run) -> String {
+/// `what: ` or nothing.
+fn prefix(caller: &Caller) -> String {
+    if caller.what.is_empty() {
+        String::new()
+    } else {
+        format!("{}: ", caller.what)
+    }
+}
+
+/// The dom0 daemon's member name for a VM.
+fn daemon_name(vm: &str) -> String {
+    format!("qd-{vm}")
+}
+
+fn stop_members(run: &Run, caller: &str) -> String {
     let mut logs = String::new();
+    let daemons = format!("{} {}", daemon_name(caller), daemon_name(SERVICE_VM));
     for (dom, names) in [
-        ("domU1", "qagent"),
-        ("domU2", "qagent"),
-        ("dom0", "qd1 qd2"),
+        (caller, "qagent"),
+        (SERVICE_VM, "qagent"),
+        ("dom0", daemons.as_str()),
     ] {
         let out = run
             .on(
@@ -133,10 +185,13 @@ fn stop_members(run: &Run) -> String {
     logs
 }
 
-fn cases(run: &mut Run) -> Result<(), String> {
-    let (d1, d2) = (run.id("domU1")?, run.id("domU2")?);
+fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
+    let (c, v) = (caller.dom, SERVICE_VM);
+    let (d1, d2) = (run.id(c)?, run.id(v)?);
+    let section = caller.section;
+    let what = prefix(caller);
     let verbose = "QUBES_SIM_VERBOSE=1";
-    // Services in domU2 (domU1 gets the same directory, empty).
+    // Services in domU2 (the caller gets the same directory, empty).
     let mut setup = format!("rm -rf {RPC_DIR} && mkdir -p {RPC_DIR} && cd {RPC_DIR}");
     for (name, body) in services() {
         setup.push_str(&format!(
@@ -144,14 +199,14 @@ fn cases(run: &mut Run) -> Result<(), String> {
             b64q(&body)
         ));
     }
-    for (dom, script) in [("domU1", format!("mkdir -p {RPC_DIR}")), ("domU2", setup)] {
+    for (dom, script) in [(c, format!("mkdir -p {RPC_DIR}")), (v, setup)] {
         let r = run.on(dom, &script, Duration::from_secs(60))?;
         if !r.ok() {
             return Err(format!("service setup in {dom}: {}", r.all()));
         }
     }
     // Agents first (control vchan servers), then the daemons in dom0.
-    for dom in ["domU1", "domU2"] {
+    for dom in [c, v] {
         run.bg(
             dom,
             "qagent",
@@ -162,24 +217,24 @@ fn cases(run: &mut Run) -> Result<(), String> {
             MEMBER_LIMIT,
         )?;
     }
-    let conf = format!("vm domU1 domid={d1}\nvm domU2 domid={d2}\npolicy policy.txt\n");
+    let conf = format!("vm {c} domid={d1}\nvm {v} domid={d2}\npolicy policy.txt\n");
     let r = run.on(
         "dom0",
         &format!(
             "rm -rf {DOM0_DIR} && mkdir -p {DOM0_DIR} && printf '%s' {} > {DOM0_DIR}/sim.conf && \
              printf '%s' {} > {DOM0_DIR}/policy.txt && /mnt/host/qubes-sim check --config {DOM0_DIR}/sim.conf",
             b64q(&conf),
-            b64q(POLICY)
+            b64q(&policy(c))
         ),
         Duration::from_secs(60),
     )?;
     if !r.ok() {
         return Err(format!("dom0 configuration: {}", r.all()));
     }
-    for (name, vm, domid) in [("qd1", "domU1", d1), ("qd2", "domU2", d2)] {
+    for (vm, domid) in [(c, d1), (v, d2)] {
         run.bg(
             "dom0",
-            name,
+            &daemon_name(vm),
             &format!(
                 "env {verbose} /mnt/host/qubes-sim daemon --transport xen --dir {DOM0_DIR} \
                  --config {DOM0_DIR}/sim.conf --vm {vm} --domid {domid} --timeout 300"
@@ -187,12 +242,13 @@ fn cases(run: &mut Run) -> Result<(), String> {
             MEMBER_LIMIT,
         )?;
     }
+    let daemons = format!("{} {}", daemon_name(c), daemon_name(v));
     let t = Instant::now();
     let up = run.on(
         "dom0",
         &format!(
             "i=0; while [ $i -lt 1500 ]; do [ -S {DOM0_DIR}/run/qrexec.{d1} ] && [ -S {DOM0_DIR}/run/qrexec.{d2} ] && break; \
-             for n in qd1 qd2; do [ -s /tmp/lab-$n.rc ] && echo \"$n exited\" && exit 1; done; \
+             for n in {daemons}; do [ -s /tmp/lab-$n.rc ] && echo \"$n exited\" && exit 1; done; \
              sleep 0.2; i=$((i+1)); done; [ -S {DOM0_DIR}/run/qrexec.{d1} ] && [ -S {DOM0_DIR}/run/qrexec.{d2} ]"
         ),
         Duration::from_secs(400),
@@ -204,67 +260,70 @@ fn cases(run: &mut Run) -> Result<(), String> {
         ));
     }
     run.rep.add(
-        SECTION,
-        format!("control vchans: daemons in dom0 ↔ agents in domU1 (dom{d1}), domU2 (dom{d2})"),
+        section,
+        format!("{what}control vchans: daemons in dom0 ↔ agents in {c} (dom{d1}), {v} (dom{d2})"),
         St::Pass,
         format!("both up after {:.1}s", t.elapsed().as_secs_f64()),
     );
-    let client = format!("QREXEC_AGENT_SOCKET={AGENT_SOCKET} /mnt/host/qrexec-client-vm");
+    let client = format!("QREXEC_AGENT_SOCKET={AGENT_SOCKET} {}", caller.client);
 
     // 100 MiB caller -> service: the caller's checksum of the stream
     // (computed apart: the stream is deterministic), the service's of what
     // it read, and the service's answer as the caller got it.
     let mib = 100;
     let out = run.on(
-        "domU1",
+        c,
         &format!(
             "{PEER} gen {mib} | {PEER} sum > /tmp/q-sum.sent; s=$(date +%s.%N); \
-             {PEER} gen {mib} | {client} domU2 test.Sum > /tmp/q-sum.back 2> /tmp/q-sum.err; rc=$?; \
+             {PEER} gen {mib} | {client} {v} test.Sum > /tmp/q-sum.back 2> /tmp/q-sum.err; rc=$?; \
              e=$(date +%s.%N); echo \"@@rc=$rc\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
              echo \"@@sent=$(cat /tmp/q-sum.sent)\"; echo \"@@back=$(cat /tmp/q-sum.back)\"; cat /tmp/q-sum.err"
         ),
         Duration::from_secs(900),
     )?;
-    let srv = run.on("domU2", "cat /tmp/q-sum.srv", Duration::from_secs(60))?;
+    let srv = run.on(v, "cat /tmp/q-sum.srv", Duration::from_secs(60))?;
     let text = out.all();
     let field = |k: &str| marker(&text, k);
     let (rc, secs) = (field("@@rc="), field("@@secs=").parse::<f64>().ok());
     let (sent, back) = (sum_of(&field("@@sent=")), sum_of(&field("@@back=")));
     let got = sum_of(&srv.all());
     let ok = rc == "0" && sent.is_some() && sent == got && sent == back;
-    run.save_log("qrexec-100MiB", &format!("{text}\n== domU2\n{}", srv.all()));
+    run.save_log(
+        &format!("qrexec-100MiB-{c}"),
+        &format!("{text}\n== {v}\n{}", srv.all()),
+    );
     let rate = |mib: u32, s: Option<f64>| {
         s.filter(|s| *s > 0.0).map_or("?".into(), |s| {
             format!("{s:.1}s, {:.1} MiB/s", f64::from(mib) / s)
         })
     };
     run.rep.add(
-        SECTION,
-        format!("{mib} MiB domU1→domU2 (test.Sum, default 64 KiB buffers)"),
+        section,
+        format!("{what}{mib} MiB {c}→{v} (test.Sum, default 64 KiB buffers)"),
         if ok { St::Pass } else { St::Fail },
         if ok {
             format!(
-                "checksum sent = read by the service in domU2 = returned ({}); call {}",
+                "checksum sent = read by the service in {v} = returned ({}); call {}",
                 sent.unwrap_or_default(),
                 rate(mib, secs)
             )
         } else {
-            format!("rc {rc}; sent {sent:?}, domU2 read {got:?}, returned {back:?}\n{text}")
+            format!("rc {rc}; sent {sent:?}, {v} read {got:?}, returned {back:?}\n{text}")
         },
     );
 
     // Refused by the policy.
     let out = run.on(
-        "domU1",
-        &format!("{client} domU2 test.Denied < /dev/null; echo \"@@rc=$?\""),
+        c,
+        &format!("{client} {v} test.Denied < /dev/null; echo \"@@rc=$?\""),
         Duration::from_secs(300),
     )?;
     let text = out.all();
     let rc = marker(&text, "@@rc=");
     let ok = rc == "126" && text.contains("Request refused");
     run.rep.add(
-        SECTION,
-        "refused call (test.Denied): exit 126",
+        section,
+        format!("{what}refused call (test.Denied): exit 126"),
         if ok { St::Pass } else { St::Fail },
         format!("rc {rc}: {}", text.replace('\n', " ").trim()),
     );
@@ -272,16 +331,16 @@ fn cases(run: &mut Run) -> Result<(), String> {
     // 1 MiB data rings, service -> caller.
     let gmib = 32;
     let out = run.on(
-        "domU1",
+        c,
         &format!(
-            "s=$(date +%s.%N); ( {client} --buffer-size=1048576 domU2 test.Gen+{gmib} 2> /tmp/q-gen.err; \
+            "s=$(date +%s.%N); ( {client} --buffer-size=1048576 {v} test.Gen+{gmib} 2> /tmp/q-gen.err; \
              echo $? > /tmp/q-gen.rc ) | {PEER} sum > /tmp/q-gen.got; e=$(date +%s.%N); \
              echo \"@@rc=$(cat /tmp/q-gen.rc)\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
              echo \"@@got=$(cat /tmp/q-gen.got)\"; cat /tmp/q-gen.err"
         ),
         Duration::from_secs(600),
     )?;
-    let srv = run.on("domU2", "cat /tmp/q-gen.srv", Duration::from_secs(60))?;
+    let srv = run.on(v, "cat /tmp/q-gen.srv", Duration::from_secs(60))?;
     let text = out.all();
     let field = |k: &str| marker(&text, k);
     let (rc, secs) = (field("@@rc="), field("@@secs=").parse::<f64>().ok());
@@ -289,8 +348,8 @@ fn cases(run: &mut Run) -> Result<(), String> {
     let sent = sum_of(&srv.all());
     let ok = rc == "0" && got.is_some() && got == sent;
     run.rep.add(
-        SECTION,
-        format!("--buffer-size=1048576: {gmib} MiB domU2→domU1 (test.Gen+{gmib})"),
+        section,
+        format!("{what}--buffer-size=1048576: {gmib} MiB {v}→{c} (test.Gen+{gmib})"),
         if ok { St::Pass } else { St::Fail },
         if ok {
             format!(
@@ -305,10 +364,10 @@ fn cases(run: &mut Run) -> Result<(), String> {
 
     // Exit code and output of a service; a service that does not exist.
     let out = run.on(
-        "domU1",
+        c,
         &format!(
-            "{client} domU2 test.Exit < /dev/null 2>/tmp/q-exit.err; echo \"@@rc=$?\"; echo \"@@err=$(cat /tmp/q-exit.err)\"; \
-             {client} domU2 test.Missing < /dev/null; echo \"@@rc2=$?\""
+            "{client} {v} test.Exit < /dev/null 2>/tmp/q-exit.err; echo \"@@rc=$?\"; echo \"@@err=$(cat /tmp/q-exit.err)\"; \
+             {client} {v} test.Missing < /dev/null; echo \"@@rc2=$?\""
         ),
         Duration::from_secs(300),
     )?;
@@ -316,15 +375,15 @@ fn cases(run: &mut Run) -> Result<(), String> {
     let field = |k: &str| marker(&text, k);
     let ok = field("@@rc=") == "3" && text.lines().any(|l| l == "out") && field("@@err=") == "err";
     run.rep.add(
-        SECTION,
-        "service exit code 3, stdout and stderr come through (test.Exit)",
+        section,
+        format!("{what}service exit code 3, stdout and stderr come through (test.Exit)"),
         if ok { St::Pass } else { St::Fail },
         text.replace('\n', " ").trim().to_string(),
     );
     let rc2 = field("@@rc2=");
     run.rep.add(
-        SECTION,
-        "allowed call of a missing service: exit 127 (test.Missing)",
+        section,
+        format!("{what}allowed call of a missing service: exit 127 (test.Missing)"),
         if rc2 == "127" { St::Pass } else { St::Fail },
         format!("rc {rc2}"),
     );
@@ -346,13 +405,19 @@ mod tests {
     }
 
     #[test]
-    fn the_policy_allows_only_the_test_services_from_domu1() {
-        for l in POLICY.lines().filter(|l| !l.starts_with('#')) {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            assert!(w.len() == 5, "{l}");
-            if w[4] == "allow" {
-                assert_eq!((w[2], w[3]), ("domU1", "domU2"));
+    fn the_policy_allows_only_the_test_services_from_the_caller() {
+        for caller in ["domU1", "domU3"] {
+            let p = policy(caller);
+            let mut allowed = 0;
+            for l in p.lines().filter(|l| !l.starts_with('#')) {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                assert!(w.len() == 5, "{l}");
+                if w[4] == "allow" {
+                    assert_eq!((w[2], w[3]), (caller, "domU2"));
+                    allowed += 1;
+                }
             }
+            assert_eq!(allowed, 4);
         }
     }
 }
