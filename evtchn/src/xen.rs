@@ -58,10 +58,9 @@ fn open_device() -> Result<OwnedFd, Error> {
 /// kernel reads `size_of::<T>()` bytes through the pointer and writes
 /// nothing back).
 unsafe fn ioctl_with<T>(fd: BorrowedFd<'_>, request: u32, arg: &T) -> Result<i32, Errno> {
-    // SAFETY: `fd` is an open descriptor; per the caller's contract the
-    // kernel only reads a `T` through the pointer, which is valid for the
-    // duration of the call. The request type is `c_ulong` on glibc and
-    // `c_int` on musl, hence the inferred cast.
+    // The request type is `c_ulong` on glibc and `c_int` on musl, hence the
+    // inferred cast.
+    // SAFETY: `fd` is an open descriptor; per the caller's contract the kernel only reads a `T` through the pointer, which is valid for the duration of the call.
     let rc = unsafe {
         libc::ioctl(
             fd.as_raw_fd(),
@@ -274,15 +273,14 @@ fn privcmd_port_status(port: Port) -> Option<PortStatus> {
             0,
         ],
     };
-    // SAFETY: `ioctl_with`'s contract holds: IOCTL_PRIVCMD_HYPERCALL reads
-    // a `struct privcmd_hypercall` (= `call`) and writes nothing back into
-    // it. The hypercall itself writes at most `size_of::<EvtchnStatus>()`
-    // bytes at `st_ptr`, a live local of that type that nothing else
-    // borrows during the call.
+    // The hypercall itself writes at most `size_of::<EvtchnStatus>()` bytes
+    // at `st_ptr`, a live local of that type that nothing else borrows
+    // during the call.
+    // SAFETY: `ioctl_with`'s contract holds: IOCTL_PRIVCMD_HYPERCALL reads a `struct privcmd_hypercall` (= `call`) and writes nothing back into it.
     unsafe { ioctl_with(dev.as_fd(), sys::IOCTL_PRIVCMD_HYPERCALL, &call) }.ok()?;
-    // SAFETY: `st_ptr` points to `st`, initialised above and possibly
-    // rewritten by the hypervisor; a volatile read keeps the compiler from
-    // assuming the call left it unchanged.
+    // A volatile read keeps the compiler from assuming the call left `st`
+    // unchanged.
+    // SAFETY: `st_ptr` points to `st`, initialised above and possibly rewritten by the hypervisor.
     let out = unsafe { std::ptr::read_volatile(st_ptr) };
     match out.status {
         sys::EVTCHNSTAT_CLOSED => Some(PortStatus::Closed),

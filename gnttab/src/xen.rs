@@ -268,9 +268,9 @@ fn unmap_grant_ref(dev: &File, index: u64, count: usize) {
         count: count as u32,
         pad: 0,
     };
-    // SAFETY: `arg` is a live, aligned struct of the size the number encodes.
     // A failure leaves the grant mapped until the fd is closed, which is all
     // that could be done about it anyway.
+    // SAFETY: `arg` is a live, aligned struct of the size the number encodes.
     let _ = unsafe {
         sys::ioctl(
             dev.as_fd(),

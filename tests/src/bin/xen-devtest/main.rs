@@ -186,9 +186,9 @@ impl<'a> View<'a> {
 
     fn get(&self, off: usize) -> u8 {
         assert!(off < self.len, "offset {off} beyond {}", self.len);
-        // SAFETY: `off` is inside the mapping, which stays mapped while the
-        // borrowed owner lives ('a); the peer may change the byte at any
-        // time, hence a volatile read of a raw pointer, no reference.
+        // The peer may change the byte at any time, hence a volatile read of
+        // a raw pointer, no reference.
+        // SAFETY: `off` is inside the mapping, which stays mapped while the borrowed owner lives ('a).
         unsafe { self.ptr.add(off).read_volatile() }
     }
 
