@@ -163,16 +163,11 @@ pub struct Readiness {
     pub timed_out: bool,
 }
 
-/// `poll(2)`'s timeout for `t` (rounded up to whole milliseconds, so a
-/// short timeout never becomes a busy poll; `None`: forever).
+/// `poll(2)`'s timeout for `t`: [`xen_base::poll_timeout`] (rounded up to
+/// whole milliseconds, so a short timeout never becomes a busy poll);
+/// `None`: forever.
 fn poll_timeout(t: Option<Duration>) -> PollTimeout {
-    match t {
-        None => PollTimeout::NONE,
-        Some(d) => {
-            let ms = d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
-            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-        }
-    }
+    t.map_or(PollTimeout::NONE, xen_base::poll_timeout)
 }
 
 impl Vchan {
