@@ -409,16 +409,6 @@ fn poll_readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<bool, 
     xen_base::poll_until(fd, PollFlags::POLLIN, deadline)
 }
 
-/// A monotonic clock that is always answered in user space (the vDSO): a
-/// Xen PV guest without a stable TSC has no vDSO `CLOCK_MONOTONIC`, so
-/// `Instant::now()` is a system call there, on every wait. Its ticks (a few
-/// ms) are fine grained enough for the repeats of [`wait_with`].
-fn coarse_now() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .map(Duration::from)
-        .unwrap_or_default()
-}
-
 /// The shared body of `wait`/`wait_timeout`: poll (at most `timeout`;
 /// `None`: forever), then consume; another thread may have taken the event
 /// between the two, or a signal may interrupt the poll, so loop with what
@@ -427,7 +417,7 @@ fn coarse_now() -> Duration {
 /// No read before the poll: a pending event makes the poll return at once,
 /// and when there is none (the usual case: the caller has just found its
 /// ring empty and asked for an event) that read is a wasted `EAGAIN`. And
-/// no `Instant::now()`: see [`coarse_now`]. A wait is on the path of every
+/// no `Instant::now()`: see [`xen_base::coarse_now`]. A wait is on the path of every
 /// blocking vchan call that sleeps, so each system call here counts (the
 /// lab's throughput phase with `LAB_TPUT_COUNT=1`: libxenvchan does a
 /// blocking `read` and the unmask `write`, two calls per wait).
@@ -437,7 +427,7 @@ fn wait_with(
     timeout: Option<Duration>,
     mut consume: impl FnMut() -> Result<bool, Error>,
 ) -> Result<bool, Error> {
-    let start = timeout.map(|_| coarse_now());
+    let start = timeout.map(|_| xen_base::coarse_now());
     let mut left = timeout;
     loop {
         let mut fds = [nix::poll::PollFd::new(fd, PollFlags::POLLIN)];
@@ -462,7 +452,7 @@ fn wait_with(
             }
         }
         if let (Some(t), Some(s)) = (timeout, start) {
-            let l = t.saturating_sub(coarse_now().saturating_sub(s));
+            let l = t.saturating_sub(xen_base::coarse_now().saturating_sub(s));
             if l.is_zero() {
                 return consume();
             }

@@ -31,7 +31,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::control::{
     ControlPage, LIVE_CONNECTED, LIVE_EXITED, LIVE_WAITING, Layout, RingId, RingLocation,
@@ -793,7 +793,10 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     }
 
     /// Upper bound for one blocking operation; `None` (default) waits as
-    /// long as the peer is open and the page is sane.
+    /// long as the peer is open and the page is sane. It is kept on the
+    /// coarse monotonic clock ([`xen_base::coarse_now`], no system call
+    /// even in a Xen PV guest): an operation never times out before
+    /// `timeout`, and at most about two clock ticks (a few ms) after it.
     ///
     /// ```
     /// # use std::io;
@@ -2113,7 +2116,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         &mut self,
         dir: Dir,
         need: Need,
-        deadline: &mut Option<Instant>,
+        deadline: &mut Option<Duration>,
     ) -> Result<Option<u32>, RingError> {
         // Until we have spun once, look without requesting a notification.
         let mut spin = self.blocking;
@@ -2235,11 +2238,20 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
 
     /// One bounded wait: at most a poll interval, at most until the
     /// deadline. `Ok(true)` if an event was consumed.
-    fn wait_once(&mut self, deadline: &mut Option<Instant>) -> Result<bool, RingError> {
+    ///
+    /// The deadline is on [`xen_base::coarse_now`], not `Instant::now()`,
+    /// which is a system call in a Xen PV guest (one per wait of every call
+    /// with a timeout). A coarse reading lags by less than one tick, so the
+    /// deadline is one tick later than `timeout`: the call never times out
+    /// early, and at most about two ticks late.
+    fn wait_once(&mut self, deadline: &mut Option<Duration>) -> Result<bool, RingError> {
         let mut slice = self.poll_interval;
         if let Some(timeout) = self.timeout {
-            let now = Instant::now();
-            let dl = *deadline.get_or_insert(now + timeout);
+            let now = xen_base::coarse_now();
+            let dl = *deadline.get_or_insert_with(|| {
+                now.saturating_add(timeout)
+                    .saturating_add(xen_base::coarse_resolution())
+            });
             if now >= dl {
                 return Err(RingError::TimedOut);
             }
@@ -2255,7 +2267,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
 
     /// Waits once, then re-validates; the caller re-checks indices and live
     /// bytes (events coalesce, may be spurious, and may never come).
-    fn block(&mut self, deadline: &mut Option<Instant>) -> Result<(), RingError> {
+    fn block(&mut self, deadline: &mut Option<Duration>) -> Result<(), RingError> {
         self.wait_once(deadline)?;
         self.check()
     }

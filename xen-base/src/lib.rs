@@ -7,6 +7,8 @@
 //!   deadline passes, rounding the timeout *up* (a short wait sleeps, it
 //!   never spins with a zero timeout) and retrying `EINTR` with the time
 //!   that is left.
+//! * [`coarse_now`]: a monotonic clock that never costs a system call, for
+//!   deadlines on the paths of every wait.
 //!
 //! The crates above re-export what they use (`evtchn::DomId`,
 //! `xenstore::parse_domid`, `vchan::DomId`, ...), so their users need not
@@ -82,6 +84,44 @@ pub fn poll_timeout(left: Duration) -> PollTimeout {
         .ok()
         .and_then(|ms| PollTimeout::try_from(ms).ok())
         .unwrap_or(PollTimeout::MAX)
+}
+
+/// A monotonic clock that is always answered in user space (the vDSO's
+/// `CLOCK_MONOTONIC_COARSE`): a Xen PV guest without a stable TSC has no
+/// vDSO `CLOCK_MONOTONIC`, so `Instant::now()` is a system call there (the
+/// lab counted two per wait when the event-channel wait used it). Its
+/// ticks are [`coarse_resolution`] apart (a few ms): fine for timeouts and
+/// liveness checks, not for measuring a spin.
+///
+/// ```
+/// let a = xen_base::coarse_now();
+/// assert!(xen_base::coarse_now() >= a);
+/// ```
+pub fn coarse_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(Duration::from)
+        .unwrap_or_default()
+}
+
+/// How far apart the ticks of [`coarse_now`] are (`clock_getres`, asked
+/// once per process; 10 ms if the kernel will not say). A reading lags the
+/// real time by less than this, so a deadline that must never pass early
+/// adds it once.
+///
+/// ```
+/// use std::time::Duration;
+/// let tick = xen_base::coarse_resolution();
+/// assert!(tick > Duration::ZERO && tick <= Duration::from_secs(1));
+/// ```
+pub fn coarse_resolution() -> Duration {
+    static RES: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *RES.get_or_init(|| {
+        nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+            .map(Duration::from)
+            .ok()
+            .filter(|d| !d.is_zero() && *d <= Duration::from_secs(1))
+            .unwrap_or(Duration::from_millis(10))
+    })
 }
 
 /// Waits until `fd` reports one of `flags` (or an error or hang-up, which
