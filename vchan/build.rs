@@ -12,6 +12,8 @@ const MUTANTS: &[&str] = &[
     "no_notify_fence",
     "no_wmb",
     "no_live_acquire",
+    "no_space_acquire",
+    "no_cons_release",
 ];
 
 fn main() {

@@ -25,7 +25,7 @@
 //!   initial `cli_notify = WRITE`, which would mask a lost first wakeup.
 //!
 //! Fault injection (each must make some model fail; `.ci/run` runs all
-//! five and fails if one passes). Select one with
+//! seven and fails if one passes). Select one with
 //! `VCHAN_LOOM_MUTANT=no_fence RUSTFLAGS="--cfg loom" cargo test ...`
 //! (`vchan/build.rs` sets the cfg, so only vchan is rebuilt), or with
 //! `RUSTFLAGS="--cfg loom --cfg vchan_loom_no_fence"`:
@@ -37,14 +37,14 @@
 //! | `vchan_loom_no_notify_fence` | the SeqCst fence in `send_notify` | deadlock |
 //! | `vchan_loom_no_wmb` | the Release fence before publishing `prod` | causality violation on a ring byte |
 //! | `vchan_loom_no_live_acquire` | the Acquire fence after reading the live byte | EOF before the last data |
+//! | `vchan_loom_no_space_acquire` | the Acquire fence between the producer's `cons` load and its writes into the ring | causality violation on a ring byte |
+//! | `vchan_loom_no_cons_release` | the Release fence between the consumer's reads of the ring and its `cons` store | causality violation on a ring byte |
 //!
-//! The two fence mutants still pass the `*_real_rmw` models, and should:
-//! with (at least) AcqRel RMWs on the same notify byte, the peer's
-//! `fetch_and` and our `fetch_or` are totally ordered and synchronise, so in
-//! the C++ model either it sees our bit or our re-load sees its index even
-//! without the fences. The fences are what makes the protocol correct for
-//! Relaxed RMWs, and they mirror libxenvchan's barriers (docs/vchan.md §5.5), which
-//! matters when the peer is C code.
+//! The two Dekker fence mutants fail the `*_real_rmw` models too: the
+//! notifier tests its bit with a plain load first and does its
+//! `fetch_and` only when the bit is set (docs/vchan.md §5.4), so no RMW on
+//! the notify byte orders the two sides when the bit looks clear; only the
+//! fences do, as libxenvchan's barriers do (docs/vchan.md §5.5).
 //!
 //! What loom does and does not check here: loom treats `SeqCst` *accesses*
 //! as `AcqRel`, but implements `fence(SeqCst)`: each SeqCst fence joins the
