@@ -326,6 +326,11 @@ pub use crate::spin::DEFAULT_SPIN;
 /// per sliver, and runs both sides at a fraction of memory speed.
 const WRITE_BATCH: u32 = 64 * 1024;
 
+/// A `want` no ring's cached count covers (rings hold at most 1 MiB): the
+/// look loads the peer's index. Every call's first look uses it, so each
+/// call validates the peer's index before it moves a byte.
+const FRESH: u32 = u32::MAX;
+
 /// One end of a vchan.
 ///
 /// Generic over the event source `E`, the shared header `H` and the ring
@@ -1433,7 +1438,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         };
         // Any data will do; all of `buf` if it is there.
         let need = Need::any(clamp_u32(buf.len()));
-        match self.wait_for(Dir::Read, need, &mut None)? {
+        match self.wait_for(Dir::Read, need, true, &mut None)? {
             Some(_) => self.consume(buf),
             // Closed and drained: EOF.
             None => Ok(0),
@@ -1499,7 +1504,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
                 spin: Amount::exactly(batch),
                 armed: Amount { want, need: 1 },
             };
-            match self.wait_for(Dir::Write, need, &mut deadline) {
+            match self.wait_for(Dir::Write, need, pos == 0, &mut deadline) {
                 Ok(Some(_)) => {}
                 Ok(None) if pos > 0 => return Ok(pos),
                 Ok(None) => return Err(RingError::PeerClosed),
@@ -1570,7 +1575,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if max == 0 {
             return Ok(0);
         }
-        let space = self.tx.fast_space(&self.header, clamp_u32(max), 1)?;
+        // FRESH: validate the peer's index before moving a byte.
+        let space = self.tx.fast_space(&self.header, FRESH, 1)?;
         if space == 0 {
             return Err(RingError::WouldBlock.into());
         }
@@ -1642,10 +1648,10 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             return Ok(0);
         }
         let hdr = clamp_u32(N);
-        let want = clamp_u32(max).saturating_add(hdr);
+        // FRESH: validate the peer's index before moving a byte.
         let space = self
             .tx
-            .fast_space(&self.header, want, hdr.saturating_add(1))?;
+            .fast_space(&self.header, FRESH, hdr.saturating_add(1))?;
         if space <= hdr {
             return Err(RingError::WouldBlock.into());
         }
@@ -1713,7 +1719,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if max == 0 {
             return Ok(0);
         }
-        let mut ready = self.rx.fast_ready(&self.header, clamp_u32(max), 1)?;
+        // FRESH: validate the peer's index before moving a byte.
+        let mut ready = self.rx.fast_ready(&self.header, FRESH, 1)?;
         if ready == 0 {
             if self.peer_state() != PeerState::Closed {
                 return Err(RingError::WouldBlock.into());
@@ -1785,7 +1792,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             return Ok(0);
         }
         let need = Need::all(clamp_u32(buf.len()));
-        if self.wait_for(Dir::Write, need, &mut None)?.is_none() {
+        if self.wait_for(Dir::Write, need, true, &mut None)?.is_none() {
             return Err(RingError::PeerClosed);
         }
         let written = self.tx.push(&self.header, buf);
@@ -1844,7 +1851,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             return Ok(0);
         }
         let need = Need::all(clamp_u32(buf.len()));
-        match self.wait_for(Dir::Read, need, &mut None)? {
+        match self.wait_for(Dir::Read, need, true, &mut None)? {
             Some(_) => self.consume(buf),
             // Closed with fewer bytes left than asked for.
             None => Err(RingError::PeerClosed),
@@ -2116,16 +2123,27 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         &mut self,
         dir: Dir,
         need: Need,
+        fresh: bool,
         deadline: &mut Option<Duration>,
     ) -> Result<Option<u32>, RingError> {
         // Until we have spun once, look without requesting a notification.
         let mut spin = self.blocking;
+        // The first look of a call loads the peer's index even when the
+        // cached count would do (`FRESH` wants more than any ring holds): a
+        // peer that corrupted it since our last call is caught before we
+        // move a byte, not at the first call the cache cannot cover. It is
+        // the one load of that decision (the cached count is not used).
+        let mut fresh = fresh;
         loop {
             let (have, enough) = if spin {
-                (self.peek(dir, need.spin.want)?, need.spin.need)
+                let want = if fresh { FRESH } else { need.spin.want };
+                (self.peek(dir, want)?, need.spin.need)
             } else {
-                (self.fast(dir, need.armed)?, need.armed.need)
+                let want = if fresh { FRESH } else { need.armed.want };
+                let amount = Amount { want, ..need.armed };
+                (self.fast(dir, amount)?, need.armed.need)
             };
+            fresh = false;
             if have >= enough {
                 return Ok(Some(have));
             }

@@ -4,6 +4,7 @@
 mod ring_support;
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use vchan::control::{
     CLI_LIVE, CLI_NOTIFY, LEFT_ORDER, LIVE_EXITED, LIVE_WAITING, Layout, NOTIFY_READ, NOTIFY_WRITE,
     PAGE_SIZE, RingId, SRV_LIVE, SRV_NOTIFY, SharedHeader, Side, server_layout,
 };
-use vchan::endpoint::{Endpoint, PeerState};
+use vchan::endpoint::{Endpoint, FdError, PeerState};
 use vchan::mem::RegionError;
 use vchan::ring::{Corruption, RingError};
 
@@ -675,4 +676,111 @@ fn memory_double_layout() {
             (0..256).map(|i| 0x800 + i).collect()
         )
     );
+}
+
+/// The indices of a `Corrupt` error (`None`: another error).
+fn corrupt_indices(e: &RingError) -> Option<(RingId, u32, u32)> {
+    match e {
+        RingError::Corrupt {
+            ring,
+            what: Corruption::Indices { prod, cons, .. },
+        } => Some((*ring, *prod, *cons)),
+        _ => None,
+    }
+}
+
+/// The ring error of an fd call (an fd error fails the test).
+fn ring_err(e: FdError) -> RingError {
+    match e {
+        FdError::Ring(e) => e,
+        FdError::Fd(e) => panic!("fd error: {e}"),
+    }
+}
+
+type WriterOp = fn(&mut Endpoint<TestEvents>, BorrowedFd<'_>) -> Result<usize, RingError>;
+
+/// A writer's first look in every call is a load of the peer's `cons`,
+/// not the space it saw last time: a peer that corrupts `cons` between two
+/// calls fails the next one, even a write that fits the space we saw
+/// before (it would otherwise go into a ring the peer has broken). Every
+/// way in: blocking and non-blocking `write`, `send`, `read_from_fd`,
+/// `send_framed_from_fd`.
+#[test]
+fn writes_after_the_peer_corrupts_cons_fail_even_when_they_fit() {
+    let (r, mut w) = io::pipe().unwrap();
+    w.write_all(&[7; 64]).unwrap();
+    let ops: [(&str, WriterOp); 5] = [
+        ("write", |s, _| s.write(&[1; 10])),
+        ("nonblocking write", |s, _| {
+            s.set_blocking(false);
+            s.write(&[1; 10])
+        }),
+        ("send", |s, _| s.send(&[1; 10])),
+        ("read_from_fd", |s, fd| {
+            s.read_from_fd(fd, 10).map_err(ring_err)
+        }),
+        ("send_framed_from_fd", |s, fd| {
+            s.send_framed_from_fd(fd, 10, |n| [n as u8; 4])
+                .map_err(ring_err)
+        }),
+    ];
+    for (name, op) in ops {
+        let (mem, mut s, _c) = pair(small(), 0);
+        // The server writes the right ring (2048 bytes): 100 bytes in, so
+        // the space it saw (and cached) is 1948.
+        assert_eq!(s.write(&[0; 100]).unwrap(), 100, "{name}");
+        // The peer's cons jumps far beyond our prod.
+        mem.header()
+            .store_u32(RingId::Right.cons_offset(), 0x8000_0000);
+        let e = op(&mut s, r.as_fd()).expect_err(name);
+        assert_eq!(
+            corrupt_indices(&e),
+            Some((RingId::Right, 100, 0x8000_0000)),
+            "{name}: {e:?}"
+        );
+        // Nothing moved: our prod is where it was.
+        assert_eq!(
+            mem.header().load_u32(RingId::Right.prod_offset()),
+            100,
+            "{name}"
+        );
+    }
+}
+
+/// The same for readers: the first look of `read`, `recv` and
+/// `write_to_fd` loads the peer's `prod`, so a corruption since the last
+/// call is reported before more of the bytes seen earlier are handed out.
+#[test]
+fn reads_after_the_peer_corrupts_prod_fail_even_when_data_was_seen() {
+    let (_r, w) = io::pipe().unwrap();
+    let ops: [(&str, WriterOp); 4] = [
+        ("read", |s, _| s.read(&mut [0; 8])),
+        ("nonblocking read", |s, _| {
+            s.set_blocking(false);
+            s.read(&mut [0; 8])
+        }),
+        ("recv", |s, _| s.recv(&mut [0; 8])),
+        ("write_to_fd", |s, fd| {
+            s.write_to_fd(fd, 8).map_err(ring_err)
+        }),
+    ];
+    for (name, op) in ops {
+        let (mem, mut s, mut c) = pair(small(), 0);
+        // The client writes 100 bytes into the left ring; we read 10, so
+        // 90 are seen (and cached).
+        assert_eq!(c.write(&[5; 100]).unwrap(), 100);
+        assert_eq!(s.read(&mut [0; 10]).unwrap(), 10);
+        mem.header().store_u32(RingId::Left.prod_offset(), 5000);
+        let e = op(&mut s, w.as_fd()).expect_err(name);
+        assert_eq!(
+            corrupt_indices(&e),
+            Some((RingId::Left, 5000, 10)),
+            "{name}: {e:?}"
+        );
+        assert_eq!(
+            mem.header().load_u32(RingId::Left.cons_offset()),
+            10,
+            "{name}"
+        );
+    }
 }
