@@ -767,6 +767,10 @@ pub fn send_notify<H: SharedHeader>(h: &H, own_notify: usize, bit: u8) -> bool {
     h.fetch_and_u8(own_notify, !bit) & bit != 0
 }
 
+/// A push or pop larger than this publishes its index after each piece of
+/// this size (see [`Producer::push`], [`Consumer::pop`]).
+pub const PUBLISH_EVERY: usize = 16 * 1024;
+
 fn to_u32_clamped(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
@@ -1030,6 +1034,11 @@ impl<B: RingBytes> Consumer<B> {
     /// `dst` and publishes the new `cons` (docs/vchan.md §5.3). Returns the count.
     /// Call [`Consumer::notify_consumed`] afterwards.
     ///
+    /// A large pop publishes `cons` every [`PUBLISH_EVERY`] bytes, as that
+    /// many pops of that size would: a producer spinning for space starts
+    /// refilling the ring while we still copy the rest (a 64 KiB read of a
+    /// 64 KiB ring otherwise leaves the writer idle for the whole copy).
+    ///
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
@@ -1046,11 +1055,19 @@ impl<B: RingBytes> Consumer<B> {
     /// assert_eq!(&buf, b"hel");
     /// ```
     pub fn pop<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
-        let n = self.take(h, dst);
-        if n > 0 {
+        let mut done = 0;
+        for piece in dst.chunks_mut(PUBLISH_EVERY) {
+            let n = self.take(h, piece);
+            if n == 0 {
+                break;
+            }
             self.publish_cons(h);
+            done += n;
+            if n < piece.len() {
+                break;
+            }
         }
-        n
+        done
     }
 
     /// As [`Consumer::pop`] but without publishing `cons`: the bytes are
@@ -1498,6 +1515,10 @@ impl<B: RingBytes> Producer<B> {
     /// and publishes the new `prod` (docs/vchan.md §5.2). Returns the count. Call
     /// [`Producer::notify_produced`] afterwards.
     ///
+    /// A large push publishes `prod` every [`PUBLISH_EVERY`] bytes, as that
+    /// many pushes of that size would: a consumer spinning for data starts
+    /// copying while we still write the rest.
+    ///
     /// ```
     /// # use vchan::control::*;
     /// # use vchan::ring::*;
@@ -1512,6 +1533,19 @@ impl<B: RingBytes> Producer<B> {
     /// assert_eq!(rx.load_ready(&hdr).unwrap(), 5);
     /// ```
     pub fn push<H: SharedHeader>(&mut self, h: &H, src: &[u8]) -> usize {
+        let mut done = 0;
+        for piece in src.chunks(PUBLISH_EVERY) {
+            let n = self.push_piece(h, piece);
+            done += n;
+            if n < piece.len() {
+                break;
+            }
+        }
+        done
+    }
+
+    /// One piece of [`Producer::push`]: copy, then publish.
+    fn push_piece<H: SharedHeader>(&mut self, h: &H, src: &[u8]) -> usize {
         let space = self.cached_space();
         let n = to_u32_clamped(src.len()).min(space);
         if n == 0 {
@@ -1970,6 +2004,91 @@ mod tests {
 
     /// Indices near u32::MAX: the free-running counters wrap and the data
     /// wraps at the ring end, byte-exact, for every start offset class.
+    /// A header that records the values stored at one offset.
+    #[derive(Debug)]
+    struct Recording {
+        inner: ControlPage,
+        watch: usize,
+        stores: std::cell::RefCell<Vec<u32>>,
+    }
+
+    impl SharedHeader for Recording {
+        fn load_u32(&self, off: usize) -> u32 {
+            self.inner.load_u32(off)
+        }
+        fn store_u32(&self, off: usize, val: u32) {
+            if off == self.watch {
+                self.stores.borrow_mut().push(val);
+            }
+            self.inner.store_u32(off, val)
+        }
+        fn load_u16(&self, off: usize) -> u16 {
+            self.inner.load_u16(off)
+        }
+        fn store_u16(&self, off: usize, val: u16) {
+            self.inner.store_u16(off, val)
+        }
+        fn load_u8(&self, off: usize) -> u8 {
+            self.inner.load_u8(off)
+        }
+        fn store_u8(&self, off: usize, val: u8) {
+            self.inner.store_u8(off, val)
+        }
+        fn fetch_or_u8(&self, off: usize, bits: u8) -> u8 {
+            self.inner.fetch_or_u8(off, bits)
+        }
+        fn fetch_and_u8(&self, off: usize, bits: u8) -> u8 {
+            self.inner.fetch_and_u8(off, bits)
+        }
+        fn fence(&self, order: Ordering) {
+            self.inner.fence(order)
+        }
+    }
+
+    #[test]
+    fn large_moves_publish_in_pieces_across_the_wrap() {
+        // A 64 KiB ring, indices 8 KiB before the wrap and near u32::MAX.
+        let page = Arc::new(HeapPages::new(1));
+        let ring = Arc::new(HeapPages::new(16));
+        let start = 0u32.wrapping_sub(8192);
+        let hdr = ControlPage::new(page.clone()).unwrap();
+        hdr.store_u32(RIGHT_PROD, start);
+        hdr.store_u32(RIGHT_CONS, start);
+        let bytes = || RawRingBytes::new(ring.clone(), 0, 1 << 16).unwrap();
+        let rec = |watch| Recording {
+            inner: ControlPage::new(page.clone()).unwrap(),
+            watch,
+            stores: Default::default(),
+        };
+        let (hp, hc) = (rec(RIGHT_PROD), rec(RIGHT_CONS));
+        let mut tx = Producer::new(&hp, Side::Server, Ring::new(bytes(), 16).unwrap()).unwrap();
+        let mut rx = Consumer::new(&hc, Side::Client, Ring::new(bytes(), 16).unwrap()).unwrap();
+        let n = 2 * PUBLISH_EVERY + 100;
+        let data = pattern(7, n);
+        assert_eq!(tx.push(&hp, &data), n);
+        let each = PUBLISH_EVERY as u32;
+        let pieces = [each, 2 * each, 2 * each + 100].map(|k| start.wrapping_add(k));
+        assert_eq!(*hp.stores.borrow(), pieces);
+        assert_eq!(rx.load_ready(&hc).unwrap() as usize, n);
+        let mut got = vec![0; n + 5];
+        assert_eq!(rx.pop(&hc, &mut got), n);
+        assert_eq!(&got[..n], &data[..]);
+        assert_eq!(*hc.stores.borrow(), pieces);
+        // A small move publishes once, as before.
+        hp.stores.borrow_mut().clear();
+        rx.load_ready(&hc).unwrap();
+        tx.load_space(&hp).unwrap();
+        assert_eq!(tx.push(&hp, &data[..10]), 10);
+        assert_eq!(hp.stores.borrow().len(), 1);
+        // A push larger than the space stops at the space, in pieces.
+        hp.stores.borrow_mut().clear();
+        let big = pattern(1, 1 << 16);
+        let space = tx.load_space(&hp).unwrap() as usize;
+        assert_eq!(tx.push(&hp, &big), space);
+        assert_eq!(hp.stores.borrow().len(), space.div_ceil(PUBLISH_EVERY));
+        assert_eq!(tx.cached_space(), 0);
+    }
+
     #[test]
     fn index_wraparound_near_u32_max() {
         for start in [
