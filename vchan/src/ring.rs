@@ -2004,12 +2004,14 @@ mod tests {
 
     /// Indices near u32::MAX: the free-running counters wrap and the data
     /// wraps at the ring end, byte-exact, for every start offset class.
-    /// A header that records the values stored at one offset.
+    /// A header that records the values stored at one offset, and counts
+    /// the notify-byte RMWs.
     #[derive(Debug)]
     struct Recording {
         inner: ControlPage,
         watch: usize,
         stores: std::cell::RefCell<Vec<u32>>,
+        rmws: std::cell::Cell<u32>,
     }
 
     impl SharedHeader for Recording {
@@ -2038,11 +2040,42 @@ mod tests {
             self.inner.fetch_or_u8(off, bits)
         }
         fn fetch_and_u8(&self, off: usize, bits: u8) -> u8 {
+            self.rmws.set(self.rmws.get() + 1);
             self.inner.fetch_and_u8(off, bits)
         }
         fn fence(&self, order: Ordering) {
             self.inner.fence(order)
         }
+    }
+
+    #[test]
+    fn send_notify_does_no_rmw_unless_asked() {
+        let mut f = Fixture::new();
+        let (h, mut tx, mut rx) = f.pair();
+        let h = Recording {
+            inner: h,
+            watch: RIGHT_PROD,
+            stores: Default::default(),
+            rmws: Default::default(),
+        };
+        // A stream in full flow: nobody asked, no locked RMW.
+        for _ in 0..3 {
+            assert_eq!(tx.push(&h, b"abc"), 3);
+            assert!(!tx.notify_produced(&h));
+        }
+        assert_eq!(h.rmws.get(), 0);
+        // The reader asks (its own fetch_or), then the writer's test clears
+        // the bit with one fetch_and and says to send an event, once.
+        rx.load_ready(&h).unwrap();
+        rx.pop(&h, &mut [0; 9]);
+        assert_eq!(rx.fast_ready(&h, 1, 1).unwrap(), 0);
+        assert_eq!(h.inner.load_u8(SRV_NOTIFY) & NOTIFY_WRITE, NOTIFY_WRITE);
+        assert_eq!(tx.push(&h, b"d"), 1);
+        assert!(tx.notify_produced(&h));
+        assert_eq!(h.rmws.get(), 1);
+        assert_eq!(h.inner.load_u8(SRV_NOTIFY) & NOTIFY_WRITE, 0);
+        assert!(!tx.notify_produced(&h));
+        assert_eq!(h.rmws.get(), 1);
     }
 
     #[test]
@@ -2059,6 +2092,7 @@ mod tests {
             inner: ControlPage::new(page.clone()).unwrap(),
             watch,
             stores: Default::default(),
+            rmws: Default::default(),
         };
         let (hp, hc) = (rec(RIGHT_PROD), rec(RIGHT_CONS));
         let mut tx = Producer::new(&hp, Side::Server, Ring::new(bytes(), 16).unwrap()).unwrap();
