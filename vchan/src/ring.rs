@@ -684,6 +684,11 @@ impl<B: RingBytes> Ring<B> {
     fn mask(&self) -> u32 {
         self.size() - 1
     }
+
+    /// The piece after which a large push or pop publishes its index.
+    fn piece(&self) -> usize {
+        (self.size() as usize / 4).max(PUBLISH_EVERY)
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -767,8 +772,11 @@ pub fn send_notify<H: SharedHeader>(h: &H, own_notify: usize, bit: u8) -> bool {
     h.fetch_and_u8(own_notify, !bit) & bit != 0
 }
 
-/// A push or pop larger than this publishes its index after each piece of
-/// this size (see [`Producer::push`], [`Consumer::pop`]).
+/// A push or pop larger than this (or than a quarter of its ring, if that
+/// is more) publishes its index after each piece of that size (see
+/// [`Producer::push`], [`Consumer::pop`]). In a ring four or more times
+/// the size of a move, the peer has other data or space to work on: more
+/// stores of the index would only make it take smaller bites.
 pub const PUBLISH_EVERY: usize = 16 * 1024;
 
 fn to_u32_clamped(n: usize) -> u32 {
@@ -1034,7 +1042,8 @@ impl<B: RingBytes> Consumer<B> {
     /// `dst` and publishes the new `cons` (docs/vchan.md §5.3). Returns the count.
     /// Call [`Consumer::notify_consumed`] afterwards.
     ///
-    /// A large pop publishes `cons` every [`PUBLISH_EVERY`] bytes, as that
+    /// A large pop publishes `cons` every [`PUBLISH_EVERY`] bytes (or a
+    /// quarter of the ring if that is more), as that
     /// many pops of that size would: a producer spinning for space starts
     /// refilling the ring while we still copy the rest (a 64 KiB read of a
     /// 64 KiB ring otherwise leaves the writer idle for the whole copy).
@@ -1056,7 +1065,8 @@ impl<B: RingBytes> Consumer<B> {
     /// ```
     pub fn pop<H: SharedHeader>(&mut self, h: &H, dst: &mut [u8]) -> usize {
         let mut done = 0;
-        for piece in dst.chunks_mut(PUBLISH_EVERY) {
+        let each = self.ring.piece();
+        for piece in dst.chunks_mut(each) {
             let n = self.take(h, piece);
             if n == 0 {
                 break;
@@ -1515,7 +1525,8 @@ impl<B: RingBytes> Producer<B> {
     /// and publishes the new `prod` (docs/vchan.md §5.2). Returns the count. Call
     /// [`Producer::notify_produced`] afterwards.
     ///
-    /// A large push publishes `prod` every [`PUBLISH_EVERY`] bytes, as that
+    /// A large push publishes `prod` every [`PUBLISH_EVERY`] bytes (or a
+    /// quarter of the ring if that is more), as that
     /// many pushes of that size would: a consumer spinning for data starts
     /// copying while we still write the rest.
     ///
@@ -1534,7 +1545,8 @@ impl<B: RingBytes> Producer<B> {
     /// ```
     pub fn push<H: SharedHeader>(&mut self, h: &H, src: &[u8]) -> usize {
         let mut done = 0;
-        for piece in src.chunks(PUBLISH_EVERY) {
+        let each = self.ring.piece();
+        for piece in src.chunks(each) {
             let n = self.push_piece(h, piece);
             done += n;
             if n < piece.len() {
@@ -2121,6 +2133,22 @@ mod tests {
         assert_eq!(tx.push(&hp, &big), space);
         assert_eq!(hp.stores.borrow().len(), space.div_ceil(PUBLISH_EVERY));
         assert_eq!(tx.cached_space(), 0);
+        // Larger rings publish every quarter ring: a 64 KiB move into a
+        // 1 MiB ring is one piece.
+        for (order, piece) in [
+            (12, PUBLISH_EVERY),
+            (16, PUBLISH_EVERY),
+            (18, 64 << 10),
+            (20, 256 << 10),
+        ] {
+            let mem = Arc::new(HeapPages::new(1 << (order - 12)));
+            let bytes = RawRingBytes::new(mem, 0, 1 << order).unwrap();
+            assert_eq!(
+                Ring::new(bytes, order).unwrap().piece(),
+                piece,
+                "order {order}"
+            );
+        }
     }
 
     #[test]
