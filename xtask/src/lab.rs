@@ -20,7 +20,9 @@
 //!
 //! See `lab/README.md` for the knobs and what each phase checks.
 
+mod cstack;
 mod guest;
+mod ourlib;
 mod qga;
 mod setup;
 mod suite;

@@ -133,10 +133,9 @@ fn stop_members(run: &Run) -> String {
     logs
 }
 
-fn cases(run: &mut Run) -> Result<(), String> {
-    let (d1, d2) = (run.id("domU1")?, run.id("domU2")?);
-    let verbose = "QUBES_SIM_VERBOSE=1";
-    // Services in domU2 (domU1 gets the same directory, empty).
+/// Writes the services into [`RPC_DIR`] in domU2 (domU1 gets the same
+/// directory, empty).
+pub(super) fn install_services(run: &Run) -> Result<(), String> {
     let mut setup = format!("rm -rf {RPC_DIR} && mkdir -p {RPC_DIR} && cd {RPC_DIR}");
     for (name, body) in services() {
         setup.push_str(&format!(
@@ -150,6 +149,13 @@ fn cases(run: &mut Run) -> Result<(), String> {
             return Err(format!("service setup in {dom}: {}", r.all()));
         }
     }
+    Ok(())
+}
+
+fn cases(run: &mut Run) -> Result<(), String> {
+    let (d1, d2) = (run.id("domU1")?, run.id("domU2")?);
+    let verbose = "QUBES_SIM_VERBOSE=1";
+    install_services(run)?;
     // Agents first (control vchan servers), then the daemons in dom0.
     for dom in ["domU1", "domU2"] {
         run.bg(
@@ -210,7 +216,47 @@ fn cases(run: &mut Run) -> Result<(), String> {
         format!("both up after {:.1}s", t.elapsed().as_secs_f64()),
     );
     let client = format!("QREXEC_AGENT_SOCKET={AGENT_SOCKET} /mnt/host/qrexec-client-vm");
+    calls(run, SECTION, "", &client).map(drop)
+}
 
+/// What one set of [`calls`] gave: passed / run, and the two transfer
+/// rates (MiB/s: 100 MiB caller→service, 32 MiB service→caller with 1 MiB
+/// buffers).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CallSet {
+    pub passed: usize,
+    pub total: usize,
+    pub up: Option<f64>,
+    pub down: Option<f64>,
+}
+
+/// The lab's five qrexec calls from domU1 to domU2 with `client` (a shell
+/// command prefix, the target and service follow), through whatever
+/// agents and daemons are running: one report row each in `section`, its
+/// name prefixed with `tag`.
+pub(super) fn calls(
+    run: &mut Run,
+    section: &'static str,
+    tag: &str,
+    client: &str,
+) -> Result<CallSet, String> {
+    let mut set = CallSet {
+        passed: 0,
+        total: 0,
+        up: None,
+        down: None,
+    };
+    let mut add = |run: &mut Run, name: String, ok: bool, detail: String| {
+        set.total += 1;
+        set.passed += usize::from(ok);
+        run.rep.add(
+            section,
+            format!("{tag}{name}"),
+            if ok { St::Pass } else { St::Fail },
+            detail,
+        );
+    };
+    let slug: String = tag.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
     // 100 MiB caller -> service: the caller's checksum of the stream
     // (computed apart: the stream is deterministic), the service's of what
     // it read, and the service's answer as the caller got it.
@@ -232,16 +278,22 @@ fn cases(run: &mut Run) -> Result<(), String> {
     let (sent, back) = (sum_of(&field("@@sent=")), sum_of(&field("@@back=")));
     let got = sum_of(&srv.all());
     let ok = rc == "0" && sent.is_some() && sent == got && sent == back;
-    run.save_log("qrexec-100MiB", &format!("{text}\n== domU2\n{}", srv.all()));
+    run.save_log(
+        &format!("qrexec-100MiB{slug}"),
+        &format!("{text}\n== domU2\n{}", srv.all()),
+    );
     let rate = |mib: u32, s: Option<f64>| {
         s.filter(|s| *s > 0.0).map_or("?".into(), |s| {
             format!("{s:.1}s, {:.1} MiB/s", f64::from(mib) / s)
         })
     };
-    run.rep.add(
-        SECTION,
+    if ok {
+        set.up = secs.filter(|s| *s > 0.0).map(|s| f64::from(mib) / s);
+    }
+    add(
+        run,
         format!("{mib} MiB domU1→domU2 (test.Sum, default 64 KiB buffers)"),
-        if ok { St::Pass } else { St::Fail },
+        ok,
         if ok {
             format!(
                 "checksum sent = read by the service in domU2 = returned ({}); call {}",
@@ -262,10 +314,10 @@ fn cases(run: &mut Run) -> Result<(), String> {
     let text = out.all();
     let rc = marker(&text, "@@rc=");
     let ok = rc == "126" && text.contains("Request refused");
-    run.rep.add(
-        SECTION,
-        "refused call (test.Denied): exit 126",
-        if ok { St::Pass } else { St::Fail },
+    add(
+        run,
+        "refused call (test.Denied): exit 126".into(),
+        ok,
         format!("rc {rc}: {}", text.replace('\n', " ").trim()),
     );
 
@@ -288,10 +340,13 @@ fn cases(run: &mut Run) -> Result<(), String> {
     let got = sum_of(&field("@@got="));
     let sent = sum_of(&srv.all());
     let ok = rc == "0" && got.is_some() && got == sent;
-    run.rep.add(
-        SECTION,
+    if ok {
+        set.down = secs.filter(|s| *s > 0.0).map(|s| f64::from(gmib) / s);
+    }
+    add(
+        run,
         format!("--buffer-size=1048576: {gmib} MiB domU2→domU1 (test.Gen+{gmib})"),
-        if ok { St::Pass } else { St::Fail },
+        ok,
         if ok {
             format!(
                 "checksum of what the service sent = what the caller got ({}); call {}",
@@ -315,20 +370,20 @@ fn cases(run: &mut Run) -> Result<(), String> {
     let text = out.all();
     let field = |k: &str| marker(&text, k);
     let ok = field("@@rc=") == "3" && text.lines().any(|l| l == "out") && field("@@err=") == "err";
-    run.rep.add(
-        SECTION,
-        "service exit code 3, stdout and stderr come through (test.Exit)",
-        if ok { St::Pass } else { St::Fail },
+    add(
+        run,
+        "service exit code 3, stdout and stderr come through (test.Exit)".into(),
+        ok,
         text.replace('\n', " ").trim().to_string(),
     );
     let rc2 = field("@@rc2=");
-    run.rep.add(
-        SECTION,
-        "allowed call of a missing service: exit 127 (test.Missing)",
-        if rc2 == "127" { St::Pass } else { St::Fail },
+    add(
+        run,
+        "allowed call of a missing service: exit 127 (test.Missing)".into(),
+        rc2 == "127",
         format!("rc {rc2}"),
     );
-    Ok(())
+    Ok(set)
 }
 
 #[cfg(test)]

@@ -35,6 +35,8 @@ const PHASES: &[&str] = &[
     "destroy",
     "cxenstored",
     "mirage",
+    "libxenvchan",
+    "cqrexec",
 ];
 
 #[derive(Debug)]
@@ -286,6 +288,9 @@ enum Impl {
     C,
     /// Ours behaving like MirageOS's ocaml-vchan (`--compat ocaml`).
     Mirage,
+    /// The C `vchan-node` linked with our libvchan's `libxenvchan_*`
+    /// (`vchan-node-ours`, see `ourlib.rs`).
+    CLib,
 }
 
 impl Impl {
@@ -294,6 +299,7 @@ impl Impl {
             Impl::Ours => "ours",
             Impl::C => "C",
             Impl::Mirage => "mirage-like",
+            Impl::CLib => "C on our lib",
         }
     }
 }
@@ -438,6 +444,14 @@ impl Run {
                 "env VCHAN_WAIT={wait} {} client {peer} {port} {dir} {mib}",
                 c_bin(dom)
             ),
+            (Impl::CLib, true) => {
+                format!("/mnt/host/vchan-node-ours server {peer} {port} {dir} {mib} {ring_kib}")
+            }
+            (Impl::CLib, false) => {
+                format!(
+                    "env VCHAN_WAIT={wait} /mnt/host/vchan-node-ours client {peer} {port} {dir} {mib}"
+                )
+            }
             (Impl::Mirage, _) => unreachable!("handled above"),
         }
     }
@@ -499,7 +513,8 @@ impl Run {
             x.server_sends,
             x.mib,
             x.ring_kib,
-            x.packet.filter(|_| x.server != Impl::C),
+            x.packet
+                .filter(|_| !matches!(x.server, Impl::C | Impl::CLib)),
             limit,
         );
         let ccmd = self.peer_cmd(
@@ -511,7 +526,8 @@ impl Run {
             !x.server_sends,
             x.mib,
             x.ring_kib,
-            x.packet.filter(|_| x.client != Impl::C),
+            x.packet
+                .filter(|_| !matches!(x.client, Impl::C | Impl::CLib)),
             wait,
         );
         self.bg(&x.server_dom, "srv", &scmd, limit)?;
@@ -1031,6 +1047,12 @@ fn phase_throughput(run: &mut Run) -> Result<(), String> {
 #[path = "qrexec.rs"]
 mod qrexec;
 
+#[path = "libxenvchan.rs"]
+mod libxenvchan;
+
+#[path = "cqrexec.rs"]
+mod cqrexec;
+
 fn phase_qrexec(run: &mut Run) -> Result<(), String> {
     qrexec::phase(run)
 }
@@ -1390,12 +1412,13 @@ fn build_binaries() -> Result<Vec<PathBuf>, String> {
         return Err(format!("cargo build of the lab binaries failed ({st})"));
     }
     let dir = target.join("x86_64-unknown-linux-gnu/release");
-    Ok(
-        ["vchan-peer", "xen-devtest", "qrexec-client-vm", "qubes-sim"]
-            .iter()
-            .map(|b| dir.join(b))
-            .collect(),
-    )
+    let mut bins: Vec<PathBuf> = ["vchan-peer", "xen-devtest", "qrexec-client-vm", "qubes-sim"]
+        .iter()
+        .map(|b| dir.join(b))
+        .collect();
+    bins.extend(super::ourlib::build()?);
+    bins.extend(super::cstack::build()?);
+    Ok(bins)
 }
 
 /// Puts the binaries where the guests find them at boot: the 9p share
@@ -1544,6 +1567,8 @@ fn run_phases(run: &mut Run, o: &Opts) {
         let q = r.quick;
         phase_matrix(r, mirage_cases(q), "mirage-like")
     });
+    phase(run, "libxenvchan", &mut |r| libxenvchan::phase(r));
+    phase(run, "cqrexec", &mut |r| cqrexec::phase(r));
     phase(run, "destroy", &mut phase_destroy);
 }
 
@@ -1556,6 +1581,8 @@ fn section_of(phase: &str) -> &'static str {
         "qrexec" => "qrexec",
         "destroy" => "xl destroy",
         "mirage" => "mirage-like",
+        "libxenvchan" => "libxenvchan",
+        "cqrexec" => "C qrexec on Xen",
         _ => "C xenstored",
     }
 }
