@@ -1,3 +1,5 @@
+// Why this file is long (~940 lines): the last ~200 are unit tests of the
+// option parsing; the rest is the command, options and call flow together.
 //! The `qrexec-client-vm` command: option parsing (docs/qrexec.md §11) and the call
 //! flow (docs/qrexec.md §7, §8, §12).
 //!
@@ -18,8 +20,8 @@ use crate::proto::{
 use crate::pump::{LocalSide, PumpConfig, Stderr};
 use crate::trigger::{AgentAnswer, DataPeer, call_agent};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
-use std::ffi::{OsStr, OsString};
-use std::io;
+use std::ffi::OsString;
+use std::io::{self, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -171,9 +173,9 @@ impl CliError {
                 let _ = e.print();
             }
             other => {
-                crate::log_error(&other.to_string());
+                print_error(&other.to_string());
                 if matches!(other, CliError::Usage(_)) {
-                    crate::log_error("try 'qrexec-client-vm --help'");
+                    print_error("try 'qrexec-client-vm --help'");
                 }
             }
         }
@@ -525,8 +527,44 @@ fn check_stdin_socket() -> Result<(), String> {
     }
 }
 
+/// Writes one `qrexec-client-vm: ...` line to stderr, ignoring failures
+/// (stderr may be closed or broken; that must not end the call).
+fn print_error(msg: &str) {
+    let _ = writeln!(io::stderr(), "qrexec-client-vm: {msg}");
+}
+
+/// The command's logger: every `log` event of the library as one
+/// `qrexec-client-vm: ...` line on stderr, as the C command prints them.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            print_error(&record.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs [`StderrLogger`] (once per process; a later call only changes
+/// the level): errors and warnings always, the `debug` trace with `-v`.
+fn init_logging(verbose: bool) {
+    static LOGGER: StderrLogger = StderrLogger;
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(if verbose {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Warn
+    });
+}
+
 fn fail(code: u8, msg: &str) -> ExitCode {
-    crate::log_error(msg);
+    print_error(msg);
     ExitCode::from(code)
 }
 
@@ -538,7 +576,7 @@ pub fn run(argv: &[OsString]) -> ExitCode {
         Ok(o) => o,
         Err(e) => return ExitCode::from(e.report()),
     };
-    crate::set_verbose(opts.verbose || env_flag(VERBOSE_ENV));
+    init_logging(opts.verbose || env_flag(VERBOSE_ENV));
     // Before any other descriptor is opened, so the numbers are small.
     let saved_fds = if opts.local_program.is_some() {
         match crate::local::SavedFds::dup_stdio(std::env::var_os("PASS_LOCAL_STDERR").is_some()) {
@@ -564,14 +602,14 @@ pub fn run(argv: &[OsString]) -> ExitCode {
         Err(e) => return fail(EXIT_USAGE, &e.to_string()),
     };
     let format = choice.format;
-    crate::vlog!("request format {format} ({:?})", choice.source);
+    log::debug!("request format {format} ({:?})", choice.source);
 
     let target = normalize_target(&opts.target);
     if let Err(e) = validate_target(&target, format) {
         return fail(EXIT_USAGE, &e.to_string());
     }
     match validate_service(&opts.service, format) {
-        Ok(warnings) => warnings.iter().for_each(|w| crate::log_error(w)),
+        Ok(warnings) => warnings.iter().for_each(|w| print_error(w)),
         Err(e) => return fail(EXIT_USAGE, &e.to_string()),
     }
     let source = opts.source_qube.clone().unwrap_or_default();
@@ -604,7 +642,7 @@ pub fn run(argv: &[OsString]) -> ExitCode {
         AgentAnswer::Refused => {
             let _ = io::Write::write_all(&mut io::stderr(), b"Request refused\n");
             if let FormatSource::Default { why } = &choice.source {
-                crate::vlog!(
+                log::debug!(
                     "hint: the agent may not speak request format {format} ({why}); \
                      pin it with --request-format or {REQUEST_FORMAT_ENV}"
                 );
@@ -617,7 +655,7 @@ pub fn run(argv: &[OsString]) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(EXIT_FAILURE, &e.to_string()),
     };
-    crate::vlog!("call accepted: domain {}, port {}", peer.domain, peer.port);
+    log::debug!("call accepted: domain {}, port {}", peer.domain, peer.port);
 
     // Local program: started after acceptance, before the vchan server.
     let mut signals = None;
@@ -649,7 +687,7 @@ pub fn run(argv: &[OsString]) -> ExitCode {
     {
         return fail(EXIT_FAILURE, &format!("data vchan connection failed: {e}"));
     }
-    crate::vlog!("service connected");
+    log::debug!("service connected");
 
     let (input, output) = match &program {
         Some(p) => (
@@ -686,7 +724,7 @@ pub fn run(argv: &[OsString]) -> ExitCode {
     drop(agent);
     match result {
         Ok(outcome) => {
-            crate::vlog!("call ended: {outcome:?}");
+            log::debug!("call ended: {outcome:?}");
             ExitCode::from(outcome.exit_code())
         }
         Err(e) => fail(EXIT_FAILURE, &e.to_string()),
@@ -699,14 +737,15 @@ pub fn main() -> ExitCode {
     run(&argv)
 }
 
-/// Convenience for tests and embedders: an argv from strings.
-pub fn argv<S: AsRef<OsStr>>(items: &[S]) -> Vec<OsString> {
-    items.iter().map(|s| s.as_ref().to_os_string()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsStr;
+
+    /// An argv from strings.
+    fn argv<S: AsRef<OsStr>>(items: &[S]) -> Vec<OsString> {
+        items.iter().map(|s| s.as_ref().to_os_string()).collect()
+    }
     use crate::proto::RequestFormat;
 
     fn parse(v: &[&str]) -> Result<Options, CliError> {

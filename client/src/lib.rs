@@ -13,10 +13,12 @@
 //! * [`filter`]: escape-character filtering;
 //! * [`retry`]: bounded waiting for set-up resources other calls hold;
 //! * [`cli`]: the `qrexec-client-vm` command line and flow.
+//!
+//! The library does not print: what it has to say goes to the `log` facade
+//! (`debug` for the `-v` trace, `error` and `warn` for failures it works
+//! around). The command installs a logger that writes each event as one
+//! `qrexec-client-vm: ...` line on stderr, `debug` only with `-v`.
 #![forbid(unsafe_code)]
-
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod channel;
 pub mod cli;
@@ -29,36 +31,3 @@ pub mod pump;
 pub mod retry;
 pub mod transport;
 pub mod trigger;
-
-static VERBOSE: AtomicBool = AtomicBool::new(false);
-
-/// Turn verbose logging (to stderr) on or off.
-pub fn set_verbose(on: bool) {
-    VERBOSE.store(on, Ordering::Relaxed);
-}
-
-/// Whether verbose logging is on.
-pub fn verbose() -> bool {
-    VERBOSE.load(Ordering::Relaxed)
-}
-
-/// Write one `qrexec-client-vm: ...` line to stderr, ignoring failures
-/// (stderr may be closed or broken; that must not end the call).
-pub fn log_error(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "qrexec-client-vm: {msg}");
-}
-
-/// Log a line to stderr when verbose logging is on.
-///
-/// ```
-/// qrexec::set_verbose(false);
-/// qrexec::vlog!("not shown: {}", 42);
-/// ```
-#[macro_export]
-macro_rules! vlog {
-    ($($arg:tt)*) => {
-        if $crate::verbose() {
-            $crate::log_error(&format!($($arg)*));
-        }
-    };
-}

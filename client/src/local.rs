@@ -114,7 +114,7 @@ fn end_direction(fd: &LocalFd, mode: CloseMode, how: Shutdown) {
         CloseMode::DevNull => replace_with_dev_null(fd),
     };
     if let Err(e) = r {
-        crate::vlog!("closing local {fd:?} ({how:?}): {e}");
+        log::debug!("closing local {fd:?} ({how:?}): {e}");
     }
 }
 
@@ -367,7 +367,7 @@ fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
             if let Err(e) = result {
                 let quiet = matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET));
                 if !quiet {
-                    crate::log_error(&format!("write to local output: {e}"));
+                    log::error!("write to local output: {e}");
                 }
                 st.broken = Some(e.to_string());
                 let dropped: usize = st.queue.iter().map(Vec::len).sum();
@@ -483,7 +483,7 @@ impl LocalProgram {
             }
             Ok(None) => None,
             Err(e) => {
-                crate::log_error(&format!("waiting for the local program: {e}"));
+                log::error!("waiting for the local program: {e}");
                 self.status = Some(255);
                 self.child = None;
                 self.status
@@ -497,7 +497,7 @@ impl LocalProgram {
             self.status = Some(match child.wait() {
                 Ok(st) => status_code(st),
                 Err(e) => {
-                    crate::log_error(&format!("waiting for the local program: {e}"));
+                    log::error!("waiting for the local program: {e}");
                     255
                 }
             });
@@ -581,10 +581,7 @@ pub fn spawn_local_program(
     let (child, status) = match spawned {
         Ok(c) => (Some(c), None),
         Err(e) => {
-            crate::log_error(&format!(
-                "cannot execute local program {}: {e}",
-                path.display()
-            ));
+            log::error!("cannot execute local program {}: {e}", path.display());
             (None, Some(255))
         }
     };

@@ -182,7 +182,7 @@ pub fn handshake<C: DataChannel + ?Sized>(ch: &mut C, own_version: u32) -> Resul
             let (_, msg) = decoder.feed(&buf[..n])?;
             if let Some(Message::Hello(peer)) = msg {
                 let v = negotiate(own_version, peer)?;
-                crate::vlog!("service announced version {peer}, using {v}");
+                log::debug!("service announced version {peer}, using {v}");
                 return Ok(v);
             }
             continue;
@@ -238,7 +238,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     fn close_input(&mut self, send_eof: bool) -> Result<(), PumpError> {
         if let Some(inp) = self.input.take() {
             if send_eof && self.sending {
-                // An EOF that cannot be sent is ignored (4c51f26): the peer
+                // An EOF that cannot be sent is ignored (QubesOS/qubes-core-qrexec@4c51f26): the peer
                 // has usually gone already. Never block on it.
                 if self
                     .ch
@@ -248,10 +248,10 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 {
                     let hdr = MsgHeader::new(MsgType::DataStdin, 0).encode();
                     if let Err(e) = self.ch.send_all(&hdr) {
-                        crate::vlog!("sending STDIN EOF failed (ignored): {e}");
+                        log::debug!("sending STDIN EOF failed (ignored): {e}");
                     }
                 } else {
-                    crate::vlog!("no room for STDIN EOF in the vchan: not sent");
+                    log::debug!("no room for STDIN EOF in the vchan: not sent");
                 }
             }
             inp.close();
@@ -282,11 +282,11 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 old.close();
                 self.input = Some(LocalInput::new(socket, CloseMode::Shutdown));
                 self.input_readable = false;
-                crate::vlog!("SIGUSR1: using the local program's stdin socket both ways");
+                log::debug!("SIGUSR1: using the local program's stdin socket both ways");
                 true
             }
             None => {
-                crate::vlog!("SIGUSR1 after local input ended: ignored");
+                log::debug!("SIGUSR1 after local input ended: ignored");
                 false
             }
         }
@@ -299,7 +299,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     return Ok(()); // output already ended: discard
                 }
                 if data.is_empty() {
-                    crate::vlog!("service stdout EOF");
+                    log::debug!("service stdout EOF");
                     self.writer.request_close();
                     return Ok(());
                 }
@@ -316,11 +316,11 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     replace_escape_chars(&mut data);
                 }
                 if let Err(e) = self.stderr.write_all(&data) {
-                    crate::vlog!("writing service stderr: {e}");
+                    log::debug!("writing service stderr: {e}");
                 }
             }
             Message::ExitCode(code) => {
-                crate::vlog!("service exit code {code}");
+                log::debug!("service exit code {code}");
                 self.remote_status = Some(code);
                 self.close_input(true)?;
             }
@@ -417,13 +417,13 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     fn dispatch(&mut self, m: Message) -> Result<(), PumpError> {
         if matches!(m, Message::Stdin(_)) && !self.warned_stdin_type {
             self.warned_stdin_type = true;
-            crate::vlog!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
+            log::debug!("service sent MSG_DATA_STDIN (old agent): treated as stdout");
         }
         self.handle(m)
     }
 
     /// Send a STDIN message whose payload is at `tx[8..8 + n]`. A failure
-    /// stops sending but not receiving (66c1519): no EOF is sent then.
+    /// stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519): no EOF is sent then.
     fn send_stdin(&mut self, n: usize) -> Result<(), PumpError> {
         stdin_header(&mut self.tx, n);
         match self.ch.send_all(&self.tx[..MSG_HEADER_SIZE + n]) {
@@ -435,7 +435,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
     /// A send failed. A corrupted ring ends the call; anything else (the
     /// peer went away) is like #5597: not worth an error line when the exit
     /// code still arrives ("closed early" is reported if it does not), and
-    /// it stops sending but not receiving (66c1519): no EOF is sent then.
+    /// it stops sending but not receiving (QubesOS/qubes-core-qrexec@66c1519): no EOF is sent then.
     fn send_failed(&mut self, e: io::Error) -> Result<(), PumpError> {
         if is_ring_corruption(&e) {
             return Err(PumpError::Channel {
@@ -443,7 +443,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 source: e,
             });
         }
-        crate::vlog!("error while vchan send (stop sending, keep receiving): {e}");
+        log::debug!("error while vchan send (stop sending, keep receiving): {e}");
         self.sending = false;
         self.close_input(false)
     }
@@ -496,7 +496,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     if self.check_signals() {
                         continue;
                     }
-                    crate::vlog!("local input EOF");
+                    log::debug!("local input EOF");
                     self.close_input(true)?;
                 }
                 Ok(n) => self.send_stdin(n)?,
@@ -504,7 +504,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                     self.input_readable = false;
                 }
                 Err(e) => {
-                    crate::log_error(&format!("error reading local input: {e}"));
+                    log::error!("error reading local input: {e}");
                     self.close_input(true)?;
                 }
             }
@@ -533,7 +533,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 // A SIGUSR1 sent before the program closed its stdout wins
                 // over that EOF.
                 if !self.check_signals() {
-                    crate::vlog!("local input EOF");
+                    log::debug!("local input EOF");
                     self.close_input(true)?;
                 }
                 Ok(true)
@@ -544,7 +544,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 Ok(true)
             }
             Err(FromFdError::Fd(e)) => {
-                crate::log_error(&format!("error reading local input: {e}"));
+                log::error!("error reading local input: {e}");
                 self.close_input(true)?;
                 Ok(true)
             }
@@ -567,7 +567,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 && p.child.is_some()
                 && let Some(code) = p.try_reap()
             {
-                crate::vlog!("local program exited with status {code}");
+                log::debug!("local program exited with status {code}");
                 // Stop writing to the program's stdin (docs/qrexec.md §12).
                 self.writer.request_close();
             }
@@ -590,16 +590,14 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
             {
                 return Ok(());
             }
-            // The peer has gone: is_open before data_ready (bd07c52).
+            // The peer has gone: is_open before data_ready (QubesOS/qubes-core-qrexec@bd07c52).
             let open = self.ch.is_open();
             if !open
                 && self.ch.data_ready().map_err(chan_err("look at the ring"))? == 0
                 && ws.pending == 0
             {
                 if self.remote_status.is_none() {
-                    crate::log_error(
-                        "vchan connection closed early (no exit code from the service)",
-                    );
+                    log::error!("vchan connection closed early (no exit code from the service)");
                 }
                 return Ok(());
             }
@@ -704,7 +702,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 self.input_readable = true;
             }
             if out_gone {
-                crate::vlog!("local output was closed by its reader");
+                log::debug!("local output was closed by its reader");
                 self.writer.request_close();
             }
         }

@@ -465,75 +465,83 @@ mod tests {
         }
     }
 
+    fn evtchn_bind(
+        op: &'static str,
+        remote_port: Option<u32>,
+        errno: nix::errno::Errno,
+    ) -> vchan::Error {
+        vchan::Error::Evtchn {
+            step: "bind",
+            source: evtchn::Error::Bind {
+                op,
+                remote: 3,
+                remote_port,
+                source: errno,
+            },
+        }
+    }
+
     #[test]
     fn classification_by_type() {
         use xenstore::Errno;
-        let r = |e: &vchan::Error| classify(e).map(|x| x.resource);
-        assert_eq!(r(&grant_enospc()), Some(Resource::GrantPages));
-        assert_eq!(
-            r(&xs("TRANSACTION_START", Errno::ENOSPC)),
-            Some(Resource::XenstoreTransactions)
-        );
-        assert_eq!(
-            r(&xs("WATCH", Errno::E2BIG)),
-            Some(Resource::XenstoreWatches)
-        );
-        assert_eq!(
-            r(&xs("WRITE", Errno::ENOSPC)),
-            Some(Resource::XenstoreNodes)
-        );
-        assert_eq!(
-            r(&xs("READ", Errno::ENOMEM)),
-            Some(Resource::XenstoreMemory)
-        );
-        assert_eq!(
-            r(&xs("TRANSACTION_END", Errno::EAGAIN)),
-            Some(Resource::XenstoreConflicts)
-        );
-        let retries = vchan::Error::Xenstore {
-            step: "x",
-            source: xenstore::Error::TransactionRetries { attempts: 64 },
-        };
-        assert_eq!(r(&retries), Some(Resource::XenstoreConflicts));
-        let evt = vchan::Error::Evtchn {
-            step: "bind unbound port",
-            source: evtchn::Error::Bind {
-                op: "IOCTL_EVTCHN_BIND_UNBOUND_PORT",
-                remote: 3,
-                remote_port: None,
-                source: nix::errno::Errno::ENOSPC,
-            },
-        };
-        assert_eq!(r(&evt), Some(Resource::EventChannels));
-
+        let held = [
+            (grant_enospc(), Resource::GrantPages),
+            (
+                xs("TRANSACTION_START", Errno::ENOSPC),
+                Resource::XenstoreTransactions,
+            ),
+            (xs("WATCH", Errno::E2BIG), Resource::XenstoreWatches),
+            (xs("WRITE", Errno::ENOSPC), Resource::XenstoreNodes),
+            (xs("READ", Errno::ENOMEM), Resource::XenstoreMemory),
+            (
+                xs("TRANSACTION_END", Errno::EAGAIN),
+                Resource::XenstoreConflicts,
+            ),
+            (
+                vchan::Error::Xenstore {
+                    step: "x",
+                    source: xenstore::Error::TransactionRetries { attempts: 64 },
+                },
+                Resource::XenstoreConflicts,
+            ),
+            (
+                evtchn_bind(
+                    "IOCTL_EVTCHN_BIND_UNBOUND_PORT",
+                    None,
+                    nix::errno::Errno::ENOSPC,
+                ),
+                Resource::EventChannels,
+            ),
+        ];
+        for (e, want) in &held {
+            assert_eq!(classify(e).map(|x| x.resource), Some(*want), "{e}");
+        }
         // Not a held resource: fail at once.
-        assert_eq!(r(&xs("READ", Errno::EACCES)), None);
-        assert_eq!(r(&xs("WATCH", Errno::EINVAL)), None);
-        assert_eq!(r(&xs("TRANSACTION_START", Errno::EBUSY)), None);
-        let einval = vchan::Error::Gnttab {
-            step: "map",
-            source: gnttab::Error::Os {
-                op: "mmap",
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        let not_held = [
+            xs("READ", Errno::EACCES),
+            xs("WATCH", Errno::EINVAL),
+            xs("TRANSACTION_START", Errno::EBUSY),
+            vchan::Error::Gnttab {
+                step: "map",
+                source: gnttab::Error::Os {
+                    op: "mmap",
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                },
             },
-        };
-        assert_eq!(r(&einval), None);
-        let evt_einval = vchan::Error::Evtchn {
-            step: "bind",
-            source: evtchn::Error::Bind {
-                op: "IOCTL_EVTCHN_BIND_INTERDOMAIN",
-                remote: 3,
-                remote_port: Some(7),
-                source: nix::errno::Errno::EINVAL,
+            evtchn_bind(
+                "IOCTL_EVTCHN_BIND_INTERDOMAIN",
+                Some(7),
+                nix::errno::Errno::EINVAL,
+            ),
+            vchan::Error::PeerClosed,
+            // The text alone does not make an error retriable.
+            vchan::Error::Peer {
+                what: "ENOSPC: No space left on device".into(),
             },
-        };
-        assert_eq!(r(&evt_einval), None);
-        assert_eq!(r(&vchan::Error::PeerClosed), None);
-        // The text alone does not make an error retriable.
-        let text = vchan::Error::Peer {
-            what: "ENOSPC: No space left on device".into(),
-        };
-        assert_eq!(r(&text), None);
+        ];
+        for e in &not_held {
+            assert!(classify(e).is_none(), "{e}");
+        }
     }
 
     #[test]
@@ -566,25 +574,41 @@ mod tests {
         assert_eq!(a.upto(Duration::ZERO), Duration::ZERO);
     }
 
-    #[test]
-    fn waits_until_the_resource_comes_back() {
-        let clock = FakeClock::new();
-        let deadline = clock.now() + Duration::from_secs(120);
+    /// `retry` as the client runs it (default backoff, classify), on the
+    /// fake clock with all the jitter; `attempt` gets the attempt number
+    /// (1, 2, ...). Returns the result, the attempts made and the waits
+    /// logged.
+    fn run<T>(
+        clock: &FakeClock,
+        deadline: Instant,
+        mut attempt: impl FnMut(u32) -> Result<T, vchan::Error>,
+    ) -> (Result<T, RetryError<vchan::Error>>, u32, Vec<Wait>) {
         let mut logged = Vec::new();
         let mut n = 0;
         let r = retry(
             deadline,
             &Backoff::default(),
-            &clock,
+            clock,
             &mut Fixed(true),
             classify,
             |w| logged.push(w.clone()),
             || {
                 n += 1;
-                if n <= 4 { Err(grant_enospc()) } else { Ok(n) }
+                attempt(n)
             },
         );
+        (r, n, logged)
+    }
+
+    #[test]
+    fn waits_until_the_resource_comes_back() {
+        let clock = FakeClock::new();
+        let deadline = clock.now() + Duration::from_secs(120);
+        let (r, n, logged) = run(&clock, deadline, |n| {
+            if n <= 4 { Err(grant_enospc()) } else { Ok(n) }
+        });
         assert_eq!(r.unwrap(), 5);
+        assert_eq!(n, 5);
         assert_eq!(
             *clock.slept.borrow(),
             [10, 20, 40, 80].map(Duration::from_millis)
@@ -604,45 +628,24 @@ mod tests {
     #[test]
     fn other_errors_fail_at_once() {
         let clock = FakeClock::new();
-        let mut n = 0;
-        let r: Result<(), _> = retry(
-            clock.now() + Duration::from_secs(120),
-            &Backoff::default(),
-            &clock,
-            &mut Fixed(true),
-            classify,
-            |_| panic!("no wait expected"),
-            || {
-                n += 1;
-                Err(vchan::Error::PeerClosed)
-            },
-        );
+        let deadline = clock.now() + Duration::from_secs(120);
+        let (r, n, logged) = run(&clock, deadline, |_| Err::<(), _>(vchan::Error::PeerClosed));
         assert!(matches!(
             r,
             Err(RetryError::Fatal(vchan::Error::PeerClosed))
         ));
         assert_eq!(n, 1);
+        assert!(logged.is_empty());
         assert!(clock.slept.borrow().is_empty());
     }
 
     #[test]
     fn gives_up_at_the_deadline_with_one_line_naming_the_limit() {
         let clock = FakeClock::new();
-        let start = clock.now();
-        let deadline = start + Duration::from_secs(120);
-        let mut n = 0u32;
-        let r: Result<(), _> = retry(
-            deadline,
-            &Backoff::default(),
-            &clock,
-            &mut Fixed(true),
-            classify,
-            |_| {},
-            || {
-                n += 1;
-                Err(xs("TRANSACTION_START", xenstore::Errno::ENOSPC))
-            },
-        );
+        let deadline = clock.now() + Duration::from_secs(120);
+        let (r, n, _) = run(&clock, deadline, |_| {
+            Err::<(), _>(xs("TRANSACTION_START", xenstore::Errno::ENOSPC))
+        });
         let Err(RetryError::GaveUp(g)) = r else {
             panic!("expected GaveUp")
         };
@@ -667,19 +670,7 @@ mod tests {
     #[test]
     fn a_past_deadline_still_gets_one_attempt() {
         let clock = FakeClock::new();
-        let mut n = 0;
-        let r: Result<(), _> = retry(
-            clock.now(),
-            &Backoff::default(),
-            &clock,
-            &mut Fixed(true),
-            classify,
-            |_| {},
-            || {
-                n += 1;
-                Err(grant_enospc())
-            },
-        );
+        let (r, n, _) = run(&clock, clock.now(), |_| Err::<(), _>(grant_enospc()));
         assert!(matches!(r, Err(RetryError::GaveUp(_))));
         assert_eq!(n, 1);
     }

@@ -103,7 +103,7 @@ pub fn open_socket_server(
     let own =
         u16::try_from(own_domain).map_err(|_| SetupError::BadOwnDomain(own_domain.to_string()))?;
     let path = vchan::socket_path(dir, own, domain, port);
-    crate::vlog!("listening for the service on {}", path.display());
+    log::debug!("listening for the service on {}", path.display());
     let t = vchan::Transport::Socket {
         dir: dir.to_path_buf(),
         domid: own,
@@ -133,7 +133,7 @@ pub fn open_data_server(
     if t == vchan::Transport::Xen && t.check_available().is_err() {
         return Err(SetupError::NoXen);
     }
-    crate::vlog!(
+    log::debug!(
         "data vchan server toward domain {domain} port {port}, {buffer_size} bytes each way ({t:?})"
     );
     let v = crate::retry::retry(
@@ -142,7 +142,7 @@ pub fn open_data_server(
         &crate::retry::SystemClock,
         &mut crate::retry::XorShift::from_entropy(),
         crate::retry::classify,
-        |w| crate::vlog!("{w}"),
+        |w| log::debug!("{w}"),
         || vchan::Vchan::server(&t, domain, port, buffer_size, buffer_size),
     )
     .map_err(|e| match e {

@@ -107,7 +107,7 @@ pub fn read_answer<R: Read>(r: &mut R) -> Result<AgentAnswer, TriggerError> {
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset && got == 0 => {
-                crate::vlog!("agent reset the connection: treated as a refusal");
+                log::debug!("agent reset the connection: treated as a refusal");
                 return Ok(AgentAnswer::Refused);
             }
             Err(e) => return Err(TriggerError::Read(e)),
@@ -126,9 +126,9 @@ pub fn call_agent(path: &Path, request: &[u8]) -> Result<(AgentAnswer, UnixStrea
         path: path.to_path_buf(),
         source,
     })?;
-    crate::vlog!("connected to the agent at {}", path.display());
+    log::debug!("connected to the agent at {}", path.display());
     stream.write_all(request).map_err(TriggerError::Write)?;
-    crate::vlog!("sent a {}-byte request", request.len());
+    log::debug!("sent a {}-byte request", request.len());
     let answer = read_answer(&mut stream)?;
     Ok((answer, stream))
 }

@@ -198,7 +198,7 @@ fn send_failure_stops_sending_but_keeps_receiving_the_exit_code() {
     // The peer stops reading (shutdown of its receiving side) while our
     // input is endless: our sends fail, no EOF is sent, input is no longer
     // read, and the exit code it sends afterwards is still reported
-    // (66c1519) instead of 1.
+    // (QubesOS/qubes-core-qrexec@66c1519) instead of 1.
     let dir = tempfile::tempdir().unwrap();
     let (mut ch, mut svc) = socket_pair(dir.path(), 65536);
     let ends = local_ends();

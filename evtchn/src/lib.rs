@@ -24,9 +24,10 @@
 //!
 //! # Semantics that both backends share
 //!
-//! These are the device's (docs/vchan.md §6, verified on Xen 4.17, §16 rows 3–5);
-//! the double reproduces them on purpose, so code that works on the double
-//! does not rely on anything the real device does not promise:
+//! These are the device's (docs/vchan.md §6, verified on real Xen by the
+//! lab, docs/vchan.md §16 rows 3–5); the double reproduces them on
+//! purpose, so code that works on the double does not rely on anything the
+//! real device does not promise:
 //!
 //! * A bound port starts enabled. An event masks it and queues one event on
 //!   the fd (`POLLIN`). [`EventChannel::wait`] and
@@ -51,7 +52,8 @@
 //!   bits (Xen needs `EVTCHNOP_status` through privcmd, which a restricted
 //!   domU cannot issue, so [`Xen`] answers `Ok(None)`).
 //! * Timing: a re-armed port with a pending event is delivered again as
-//!   soon as the hub reads the re-arm, not about 0.4 ms later; and
+//!   soon as the hub reads the re-arm, not after Xen's short delay
+//!   (docs/vchan.md §6); and
 //!   notifications that reach the hub while an event is queued always leave
 //!   one more wake-up (Xen sometimes merges them into the first). Both stay
 //!   within "1 or 2 wake-ups".
@@ -108,7 +110,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::poll::PollFlags;
 
 pub mod local;
 mod sys;
@@ -116,8 +118,7 @@ mod xen;
 
 pub use xen::{DEVICE_PATH, Xen, XenChannel};
 
-/// A Xen domain id.
-pub type DomId = u16;
+pub use xen_base::DomId;
 
 /// An event channel port number, local to one domain.
 pub type Port = u32;
@@ -402,34 +403,10 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     }
 }
 
-/// Converts a duration into a `poll` timeout in milliseconds, rounding up so
-/// that a short positive timeout does not become a busy loop.
-fn poll_timeout(d: Duration) -> PollTimeout {
-    let ms = d.as_nanos().div_ceil(1_000_000);
-    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
-}
-
 /// Waits until `fd` is readable or `deadline` passes (`None`: forever).
-/// Returns `Ok(false)` on timeout. Retries `EINTR`.
+/// Returns `Ok(false)` on timeout.
 fn poll_readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<bool, Errno> {
-    loop {
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => poll_timeout(d.saturating_duration_since(Instant::now())),
-        };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, timeout) {
-            Ok(0) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(false);
-                }
-            }
-            // Readable, or hung up / error: the caller's read tells which.
-            Ok(_) => return Ok(true),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    xen_base::poll_until(fd, PollFlags::POLLIN, deadline)
 }
 
 /// The shared body of `wait`/`wait_timeout`: poll, then try to consume;

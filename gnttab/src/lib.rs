@@ -112,8 +112,7 @@ mod xen;
 
 pub use xen::Xen;
 
-/// A Xen domain id (`domid_t`).
-pub type DomId = u16;
+pub use xen_base::DomId;
 
 /// A grant reference (`grant_ref_t`): the index of an entry in the granting
 /// domain's grant table.

@@ -1,3 +1,5 @@
+// Why this file is long (~800 lines): the last ~100 are unit tests of the
+// trigger checks and the port table.
 //! A VM's dom0 qrexec daemon (docs/qrexec.md §9): vchan client of the VM's control
 //! channel, the `qrexec.<domid>` socket for dom0 clients, policy
 //! evaluation for the VM's calls, and its data-port table.

@@ -1,3 +1,7 @@
+// Why this file is long (~830 lines): it is one agent in four sections (the
+// framed data channel, the target side, the source side, the agent loop)
+// that follow mirage-qubes' msg_chan.ml and rExec.ml, so the two can be read
+// side by side; the last ~35 lines are unit tests.
 //! A qrexec agent that behaves like a MirageOS unikernel's (`mirage/
 //! mirage-qubes` 2.0, `lib/rExec.ml` and `lib/msg_chan.ml`, over
 //! `mirage/ocaml-vchan`), for testing our tools against one without a

@@ -54,8 +54,8 @@
 //! History that explains old bug reports (not reproduced; we follow
 //! ocaml-vchan 6.0.2): before 5.0.0 its client cut its view of the
 //! control page down to the header and the grant list ("ignore trailing
-//! junk", removed in PR #132, commit a2c2130), which put in-page rings out
-//! of its reach; before 2.0.x (commit 879e50c) its server zeroed `left.cons`
+//! junk", removed in PR #132, mirage/ocaml-vchan@a2c2130), which put in-page rings out
+//! of its reach; before 2.0.x (mirage/ocaml-vchan@879e50c) its server zeroed `left.cons`
 //! twice and never `right.prod`. "Invalid ring order: 0"
 //! (qubes-mirage-firewall #3) is its client reading an all-zero page; ours
 //! refuses such a page too, with [`crate::control::ControlError`].

@@ -31,6 +31,7 @@ use crate::control::{
     SharedHeader, Side,
 };
 use crate::ring::{Consumer, Corruption, Producer, RawRingBytes, Ring, RingBytes, RingError};
+use crate::spin::SpinPolicy;
 
 /// The event channel as the endpoint needs it: one channel carries every
 /// kind of notification in both directions; events coalesce and may be
@@ -328,40 +329,9 @@ impl PeerState {
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Default bound of the busy-wait a blocking call does before it asks the
-/// peer for an event and sleeps (see [`Endpoint::set_spin`]).
-///
-/// A notification is expensive (on Xen a hypercall and an interrupt, on the
-/// Local transport two socket hops through the hub) and so is the sleep and
-/// wake-up around it; a peer that is running on another core usually frees
-/// space or produces data within a few microseconds. Spinning that long
-/// avoids both the request and the event; spinning longer would burn a core
-/// for a peer that is not coming.
-pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
-
-/// [`DEFAULT_SPIN`], or no spin at all when this machine has one CPU: the
-/// peer (another process, or another domain on the same CPU) cannot make
-/// progress while we spin, so a spin only delays it (seen in the Xen lab on
-/// one vCPU: ours at 0.4–0.7× C libxenvchan).
-fn default_spin() -> Duration {
-    static ONE_CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let one =
-        *ONE_CPU.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() == 1));
-    if one { Duration::ZERO } else { DEFAULT_SPIN }
-}
-
-/// Peer-index checks between two looks at the clock while spinning.
-const SPIN_BATCH: u32 = 8;
-
-/// The least an adaptive spin shrinks to (see [`Endpoint::set_spin`]).
-const SPIN_FLOOR: Duration = Duration::from_micros(2);
-
-/// Every this many spins below the full bound, one spins the full bound
-/// (see [`Endpoint::set_spin`]).
-const SPIN_PROBE_EVERY: u32 = 8;
-
-/// After this long a spin yields the CPU between looks (see
-/// [`Endpoint::set_spin`]).
-const SPIN_YIELD_AFTER: Duration = Duration::from_micros(1);
+/// peer for an event and sleeps (see [`Endpoint::set_spin`] and
+/// [`SpinPolicy`]).
+pub use crate::spin::DEFAULT_SPIN;
 
 /// A blocking writer that finds the ring full spins until this much space
 /// is free (or half the ring, or what it has left to write, if less)
@@ -415,13 +385,8 @@ pub struct Endpoint<E: Events, H: SharedHeader = ControlPage, B: RingBytes = Raw
     blocking: bool,
     timeout: Option<Duration>,
     poll_interval: Duration,
-    spin: Duration,
-    /// The adaptive spin bound now in force (`SPIN_FLOOR..=spin`).
-    spin_now: Duration,
-    /// Fruitless spins in a row.
-    spin_misses: u32,
-    /// Spins below the full bound since the last full one.
-    spin_short: u32,
+    /// How long to busy-wait before requesting an event and sleeping.
+    spin: SpinPolicy,
     closed: bool,
     /// ocaml-vchan's reader: `cons` is published at the next read, not
     /// after the copy (see [`Endpoint::set_lazy_ack`]).
@@ -441,7 +406,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> fmt::Debug for Endpoint<E, H, B> 
             .field("tx_prod", &self.tx.prod())
             .field("blocking", &self.blocking)
             .field("timeout", &self.timeout)
-            .field("spin", &self.spin)
+            .field("spin", &self.spin.max())
             .field("closed", &self.closed)
             .field("events", &self.events)
             .finish_non_exhaustive()
@@ -613,10 +578,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             blocking: true,
             timeout: None,
             poll_interval: DEFAULT_POLL_INTERVAL,
-            spin: default_spin(),
-            spin_now: default_spin(),
-            spin_misses: 0,
-            spin_short: 0,
+            spin: SpinPolicy::for_this_machine(),
             closed: false,
             lazy_ack: false,
             unacked: false,
@@ -1022,21 +984,10 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// (default [`DEFAULT_SPIN`]; zero: never spin). Non-blocking calls and
     /// [`Endpoint::wait`] never spin.
     ///
-    /// The bound adapts: each fruitless spin after the first in a row
-    /// halves it (down to 2 µs), a spin that succeeds restores it, and
-    /// every 8th spin below the full bound spins the full bound. A peer
-    /// that shares our core (or is descheduled) cannot make progress while
-    /// we spin, so spin after fruitless spin would only delay it; a peer
-    /// running beside us answers within the bound and keeps it, and one
-    /// that was preempted once does not cost it. The full-bound probes
-    /// end the state in which both ends sleep, each spinning less than
-    /// the other's wake-up takes.
-    ///
-    /// After the first microsecond the spin yields the CPU
-    /// (`sched_yield`) between looks: a peer that shares our core then
-    /// runs at once, which costs a context switch instead of a fruitless
-    /// spin, a notification and two wake-ups; with nothing else runnable
-    /// on our core the yield returns at once.
+    /// The bound adapts (halved after fruitless spins in a row, restored
+    /// by a successful one, probed at full length now and then) and the
+    /// spin yields the CPU after its first microsecond: see [`SpinPolicy`],
+    /// which every waiting call of the endpoint shares.
     ///
     /// ```
     /// # use std::io;
@@ -1069,8 +1020,7 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Ok::<(), RingError>(())
     /// ```
     pub fn set_spin(&mut self, d: Duration) {
-        self.spin = d;
-        self.spin_now = d;
+        self.spin.set_max(d);
     }
 
     /// The current spin bound.
@@ -1106,7 +1056,48 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// # Ok::<(), RingError>(())
     /// ```
     pub fn spin(&self) -> Duration {
-        self.spin
+        self.spin.max()
+    }
+
+    /// The spin policy every waiting call of this endpoint uses (its
+    /// blocking calls and [`Endpoint::spin_for_data`] /
+    /// [`Endpoint::spin_for_space`]), for an event loop that spins on the
+    /// same adaptive bound before it sleeps.
+    ///
+    /// ```
+    /// # use std::io;
+    /// # use std::time::Duration;
+    /// # use vchan::control::*;
+    /// # use vchan::endpoint::{Endpoint, Events, PeerState};
+    /// # use vchan::ring::RingError;
+    /// # #[derive(Debug)]
+    /// # struct NoEvents; // both ends in one process: nothing to signal
+    /// # impl Events for NoEvents {
+    /// #     fn notify(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait(&self) -> io::Result<()> { Ok(()) }
+    /// #     fn wait_timeout(&self, _d: Duration) -> io::Result<bool> { Ok(false) }
+    /// #     fn consume_pending(&self) -> io::Result<bool> { Ok(false) }
+    /// # }
+    /// # #[repr(C, align(4096))] struct Page([u8; PAGE_SIZE]);
+    /// # let mut page = Box::new(Page([0; PAGE_SIZE]));
+    /// # let base = page.0.as_mut_ptr();
+    /// # let layout = server_layout(0, 0)?; // orders 10/11: both rings in the page
+    /// # // SAFETY: `page` is aligned, 4096 bytes, and outlives everything below.
+    /// # let hdr = unsafe { ControlPage::new(base) };
+    /// # init_server_page(&hdr, &layout, &[], &[])?;
+    /// # // SAFETY: as above; in-page rings, so null ring pointers.
+    /// # let mut srv = unsafe { Endpoint::new(base, Side::Server, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # // SAFETY: as above (the client's view of the same page).
+    /// # let mut cli = unsafe { Endpoint::new(base, Side::Client, &layout, std::ptr::null_mut(), std::ptr::null_mut(), NoEvents)? };
+    /// # announce_client_connected(&hdr);
+    /// srv.set_spin(Duration::from_micros(20));
+    /// assert_eq!(srv.spin_policy().max(), Duration::from_micros(20));
+    /// let woke = srv.spin_policy().spin_until(|| Ok::<_, RingError>(true))?;
+    /// assert!(woke);
+    /// # Ok::<(), RingError>(())
+    /// ```
+    pub fn spin_policy(&mut self) -> &mut SpinPolicy {
+        &mut self.spin
     }
 
     /// Reads the way ocaml-vchan does (docs/vchan.md §12.1): a read acknowledges
@@ -1205,7 +1196,6 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
     /// assert_eq!(cli.peer_state(), PeerState::Connected);
     /// # Ok::<(), RingError>(())
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn peer_state(&self) -> PeerState {
         let live = self.header.load_u8(self.side.peer_live());
         // FENCE (acquire after reading the live byte).
@@ -1465,7 +1455,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if self.rx.load_ready(&self.header)? >= want {
             return Ok(true);
         }
-        self.spin_until(|ep| Ok(ep.rx.load_ready(&ep.header)? >= want))
+        self.spin
+            .spin_until(|| self.rx.load_ready(&self.header).map(|v| v >= want))
     }
 
     /// As [`Endpoint::spin_for_data`], for at least `want` bytes of free
@@ -1508,7 +1499,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
         if self.tx.load_space(&self.header)? >= want {
             return Ok(true);
         }
-        self.spin_until(|ep| Ok(ep.tx.load_space(&ep.header)? >= want))
+        self.spin
+            .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= want))
     }
 
     /// Stream read: up to `buf.len()` bytes.
@@ -1582,7 +1574,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             }
             if spin {
                 spin = false;
-                self.spin_until(|ep| Ok(ep.rx.load_ready(&ep.header)? > 0))?;
+                self.spin
+                    .spin_until(|| self.rx.load_ready(&self.header).map(|v| v > 0))?;
                 continue;
             }
             // Empty. Liveness matters only now: data written before a close
@@ -1683,7 +1676,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             }
             if spin {
                 spin = false;
-                self.spin_until(|ep| Ok(ep.tx.load_space(&ep.header)? >= batch))?;
+                self.spin
+                    .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= batch))?;
                 continue;
             }
             if !self.blocking {
@@ -1896,7 +1890,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             }
             if spin {
                 spin = false;
-                self.spin_until(|ep| Ok(ep.tx.load_space(&ep.header)? >= n))?;
+                self.spin
+                    .spin_until(|| self.tx.load_space(&self.header).map(|v| v >= n))?;
                 continue;
             }
             if !self.blocking {
@@ -1978,7 +1973,8 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             }
             if spin {
                 spin = false;
-                self.spin_until(|ep| Ok(ep.rx.load_ready(&ep.header)? >= n))?;
+                self.spin
+                    .spin_until(|| self.rx.load_ready(&self.header).map(|v| v >= n))?;
                 continue;
             }
             if self.peer_state() == PeerState::Closed {
@@ -2227,57 +2223,6 @@ impl<E: Events, H: SharedHeader, B: RingBytes> Endpoint<E, H, B> {
             return Ok(cached);
         }
         self.tx.load_space(&self.header)
-    }
-
-    /// Busy-waits for at most the spin bound until `done` says the peer
-    /// has moved its index far enough: `Ok(true)` if it did. Requests no
-    /// notification, so the peer sends no event for what we catch here;
-    /// after a fruitless spin the caller requests one, re-checks (the
-    /// Dekker re-load of docs/vchan.md §5.4) and only then sleeps.
-    ///
-    /// Under `loom` it looks exactly once: that path is modelled, a timed
-    /// spin is not.
-    fn spin_until(
-        &mut self,
-        mut done: impl FnMut(&mut Self) -> Result<bool, RingError>,
-    ) -> Result<bool, RingError> {
-        let mut budget = self.spin_now;
-        if budget.is_zero() {
-            return Ok(false);
-        }
-        if budget < self.spin {
-            self.spin_short += 1;
-            if self.spin_short >= SPIN_PROBE_EVERY {
-                self.spin_short = 0;
-                budget = self.spin;
-            }
-        }
-        let start = Instant::now();
-        loop {
-            for _ in 0..SPIN_BATCH {
-                if done(self)? {
-                    self.spin_now = self.spin;
-                    self.spin_misses = 0;
-                    self.spin_short = 0;
-                    return Ok(true);
-                }
-                if cfg!(loom) {
-                    return Ok(false);
-                }
-                std::hint::spin_loop();
-            }
-            let spent = start.elapsed();
-            if spent >= SPIN_YIELD_AFTER && spent < budget {
-                std::thread::yield_now();
-            }
-            if spent >= budget {
-                self.spin_misses = self.spin_misses.saturating_add(1);
-                if self.spin_misses >= 2 {
-                    self.spin_now = (self.spin_now / 2).max(SPIN_FLOOR.min(self.spin));
-                }
-                return Ok(false);
-            }
-        }
     }
 
     /// Copies out what the last validated `prod` allows (all of `buf` for

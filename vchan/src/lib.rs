@@ -24,7 +24,7 @@
 //! platform allows, and ends with an error (`ConnectionAborted`, or
 //! [`Error::PeerGone`] while connecting) when it is:
 //!
-//! | check | dom0 | domU (Linux ≥ 6.1.167) | Local transport |
+//! | check | dom0 | domU (privcmd restricted, docs/vchan.md §7) | Local transport |
 //! |---|---|---|---|
 //! | our port turned unbound after being connected (`EVTCHNOP_status` through privcmd) | works | `EPERM`: "unknown", never "alive" | works (the hub), unless [`LocalXenConfig::restricted`] |
 //! | event-channel probe: Xen knows no domain with the peer's id ([`evtchn::Backend::probe_domain`], `ESRCH`) | works once the dead domain is released | the same: works under oxenstored and C xenstored | works ([`LocalXen::remove_domain`]) |
@@ -39,13 +39,10 @@
 //! the probe). Servers, waiting clients, and everything in dom0 or under
 //! oxenstored do. The Local transport releases at once (no zombie).
 //!
-//! Measured in the lab (`cargo xtask lab test`, Xen 4.17, lab/README.md):
-//! after `xl destroy` of the peer, our survivors in dom0 ended within
-//! 2–4 s under both daemons, and those in a domU within 1–4 s under
-//! oxenstored; in a domU under C xenstored our servers (waiting or
-//! connected) ended through the probe within a second of the dead domain's
-//! release, and our client of the dead server did not end. The C
-//! libxenvchan survivors were still waiting 40 s later everywhere. Where nothing can tell, bound the wait yourself:
+//! The lab's `destroy` phase checks this on real Xen: our survivors end
+//! everywhere except that client, and C libxenvchan survivors never end
+//! (how long each took is in lab/README.md). Where nothing can tell, bound
+//! the wait yourself:
 //! connects take a timeout, I/O takes [`Vchan::set_io_timeout`].
 
 #[cfg(feature = "tokio")]
@@ -58,6 +55,7 @@ mod local_xen;
 pub mod ring;
 mod shm;
 mod socket;
+pub mod spin;
 mod transport;
 
 use std::io;

@@ -675,7 +675,6 @@ impl<B: RingBytes> Ring<B> {
 /// // ...so the server, after producing, finds the request and sends one event.
 /// assert!(send_notify(&hdr, Side::Server.own_notify(), NOTIFY_WRITE));
 /// ```
-#[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
 pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
     h.fetch_or_u8(peer_notify, bit);
     // FENCE (xen_mb, "post the request before re-reading any index").
@@ -711,7 +710,6 @@ pub fn request_notify<H: SharedHeader>(h: &H, peer_notify: usize, bit: u8) {
 /// // One-shot: the request was cleared.
 /// assert!(!send_notify(&hdr, Side::Server.own_notify(), NOTIFY_WRITE));
 /// ```
-#[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
 pub fn send_notify<H: SharedHeader>(h: &H, own_notify: usize, bit: u8) -> bool {
     // FENCE (xen_mb, "indexes updated before we decide").
     // Forbids: our test of the request bit being satisfied before our new
@@ -968,7 +966,6 @@ impl<B: RingBytes> Consumer<B> {
     /// assert!(tx.notify_produced(&hdr)); // so the writer owes us an event
     /// assert_eq!(rx.fast_ready(&hdr, 1, 1).unwrap(), 1);
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn fast_ready<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1403,7 +1400,6 @@ impl<B: RingBytes> Producer<B> {
     /// assert!(rx.notify_consumed(&hdr)); // the reader owes us an event
     /// assert_eq!(tx.fast_space(&hdr, 1, 1).unwrap(), 16);
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn fast_space<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1477,7 +1473,6 @@ impl<B: RingBytes> Producer<B> {
     /// assert_eq!(tx.push(&hdr, b"hello"), 5);
     /// assert_eq!(rx.load_ready(&hdr).unwrap(), 5);
     /// ```
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn push<H: SharedHeader>(&mut self, h: &H, src: &[u8]) -> usize {
         let space = self.cached_space();
         let n = to_u32_clamped(src.len()).min(space);
@@ -1523,7 +1518,6 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// The error of `read(2)` (nothing is published then).
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn push_from_fd<H: SharedHeader>(
         &mut self,
         h: &H,
@@ -1570,7 +1564,6 @@ impl<B: RingBytes> Producer<B> {
     ///
     /// # Errors
     /// The error of `read(2)` (nothing is published then).
-    #[allow(unexpected_cfgs)] // loom fault-injection cfgs, see tests/loom_notify.rs
     pub fn push_framed_from_fd<H: SharedHeader, const N: usize>(
         &mut self,
         h: &H,

@@ -61,27 +61,7 @@ pub(crate) struct SocketChan {
 
 fn wait_fd(fd: BorrowedFd<'_>, flags: PollFlags, timeout: Option<Duration>) -> Result<bool> {
     let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let ms = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                    .unwrap_or(PollTimeout::MAX)
-            }
-        };
-        let mut fds = [PollFd::new(fd, flags)];
-        match poll(&mut fds, ms) {
-            Ok(0) => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(false);
-                }
-            }
-            Ok(_) => return Ok(true),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(Error::io("poll", e.into())),
-        }
-    }
+    xen_base::poll_until(fd, flags, deadline).map_err(|e| Error::io("poll", e.into()))
 }
 
 impl SocketChan {

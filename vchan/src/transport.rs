@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use crate::error::{Error, Result};
 
-/// A Xen domain id.
-pub type DomId = u16;
+pub use xen_base::{DomId, parse_domid};
 
 /// Default directory of the socket transport (as in qubes-core-vchan-socket).
 pub const DEFAULT_SOCKET_DIR: &str = "/var/run/vchan";
@@ -131,25 +130,6 @@ impl Transport {
             _ => Ok(()),
         }
     }
-}
-
-/// Parses a domain id strictly, as Qubes does: decimal, no sign, no leading
-/// zeros except `0` itself, below `DOMID_FIRST_RESERVED` (0x7FF0).
-///
-/// ```
-/// assert_eq!(vchan::parse_domid("12"), Some(12));
-/// assert_eq!(vchan::parse_domid("012"), None);
-/// assert_eq!(vchan::parse_domid("32752"), None);
-/// ```
-pub fn parse_domid(s: &str) -> Option<DomId> {
-    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if s.len() > 1 && s.starts_with('0') {
-        return None;
-    }
-    let v: u32 = s.parse().ok()?;
-    (v < 0x7FF0).then_some(v as DomId)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::PollFlags;
 
 use crate::WatchEvent;
 use crate::error::{Error, Result};
@@ -103,31 +103,13 @@ impl Stream {
         }
     }
 
-    /// Wait until readable; `Ok(false)` on timeout. EINTR is retried.
-    fn poll_readable(&self, until: Option<Instant>) -> io::Result<bool> {
-        loop {
-            let timeout = match until {
-                None => PollTimeout::ZERO,
-                Some(t) => {
-                    let rem = t.saturating_duration_since(Instant::now());
-                    // round up, so we never spin with a zero timeout before `t`
-                    let ms = rem.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128);
-                    PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
-                }
-            };
-            let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, timeout) {
-                Ok(0) => {
-                    if until.is_some_and(|t| Instant::now() < t) {
-                        continue;
-                    }
-                    return Ok(false);
-                }
-                Ok(_) => return Ok(true),
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+    /// Waits until readable or `until` passes; `Ok(false)` on timeout.
+    fn poll_readable(&self, until: Instant) -> io::Result<bool> {
+        Ok(xen_base::poll_until(
+            self.as_fd(),
+            PollFlags::POLLIN,
+            Some(until),
+        )?)
     }
 }
 
@@ -224,8 +206,8 @@ impl Conn {
             }
             let ready = match wait {
                 Wait::Forever => Ok(true),
-                Wait::Now => self.stream.poll_readable(None),
-                Wait::Until(t) => self.stream.poll_readable(Some(t)),
+                Wait::Now => self.stream.poll_readable(Instant::now()),
+                Wait::Until(t) => self.stream.poll_readable(t),
             };
             match ready {
                 Ok(true) => {}

@@ -326,20 +326,6 @@ fn make_file(path: &Path, size: usize, seed: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// SHA-256 of a file with the system's `sha256sum`.
-fn sha256_file(path: &Path) -> Result<String, String> {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .map_err(|e| format!("sha256sum: {e}"))?;
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.split_whitespace()
-        .next()
-        .filter(|h| h.len() == 64)
-        .map(str::to_string)
-        .ok_or_else(|| format!("sha256sum {}: {}", path.display(), s.trim()))
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).trim_end().to_string()
 }
@@ -521,7 +507,7 @@ fn run_calls(d: &mut Demo, work: &Vm, sim_dir: &Path, quick: bool) -> Result<(),
     let home = sim_dir.join("vms").join("work").join("home");
     let file = home.join("big.bin");
     make_file(&file, size, 0x5eed)?;
-    let local_sum = sha256_file(&file)?;
+    let local_sum = util::sha256_file(&file)?;
     let args = ["personal", "demo.ReceiveFile+big.bin"];
     let r = d.call(work, &args, Input::File(&file, "big.bin"));
     d.record("file transfer", 0, r, |o| {

@@ -8,17 +8,17 @@
 //! cargo xtask lab <cmd>          the real-Xen lab (setup|start|stop|status|test)
 //! cargo xtask upstream <cmd>     the real C qrexec stack as a test peer (build|suite|cases)
 //! cargo xtask man [--out DIR]    man page and shell completions of qrexec-client-vm
+//! cargo xtask msrv               the MSRV check (clippy incompatible_msrv, with a canary)
 //! cargo xtask package            .deb and .rpm of qrexec-client-vm (target/packages)
 //! ```
 #![forbid(unsafe_code)]
 
 mod bench;
 mod demo;
-// The lab's test suite is landing in steps; some helpers are used only by it.
-#[allow(dead_code)]
 mod lab;
 mod libvchan;
 mod man;
+mod msrv;
 mod package;
 mod package_check;
 mod test;
@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         "upstream" => upstream::run(rest),
         "libvchan" => libvchan::run(rest),
         "man" => man::run(rest),
+        "msrv" => msrv::run(rest),
         "package" => package::run(rest),
         "-h" | "--help" | "help" => return usage_ok(),
         _ => return usage(),
@@ -63,6 +64,7 @@ fn usage_text() -> &'static str {
      \n  upstream <cmd>   the real C qrexec stack: build | suite [--vchan upstream|ours|both] | cases [--quick]\
      \n  libvchan install --prefix DIR   our drop-in libvchan under upstream's names\
      \n  man [--out DIR]  man page + bash/zsh/fish completions of qrexec-client-vm (target/assets)\
+     \n  msrv             check the MSRV (rust-version) with clippy incompatible_msrv and a canary\
      \n  package [--check-root DIR]  .deb and .rpm of qrexec-client-vm; install/remove them in copies of a Debian root"
 }
 

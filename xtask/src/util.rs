@@ -1,7 +1,8 @@
 //! Small helpers shared by the xtask commands.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
@@ -63,9 +64,62 @@ impl Progress {
     }
 }
 
+/// SHA-256 (hex) of a file, by the system's `sha256sum`.
+pub fn sha256_file(path: &Path) -> Result<String, String> {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .map_err(|e| format!("sha256sum: {e}"))?;
+    sha256_hex(&out, &path.display().to_string())
+}
+
+/// SHA-256 (hex) of `bytes`, by the system's `sha256sum` fed on stdin.
+pub fn sha256_bytes(bytes: &[u8]) -> Result<String, String> {
+    let mut c = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("sha256sum: {e}"))?;
+    let mut w = c.stdin.take().ok_or("sha256sum: no stdin")?;
+    // Written from a thread: the pipe holds less than large inputs.
+    let data = bytes.to_vec();
+    let t = std::thread::spawn(move || w.write_all(&data));
+    let out = c
+        .wait_with_output()
+        .map_err(|e| format!("sha256sum: {e}"))?;
+    let _ = t.join();
+    sha256_hex(&out, "stdin")
+}
+
+/// The hash `sha256sum` printed first, checked to be 64 hex digits.
+fn sha256_hex(out: &Output, what: &str) -> Result<String, String> {
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .ok_or_else(|| format!("sha256sum {what}: {:?} ({})", s.trim(), out.status))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Progress;
+    use super::{Progress, sha256_bytes, sha256_file};
+
+    #[test]
+    fn sha256_of_bytes_and_file_agree_with_the_known_digest() {
+        // SHA-256("abc"), FIPS 180-2 appendix B.1.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_bytes(b"abc").unwrap(), abc);
+        let f = std::env::temp_dir().join(format!("xtask-sha256-{}", std::process::id()));
+        std::fs::write(&f, b"abc").unwrap();
+        let got = sha256_file(&f);
+        std::fs::remove_file(&f).unwrap();
+        assert_eq!(got.unwrap(), abc);
+        assert!(sha256_file(&f).is_err(), "a missing file has no hash");
+        // More than a pipe holds.
+        let big = vec![7u8; 1 << 20];
+        assert_eq!(sha256_bytes(&big).unwrap().len(), 64);
+    }
 
     #[test]
     fn progress_counts_to_the_total() {

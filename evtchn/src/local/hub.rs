@@ -1,3 +1,5 @@
+// Why this file is long (~940 lines): the last ~200 are unit tests of the
+// port state machine; the rest is that one state machine and its server.
 //! The hub: the local double's hypervisor. It owns the state of every port
 //! of every domain and serves clients over `<dir>/evtchn.sock`.
 

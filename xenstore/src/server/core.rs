@@ -1,3 +1,5 @@
+// Why this file is long (~840 lines): the last ~205 are unit tests of the
+// request parsing and dispatch; the rest is the one dispatcher.
 //! Request parsing and dispatch, connections, transactions and watches —
 //! everything of the server except sockets and threads.
 

@@ -1,3 +1,5 @@
+// Why this file is long (~820 lines): the last ~265 are unit tests of the
+// tree, permissions and transaction conflicts.
 //! The in-memory tree with permissions (docs/vchan.md §8.2) and transaction
 //! snapshots.
 //!

@@ -1,0 +1,191 @@
+//! The lab report: one row per case, the throughput table, markdown.
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum St {
+    Pass,
+    Fail,
+    Info,
+    Skip,
+}
+
+impl St {
+    pub(super) fn word(self) -> &'static str {
+        match self {
+            St::Pass => "PASS",
+            St::Fail => "FAIL",
+            St::Info => "info",
+            St::Skip => "skip",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Row {
+    pub(super) section: &'static str,
+    pub(super) name: String,
+    pub(super) st: St,
+    pub(super) detail: String,
+}
+
+#[derive(Debug)]
+pub(super) struct Tput {
+    pub(super) ring_kib: u32,
+    pub(super) dir: &'static str,
+    /// Best receiver rate for (sender, receiver) = (C, C), (ours, ours),
+    /// (C, ours), (ours, C).
+    pub(super) rates: [Option<f64>; 4],
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Report {
+    pub(super) rows: Vec<Row>,
+    /// How many rows there were at the last `time` (the phase summary
+    /// counts the rows since).
+    pub(super) rows_timed: usize,
+    pub(super) timings: Vec<(String, f64)>,
+    pub(super) tput: Vec<Tput>,
+    pub(super) notes: Vec<String>,
+}
+
+impl Report {
+    pub(super) fn add(
+        &mut self,
+        section: &'static str,
+        name: impl Into<String>,
+        st: St,
+        detail: impl Into<String>,
+    ) {
+        let r = Row {
+            section,
+            name: name.into(),
+            st,
+            detail: detail.into(),
+        };
+        eprintln!(
+            "lab test: {:4} {} {}: {}",
+            r.st.word(),
+            r.section,
+            r.name,
+            first_line(&r.detail)
+        );
+        self.rows.push(r);
+    }
+
+    pub(super) fn time(&mut self, step: &str, t: Instant) {
+        let s = t.elapsed().as_secs_f64();
+        // One line per step; a step that checked something also says how
+        // it went, so a long run can be followed without the full report.
+        let new = &self.rows[self.rows_timed.min(self.rows.len())..];
+        let n = |st: St| new.iter().filter(|r| r.st == st).count();
+        let counts = if new.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} passed, {} failed, {} info, {} skipped; {} of {} failed so far",
+                n(St::Pass),
+                n(St::Fail),
+                n(St::Info),
+                n(St::Skip),
+                self.count(St::Fail),
+                self.rows.len()
+            )
+        };
+        self.rows_timed = self.rows.len();
+        eprintln!("lab test: [{step}: {s:.1}s{counts}]");
+        self.timings.push((step.to_string(), s));
+    }
+
+    pub(super) fn count(&self, st: St) -> usize {
+        self.rows.iter().filter(|r| r.st == st).count()
+    }
+
+    pub(super) fn markdown(&self, title: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# {title}\n");
+        let _ = writeln!(
+            s,
+            "**{} passed, {} failed**, {} informational, {} skipped.\n",
+            self.count(St::Pass),
+            self.count(St::Fail),
+            self.count(St::Info),
+            self.count(St::Skip)
+        );
+        for n in &self.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+        let _ = writeln!(s, "\n## Timings\n\n| step | seconds |\n|---|---:|");
+        for (k, v) in &self.timings {
+            let _ = writeln!(s, "| {k} | {v:.1} |");
+        }
+        let mut sections: Vec<&str> = Vec::new();
+        for r in &self.rows {
+            if !sections.contains(&r.section) {
+                sections.push(r.section);
+            }
+        }
+        for sec in sections {
+            let _ = writeln!(s, "\n## {sec}\n\n| case | result | detail |\n|---|---|---|");
+            for r in self.rows.iter().filter(|r| r.section == sec) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    r.name,
+                    r.st.word(),
+                    first_line(&r.detail).replace('|', "\\|")
+                );
+            }
+        }
+        if !self.tput.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## Throughput (receiver's MiB/s, best run; domU1 server, domU2 client)\n\n\
+                 `ours/C` compares ours→ours with C→C; `recv` compares C→ours with C→C (our\n\
+                 receive path alone), `send` ours→C with C→C (our send path alone). Both peers\n\
+                 generate the same xorshift64 stream and hash it with the same word-wise FNV.\n\n\
+                 | ring | direction | C→C | ours→ours | C→ours | ours→C | ours/C | recv | send |\n\
+                 |---|---|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for t in &self.tput {
+                let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
+                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+                    _ => "-".into(),
+                };
+                let r = &t.rates;
+                let _ = writeln!(
+                    s,
+                    "| {} KiB | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    t.ring_kib,
+                    t.dir,
+                    f(r[0]),
+                    f(r[1]),
+                    f(r[2]),
+                    f(r[3]),
+                    ratio(r[1], r[0]),
+                    ratio(r[2], r[0]),
+                    ratio(r[3], r[0])
+                );
+            }
+        }
+        let fails: Vec<&Row> = self.rows.iter().filter(|r| r.st == St::Fail).collect();
+        if !fails.is_empty() {
+            let _ = writeln!(s, "\n## Failure details\n");
+            for r in fails {
+                let _ = writeln!(
+                    s,
+                    "### {} / {}\n\n```\n{}\n```\n",
+                    r.section,
+                    r.name,
+                    r.detail.trim()
+                );
+            }
+        }
+        s
+    }
+}
+
+pub(super) fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
