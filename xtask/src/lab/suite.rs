@@ -13,6 +13,8 @@
 //! | `qrexec` | `qrexec-client-vm` in domU1 calling services in domU2 through `qubes-sim` agents (domUs) and daemons (dom0), all on Xen (see `qrexec.rs`) |
 //! | `destroy` | `xl destroy` of the peer's domain while connected and while waiting (last: domU2 is gone after it) |
 //! | `mirage` | our ocaml-vchan-like peer (`vchan-peer --compat ocaml`) against the C `vchan-node`, both roles, rings {1, 2, 4, 64, 1024} KiB (1 = ocaml-vchan's default 1024/1024: in-page rings), stream and packet; checksums compared (20 cases; `--quick`: 10) |
+//! | `libxenvchan` | Xen's C `vchan-node` linked with our libvchan against Debian's libxenvchan, the matrix's pairings, domain pairs and rings, stream; throughput of the C program on both libraries (see `libxenvchan.rs`) |
+//! | `cqrexec` | Qubes' C qrexec agents and daemons (`BACKEND_VMM=xen`) on Qubes' libvchan-xen, then on ours; the `qrexec` calls by our client and the C client (see `cqrexec.rs`) |
 //! | `cxenstored` | (full run) reboot with C xenstored: devtest, a matrix subset, destroy |
 //!
 //! `--quick` runs a subset that still covers every pairing, both domain
