@@ -228,6 +228,35 @@ fn with_members(
         );
     }
     for (client_name, client) in clients {
+        // A short call first, under a guest-side timeout: a stack that
+        // hangs must not cost calls()'s long limits (up to 35 min).
+        let out = run.on(
+            "domU1",
+            &format!(
+                "timeout 120 {client} domU2 test.Exit < /dev/null > /tmp/qc-smoke.out 2>&1; \
+                 echo \"@@rc=$?\"; cat /tmp/qc-smoke.out"
+            ),
+            Duration::from_secs(240),
+        )?;
+        let text = out.all();
+        let rc = text
+            .lines()
+            .find_map(|l| l.strip_prefix("@@rc="))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        if rc != "3" {
+            run.rep.add(
+                SECTION,
+                format!("[{lib}, {client_name}] first call (test.Exit, 120 s limit)"),
+                St::Fail,
+                format!(
+                    "rc {rc} (124: timed out); the other calls skipped; agents' and daemons' logs in \
+                     cqrexec-members-*.log\n{text}"
+                ),
+            );
+            continue;
+        }
         let set = calls(run, SECTION, &format!("[{lib}, {client_name}] "), &client)?;
         table.push((ours, client_name, set));
     }
