@@ -78,7 +78,9 @@ impl Opts {
         if o.phases.is_empty() {
             o.phases = PHASES
                 .iter()
-                .filter(|p| !(o.quick && **p == "cxenstored"))
+                // cqrexec: full run only until it has passed in the lab
+                // (its first run hung; see lab/README.md).
+                .filter(|p| !(o.quick && matches!(**p, "cxenstored" | "cqrexec")))
                 .map(|p| p.to_string())
                 .collect();
         }
@@ -683,8 +685,9 @@ mod tests {
     fn phases_parse() {
         let o = Opts::parse(&["--quick".into()]).unwrap();
         assert!(o.quick && o.has("matrix") && !o.has("cxenstored"));
+        assert!(o.has("libxenvchan") && !o.has("cqrexec"));
         let o = Opts::parse(&[]).unwrap();
-        assert!(o.has("cxenstored"));
+        assert!(o.has("cxenstored") && o.has("libxenvchan") && o.has("cqrexec"));
         let o = Opts::parse(&["--phases".into(), "devtest,kill".into()]).unwrap();
         assert!(o.has("kill") && !o.has("matrix"));
         assert!(Opts::parse(&["--phases".into(), "nope".into()]).is_err());
