@@ -216,11 +216,11 @@ fn cases(run: &mut Run) -> Result<(), String> {
         format!("both up after {:.1}s", t.elapsed().as_secs_f64()),
     );
     let client = format!("QREXEC_AGENT_SOCKET={AGENT_SOCKET} /mnt/host/qrexec-client-vm");
-    calls(run, SECTION, "", &client).map(drop)
+    calls(run, SECTION, "", &client, (100, 32)).map(drop)
 }
 
 /// What one set of [`calls`] gave: passed / run, and the two transfer
-/// rates (MiB/s: 100 MiB caller→service, 32 MiB service→caller with 1 MiB
+/// rates (MiB/s: the caller→service and the service→caller transfer with 1 MiB
 /// buffers).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct CallSet {
@@ -231,7 +231,8 @@ pub(super) struct CallSet {
 }
 
 /// The lab's five qrexec calls from domU1 to domU2 with `client` (a shell
-/// command prefix, the target and service follow), through whatever
+/// command prefix, the target and service follow), `mib` MiB up and
+/// `gmib` MiB down (the `qrexec` phase: 100 and 32), through whatever
 /// agents and daemons are running: one report row each in `section`, its
 /// name prefixed with `tag`.
 pub(super) fn calls(
@@ -239,6 +240,7 @@ pub(super) fn calls(
     section: &'static str,
     tag: &str,
     client: &str,
+    (mib, gmib): (u32, u32),
 ) -> Result<CallSet, String> {
     let mut set = CallSet {
         passed: 0,
@@ -257,10 +259,9 @@ pub(super) fn calls(
         );
     };
     let slug: String = tag.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-    // 100 MiB caller -> service: the caller's checksum of the stream
+    // `mib` MiB caller -> service: the caller's checksum of the stream
     // (computed apart: the stream is deterministic), the service's of what
     // it read, and the service's answer as the caller got it.
-    let mib = 100;
     let out = run.on(
         "domU1",
         &format!(
@@ -322,7 +323,6 @@ pub(super) fn calls(
     );
 
     // 1 MiB data rings, service -> caller.
-    let gmib = 32;
     let out = run.on(
         "domU1",
         &format!(
