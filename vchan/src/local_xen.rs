@@ -79,6 +79,9 @@ impl LocalXen {
             } else {
                 xenstore::server::MissingNodeError::Enoent
             },
+            // The domains' connections stand for their /dev/xen/xenbus,
+            // which may deliver a watch's first event before the reply.
+            watch_event_first: true,
             ..Default::default()
         };
         for &d in &config.restricted {
