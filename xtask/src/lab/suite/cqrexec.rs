@@ -26,6 +26,7 @@
 use std::time::{Duration, Instant};
 
 use super::qrexec::{CallSet, Caller, calls, install_services};
+use super::report::DropIn;
 use super::{Run, St};
 use crate::lab::cstack::{lib_dir, lib_dirs_script};
 use crate::lab::guest::b64q;
@@ -93,6 +94,17 @@ pub(super) fn phase(run: &mut Run) -> Result<(), String> {
     }
     let f = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
     for (ours, client, set) in &table {
+        run.rep.dropin.push(DropIn {
+            program: format!("Qubes' C qrexec-agent + qrexec-daemon, {client}"),
+            library: if *ours {
+                "ours"
+            } else {
+                "Qubes' libvchan-xen (C)"
+            },
+            passed: set.passed,
+            total: set.total,
+            rate: format!("up {}, down {}", f(set.up), f(set.down)),
+        });
         run.rep.add(
             SECTION,
             format!("table: C agents + daemons on {}, {client}", lib_name(*ours)),

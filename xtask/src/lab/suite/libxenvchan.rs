@@ -15,6 +15,7 @@
 //! (domU1 server → domU2 client, one run each, informational): rings 64
 //! KiB and 1 MiB (quick: 1 MiB only).
 
+use super::report::DropIn;
 use super::{DOM_PAIRS, Impl, Run, SIZES, St, Xfer, mib_for, phase_matrix, xfer_name};
 
 const PAIRINGS: [(Impl, Impl); 3] = [
@@ -58,7 +59,20 @@ fn cases(quick: bool) -> Vec<Xfer> {
 /// Runs the phase (see the module docs).
 pub(super) fn phase(run: &mut Run) -> Result<(), String> {
     let quick = run.quick;
+    let before = run.rep.rows.len();
     phase_matrix(run, cases(quick), "libxenvchan")?;
+    let matrix = &run.rep.rows[before..];
+    let (passed, total) = (
+        matrix.iter().filter(|r| r.st == St::Pass).count(),
+        matrix.iter().filter(|r| r.st != St::Info).count(),
+    );
+    run.rep.dropin.push(DropIn {
+        program: "Xen `vchan-node` on ours ↔ on Debian's libxenvchan (matrix)".into(),
+        library: "ours + Debian's",
+        passed,
+        total,
+        rate: "-".into(),
+    });
     let rings: &[u32] = if quick { &[1024] } else { &[64, 1024] };
     for &ring in rings {
         let mib = if ring == 64 { 24 } else { 128 };
@@ -87,6 +101,15 @@ pub(super) fn phase(run: &mut Run) -> Result<(), String> {
             [Some(d), Some(o)] if d > 0.0 => format!("{:.2}", o / d),
             _ => "-".into(),
         };
+        for (library, rate) in [("Debian's libxenvchan (C)", rates[0]), ("ours", rates[1])] {
+            run.rep.dropin.push(DropIn {
+                program: format!("Xen `vchan-node` ↔ `vchan-node`, {ring} KiB ring, {mib} MiB"),
+                library,
+                passed: usize::from(rate.is_some()),
+                total: 1,
+                rate: f(rate),
+            });
+        }
         run.rep.add(
             "libxenvchan",
             format!("vchan-node throughput, {ring} KiB, {mib} MiB domU1→domU2"),
