@@ -340,9 +340,9 @@ pub(super) fn calls(
     let out = run.on(
         c,
         &format!(
-            "{PEER} gen {mib} | {PEER} sum > /tmp/q-sum.sent; s=$(date +%s.%N); \
+            "{PEER} gen {mib} | {PEER} sum > /tmp/q-sum.sent; s=$(cut -d' ' -f1 /proc/uptime); \
              {PEER} gen {mib} | {client} {v} test.Sum > /tmp/q-sum.back 2> /tmp/q-sum.err; rc=$?; \
-             e=$(date +%s.%N); echo \"@@rc=$rc\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
+             e=$(cut -d' ' -f1 /proc/uptime); echo \"@@rc=$rc\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
              echo \"@@sent=$(cat /tmp/q-sum.sent)\"; echo \"@@back=$(cat /tmp/q-sum.back)\"; cat /tmp/q-sum.err"
         ),
         Duration::from_secs(900),
@@ -401,8 +401,8 @@ pub(super) fn calls(
     let out = run.on(
         c,
         &format!(
-            "s=$(date +%s.%N); ( {client} --buffer-size=1048576 {v} test.Gen+{gmib} 2> /tmp/q-gen.err; \
-             echo $? > /tmp/q-gen.rc ) | {PEER} sum > /tmp/q-gen.got; e=$(date +%s.%N); \
+            "s=$(cut -d' ' -f1 /proc/uptime); ( {client} --buffer-size=1048576 {v} test.Gen+{gmib} 2> /tmp/q-gen.err; \
+             echo $? > /tmp/q-gen.rc ) | {PEER} sum > /tmp/q-gen.got; e=$(cut -d' ' -f1 /proc/uptime); \
              echo \"@@rc=$(cat /tmp/q-gen.rc)\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
              echo \"@@got=$(cat /tmp/q-gen.got)\"; cat /tmp/q-gen.err"
         ),
