@@ -98,10 +98,7 @@ enum Pages {
     Mapped(Box<dyn gnttab::MappedPages>),
 }
 
-// SAFETY: the gnttab backends return mappings that are page-aligned, of
-// `len()` bytes, at a fixed address, readable, and writable unless mapped
-// read-only (`MappedPages::writable`; what we share is always writable),
-// until they are dropped; nothing in vchan makes a reference into them.
+// SAFETY: the gnttab backends return mappings that are page-aligned, of `len()` bytes, at a fixed address, readable, and writable unless mapped read-only (`MappedPages::writable`; what we share is always writable), until they are dropped; nothing in vchan makes a reference into them.
 unsafe impl SharedMemory for Pages {
     fn as_ptr(&self) -> *mut u8 {
         match self {
