@@ -71,10 +71,9 @@ fn corrupted_ring_index_ends_the_call_with_an_error() {
     // must catch. Then a normal STDOUT message wakes the client up.
     std::thread::sleep(Duration::from_millis(200)); // the client fills the ring
     let cons = page.as_ptr().wrapping_add(8).cast::<u32>();
-    // SAFETY: `page` maps one 4 KiB page writable and stays alive until the
-    // end of the test; offset 8 is inside it and 4-aligned. A volatile
-    // write, as a peer in another domain would do it, with no reference
-    // into the shared page.
+    // A volatile write, as a peer in another domain would do it, with no
+    // reference into the shared page.
+    // SAFETY: `page` maps one 4 KiB page writable and stays alive until the end of the test; offset 8 is inside it and 4-aligned.
     unsafe { cons.write_volatile(cons.read_volatile().wrapping_add(1 << 30)) };
 
     let t0 = Instant::now();

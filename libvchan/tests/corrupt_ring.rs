@@ -64,10 +64,9 @@ fn build(dir: &Path) -> PathBuf {
 fn scribble(page: &dyn gnttab::MappedPages, offset: usize, by: u32) {
     assert!(offset + 4 <= page.len() && offset.is_multiple_of(4));
     let p = page.as_ptr().wrapping_add(offset).cast::<u32>();
-    // SAFETY: `page` maps at least one page writable and outlives this
-    // call; `offset` is inside it and 4-aligned (checked above). Volatile
-    // accesses through a raw pointer, as another domain would write, and
-    // no Rust reference into the shared page.
+    // Volatile accesses through a raw pointer, as another domain would
+    // write, and no Rust reference into the shared page.
+    // SAFETY: `page` maps at least one page writable and outlives this call; `offset` is inside it and 4-aligned (checked above).
     unsafe { p.write_volatile(p.read_volatile().wrapping_add(by)) };
 }
 
