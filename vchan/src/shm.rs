@@ -120,6 +120,13 @@ unsafe impl SharedMemory for Pages {
     }
 }
 
+/// A grant mapping made outside any vchan, as a control page: test support
+/// for a hostile peer's second mapping ([`crate::LocalXen::map_control_page`]).
+#[cfg(feature = "test-utils")]
+pub(crate) fn control_page_of(page: Box<dyn gnttab::MappedPages>) -> Result<ControlPage> {
+    ControlPage::new(Arc::new(Pages::Mapped(page))).map_err(|e| Error::config(e.to_string()))
+}
+
 /// One end of a shared-memory vchan. The endpoint owns the memory (its
 /// header and rings hold the mappings); `Drop` takes it apart in
 /// libxenvchan's or ocaml-vchan's close order.
