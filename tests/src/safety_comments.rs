@@ -194,10 +194,8 @@ pub fn unsafe_sites(text: &str) -> Vec<usize> {
                 .map(|s| rest[s..].iter().take(5).collect())
                 .unwrap_or_default();
             let is_impl = after.starts_with("impl") && !after.chars().nth(4).is_some_and(is_ident);
-            if after.starts_with('{') || is_impl {
-                if sites.last() != Some(&line) {
-                    sites.push(line);
-                }
+            if (after.starts_with('{') || is_impl) && sites.last() != Some(&line) {
+                sites.push(line);
             }
             i += word.len();
             continue;
