@@ -78,13 +78,7 @@ fn corrupted_ring_index_ends_the_call_with_an_error() {
         std::thread::sleep(Duration::from_millis(5));
     };
     let took = t0.elapsed();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
     let status =
         status.unwrap_or_else(|| panic!("the client hung on the corrupted ring; stderr: {err}"));
     assert_eq!(status.code(), Some(1), "stderr: {err}");

@@ -121,13 +121,7 @@ fn a_peer_corrupting_the_ring_gets_eproto_through_the_c_api() {
     drop((read_side, write_side));
     let mut out = String::new();
     from_c.read_to_string(&mut out).unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
     assert!(
         status.success(),
         "the C program failed or hung ({status}):\n{out}{err}"
