@@ -100,10 +100,7 @@ enum Pages {
     Mapped(Box<dyn gnttab::MappedPages>),
 }
 
-// SAFETY: the gnttab backends return mappings that are page-aligned, of
-// `len()` bytes, at a fixed address, readable, and writable unless mapped
-// read-only (`MappedPages::writable`; what we share is always writable),
-// until they are dropped; nothing in vchan makes a reference into them.
+// SAFETY: the gnttab backends return mappings that are page-aligned, of `len()` bytes, at a fixed address, readable, and writable unless mapped read-only (`MappedPages::writable`; what we share is always writable), until they are dropped; nothing in vchan makes a reference into them.
 unsafe impl SharedMemory for Pages {
     fn as_ptr(&self) -> *mut u8 {
         match self {
@@ -123,6 +120,13 @@ unsafe impl SharedMemory for Pages {
             Pages::Mapped(p) => p.writable(),
         }
     }
+}
+
+/// A grant mapping made outside any vchan, as a control page: test support
+/// for a hostile peer's second mapping ([`crate::LocalXen::map_control_page`]).
+#[cfg(feature = "test-utils")]
+pub(crate) fn control_page_of(page: Box<dyn gnttab::MappedPages>) -> Result<ControlPage> {
+    ControlPage::new(Arc::new(Pages::Mapped(page))).map_err(|e| Error::config(e.to_string()))
 }
 
 /// One end of a shared-memory vchan. The endpoint owns the memory (its
