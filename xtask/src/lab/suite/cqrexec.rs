@@ -73,7 +73,6 @@ fn lib_file(ours: bool) -> &'static str {
 
 /// Runs the phase: both libraries, the members stopped after each.
 pub(super) fn phase(run: &mut Run) -> Result<(), String> {
-    install_services(run, "domU1")?;
     let mut table = Vec::new();
     let libs: &[bool] = if run.quick { &[true] } else { &[false, true] };
     for &ours in libs {
@@ -181,6 +180,8 @@ fn with_members(
     ours: bool,
     table: &mut Vec<(bool, &'static str, CallSet)>,
 ) -> Result<(), String> {
+    // (Again for each library: the baseline's domUs are new.)
+    install_services(run, "domU1")?;
     let (d1, d2) = (run.id("domU1")?, run.id("domU2")?);
     let lib = lib_name(ours);
     let ld = format!("LD_LIBRARY_PATH={}", lib_dir(ours));
