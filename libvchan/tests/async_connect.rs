@@ -10,8 +10,9 @@
 //! agent logged "vchan connection timeout" on ours).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+mod support;
 use std::time::Duration;
 
 use vchan::{LocalXen, Vchan};
@@ -21,47 +22,10 @@ const CLIENT: u16 = 2;
 const PORT: u32 = 4545;
 const ROUNDS: usize = 10;
 
-fn manifest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `async_connect.c` against our header, linked with our library.
-fn build(dir: &Path) -> PathBuf {
-    let built = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("liblibvchan.so");
-    assert!(built.exists(), "{} not built", built.display());
-    let lib = dir.join("lib");
-    std::fs::create_dir_all(&lib).unwrap();
-    for name in ["libvchan-xen.so.1", "libvchan-xen.so"] {
-        std::os::unix::fs::symlink(&built, lib.join(name)).unwrap();
-    }
-    let exe = dir.join("async_connect");
-    let out = Command::new("gcc")
-        .args(["-std=gnu11", "-Wall", "-Wextra", "-Werror"])
-        .arg(format!("-I{}", manifest().join("include").display()))
-        .arg(manifest().join("tests/c/async_connect.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lvchan-xen")
-        .output()
-        .expect("run gcc (is it installed?)");
-    assert!(
-        out.status.success(),
-        "gcc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
-}
-
 #[test]
 fn async_client_wakes_on_its_watch_fd_when_the_server_is_already_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let exe = build(tmp.path());
+    let exe = support::build_c_program(tmp.path(), "async_connect");
     let xen_dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(xen_dir.path(), &[0, SERVER, CLIENT]).unwrap();
     let t = xen.transport(SERVER);

@@ -8,8 +8,9 @@
 //! EPROTO` and log a line, never crash or hang.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+mod support;
 use std::time::{Duration, Instant};
 
 use vchan::control::SharedHeader;
@@ -21,48 +22,10 @@ const PEER: u16 = 2;
 const PORT: u32 = 4444;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn manifest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `corrupt_ring.c` built against our header, linked with our library
-/// under its soname.
-fn build(dir: &Path) -> PathBuf {
-    let built = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("liblibvchan.so");
-    assert!(built.exists(), "{} not built", built.display());
-    let lib = dir.join("lib");
-    std::fs::create_dir_all(&lib).unwrap();
-    for name in ["libvchan-xen.so.1", "libvchan-xen.so"] {
-        std::os::unix::fs::symlink(&built, lib.join(name)).unwrap();
-    }
-    let exe = dir.join("corrupt_ring");
-    let out = Command::new("gcc")
-        .args(["-std=gnu11", "-Wall", "-Wextra", "-Werror"])
-        .arg(format!("-I{}", manifest().join("include").display()))
-        .arg(manifest().join("tests/c/corrupt_ring.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lvchan-xen")
-        .output()
-        .expect("run gcc (is it installed?)");
-    assert!(
-        out.status.success(),
-        "gcc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
-}
-
 #[test]
 fn a_peer_corrupting_the_ring_gets_eproto_through_the_c_api() {
     let tmp = tempfile::tempdir().unwrap();
-    let exe = build(tmp.path());
+    let exe = support::build_c_program(tmp.path(), "corrupt_ring");
     let xen_dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(xen_dir.path(), &[0, SERVER, PEER]).unwrap();
     let mut child = Command::new(&exe)
