@@ -19,9 +19,18 @@
 //! Data vchans go straight between domU1 and domU2. A table row per
 //! (library, client) gives the pass count and both transfer rates.
 //!
+//! The baseline needs domUs booted with `xen_privcmd.unrestricted=1`:
+//! Qubes' `libvchan_is_open` asks `xc_evtchn_status`, a privcmd hypercall
+//! that a domU kernel with the CVE-2026-31788 fix refuses, and declares
+//! the vchan closed when it fails, so on the lab's usual domUs its agents
+//! drop their control vchans at once. The phase boots domU1 and domU2 with
+//! that parameter for the baseline and without it for ours (which treats
+//! `EPERM` as "unknown", docs/vchan.md §7.2).
+//!
 //! `--quick` (CI) runs the part that proves the drop-in: every C program
-//! on our library, called by the C client (5 calls, ~1.5 min here); the
-//! full run adds our client and the whole baseline on Qubes' library.
+//! on our library, called by the C client (5 calls, 16 and 8 MiB; ~30 s
+//! here); the full run adds our client and the whole baseline on Qubes'
+//! library (~2.5 min with the two reboots).
 
 use std::time::{Duration, Instant};
 
@@ -336,8 +345,7 @@ fn with_members(
             ));
             continue;
         }
-        // Quick: smaller transfers (the C stack's speed on Xen is not
-        // known yet; its first full run spent > 6 min in the 100 MiB call).
+        // Quick: smaller transfers (CI's time).
         let sizes = if run.quick { (16, 8) } else { (100, 32) };
         let what = format!("[{lib}, {client_name}]");
         let caller = Caller {
