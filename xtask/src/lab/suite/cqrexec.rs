@@ -34,7 +34,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::qrexec::{CallSet, Caller, calls, install_services};
+use super::qrexec::{CallSet, Caller, calls, install_services, stop_named};
 use super::report::DropIn;
 use super::{Run, St};
 use crate::lab::cstack::{lib_dir, lib_dirs_script};
@@ -361,28 +361,14 @@ fn with_members(
 }
 
 fn stop_members(run: &Run) -> String {
-    let mut logs = String::new();
-    for (dom, names) in [
-        ("domU1", "cagent"),
-        ("domU2", "cagent"),
-        ("dom0", "cd1 cd2"),
-    ] {
-        let out = run
-            .on(
-                dom,
-                &format!(
-                    "for n in {names}; do kill $(cat /tmp/lab-$n.pid) 2>/dev/null; done; sleep 1; \
-                     for n in {names}; do kill -9 $(cat /tmp/lab-$n.pid) 2>/dev/null; \
-                     echo \"== $n in {dom} (rc $(cat /tmp/lab-$n.rc 2>/dev/null || echo running))\"; \
-                     tail -n 40 /tmp/lab-$n.log; done; true"
-                ),
-                Duration::from_secs(60),
-            )
-            .map(|o| o.all())
-            .unwrap_or_else(|e| format!("{dom}: {e}\n"));
-        logs.push_str(&out);
-    }
-    logs
+    stop_named(
+        run,
+        &[
+            ("domU1", "cagent"),
+            ("domU2", "cagent"),
+            ("dom0", "cd1 cd2"),
+        ],
+    )
 }
 
 #[cfg(test)]

@@ -164,13 +164,22 @@ fn daemon_name(vm: &str) -> String {
 }
 
 fn stop_members(run: &Run, caller: &str) -> String {
-    let mut logs = String::new();
     let daemons = format!("{} {}", daemon_name(caller), daemon_name(SERVICE_VM));
-    for (dom, names) in [
-        (caller, "qagent"),
-        (SERVICE_VM, "qagent"),
-        ("dom0", daemons.as_str()),
-    ] {
+    stop_named(
+        run,
+        &[
+            (caller, "qagent"),
+            (SERVICE_VM, "qagent"),
+            ("dom0", daemons.as_str()),
+        ],
+    )
+}
+
+/// Stops the background members (`run.bg` names) in each domain: TERM,
+/// a second, KILL; returns the tail of each one's log with its exit code.
+pub(super) fn stop_named(run: &Run, members: &[(&str, &str)]) -> String {
+    let mut logs = String::new();
+    for &(dom, names) in members {
         let out = run
             .on(
                 dom,
