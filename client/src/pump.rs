@@ -38,7 +38,9 @@ use crate::proto::{
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::PollFlags;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::process::Child;
+use std::sync::Arc;
 use std::time::Duration;
 use vchan::{Interest, Watch};
 
@@ -212,6 +214,50 @@ pub struct ServiceSide {
     /// The service itself: reaped while the pump runs (its stdin is closed
     /// then), waited for at the end, its status sent as the exit code.
     pub program: LocalProgram,
+}
+
+impl ServiceSide {
+    /// A started service's stdio as the pump takes it: `stdout` and
+    /// `stderr` are read (and shut down at their EOF), `stdin` is written
+    /// (and shut down at the caller's EOF), `child` is reaped while the pump
+    /// runs and its status sent as the exit code. The descriptors' modes
+    /// are the caller's choice: non-blocking ones are read until empty and
+    /// written from the loop, blocking ones once per poll and by an output
+    /// thread.
+    ///
+    /// ```
+    /// use std::os::fd::OwnedFd;
+    /// use std::os::unix::net::UnixStream;
+    /// use std::process::{Command, Stdio};
+    /// let (ours, theirs) = UnixStream::pair()?;
+    /// let mut child = Command::new("cat")
+    ///     .stdin(Stdio::from(OwnedFd::from(theirs)))
+    ///     .stdout(Stdio::piped())
+    ///     .spawn()?;
+    /// let stdout = OwnedFd::from(child.stdout.take().unwrap());
+    /// let side = qrexec::pump::ServiceSide::new(stdout, None, OwnedFd::from(ours), child);
+    /// assert!(side.stderr.is_none() && side.program.status.is_none());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn new(stdout: OwnedFd, stderr: Option<OwnedFd>, stdin: OwnedFd, child: Child) -> Self {
+        let stdout = Arc::new(stdout);
+        let stdin = Arc::new(stdin);
+        ServiceSide {
+            stdout: LocalInput::new(LocalFd::Owned(stdout.clone()), CloseMode::Shutdown),
+            stderr: stderr
+                .map(|e| LocalInput::new(LocalFd::Owned(Arc::new(e)), CloseMode::Shutdown)),
+            stdin: LocalOutput {
+                fd: LocalFd::Owned(stdin.clone()),
+                close: CloseMode::Shutdown,
+            },
+            program: LocalProgram {
+                child: Some(child),
+                status: None,
+                to_child: stdin,
+                from_child: stdout,
+            },
+        }
+    }
 }
 
 /// Send our HELLO at once, then read the peer's (docs/qrexec.md §6: sending first is

@@ -8,11 +8,11 @@
 mod common;
 
 use common::*;
-use gnttab::Backend as _;
 use qrexec::proto::{ConnectionParams, MsgType, RequestFormat, encode_data, encode_hello};
 use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use vchan::control::{RIGHT_CONS, SharedHeader};
 use vchan::{LocalXen, Vchan};
 
 /// The client's own domain and the (hostile) service's domain.
@@ -44,38 +44,23 @@ fn corrupted_ring_index_ends_the_call_with_an_error() {
         while stdin.write_all(&chunk).is_ok() {}
     });
 
-    // The service: find the client's control page in xenstore, map it as
-    // a second mapping of ours, then connect as a normal vchan client.
-    let xs =
-        xenstore::Xs::connect_unix(&vchan::local_xenstore_socket(xen_dir.path(), SVC)).unwrap();
-    let ref_path = format!("/local/domain/{OWN}/data/vchan/{SVC}/{PORT}/ring-ref");
-    let deadline = Instant::now() + TIMEOUT;
-    let ring_ref: u32 = loop {
-        if let Ok(s) = xs.read_string(&ref_path) {
-            break s.trim().parse().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no data vchan server appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let gnt = gnttab::local::Local::new(xen_dir.path(), SVC);
-    let page = gnt.map(OWN, &[ring_ref], true).unwrap();
+    // The service: map the client's control page as a second mapping of
+    // ours, then connect as a normal vchan client.
+    let page = xen
+        .map_control_page(SVC, OWN, PORT, TIMEOUT)
+        .unwrap_or_else(|e| panic!("no data vchan server appeared: {e}"));
     let mut v = Vchan::client(&xen.transport(SVC), OWN, PORT, TIMEOUT).unwrap();
     v.set_io_timeout(Some(TIMEOUT));
     v.write_all(&encode_hello(4)).unwrap();
     let mut hello = [0u8; 12];
     v.read_exact(&mut hello).unwrap();
 
-    // right.cons (offset 8): how far we, the service, consumed the ring
+    // right.cons: how far we, the service, consumed the ring
     // the client writes STDIN into; the client reads it to learn its free
     // space. A jump of 2^30 is more than any ring holds: a lie the client
     // must catch. Then a normal STDOUT message wakes the client up.
     std::thread::sleep(Duration::from_millis(200)); // the client fills the ring
-    let cons = page.as_ptr().wrapping_add(8).cast::<u32>();
-    // SAFETY: `page` maps one 4 KiB page writable and stays alive until the
-    // end of the test; offset 8 is inside it and 4-aligned. A volatile
-    // write, as a peer in another domain would do it, with no reference
-    // into the shared page.
-    unsafe { cons.write_volatile(cons.read_volatile().wrapping_add(1 << 30)) };
+    page.store_u32(RIGHT_CONS, page.load_u32(RIGHT_CONS).wrapping_add(1 << 30));
 
     let t0 = Instant::now();
     v.write_all(&encode_data(MsgType::DataStdout, b"x"))
@@ -93,13 +78,7 @@ fn corrupted_ring_index_ends_the_call_with_an_error() {
         std::thread::sleep(Duration::from_millis(5));
     };
     let took = t0.elapsed();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
     let status =
         status.unwrap_or_else(|| panic!("the client hung on the corrupted ring; stderr: {err}"));
     assert_eq!(status.code(), Some(1), "stderr: {err}");

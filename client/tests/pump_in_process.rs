@@ -319,7 +319,6 @@ fn whole_session_over_local_shared_memory() {
 /// service's exit status arrives last as the exit code.
 #[test]
 fn service_side_runs_a_service_and_sends_its_exit_code() {
-    use qrexec::local::LocalProgram;
     use qrexec::pump::{ServiceSide, serve};
     use std::os::fd::AsFd;
     use std::process::{Command, Stdio};
@@ -341,23 +340,10 @@ fn service_side_runs_a_service_and_sends_its_exit_code() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = Arc::new(OwnedFd::from(child.stdout.take().unwrap()));
-    let stderr = Arc::new(OwnedFd::from(child.stderr.take().unwrap()));
-    let stdin = Arc::new(OwnedFd::from(stdin_ours));
-    let side = ServiceSide {
-        stdout: LocalInput::new(LocalFd::Owned(stdout.clone()), CloseMode::Shutdown),
-        stderr: Some(LocalInput::new(LocalFd::Owned(stderr), CloseMode::Shutdown)),
-        stdin: LocalOutput {
-            fd: LocalFd::Owned(stdin.clone()),
-            close: CloseMode::Shutdown,
-        },
-        program: LocalProgram {
-            child: Some(child),
-            status: None,
-            to_child: stdin,
-            from_child: stdout,
-        },
-    };
+    let stdout = OwnedFd::from(child.stdout.take().unwrap());
+    let stderr = OwnedFd::from(child.stderr.take().unwrap());
+    // The sim's agent builds it the same way (with non-blocking fds).
+    let side = ServiceSide::new(stdout, Some(stderr), OwnedFd::from(stdin_ours), child);
     assert!(!qrexec::local::is_socket(side.stdout.fd.as_fd()));
     let agent_thread = std::thread::spawn(move || {
         let mut ch = VchanChannel(agent);

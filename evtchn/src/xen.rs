@@ -81,8 +81,7 @@ impl XenChannel {
     ) -> Result<XenChannel, Error> {
         let fd = open_device()?;
         let port = loop {
-            // SAFETY: both bind requests passed here take exactly the struct
-            // type `T` that the caller pairs with them (see `Backend for Xen`).
+            // SAFETY: both bind requests passed here take exactly the struct type `T` that the caller pairs with them (see `Backend for Xen`).
             match unsafe { ioctl_with(fd.as_fd(), request, arg) } {
                 Err(Errno::EINTR) => {}
                 Err(source) => {
@@ -296,8 +295,8 @@ fn privcmd_port_status(port: Port) -> Option<PortStatus> {
 impl Drop for XenChannel {
     fn drop(&mut self) {
         let arg = sys::IoctlEvtchnUnbind { port: self.port };
-        // SAFETY: IOCTL_EVTCHN_UNBIND takes a `struct ioctl_evtchn_unbind`.
         // A failure leaves nothing to do: closing the fd unbinds as well.
+        // SAFETY: IOCTL_EVTCHN_UNBIND takes a `struct ioctl_evtchn_unbind`.
         let _ = unsafe { ioctl_with(self.fd.as_fd(), sys::IOCTL_EVTCHN_UNBIND, &arg) };
     }
 }

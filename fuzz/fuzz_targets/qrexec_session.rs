@@ -49,8 +49,7 @@ fn drain(mut s: UnixStream) -> std::thread::JoinHandle<()> {
 fn ignore_sigpipe() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        // SAFETY: SIG_IGN installs no handler code; nothing else in this
-        // process changes SIGPIPE's disposition.
+        // SAFETY: SIG_IGN installs no handler code; nothing else in this process changes SIGPIPE's disposition.
         unsafe {
             nix::sys::signal::signal(
                 nix::sys::signal::Signal::SIGPIPE,

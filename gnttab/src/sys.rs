@@ -199,10 +199,9 @@ pub unsafe fn ioctl(
     request: u32,
     arg: *mut libc::c_void,
 ) -> Result<i32, Errno> {
-    // SAFETY: `fd` is an open descriptor (a `BorrowedFd` guarantees it for
-    // the call); the caller guarantees `arg` per this function's contract.
     // `request as _` adapts to the libc flavour (c_ulong on glibc, c_int on
     // musl); the numbers fit 32 bits.
+    // SAFETY: `fd` is an open descriptor (a `BorrowedFd` guarantees it for the call); the caller guarantees `arg` per this function's contract.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg) };
     Errno::result(rc)
 }

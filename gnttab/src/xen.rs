@@ -95,11 +95,9 @@ impl Backend for Xen {
             gref_ids: [0],
         };
         let arg = buf.as_mut_ptr().cast::<sys::GntallocAllocGref>();
-        // SAFETY: `buf` is 8-byte aligned and at least 24 bytes long, so a
-        // `GntallocAllocGref` fits at its start.
+        // SAFETY: `buf` is 8-byte aligned and at least 24 bytes long, so a `GntallocAllocGref` fits at its start.
         unsafe { arg.write(head) };
-        // SAFETY: `arg` points to `buf`, which has room for the fixed part
-        // and `count` u32 grant ids, as the kernel writes them.
+        // SAFETY: `arg` points to `buf`, which has room for the fixed part and `count` u32 grant ids, as the kernel writes them.
         unsafe { sys::ioctl(dev.as_fd(), sys::IOCTL_GNTALLOC_ALLOC_GREF, arg.cast()) }
             .map_err(|e| Error::os("IOCTL_GNTALLOC_ALLOC_GREF", e))?;
         // SAFETY: as above; the kernel filled in `index`.
@@ -107,8 +105,7 @@ impl Backend for Xen {
         let ids = buf.as_ptr().cast::<u8>();
         let refs: Vec<GrantRef> = (0..count)
             .map(|i| {
-                // SAFETY: byte `16 + 4 * i + 3` is inside `buf` for i < count;
-                // the read is unaligned-safe.
+                // SAFETY: byte `16 + 4 * i + 3` is inside `buf` for i < count; the read is unaligned-safe.
                 unsafe {
                     ids.add(sys::GNTALLOC_ALLOC_GREF_FIXED + 4 * i)
                         .cast::<u32>()
@@ -122,8 +119,7 @@ impl Backend for Xen {
                 index,
                 count: count as u32,
             };
-            // SAFETY: `arg` is a live, aligned struct of the size the ioctl
-            // number encodes.
+            // SAFETY: `arg` is a live, aligned struct of the size the ioctl number encodes.
             let _ = unsafe {
                 sys::ioctl(
                     dev.as_fd(),
@@ -139,8 +135,7 @@ impl Backend for Xen {
                 return Err(e);
             }
         };
-        // SAFETY: a fresh mapping chosen by the kernel (no address hint, no
-        // MAP_FIXED), so no existing memory is affected.
+        // SAFETY: a fresh mapping chosen by the kernel (no address hint, no MAP_FIXED), so no existing memory is affected.
         let ptr = match unsafe {
             mmap(
                 None,
@@ -190,8 +185,7 @@ impl Backend for Xen {
                     return Err(e);
                 }
             };
-            // SAFETY: a fresh mapping chosen by the kernel (no address hint,
-            // no MAP_FIXED), so no existing memory is affected.
+            // SAFETY: a fresh mapping chosen by the kernel (no address hint, no MAP_FIXED), so no existing memory is affected.
             match unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, dev.as_fd(), offset) } {
                 Ok(p) => {
                     return Ok(Box::new(XenMapped {
@@ -245,8 +239,7 @@ fn map_grant_ref(dev: &File, granter: DomId, refs: &[GrantRef]) -> Result<u64, E
     let pairs = unsafe { head.cast::<u8>().add(sys::GNTDEV_MAP_GRANT_REF_FIXED) }
         .cast::<sys::GntdevGrantRef>();
     for (i, &gref) in refs.iter().enumerate() {
-        // SAFETY: `buf` has room for `refs.len()` pairs after the fixed part,
-        // and offset 16 keeps the 4-byte alignment of `GntdevGrantRef`.
+        // SAFETY: `buf` has room for `refs.len()` pairs after the fixed part, and offset 16 keeps the 4-byte alignment of `GntdevGrantRef`.
         unsafe {
             pairs.add(i).write(sys::GntdevGrantRef {
                 domid: u32::from(granter),
@@ -254,8 +247,7 @@ fn map_grant_ref(dev: &File, granter: DomId, refs: &[GrantRef]) -> Result<u64, E
             })
         };
     }
-    // SAFETY: the buffer holds the fixed part and `count` pairs, as the
-    // kernel reads them, and is aligned for the struct.
+    // SAFETY: the buffer holds the fixed part and `count` pairs, as the kernel reads them, and is aligned for the struct.
     unsafe { sys::ioctl(dev.as_fd(), sys::IOCTL_GNTDEV_MAP_GRANT_REF, head.cast()) }
         .map_err(|e| Error::os("IOCTL_GNTDEV_MAP_GRANT_REF", e))?;
     // SAFETY: as above; the kernel filled in `index`.
@@ -308,9 +300,7 @@ struct XenShared {
     refs: Vec<GrantRef>,
 }
 
-// SAFETY: the struct owns the mapping and the descriptor; it hands out only
-// raw pointers, and unmaps exactly once, in `drop`. Nothing is tied to the
-// creating thread.
+// SAFETY: the struct owns the mapping and the descriptor; it hands out only raw pointers, and unmaps exactly once, in `drop`. Nothing is tied to the creating thread.
 unsafe impl Send for XenShared {}
 // SAFETY: no method mutates through `&self`.
 unsafe impl Sync for XenShared {}
@@ -342,9 +332,7 @@ impl SharedPages for XenShared {
 
 impl Drop for XenShared {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` is the mapping made in `share`, unmapped only
-        // here; the trait hands out raw pointers only, so no reference into
-        // it outlives `self`.
+        // SAFETY: `ptr`/`len` is the mapping made in `share`, unmapped only here; the trait hands out raw pointers only, so no reference into it outlives `self`.
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };
         // Drop the file's reference too, so that the kernel's last reference
         // (and with it the unmap-notify) goes now. Closing `dev` right after
@@ -408,8 +396,7 @@ impl MappedPages for XenMapped {
 
 impl Drop for XenMapped {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` is the mapping made in `map`, unmapped only
-        // here; no reference into it outlives `self`.
+        // SAFETY: `ptr`/`len` is the mapping made in `map`, unmapped only here; no reference into it outlives `self`.
         let _ = unsafe { munmap(self.ptr.cast(), self.len) };
         // The notify byte is cleared at munmap, but the event is sent only
         // when the map's last reference goes: do it now, not at close

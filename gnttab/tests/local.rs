@@ -192,8 +192,7 @@ fn peer_process_entry() {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: setrlimit reads the struct we pass; it affects only this
-    // child process.
+    // SAFETY: setrlimit reads the struct we pass; it affects only this child process.
     unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
     let mut peer = PeerState {
         grants: gnttab::local::Local::new(&dir, dom),
@@ -308,17 +307,17 @@ impl PeerState {
             "poke" => {
                 let (p, len) = self.mem(w[1]);
                 assert!(n(2) < len);
-                // SAFETY: inside our mapping (checked). On a read-only
-                // mapping this faults, which is what the test wants to see.
+                // On a read-only mapping this faults, which is what the test
+                // wants to see.
+                // SAFETY: inside our mapping (checked).
                 unsafe { p.add(n(2)).write_volatile(n(3) as u8) };
                 "ok".to_owned()
             }
             "mprotect" => {
                 let (p, len) = self.mem(w[1]);
-                // SAFETY: changes the protection of our own mapping only;
-                // nothing is written through it here.
-                let rc =
-                    unsafe { libc::mprotect(p.cast(), len, libc::PROT_READ | libc::PROT_WRITE) };
+                let prot = libc::PROT_READ | libc::PROT_WRITE;
+                // SAFETY: changes the protection of our own mapping only; nothing is written through it here.
+                let rc = unsafe { libc::mprotect(p.cast(), len, prot) };
                 if rc == 0 {
                     "ok".to_owned()
                 } else {

@@ -348,9 +348,9 @@ impl Registry {
             set_errno(libc::EBADF);
             return None;
         }
-        // SAFETY: the pointer came from `register` (Box::into_raw) with
-        // type T and was not yet freed by `free` (it is still recorded), so
-        // it points to a valid T; the caller guarantees exclusive use.
+        // The pointer came from `register` (Box::into_raw) with type T and
+        // was not yet freed by `free` (it is still recorded).
+        // SAFETY: so it points to a valid T; the caller guarantees exclusive use.
         Some(unsafe { &mut *ctrl })
     }
 
@@ -376,9 +376,9 @@ impl Registry {
             };
             l.swap_remove(i);
         }
-        // SAFETY: the pointer was recorded, so it came from Box::into_raw
-        // in `register` with type T and has not been freed; removing it
-        // first makes this the only free.
+        // The pointer was recorded, so it came from Box::into_raw in
+        // `register` with type T and has not been freed.
+        // SAFETY: removing it from the record first makes this the only free.
         drop(unsafe { Box::from_raw(ctrl) });
     }
 }
@@ -395,8 +395,7 @@ fn register(h: LibVchan) -> *mut LibVchan {
 /// # Safety
 /// As [`Registry::get`].
 unsafe fn handle<'a>(ctrl: *mut LibVchan, op: &str) -> Option<&'a mut LibVchan> {
-    // SAFETY: only LibVchan pointers are registered in LIVE; exclusive use
-    // is the caller's promise.
+    // SAFETY: only LibVchan pointers are registered in LIVE; exclusive use is the caller's.
     unsafe { LIVE.get(ctrl, op) }
 }
 
@@ -781,8 +780,8 @@ pub unsafe extern "C" fn libvchan_client_init_async_finish(
 pub unsafe extern "C" fn libvchan_close(ctrl: *mut LibVchan) {
     const OP: &str = "libvchan_close";
     guard(OP, (), || {
-        // SAFETY: only LibVchan pointers are registered in LIVE; the caller
-        // does not use the handle elsewhere during or after this call.
+        // The caller does not use the handle elsewhere during or after this call.
+        // SAFETY: only LibVchan pointers are registered in LIVE.
         unsafe { LIVE.free(ctrl, OP) }
     })
 }
@@ -823,9 +822,9 @@ fn do_write(op: &str, h: &mut LibVchan, data: *const c_void, size: usize, kind: 
     let buf: &[u8] = if size == 0 {
         &[]
     } else {
-        // SAFETY: the caller passes `size` readable bytes at `data`
-        // (non-NULL, checked above); they are private memory of the caller,
-        // not the shared ring, and live for this call.
+        // `data` is non-NULL (checked above); the bytes are private memory of
+        // the caller, not the shared ring, and live for this call.
+        // SAFETY: the caller passes `size` readable bytes at `data`.
         unsafe { std::slice::from_raw_parts(data.cast::<u8>(), size) }
     };
     let r = match kind {
@@ -868,8 +867,9 @@ fn do_read(op: &str, h: &mut LibVchan, data: *mut c_void, size: usize, kind: Io)
         return 0;
     }
     let size = size.min(MAX_IO);
-    // SAFETY: the caller passes `size` writable bytes at `data` (non-NULL,
-    // checked above), private to it and not aliased during this call.
+    // `data` is non-NULL (checked above), private to the caller and not
+    // aliased during this call.
+    // SAFETY: the caller passes `size` writable bytes at `data`.
     let buf = unsafe { std::slice::from_raw_parts_mut(data.cast::<u8>(), size) };
     let r = match kind {
         Io::Stream => v.read_some(buf),
@@ -1247,8 +1247,8 @@ mod tests {
         let bogus = 0x1000 as *mut LibVchan;
         for ctrl in [std::ptr::null_mut(), bogus] {
             let mut b = [0u8; 4];
-            // SAFETY: the library must refuse these pointers without
-            // dereferencing them; `b` is a valid buffer.
+            // The library must refuse these pointers without dereferencing them.
+            // SAFETY: NULL or unregistered handles are refused by lookup; `b` is a valid buffer.
             unsafe {
                 Errno::clear();
                 assert_eq!(libvchan_recv(ctrl, b.as_mut_ptr().cast(), 4), -1);

@@ -101,8 +101,7 @@ static LIVE_XEN: Registry = Registry::new();
 /// # Safety
 /// As [`Registry::get`].
 unsafe fn handle<'a>(ctrl: *mut XenVchan, op: &str) -> Option<&'a mut LibVchan> {
-    // SAFETY: only XenVchan pointers are registered in LIVE_XEN; exclusive
-    // use is the caller's promise.
+    // SAFETY: only XenVchan pointers are registered in LIVE_XEN; exclusive use is the caller's.
     let x = unsafe { LIVE_XEN.get(ctrl, op) }?;
     let blocking = x.public.flags & FLAG_BLOCKING != 0;
     if let Conn::Ready(v) = &mut x.inner.conn
@@ -289,8 +288,8 @@ pub unsafe extern "C" fn libxenvchan_client_init(
 pub unsafe extern "C" fn libxenvchan_close(ctrl: *mut XenVchan) {
     const OP: &str = "libxenvchan_close";
     guard(OP, (), || {
-        // SAFETY: only XenVchan pointers are registered in LIVE_XEN; the
-        // caller does not use the handle elsewhere.
+        // The caller does not use the handle elsewhere.
+        // SAFETY: only XenVchan pointers are registered in LIVE_XEN.
         unsafe { LIVE_XEN.free(ctrl, OP) }
     })
 }
@@ -425,8 +424,8 @@ mod tests {
         let bogus = 0x1000 as *mut XenVchan;
         for ctrl in [std::ptr::null_mut(), bogus] {
             let mut b = [0u8; 4];
-            // SAFETY: the library must refuse these pointers without
-            // dereferencing them; `b` is a valid buffer.
+            // The library must refuse these pointers without dereferencing them.
+            // SAFETY: NULL or unregistered handles are refused by lookup; `b` is a valid buffer.
             unsafe {
                 nix::errno::Errno::clear();
                 assert_eq!(libxenvchan_read(ctrl, b.as_mut_ptr().cast(), 4), -1);

@@ -3,16 +3,17 @@
 //! `tests/c/corrupt_ring.c`, linked with our library, is the vchan server
 //! on the Local transport (real shared memory); this test is its client
 //! and also maps the server's control page a second time through the
-//! grant double, as a hostile peer in another domain could, to move the
-//! indices the client owns. The C calls must return −1 with `errno =
+//! grant double (`LocalXen::map_control_page`), as a hostile peer in
+//! another domain could, to move the indices the client owns. The C calls must return −1 with `errno =
 //! EPROTO` and log a line, never crash or hang.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+mod support;
 use std::time::{Duration, Instant};
 
-use gnttab::Backend as _;
+use vchan::control::SharedHeader;
 use vchan::{LocalXen, Vchan};
 
 /// The C program's domain (the server) and ours (its client).
@@ -21,60 +22,10 @@ const PEER: u16 = 2;
 const PORT: u32 = 4444;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn manifest() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `corrupt_ring.c` built against our header, linked with our library
-/// under its soname.
-fn build(dir: &Path) -> PathBuf {
-    let built = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("liblibvchan.so");
-    assert!(built.exists(), "{} not built", built.display());
-    let lib = dir.join("lib");
-    std::fs::create_dir_all(&lib).unwrap();
-    for name in ["libvchan-xen.so.1", "libvchan-xen.so"] {
-        std::os::unix::fs::symlink(&built, lib.join(name)).unwrap();
-    }
-    let exe = dir.join("corrupt_ring");
-    let out = Command::new("gcc")
-        .args(["-std=gnu11", "-Wall", "-Wextra", "-Werror"])
-        .arg(format!("-I{}", manifest().join("include").display()))
-        .arg(manifest().join("tests/c/corrupt_ring.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-lvchan-xen")
-        .output()
-        .expect("run gcc (is it installed?)");
-    assert!(
-        out.status.success(),
-        "gcc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
-}
-
-/// Moves the 32-bit index at `offset` of the mapped control page `by`
-/// bytes ahead, as a peer writing its own index would.
-fn scribble(page: &dyn gnttab::MappedPages, offset: usize, by: u32) {
-    assert!(offset + 4 <= page.len() && offset.is_multiple_of(4));
-    let p = page.as_ptr().wrapping_add(offset).cast::<u32>();
-    // SAFETY: `page` maps at least one page writable and outlives this
-    // call; `offset` is inside it and 4-aligned (checked above). Volatile
-    // accesses through a raw pointer, as another domain would write, and
-    // no Rust reference into the shared page.
-    unsafe { p.write_volatile(p.read_volatile().wrapping_add(by)) };
-}
-
 #[test]
 fn a_peer_corrupting_the_ring_gets_eproto_through_the_c_api() {
     let tmp = tempfile::tempdir().unwrap();
-    let exe = build(tmp.path());
+    let exe = support::build_c_program(tmp.path(), "corrupt_ring");
     let xen_dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(xen_dir.path(), &[0, SERVER, PEER]).unwrap();
     let mut child = Command::new(&exe)
@@ -101,27 +52,16 @@ fn a_peer_corrupting_the_ring_gets_eproto_through_the_c_api() {
     });
     let mut to_c = child.stdin.take().unwrap();
     let mut from_c = BufReader::new(child.stdout.take().unwrap());
-    let xs =
-        xenstore::Xs::connect_unix(&vchan::local_xenstore_socket(xen_dir.path(), PEER)).unwrap();
-    let gnt = gnttab::local::Local::new(xen_dir.path(), PEER);
 
     // Connects to the C server on `port` as its client, maps its control
     // page a second time, moves the index at `offset` by 2^30 (more than
     // any ring holds) and tells the program to look. The vchan and the
     // mapping stay alive until the end.
     let mut attack = |port: u32, offset: usize| {
-        // The server's advertisement (gone once a client connected): its
-        // control page's grant, mapped before we connect.
-        let ref_path = format!("/local/domain/{SERVER}/data/vchan/{PEER}/{port}/ring-ref");
-        let deadline = Instant::now() + TIMEOUT;
-        let ring_ref: u32 = loop {
-            if let Ok(s) = xs.read_string(&ref_path) {
-                break s.trim().parse().unwrap();
-            }
-            assert!(Instant::now() < deadline, "no server on port {port}");
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let page = gnt.map(SERVER, &[ring_ref], true).unwrap();
+        // Mapped before we connect: the server's advertisement goes then.
+        let page = xen
+            .map_control_page(PEER, SERVER, port, TIMEOUT)
+            .unwrap_or_else(|e| panic!("no server on port {port}: {e}"));
         let client = Vchan::client(&xen.transport(PEER), SERVER, port, TIMEOUT).unwrap();
         let mut line = String::new();
         from_c.read_line(&mut line).unwrap();
@@ -130,7 +70,7 @@ fn a_peer_corrupting_the_ring_gets_eproto_through_the_c_api() {
             format!("ready {port}\n"),
             "the C server did not connect"
         );
-        scribble(&*page, offset, 1 << 30);
+        page.store_u32(offset, page.load_u32(offset).wrapping_add(1 << 30));
         to_c.write_all(b"go\n").unwrap();
         (client, page)
     };
@@ -144,13 +84,7 @@ fn a_peer_corrupting_the_ring_gets_eproto_through_the_c_api() {
     drop((read_side, write_side));
     let mut out = String::new();
     from_c.read_to_string(&mut out).unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
     assert!(
         status.success(),
         "the C program failed or hung ({status}):\n{out}{err}"

@@ -22,7 +22,6 @@
 
 use crate::{Error, Result};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use qrexec::local::{CloseMode, LocalFd, LocalInput, LocalOutput, LocalProgram};
 use qrexec::proto::{
     ConnectionParams, MsgHeader, MsgType, QREXEC_EXIT_PROBLEM, QREXEC_EXIT_SERVICE_NOT_FOUND,
     RPC_REQUEST_COMMAND, encode_exit_code, encode_hello, negotiate,
@@ -34,7 +33,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vchan::{Transport, Vchan};
 
@@ -438,15 +436,11 @@ fn service_side(
     let stdout = OwnedFd::from(stdout.ok_or_else(|| Error::other("service stdout not piped"))?);
     grow_pipe(&stdout);
     nb(set_nonblocking(&stdout))?;
-    let stdout = Arc::new(stdout);
     let stderr = match stderr {
         Some(e) => {
             let e = OwnedFd::from(e);
             nb(set_nonblocking(&e))?;
-            Some(LocalInput::new(
-                LocalFd::Owned(Arc::new(e)),
-                CloseMode::Shutdown,
-            ))
+            Some(e)
         }
         None => None,
     };
@@ -458,21 +452,12 @@ fn service_side(
     );
     // Non-blocking: the pump writes it directly, no output thread.
     nb(set_nonblocking(&stdin))?;
-    let stdin = Arc::new(OwnedFd::from(stdin));
-    Ok(ServiceSide {
-        stdout: LocalInput::new(LocalFd::Owned(stdout.clone()), CloseMode::Shutdown),
+    Ok(ServiceSide::new(
+        stdout,
         stderr,
-        stdin: LocalOutput {
-            fd: LocalFd::Owned(stdin.clone()),
-            close: CloseMode::Shutdown,
-        },
-        program: LocalProgram {
-            child: Some(child),
-            status: None,
-            to_child: stdin,
-            from_child: stdout,
-        },
-    })
+        OwnedFd::from(stdin),
+        child,
+    ))
 }
 
 #[cfg(test)]

@@ -4,3 +4,4 @@
 #![forbid(unsafe_code)]
 
 pub mod doc_refs;
+pub mod safety_comments;

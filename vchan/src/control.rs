@@ -816,10 +816,7 @@ pub struct ControlPage {
     base: NonNull<u8>,
 }
 
-// SAFETY: `ControlPage` reaches memory that is shared with another domain
-// anyway; every access through it is a single atomic operation, so using
-// it from several threads is no different from the peer doing so. The
-// mapping it holds is `Send + Sync` by its trait.
+// SAFETY: `ControlPage` reaches memory that is shared with another domain anyway; every access through it is a single atomic operation, so using it from several threads is no different from the peer doing so. The mapping it holds is `Send + Sync` by its trait.
 unsafe impl Send for ControlPage {}
 // SAFETY: as for `Send`: `&ControlPage` only offers atomic accesses.
 unsafe impl Sync for ControlPage {}
@@ -866,19 +863,16 @@ impl ControlPage {
             off.is_multiple_of(size) && off <= PAGE_SIZE - size,
             "control page field offset {off} (size {size}) is misaligned or outside the page"
         );
-        // SAFETY: `off + size <= PAGE_SIZE`, so the result stays inside the
-        // page the constructor's contract makes valid.
+        // SAFETY: `off + size <= PAGE_SIZE`, so the result stays inside the page the constructor's contract makes valid.
         unsafe { self.base.as_ptr().add(off) }
     }
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
         let p = self.field(off, 4).cast::<u32>();
-        // SAFETY: `p` is 4-aligned (page base is 4-aligned, `off % 4 == 0`)
-        // and valid for the lifetime of `&self` (constructor contract). An
-        // `&AtomicU32` is a shared reference to an `UnsafeCell`: it asserts
-        // no immutability, so the peer writing this field concurrently is
-        // allowed; all our accesses to it are atomic. It never covers more
-        // than this 4-byte field and lives only for one operation.
+        // An `&AtomicU32` is a shared reference to an `UnsafeCell`; all our
+        // accesses to it are atomic. It never covers more than this 4-byte
+        // field and lives only for one operation.
+        // SAFETY: `p` is 4-aligned (page base is 4-aligned, `off % 4 == 0`) and valid for the lifetime of `&self` (constructor contract); an `&AtomicU32` asserts no immutability, so the peer writing this field concurrently is allowed.
         unsafe { AtomicU32::from_ptr(p) }
     }
 

@@ -1128,7 +1128,10 @@ impl Vchan {
 /// A client connect in progress, for callers that drive it from `poll`
 /// or an event loop: wait until [`AsFd::as_fd`] is readable (or
 /// [`Connecting::retry_interval`] has passed), then call
-/// [`Connecting::poll`].
+/// [`Connecting::poll`]. The fd is readable at once after
+/// [`Vchan::client_start`] (a first attempt is due), and whenever another
+/// is: on the shared-memory transports it also shows watch events that a
+/// reply brought along and that wait in user space (docs/vchan.md §11.1).
 ///
 /// ```no_run
 /// use std::os::fd::AsFd;

@@ -79,6 +79,9 @@ impl LocalXen {
             } else {
                 xenstore::server::MissingNodeError::Enoent
             },
+            // The domains' connections stand for their /dev/xen/xenbus,
+            // which may deliver a watch's first event before the reply.
+            watch_event_first: true,
             ..Default::default()
         };
         for &d in &config.restricted {
@@ -170,6 +173,81 @@ impl LocalXen {
         self.gnt.shutdown();
         self.evt.shutdown();
         let _ = std::fs::remove_dir(self.dir.join("xenstore"));
+    }
+}
+
+#[cfg(feature = "test-utils")]
+impl LocalXen {
+    /// Test support (feature `test-utils`): the control page of the vchan
+    /// that domain `server` offers domain `peer` on `port`, mapped a second
+    /// time by `peer` through the grant hub, as a hostile peer in another
+    /// domain can hold it to write what it should not (an index it owns,
+    /// moved beyond the ring). Waits up to `timeout` for the server's
+    /// `ring-ref` node, which goes once a client has connected: call it
+    /// before connecting. The mapping lives as long as the returned page.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if no server offers the port in time; xenstore
+    /// or grant errors.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use vchan::control::{RIGHT_CONS, SharedHeader};
+    /// use vchan::{LocalXen, Vchan};
+    /// let dir = tempfile::tempdir()?;
+    /// let xen = LocalXen::start(dir.path(), &[0, 1, 2])?;
+    /// let mut server = Vchan::server(&xen.transport(1), 2, 7, 4096, 4096)?;
+    /// let page = xen.map_control_page(2, 1, 7, Duration::from_secs(5))?;
+    /// let client = Vchan::client(&xen.transport(2), 1, 7, Duration::from_secs(5))?;
+    /// server.wait_connected(Some(Duration::from_secs(5)))?;
+    /// // How far the client read what the server writes, moved beyond any
+    /// // ring: the server finds the ring it writes corrupt.
+    /// page.store_u32(RIGHT_CONS, page.load_u32(RIGHT_CONS).wrapping_add(1 << 30));
+    /// assert!(server.buffer_space().is_err());
+    /// # drop((client, page));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn map_control_page(
+        &self,
+        peer: DomId,
+        server: DomId,
+        port: u32,
+        timeout: std::time::Duration,
+    ) -> Result<crate::control::ControlPage> {
+        use gnttab::Backend as _;
+        use std::time::{Duration, Instant};
+        let sock = crate::local_xenstore_socket(&self.dir, peer);
+        let xs = xenstore::Xs::connect_unix(&sock).map_err(|source| Error::Xenstore {
+            step: "connect to xenstored",
+            source,
+        })?;
+        let path = format!(
+            "/local/domain/{server}/data/vchan/{peer}/{port}/{}",
+            crate::control::XS_RING_REF
+        );
+        let deadline = Instant::now() + timeout;
+        let ring_ref: u32 = loop {
+            if let Ok(s) = xs.read_string(&path) {
+                break s
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::peer(format!("ring-ref = {s:?} is not a number")))?;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    step: "wait for the server's ring-ref",
+                    secs: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let page = gnttab::local::Local::new(&self.dir, peer)
+            .map(server, &[ring_ref], true)
+            .map_err(|source| Error::Gnttab {
+                step: "map the control page a second time",
+                source,
+            })?;
+        crate::shm::control_page_of(page)
     }
 }
 

@@ -177,8 +177,7 @@ pub struct HeapPages {
     len: usize,
 }
 
-// SAFETY: the allocation is plain memory owned by this object and reached
-// only through raw pointers (atomics and copies), as shared memory is.
+// SAFETY: the allocation is plain memory owned by this object and reached only through raw pointers (atomics and copies), as shared memory is.
 unsafe impl Send for HeapPages {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for HeapPages {}
@@ -240,8 +239,7 @@ impl fmt::Debug for HeapPages {
     }
 }
 
-// SAFETY: `base` is our own allocation of `len` bytes, aligned to a page,
-// valid for reads and writes until `drop`, never referenced.
+// SAFETY: `base` is our own allocation of `len` bytes, aligned to a page, valid for reads and writes until `drop`, never referenced.
 unsafe impl SharedMemory for HeapPages {
     fn as_ptr(&self) -> *mut u8 {
         self.base.as_ptr()
@@ -256,9 +254,7 @@ unsafe impl SharedMemory for HeapPages {
 
 impl Drop for HeapPages {
     fn drop(&mut self) {
-        // SAFETY: allocated in `filled` with this layout, freed only here;
-        // nothing can reach it any more (every user holds the `Arc` that
-        // is being dropped).
+        // SAFETY: allocated in `filled` with this layout, freed only here; nothing can reach it any more (every user holds the `Arc` that is being dropped).
         unsafe { std::alloc::dealloc(self.base.as_ptr(), Self::layout(self.len)) };
     }
 }

@@ -356,8 +356,7 @@ pub trait RingBytes: fmt::Debug {
         let mut done = 0;
         for &(off, len) in segs {
             let k = len.min(n - done);
-            // SAFETY: the caller guarantees `off + len <= size`, and
-            // `k <= len`.
+            // SAFETY: the caller guarantees `off + len <= size`, and `k <= len`.
             unsafe { self.write_at(off, &buf[done..done + k]) };
             done += k;
         }
@@ -424,9 +423,7 @@ pub struct RawRingBytes {
     size: usize,
 }
 
-// SAFETY: the bytes are shared with another domain anyway; `RawRingBytes`
-// only copies to and from private buffers, with no references into the
-// ring, and the mapping it holds is `Send + Sync` by its trait.
+// SAFETY: the bytes are shared with another domain anyway; `RawRingBytes` only copies to and from private buffers, with no references into the ring, and the mapping it holds is `Send + Sync` by its trait.
 unsafe impl Send for RawRingBytes {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for RawRingBytes {}
@@ -487,21 +484,18 @@ impl RingBytes for RawRingBytes {
 
     unsafe fn write_at(&self, off: usize, src: &[u8]) {
         debug_assert!(off <= self.size && src.len() <= self.size - off);
-        // SAFETY: the caller guarantees `off + src.len() <= size`; the
-        // constructor guarantees the range is valid for writes. `src` is
-        // private memory, so it cannot overlap the ring. The peer may read
-        // these bytes concurrently; that is the protocol, and no reference
-        // to them exists on our side.
+        // The peer may read these bytes concurrently; that is the protocol,
+        // and no reference to them exists on our side.
+        // SAFETY: the caller guarantees `off + src.len() <= size`; the constructor guarantees the range is valid for writes. `src` is private memory, so it cannot overlap the ring.
         unsafe { ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(off), src.len()) }
     }
 
     unsafe fn read_at(&self, off: usize, dst: &mut [u8]) {
         debug_assert!(off <= self.size && dst.len() <= self.size - off);
-        // SAFETY: the caller guarantees `off + dst.len() <= size`; the
-        // constructor guarantees the range is valid for reads. `dst` is
-        // private memory. If a hostile peer modifies the bytes during the
-        // copy we copy garbage into a private buffer, which is harmless:
-        // nothing is ever re-read from the ring.
+        // If a hostile peer modifies the bytes during the copy we copy
+        // garbage into a private buffer, which is harmless: nothing is ever
+        // re-read from the ring.
+        // SAFETY: the caller guarantees `off + dst.len() <= size`; the constructor guarantees the range is valid for reads. `dst` is private memory.
         unsafe {
             ptr::copy_nonoverlapping(self.base.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
         }
@@ -514,13 +508,11 @@ impl RingBytes for RawRingBytes {
     ) -> io::Result<usize> {
         let iov = self.iovecs(segs);
         let cnt = segs.len().min(2) as libc::c_int;
-        // SAFETY: each iovec covers `off..off + len` of the ring, which the
-        // caller guarantees is inside it, and the constructor guarantees it
-        // is valid for writes (a producer's ring). The kernel writes into
-        // that memory directly; no Rust reference to it exists. The peer
-        // may write there too (it must not: it is free space), which can
-        // only spoil the bytes we publish next, never our indices, which
-        // live in private memory. `iov` outlives the call.
+        // The kernel writes into that memory directly; no Rust reference to
+        // it exists. The peer may write there too (it must not: it is free
+        // space), which can only spoil the bytes we publish next, never our
+        // indices, which live in private memory.
+        // SAFETY: each iovec covers `off..off + len` of the ring, which the caller guarantees is inside it, and the constructor guarantees it is valid for writes (a producer's ring); `iov` outlives the call.
         let r = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), cnt) };
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -532,11 +524,10 @@ impl RingBytes for RawRingBytes {
     unsafe fn write_to_fd(&self, fd: BorrowedFd<'_>, segs: &[(usize, usize)]) -> io::Result<usize> {
         let iov = self.iovecs(segs);
         let cnt = segs.len().min(2) as libc::c_int;
-        // SAFETY: each iovec covers `off..off + len` of the ring, inside it
-        // by the caller's guarantee and valid for reads by the
-        // constructor's. The kernel only reads it; a hostile peer changing
-        // those bytes during the call changes what we write to `fd` (its
-        // own data), nothing else. `iov` outlives the call.
+        // The kernel only reads it; a hostile peer changing those bytes
+        // during the call changes what we write to `fd` (its own data),
+        // nothing else.
+        // SAFETY: each iovec covers `off..off + len` of the ring, inside it by the caller's guarantee and valid for reads by the constructor's; `iov` outlives the call.
         let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), cnt) };
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -1119,8 +1110,7 @@ impl<B: RingBytes> Consumer<B> {
         // `prod` pairs with this).
         h.fence(Ordering::Acquire);
         let (n, first, off) = (n as usize, first as usize, off as usize);
-        // SAFETY: `off = cons & (size − 1) < size` and
-        // `first = min(n, size − off)`, so `off + first <= size`.
+        // SAFETY: `off = cons & (size − 1) < size` and `first = min(n, size − off)`, so `off + first <= size`.
         unsafe { self.ring.bytes.read_at(off, &mut dst[..first]) };
         if n > first {
             // Wrapped: the rest starts at offset 0. `n ≤ ready ≤ size` and
@@ -1236,9 +1226,7 @@ impl<B: RingBytes> Consumer<B> {
         let (n, first, off) = (n as usize, first as usize, off as usize);
         let segs = [(off, first), (0, n - first)];
         let segs = if n > first { &segs[..] } else { &segs[..1] };
-        // SAFETY: `off < size` and `first = min(n, size − off)` so
-        // `off + first <= size`; a second segment exists only when wrapped,
-        // and then `n − first ≤ off < size` (as in `pop`).
+        // SAFETY: `off < size` and `first = min(n, size − off)` so `off + first <= size`; a second segment exists only when wrapped, and then `n − first ≤ off < size` (as in `pop`).
         let w = unsafe { self.ring.bytes.write_to_fd(fd, segs) }?;
         let w = w.min(n); // the kernel never reports more than asked
         // FENCE (xen_mb, "consume, then publish"): as in `pop`, the new
@@ -1577,12 +1565,10 @@ impl<B: RingBytes> Producer<B> {
         #[cfg(not(all(loom, vchan_loom_no_space_acquire)))]
         h.fence(Ordering::Acquire);
         let (n, first, off) = (n as usize, first as usize, off as usize);
-        // SAFETY: `off < size` and `first = min(n, size − off)`, so
-        // `off + first <= size`.
+        // SAFETY: `off < size` and `first = min(n, size − off)`, so `off + first <= size`.
         unsafe { self.ring.bytes.write_at(off, &src[..first]) };
         if n > first {
-            // SAFETY: wrapped: `n ≤ space ≤ size` and `first = size − off`,
-            // so `n − first ≤ off < size`.
+            // SAFETY: wrapped: `n ≤ space ≤ size` and `first = size − off`, so `n − first ≤ off < size`.
             unsafe { self.ring.bytes.write_at(0, &src[first..n]) };
         }
         // FENCE (xen_wmb, "write data, then publish").
@@ -1719,11 +1705,7 @@ impl<B: RingBytes> Producer<B> {
         let (nn, first_u, off_u) = (n as usize, first as usize, off as usize);
         let segs = [(off_u, first_u), (0, nn - first_u)];
         let segs = if nn > first_u { &segs[..] } else { &segs[..1] };
-        // SAFETY: the payload is `n` bytes starting `N` bytes after `prod`,
-        // and `N + n ≤ space ≤ size`, so it overlaps neither the header nor
-        // itself. `off < size` and `first = min(n, size − off)` keep the
-        // first segment inside the ring; a second one (`n − first` bytes at
-        // offset 0) exists only when the payload wraps, and `n − first < size`.
+        // SAFETY: the payload is `n` bytes starting `N` bytes after `prod`, and `N + n ≤ space ≤ size`, so it overlaps neither the header nor itself. `off < size` and `first = min(n, size − off)` keep the first segment inside the ring; a second one (`n − first` bytes at offset 0) exists only when the payload wraps, and `n − first < size`.
         let r = unsafe { self.ring.bytes.read_from_fd(fd, segs) }?;
         let r = r.min(nn);
         if r == 0 {
@@ -1732,10 +1714,7 @@ impl<B: RingBytes> Producer<B> {
         let hdr = header(r);
         let hoff = (self.prod & mask) as usize;
         let hfirst = N.min(size as usize - hoff);
-        // SAFETY: `hoff < size` and `hfirst = min(N, size − hoff)`; the
-        // wrapped rest (N − hfirst bytes) starts at 0 and is shorter than
-        // N ≤ space ≤ size. Header and payload ranges do not overlap: the
-        // payload starts N bytes after the header's start.
+        // SAFETY: `hoff < size` and `hfirst = min(N, size − hoff)`; the wrapped rest (N − hfirst bytes) starts at 0 and is shorter than N ≤ space ≤ size. Header and payload ranges do not overlap: the payload starts N bytes after the header's start.
         unsafe { self.ring.bytes.write_at(hoff, &hdr[..hfirst]) };
         if N > hfirst {
             // SAFETY: as above.

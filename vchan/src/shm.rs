@@ -13,6 +13,8 @@ use crate::endpoint::{Endpoint, Events, PeerState};
 use crate::error::{Error, Result};
 use crate::mem::SharedMemory;
 use crate::transport::{DomId, Transport};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use xenstore::{NodePerm, Perm, Watcher, Xs};
 
 mod events;
@@ -98,10 +100,7 @@ enum Pages {
     Mapped(Box<dyn gnttab::MappedPages>),
 }
 
-// SAFETY: the gnttab backends return mappings that are page-aligned, of
-// `len()` bytes, at a fixed address, readable, and writable unless mapped
-// read-only (`MappedPages::writable`; what we share is always writable),
-// until they are dropped; nothing in vchan makes a reference into them.
+// SAFETY: the gnttab backends return mappings that are page-aligned, of `len()` bytes, at a fixed address, readable, and writable unless mapped read-only (`MappedPages::writable`; what we share is always writable), until they are dropped; nothing in vchan makes a reference into them.
 unsafe impl SharedMemory for Pages {
     fn as_ptr(&self) -> *mut u8 {
         match self {
@@ -121,6 +120,13 @@ unsafe impl SharedMemory for Pages {
             Pages::Mapped(p) => p.writable(),
         }
     }
+}
+
+/// A grant mapping made outside any vchan, as a control page: test support
+/// for a hostile peer's second mapping ([`crate::LocalXen::map_control_page`]).
+#[cfg(feature = "test-utils")]
+pub(crate) fn control_page_of(page: Box<dyn gnttab::MappedPages>) -> Result<ControlPage> {
+    ControlPage::new(Arc::new(Pages::Mapped(page))).map_err(|e| Error::config(e.to_string()))
 }
 
 /// One end of a shared-memory vchan. The endpoint owns the memory (its
@@ -561,6 +567,15 @@ pub(crate) struct ShmConnecting {
     be: Backends,
     xs: Option<Xs>,
     watcher: Watcher,
+    /// The fd handed out ([`ShmConnecting::fd`]): readable while the
+    /// watcher's connection is, or while `due` is set.
+    ready: Epoll,
+    /// Set when [`ShmConnecting::poll`] is due although the watcher's fd
+    /// may not show it: at the start, and when watch events wait in user
+    /// space (read together with a reply, so the socket no longer shows
+    /// them; a Linux domU's xenbus device may queue a watch's first event
+    /// before the WATCH reply).
+    due: EventFd,
     peer: DomId,
     port: PortName,
     watched: Option<String>,
@@ -588,10 +603,27 @@ impl ShmConnecting {
         watcher
             .watch("@releaseDomain", "release")
             .map_err(xs_err("watch @releaseDomain"))?;
+        let sys = |step: &'static str| move |e: nix::Error| Error::io(step, e.into());
+        let ready = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(sys("epoll_create"))?;
+        let due = EventFd::from_value_and_flags(
+            // The first attempt is due at once (libxenvchan's callers get
+            // the registration event of the `domid` watch for it).
+            1,
+            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+        )
+        .map_err(sys("eventfd"))?;
+        ready
+            .add(watcher.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 0))
+            .map_err(sys("epoll_ctl"))?;
+        ready
+            .add(due.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 1))
+            .map_err(sys("epoll_ctl"))?;
         Ok(ShmConnecting {
             be,
             xs: Some(xs),
             watcher,
+            ready,
+            due,
             peer,
             port,
             watched: None,
@@ -602,6 +634,20 @@ impl ShmConnecting {
     /// One non-blocking attempt: `Ok(Some(_))` once connected, `Ok(None)`
     /// to wait for the watch fd again.
     pub(crate) fn poll(&mut self) -> Result<Option<ShmChan>> {
+        // Clear `due` (EAGAIN: it was not set).
+        let _ = self.due.read();
+        let r = self.attempt();
+        if matches!(r, Ok(None)) && self.watcher.queued_events() > 0 {
+            // Events read with a reply wait in user space: the fd must say
+            // so, or the caller sleeps on them.
+            self.due
+                .write(1)
+                .map_err(|e| Error::io("eventfd", e.into()))?;
+        }
+        r
+    }
+
+    fn attempt(&mut self) -> Result<Option<ShmChan>> {
         while self
             .watcher
             .try_next_event()
@@ -656,7 +702,7 @@ impl ShmConnecting {
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
-        self.watcher.as_fd()
+        self.ready.0.as_fd()
     }
 }
 

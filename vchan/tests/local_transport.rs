@@ -249,3 +249,51 @@ fn server_nodes_go_even_without_a_transaction() {
     assert!(e.is_enoent(), "{base} still there: {e}");
     drop(held);
 }
+
+/// The connect fd is readable at once when the server is already there:
+/// a caller that waits on the fd before its first `poll()` (Qubes' C
+/// agent does: `ppoll` on the watch fd, then `..._async_finish`) must not
+/// sleep through a server that published before it started. xenstored's
+/// registration events may arrive together with the WATCH replies and be
+/// queued in user space, where the socket no longer shows them.
+#[test]
+fn connect_fd_is_readable_at_once_when_the_server_is_there() {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let dir = tempfile::tempdir().unwrap();
+    let xen = LocalXen::start(dir.path(), &[0, 1, 2]).unwrap();
+    let mut srv = Vchan::server(&xen.transport(1), 2, 45, 0, 0).unwrap();
+    for round in 0..20 {
+        let mut conn = Vchan::client_start(&xen.transport(2), 1, 45).unwrap();
+        let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut fds, PollTimeout::from(3000u16)).unwrap();
+        assert_eq!(
+            n, 1,
+            "round {round}: the fd stayed quiet with the server up"
+        );
+        // poll() may need more than one turn (the first one registers the
+        // watch on the server's node); each turn the fd says when.
+        let mut turns = 0;
+        let mut v = loop {
+            if let Some(v) = conn.poll().unwrap() {
+                break v;
+            }
+            turns += 1;
+            assert!(
+                turns < 10,
+                "round {round}: not connected after {turns} turns"
+            );
+            let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+            let n = poll(&mut fds, PollTimeout::from(3000u16)).unwrap();
+            assert_eq!(n, 1, "round {round}, turn {turns}: the fd stayed quiet");
+        };
+        srv.wait_connected(Some(Duration::from_secs(10))).unwrap();
+        v.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        srv.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hi");
+        drop(v);
+        // The server of a closed client: a new one for the next round.
+        srv = Vchan::server(&xen.transport(1), 2, 45, 0, 0).unwrap();
+    }
+}

@@ -21,8 +21,10 @@
 //!
 //! See `lab/README.md` for the knobs and what each phase checks.
 
+mod cstack;
 mod debian_domu;
 mod guest;
+mod ourlib;
 mod qga;
 mod setup;
 mod suite;
@@ -150,7 +152,8 @@ fn usage() -> String {
      \n  stop                     stop QEMU\
      \n  test [--quick] [--keep] [--phases LIST]\
      \n                           setup, build our static binaries, start, run the checks, stop\
-     \n                           (phases: devtest,matrix,kill,throughput,qrexec,destroy,cxenstored,mirage)\
+     \n                           (phases: devtest,matrix,kill,throughput,qrexec,destroy,cxenstored,mirage,\
+     \n                            libxenvchan,cqrexec)\
      \n  run-dom0 CMD             run a shell command in dom0\
      \n  run-domU [-d NAME] CMD   run a shell command in a domU (default domU1)\
      \n  push FILE...             copy files to /mnt/host/ in dom0 and every domU\

@@ -26,6 +26,7 @@
 //!   leaves the tree as it was.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -33,6 +34,17 @@ use crate::package::run_tool;
 
 /// What the stand-in C command prints: `C qrexec-client-vm ARGS`.
 const FAKE_C: &str = "#!/bin/sh\necho \"C qrexec-client-vm $*\"\n";
+/// The stand-in C package's files (path in the root, content, mode): the
+/// command and its man page (not a real gzip file; only its presence and
+/// name matter here).
+const FAKE_C_FILES: [(&str, &str, u32); 2] = [
+    ("usr/bin/qrexec-client-vm", FAKE_C, 0o755),
+    (
+        "usr/share/man/man1/qrexec-client-vm.1.gz",
+        "C man page",
+        0o644,
+    ),
+];
 /// Parts of a root that change without any package doing anything.
 const SKIP: [&str; 6] = ["proc", "tmp", "var/cache", "var/log", "var/lib/rpm", "dev"];
 
@@ -59,24 +71,6 @@ fn tree(root: &Path) -> BTreeSet<PathBuf> {
     out
 }
 
-fn same_tree(before: &BTreeSet<PathBuf>, root: &Path, what: &str) -> Result<(), String> {
-    let after = tree(root);
-    let added: Vec<_> = after.difference(before).collect();
-    let removed: Vec<_> = before.difference(&after).collect();
-    if added.is_empty() && removed.is_empty() {
-        println!("  ok  {what}: the file tree is as it was");
-        Ok(())
-    } else {
-        Err(format!(
-            "{what}: left behind {added:?}, removed {removed:?}"
-        ))
-    }
-}
-
-fn chroot(root: &Path, args: &[&str]) -> Result<String, String> {
-    run_tool(Command::new("chroot").arg(root).args(args))
-}
-
 fn expect(what: &str, got: &str, want: &str) -> Result<(), String> {
     if got.contains(want) {
         println!("  ok  {what}");
@@ -86,64 +80,136 @@ fn expect(what: &str, got: &str, want: &str) -> Result<(), String> {
     }
 }
 
-fn copy_root(base: &Path, to: &Path) -> Result<(), String> {
-    let _ = std::fs::remove_dir_all(to);
-    run_tool(Command::new("cp").arg("-a").arg(base).arg(to)).map(|_| ())
+/// A throwaway copy of the base root file system, in which the packages
+/// are installed and removed; every check of a package runs in one.
+struct Scratch {
+    root: PathBuf,
+}
+
+impl Scratch {
+    /// Copies `base` to `work/name` (a copy left there by a failed run goes
+    /// first).
+    fn copy(base: &Path, work: &Path, name: &str) -> Result<Self, String> {
+        let root = work.join(name);
+        let _ = std::fs::remove_dir_all(&root);
+        run_tool(Command::new("cp").arg("-a").arg(base).arg(&root))?;
+        Ok(Self { root })
+    }
+
+    /// Copies `files` into the root's `/tmp`; their paths as seen inside.
+    fn stage<const N: usize>(&self, files: [&Path; N]) -> Result<[String; N], String> {
+        let mut inside = [const { String::new() }; N];
+        for (f, at) in files.iter().zip(&mut inside) {
+            let name = f.file_name().ok_or("a package path without a name")?;
+            std::fs::copy(f, self.root.join("tmp").join(name)).map_err(|e| e.to_string())?;
+            *at = format!("/tmp/{}", name.to_string_lossy());
+        }
+        Ok(inside)
+    }
+
+    /// Runs `args` chrooted into the copy.
+    fn chroot(&self, args: &[&str]) -> Result<String, String> {
+        run_tool(Command::new("chroot").arg(&self.root).args(args))
+    }
+
+    /// `rpm --root <copy> args...`.
+    fn rpm<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<String, String> {
+        run_tool(Command::new("rpm").arg("--root").arg(&self.root).args(args))
+    }
+
+    /// The file tree must be `before` again after `what`.
+    fn same_tree(&self, before: &BTreeSet<PathBuf>, what: &str) -> Result<(), String> {
+        let after = tree(&self.root);
+        let added: Vec<_> = after.difference(before).collect();
+        let removed: Vec<_> = before.difference(&after).collect();
+        if added.is_empty() && removed.is_empty() {
+            println!("  ok  {what}: the file tree is as it was");
+            Ok(())
+        } else {
+            Err(format!(
+                "{what}: left behind {added:?}, removed {removed:?}"
+            ))
+        }
+    }
+
+    /// Removes the copy (kept after a failed check, for a look).
+    fn remove(self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The `.rpm` checks' shape, for the command and the library alike: in a
+/// copy of `base` (`dir` in `work`) with its own rpm database, readied by
+/// `prepare`, `rpm -i --nodeps` the package, check it with `installed`,
+/// `rpm -e` it (`name`), check with `removed`; the file tree must then be
+/// as it was before `rpm -i`.
+fn rpm_round_trip(
+    base: &Path,
+    work: &Path,
+    dir: &str,
+    (rpm, name): (&Path, &str),
+    prepare: impl FnOnce(&Path) -> Result<(), String>,
+    installed: impl FnOnce(&Scratch) -> Result<(), String>,
+    removed: impl FnOnce(&Scratch) -> Result<(), String>,
+) -> Result<(), String> {
+    let s = Scratch::copy(base, work, dir)?;
+    prepare(&s.root)?;
+    s.rpm(&["--initdb"])?;
+    let before = tree(&s.root);
+    s.rpm(&[OsStr::new("-i"), OsStr::new("--nodeps"), rpm.as_os_str()])?;
+    installed(&s)?;
+    s.rpm(&["-e", name])?;
+    removed(&s)?;
+    s.same_tree(&before, "rpm -e")?;
+    s.remove();
+    Ok(())
+}
+
+/// A fresh work directory `name` in the target directory.
+fn work_dir(name: &str) -> Result<PathBuf, String> {
+    let work = crate::util::target_dir().join(name);
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    Ok(work)
 }
 
 /// The stand-in C package: `/usr/bin/qrexec-client-vm` and its man page.
 fn fake_c_deb(work: &Path) -> Result<PathBuf, String> {
-    let pkg = work.join("fake-c");
-    let io = |e: std::io::Error| e.to_string();
-    std::fs::create_dir_all(pkg.join("DEBIAN")).map_err(io)?;
-    std::fs::create_dir_all(pkg.join("usr/bin")).map_err(io)?;
-    std::fs::create_dir_all(pkg.join("usr/share/man/man1")).map_err(io)?;
-    std::fs::write(
-        pkg.join("DEBIAN/control"),
-        "Package: qubes-core-qrexec\nVersion: 4.4.2-1\nArchitecture: all\n\
-         Maintainer: test <test@example.invalid>\nDescription: stand-in for the C package\n",
+    stand_in_deb(
+        work,
+        "qubes-core-qrexec",
+        "Version: 4.4.2-1\n",
+        &FAKE_C_FILES,
     )
-    .map_err(io)?;
-    write_fake_c(&pkg)?;
-    let deb = work.join("qubes-core-qrexec_4.4.2-1_all.deb");
-    run_tool(
-        Command::new("dpkg-deb")
-            .args(["-b", "--root-owner-group"])
-            .arg(&pkg)
-            .arg(&deb),
-    )?;
-    Ok(deb)
 }
 
+/// The stand-in C package's files, put straight into `root` (for the
+/// `.rpm` check: Fedora's C package is not at hand).
 fn write_fake_c(root: &Path) -> Result<(), String> {
+    write_files(root, &FAKE_C_FILES)
+}
+
+/// Writes `files` (path below `dir`, content, mode) with their directories.
+fn write_files(dir: &Path, files: &[(&str, &str, u32)]) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let bin = root.join("usr/bin/qrexec-client-vm");
-    std::fs::write(&bin, FAKE_C).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| e.to_string())?;
-    // Not a real gzip file; only its presence and name matter here.
-    std::fs::write(
-        root.join("usr/share/man/man1/qrexec-client-vm.1.gz"),
-        "C man page",
-    )
-    .map_err(|e| e.to_string())
+    let io = |e: std::io::Error| e.to_string();
+    for &(path, text, mode) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap_or(dir)).map_err(io)?;
+        std::fs::write(&p, text).map_err(io)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    }
+    Ok(())
 }
 
 fn check_deb(base: &Path, work: &Path, deb: &Path) -> Result<(), String> {
     println!("== .deb in a copy of {}", base.display());
-    let root = work.join("deb-root");
-    copy_root(base, &root)?;
+    let s = Scratch::copy(base, work, "deb-root")?;
     let fake = fake_c_deb(work)?;
-    for f in [&fake, &deb.to_path_buf()] {
-        std::fs::copy(f, root.join("tmp").join(f.file_name().unwrap()))
-            .map_err(|e| e.to_string())?;
-    }
-    let in_root = |f: &Path| format!("/tmp/{}", f.file_name().unwrap().to_string_lossy());
-    let (fake_in, deb_in) = (in_root(&fake), in_root(deb));
-    chroot(&root, &["dpkg", "-i", &fake_in])?;
-    let before = tree(&root);
-    chroot(&root, &["dpkg", "-i", &deb_in])?;
-    let div = chroot(&root, &["dpkg-divert", "--list", "*qrexec-client-vm*"])?;
+    let [fake_in, deb_in] = s.stage([&fake, deb])?;
+    s.chroot(&["dpkg", "-i", &fake_in])?;
+    let before = tree(&s.root);
+    s.chroot(&["dpkg", "-i", &deb_in])?;
+    let div = s.chroot(&["dpkg-divert", "--list", "*qrexec-client-vm*"])?;
     expect(
         "the C command is diverted",
         &div,
@@ -154,31 +220,41 @@ fn check_deb(base: &Path, work: &Path, deb: &Path) -> Result<(), String> {
         &div,
         "qrexec-client-vm.distrib.1.gz",
     )?;
-    let help = chroot(&root, &["/usr/bin/qrexec-client-vm", "--help"])?;
+    let help = s.chroot(&["/usr/bin/qrexec-client-vm", "--help"])?;
     expect("ours answers --help", &help, "Usage: qrexec-client-vm")?;
-    let c = chroot(&root, &["/usr/bin/qrexec-client-vm.distrib", "aside"])?;
-    expect(
-        "the C command runs as .distrib",
-        &c,
-        "C qrexec-client-vm aside",
-    )?;
-    chroot(&root, &["dpkg", "-i", &fake_in])?;
-    let help = chroot(&root, &["/usr/bin/qrexec-client-vm", "--help"])?;
+    c_runs_aside(&s)?;
+    s.chroot(&["dpkg", "-i", &fake_in])?;
+    let help = s.chroot(&["/usr/bin/qrexec-client-vm", "--help"])?;
     expect(
         "an upgrade of the C package leaves ours in place",
         &help,
         "Usage: qrexec-client-vm",
     )?;
-    chroot(&root, &["dpkg", "--purge", "qrexec-client-vm-rs"])?;
-    let c = chroot(&root, &["/usr/bin/qrexec-client-vm", "back"])?;
+    s.chroot(&["dpkg", "--purge", "qrexec-client-vm-rs"])?;
+    c_is_back(&s, "after purge")?;
+    s.same_tree(&before, "dpkg --purge")?;
+    s.remove();
+    Ok(())
+}
+
+/// With ours installed, the C command still runs as `.distrib`.
+fn c_runs_aside(s: &Scratch) -> Result<(), String> {
+    let c = s.chroot(&["/usr/bin/qrexec-client-vm.distrib", "aside"])?;
     expect(
-        "after purge the C command is back",
+        "the C command runs as .distrib",
+        &c,
+        "C qrexec-client-vm aside",
+    )
+}
+
+/// With ours removed, the C command is back at its own name.
+fn c_is_back(s: &Scratch, when: &str) -> Result<(), String> {
+    let c = s.chroot(&["/usr/bin/qrexec-client-vm", "back"])?;
+    expect(
+        &format!("{when} the C command is back"),
         &c,
         "C qrexec-client-vm back",
-    )?;
-    same_tree(&before, &root, "dpkg --purge")?;
-    let _ = std::fs::remove_dir_all(&root);
-    Ok(())
+    )
 }
 
 fn check_rpm(base: &Path, work: &Path, rpm: &Path) -> Result<(), String> {
@@ -186,41 +262,19 @@ fn check_rpm(base: &Path, work: &Path, rpm: &Path) -> Result<(), String> {
         "== .rpm in a copy of {} with its own rpm database",
         base.display()
     );
-    let root = work.join("rpm-root");
-    copy_root(base, &root)?;
-    write_fake_c(&root)?;
-    run_tool(Command::new("rpm").arg("--root").arg(&root).arg("--initdb"))?;
-    let before = tree(&root);
-    run_tool(
-        Command::new("rpm")
-            .arg("--root")
-            .arg(&root)
-            .args(["-i", "--nodeps"])
-            .arg(rpm),
-    )?;
-    let help = chroot(&root, &["/usr/bin/qrexec-client-vm", "--help"])?;
-    expect("ours answers --help", &help, "Usage: qrexec-client-vm")?;
-    let c = chroot(&root, &["/usr/bin/qrexec-client-vm.distrib", "aside"])?;
-    expect(
-        "the C command runs as .distrib",
-        &c,
-        "C qrexec-client-vm aside",
-    )?;
-    run_tool(
-        Command::new("rpm")
-            .arg("--root")
-            .arg(&root)
-            .args(["-e", "qrexec-client-vm-rs"]),
-    )?;
-    let c = chroot(&root, &["/usr/bin/qrexec-client-vm", "back"])?;
-    expect(
-        "after rpm -e the C command is back",
-        &c,
-        "C qrexec-client-vm back",
-    )?;
-    same_tree(&before, &root, "rpm -e")?;
-    let _ = std::fs::remove_dir_all(&root);
-    Ok(())
+    rpm_round_trip(
+        base,
+        work,
+        "rpm-root",
+        (rpm, "qrexec-client-vm-rs"),
+        write_fake_c,
+        |s| {
+            let help = s.chroot(&["/usr/bin/qrexec-client-vm", "--help"])?;
+            expect("ours answers --help", &help, "Usage: qrexec-client-vm")?;
+            c_runs_aside(s)
+        },
+        |s| c_is_back(s, "after rpm -e"),
+    )
 }
 
 /// Check both packages against copies of `base`.
@@ -231,8 +285,7 @@ pub fn run(base: &Path, deb: &Path, rpm: &Path) -> Result<(), String> {
             base.display()
         ));
     }
-    let work = crate::util::target_dir().join("package-check");
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let work = work_dir("package-check")?;
     check_deb(base, &work, deb)?;
     check_rpm(base, &work, rpm)?;
     let _ = std::fs::remove_dir_all(&work);
@@ -241,31 +294,28 @@ pub fn run(base: &Path, deb: &Path, rpm: &Path) -> Result<(), String> {
 
 // --- the drop-in library (`libvchan-xen-rs`) --------------------------------
 
-/// A minimal `.deb` built from `files` (path in the root, content) with the
-/// control fields `control` (Package, Version, …).
+/// A minimal `.deb` built from `files` (path in the root, content, mode)
+/// with the control fields `control` (Version, Depends, …).
 fn stand_in_deb(
     work: &Path,
     name: &str,
     control: &str,
-    files: &[(&str, &str)],
+    files: &[(&str, &str, u32)],
 ) -> Result<PathBuf, String> {
     let pkg = work.join(format!("stand-in-{name}"));
-    let io = |e: std::io::Error| e.to_string();
     let _ = std::fs::remove_dir_all(&pkg);
-    std::fs::create_dir_all(pkg.join("DEBIAN")).map_err(io)?;
-    std::fs::write(
-        pkg.join("DEBIAN/control"),
-        format!(
-            "Package: {name}\n{control}Architecture: all\n\
-             Maintainer: test <test@example.invalid>\nDescription: stand-in for a Qubes package\n"
-        ),
-    )
-    .map_err(io)?;
-    for (path, text) in files {
-        let p = pkg.join(path);
-        std::fs::create_dir_all(p.parent().unwrap_or(&pkg)).map_err(io)?;
-        std::fs::write(&p, text).map_err(io)?;
-    }
+    write_files(
+        &pkg,
+        &[(
+            "DEBIAN/control",
+            &format!(
+                "Package: {name}\n{control}Architecture: all\n\
+                 Maintainer: test <test@example.invalid>\nDescription: stand-in for a Qubes package\n"
+            ),
+            0o644,
+        )],
+    )?;
+    write_files(&pkg, files)?;
     let deb = work.join(format!("{name}.deb"));
     run_tool(
         Command::new("dpkg-deb")
@@ -289,20 +339,17 @@ fn soname(path: &Path) -> Result<String, String> {
 
 /// Loads `lib` in the root with perl's DynaLoader (the dynamic linker and,
 /// for a bare soname, its cache) and looks up two API symbols.
-fn loads_in_root(root: &Path, lib: &str) -> Result<String, String> {
-    chroot(
-        root,
-        &[
-            "perl",
-            "-MDynaLoader",
-            "-e",
-            &format!(
-                "my $h = DynaLoader::dl_load_file('{lib}') or die DynaLoader::dl_error(); \
+fn loads_in_root(s: &Scratch, lib: &str) -> Result<String, String> {
+    s.chroot(&[
+        "perl",
+        "-MDynaLoader",
+        "-e",
+        &format!(
+            "my $h = DynaLoader::dl_load_file('{lib}') or die DynaLoader::dl_error(); \
                  for my $s ('libvchan_server_init', 'libxenvchan_server_init') {{ \
                  DynaLoader::dl_find_symbol($h, $s) or die \"no $s\" }} print \"loaded\\n\""
-            ),
-        ],
-    )
+        ),
+    ])
 }
 
 fn check_library_deb(base: &Path, work: &Path, deb: &Path) -> Result<(), String> {
@@ -311,13 +358,16 @@ fn check_library_deb(base: &Path, work: &Path, deb: &Path) -> Result<(), String>
         crate::package::LIB_PKG,
         base.display()
     );
-    let root = work.join("lib-deb-root");
-    copy_root(base, &root)?;
+    let s = Scratch::copy(base, work, "lib-deb-root")?;
     let theirs = stand_in_deb(
         work,
         "libvchan-xen1",
         "Version: 4.2.8-1\n",
-        &[("usr/lib/libvchan-xen.so.1", "C libvchan-xen stand-in\n")],
+        &[(
+            "usr/lib/libvchan-xen.so.1",
+            "C libvchan-xen stand-in\n",
+            0o644,
+        )],
     )?;
     // What a Qubes VM has on top: a package that needs the library.
     let user = stand_in_deb(
@@ -326,41 +376,35 @@ fn check_library_deb(base: &Path, work: &Path, deb: &Path) -> Result<(), String>
         "Version: 4.2.0-1\nDepends: libvchan-xen1 (>= 4.2)\n",
         &[],
     )?;
-    for f in [&theirs, &user, &deb.to_path_buf()] {
-        std::fs::copy(f, root.join("tmp").join(f.file_name().unwrap()))
-            .map_err(|e| e.to_string())?;
-    }
-    let in_root = |f: &Path| format!("/tmp/{}", f.file_name().unwrap().to_string_lossy());
-    let before = tree(&root);
-    chroot(&root, &["dpkg", "-i", &in_root(&theirs)])?;
-    chroot(&root, &["dpkg", "-i", &in_root(&user)])?;
-    chroot(&root, &["dpkg", "-i", &in_root(deb)])?;
-    let status = chroot(
-        &root,
-        &[
+    let [theirs_in, user_in, deb_in] = s.stage([&theirs, &user, deb])?;
+    let before = tree(&s.root);
+    s.chroot(&["dpkg", "-i", &theirs_in])?;
+    s.chroot(&["dpkg", "-i", &user_in])?;
+    s.chroot(&["dpkg", "-i", &deb_in])?;
+    let status = s
+        .chroot(&[
             "dpkg-query",
             "-W",
             "-f",
             "${db:Status-Status}\n",
             "libvchan-xen1",
-        ],
-    )
-    .unwrap_or_default();
+        ])
+        .unwrap_or_default();
     if status.trim() == "installed" {
         return Err("Qubes' libvchan-xen1 is still installed beside ours".into());
     }
     println!("  ok  installing ours took libvchan-xen1 out (Conflicts + Replaces)");
-    let audit = chroot(&root, &["dpkg", "--audit"])?;
+    let audit = s.chroot(&["dpkg", "--audit"])?;
     if !audit.trim().is_empty() {
         return Err(format!("dpkg --audit: {audit}"));
     }
     println!(
         "  ok  what depends on libvchan-xen1 (>= 4.2) is satisfied by ours (dpkg --audit is clean)"
     );
-    let so = root.join("usr/lib/libvchan-xen.so.1");
+    let so = s.root.join("usr/lib/libvchan-xen.so.1");
     expect("upstream's soname", &soname(&so)?, "libvchan-xen.so.1")?;
     for f in crate::libvchan::FILES {
-        let p = root.join("usr").join(f.replace("LIB/", "lib/"));
+        let p = s.root.join("usr").join(f.replace("LIB/", "lib/"));
         if std::fs::symlink_metadata(&p).is_err() {
             return Err(format!("{} is not installed", p.display()));
         }
@@ -368,39 +412,33 @@ fn check_library_deb(base: &Path, work: &Path, deb: &Path) -> Result<(), String>
     println!("  ok  the library, its links, .pc files and headers are in /usr");
     expect(
         "the ldconfig trigger ran: the linker cache has it",
-        &chroot(&root, &["ldconfig", "-p"])?,
+        &s.chroot(&["ldconfig", "-p"])?,
         // (/lib or /usr/lib: the same directory on a merged-/usr root)
         "libvchan-xen.so.1 (libc6,x86-64) => ",
     )?;
     expect(
         "a program loads it by soname and finds its API",
-        &loads_in_root(&root, "libvchan-xen.so.1")?,
+        &loads_in_root(&s, "libvchan-xen.so.1")?,
         "loaded",
     )?;
     // Back to Qubes' library, with dpkg alone (apt install libvchan-xen1
     // does both steps at once): ours out, theirs in.
-    chroot(
-        &root,
-        &[
-            "dpkg",
-            "--purge",
-            "--force-depends",
-            crate::package::LIB_PKG,
-        ],
-    )?;
-    chroot(&root, &["dpkg", "-i", &in_root(&theirs)])?;
+    s.chroot(&[
+        "dpkg",
+        "--purge",
+        "--force-depends",
+        crate::package::LIB_PKG,
+    ])?;
+    s.chroot(&["dpkg", "-i", &theirs_in])?;
     let text = std::fs::read_to_string(&so).unwrap_or_default();
     expect(
         "switched back: Qubes' library is in place",
         &text,
         "C libvchan-xen stand-in",
     )?;
-    chroot(
-        &root,
-        &["dpkg", "--purge", "qubes-core-agent", "libvchan-xen1"],
-    )?;
-    same_tree(&before, &root, "dpkg --purge of all three")?;
-    let _ = std::fs::remove_dir_all(&root);
+    s.chroot(&["dpkg", "--purge", "qubes-core-agent", "libvchan-xen1"])?;
+    s.same_tree(&before, "dpkg --purge of all three")?;
+    s.remove();
     Ok(())
 }
 
@@ -422,48 +460,36 @@ fn check_library_rpm(base: &Path, work: &Path, rpm: &Path) -> Result<(), String>
     ] {
         expect(&format!("the .rpm names {want}"), &meta, want)?;
     }
-    let root = work.join("lib-rpm-root");
-    copy_root(base, &root)?;
-    run_tool(Command::new("rpm").arg("--root").arg(&root).arg("--initdb"))?;
-    // What the package requires on Fedora (pkgconf owns this directory).
-    std::fs::create_dir_all(root.join("usr/lib64/pkgconfig")).map_err(|e| e.to_string())?;
-    let before = tree(&root);
-    run_tool(
-        Command::new("rpm")
-            .arg("--root")
-            .arg(&root)
-            .args(["-i", "--nodeps"])
-            .arg(rpm),
-    )?;
-    let so = root.join("usr/lib64/libvchan-xen.so.1");
-    expect("upstream's soname", &soname(&so)?, "libvchan-xen.so.1")?;
-    for f in crate::libvchan::FILES {
-        let p = root.join("usr").join(f.replace("LIB/", "lib64/"));
-        if !p.is_file() {
-            return Err(format!("{} is not installed", p.display()));
-        }
-    }
-    println!("  ok  the library, its other names, .pc files and headers are in /usr");
-    expect(
-        "it loads and has the API",
-        &loads_in_root(&root, "/usr/lib64/libvchan-xen.so.1")?,
-        "loaded",
-    )?;
-    run_tool(
-        Command::new("rpm")
-            .arg("--root")
-            .arg(&root)
-            .args(["-e", crate::package::LIB_PKG]),
-    )?;
-    same_tree(&before, &root, "rpm -e")?;
-    let _ = std::fs::remove_dir_all(&root);
-    Ok(())
+    rpm_round_trip(
+        base,
+        work,
+        "lib-rpm-root",
+        (rpm, crate::package::LIB_PKG),
+        // What the package requires on Fedora (pkgconf owns this directory).
+        |root| std::fs::create_dir_all(root.join("usr/lib64/pkgconfig")).map_err(|e| e.to_string()),
+        |s| {
+            let so = s.root.join("usr/lib64/libvchan-xen.so.1");
+            expect("upstream's soname", &soname(&so)?, "libvchan-xen.so.1")?;
+            for f in crate::libvchan::FILES {
+                let p = s.root.join("usr").join(f.replace("LIB/", "lib64/"));
+                if !p.is_file() {
+                    return Err(format!("{} is not installed", p.display()));
+                }
+            }
+            println!("  ok  the library, its other names, .pc files and headers are in /usr");
+            expect(
+                "it loads and has the API",
+                &loads_in_root(s, "/usr/lib64/libvchan-xen.so.1")?,
+                "loaded",
+            )
+        },
+        |_| Ok(()),
+    )
 }
 
 /// Check both library packages against copies of `base`.
 pub fn run_library(base: &Path, deb: &Path, rpm: &Path) -> Result<(), String> {
-    let work = crate::util::target_dir().join("package-check-lib");
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let work = work_dir("package-check-lib")?;
     check_library_deb(base, &work, deb)?;
     check_library_rpm(base, &work, rpm)?;
     let _ = std::fs::remove_dir_all(&work);
@@ -473,8 +499,7 @@ pub fn run_library(base: &Path, deb: &Path, rpm: &Path) -> Result<(), String> {
 /// Only the `.rpm` check, against a copy of `base` (the lab's `package`
 /// phase, with its Debian domU's root file system).
 pub(crate) fn run_rpm(base: &Path, rpm: &Path) -> Result<(), String> {
-    let work = crate::util::target_dir().join("package-check-rpm");
-    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let work = work_dir("package-check-rpm")?;
     let r = check_rpm(base, &work, rpm);
     let _ = std::fs::remove_dir_all(&work);
     r

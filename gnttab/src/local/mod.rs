@@ -196,8 +196,7 @@ struct Mapping {
     len: usize,
 }
 
-// SAFETY: the mapping is plain process memory with no thread affinity; only
-// raw pointers to it are handed out.
+// SAFETY: the mapping is plain process memory with no thread affinity; only raw pointers to it are handed out.
 unsafe impl Send for Mapping {}
 // SAFETY: no method mutates through `&self`.
 unsafe impl Sync for Mapping {}
@@ -205,9 +204,7 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     fn unmap(&mut self) {
         if self.len != 0 {
-            // SAFETY: `ptr`/`len` is a mapping this struct owns; it is
-            // unmapped once (len is zeroed after), and only raw pointers
-            // into it were ever handed out.
+            // SAFETY: `ptr`/`len` is a mapping this struct owns; it is unmapped once (len is zeroed after), and only raw pointers into it were ever handed out.
             let _ = unsafe { munmap(self.ptr.cast(), self.len) };
             self.len = 0;
         }
@@ -268,8 +265,7 @@ impl Local {
             ),
         )
         .map_err(|e| Error::os("F_ADD_SEALS memfd", e))?;
-        // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED) of a
-        // memfd exactly `len` bytes long, whose size is sealed.
+        // SAFETY: a fresh mapping chosen by the kernel (no MAP_FIXED) of a memfd exactly `len` bytes long, whose size is sealed.
         let ptr = unsafe {
             mmap(
                 None,
@@ -360,8 +356,7 @@ impl Local {
         let nfds = runs.iter().map(|r| r.fd + 1).max().unwrap_or(0);
 
         // Reserve the whole range, then map each run of pages into place.
-        // SAFETY: a fresh anonymous mapping chosen by the kernel; it touches
-        // no existing memory.
+        // SAFETY: a fresh anonymous mapping chosen by the kernel; it touches no existing memory.
         let base = unsafe {
             mmap_anonymous(
                 None,
@@ -468,10 +463,7 @@ fn map_run(
         return Err("memfd shorter than its pages");
     }
     let len = NonZeroUsize::new(run.pages * PAGE_SIZE).ok_or("empty run")?;
-    // SAFETY: `first + pages` ≤ the number of pages reserved in `mapping`
-    // (checked by parse_map_reply: one entry per page), so the address is
-    // inside our own PROT_NONE reservation, which MAP_FIXED may replace;
-    // nothing else lives there.
+    // SAFETY: `first + pages` ≤ the number of pages reserved in `mapping` (checked by parse_map_reply: one entry per page), so the address is inside our own PROT_NONE reservation, which MAP_FIXED may replace; nothing else lives there.
     let addr = unsafe { mapping.ptr.as_ptr().add(run.first * PAGE_SIZE) };
     let addr = NonZeroUsize::new(addr as usize).ok_or("null address")?;
     // SAFETY: see above; the memfd is long enough for the pages mapped.
@@ -582,8 +574,7 @@ impl Drop for LocalMapped {
             && self.writable
             && off < self.mapping.len
         {
-            // SAFETY: `off` is inside our writable mapping, which is
-            // still mapped; a volatile byte store through a raw pointer.
+            // SAFETY: `off` is inside our writable mapping, which is still mapped; a volatile byte store through a raw pointer.
             unsafe { self.mapping.ptr.as_ptr().add(off).write_volatile(0) };
         }
         self.mapping.unmap();

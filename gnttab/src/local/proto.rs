@@ -312,8 +312,7 @@ pub(crate) fn recv_packet(
                 for c in iter {
                     if let ControlMessageOwned::ScmRights(raw) = c {
                         for fd in raw {
-                            // SAFETY: the kernel just installed `fd` in our
-                            // table for this message; nothing else owns it.
+                            // SAFETY: the kernel just installed `fd` in our table for this message; nothing else owns it.
                             fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
                         }
                     }

@@ -57,8 +57,7 @@ impl Events for Recorder {
 impl HeldEvent for Held {
     fn notify(&self) {
         let byte = self.rec.probe.lock().unwrap().map(|addr| {
-            // SAFETY: the tests set the probe to a byte of a mapping that
-            // stays mapped until after the event; a volatile read.
+            // SAFETY: the tests set the probe to a byte of a mapping that stays mapped until after the event; a volatile read.
             unsafe { (addr as *const u8).read_volatile() }
         });
         self.rec.fired.lock().unwrap().push(Fired {

@@ -15,33 +15,9 @@
  * Never a crash or a hang (the test kills us after 60 s). Exit 0 and
  * "ok <n> checks (server)" on success; otherwise a FAIL line.
  */
-#include <errno.h>
-#include <poll.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
+#include "common.h"
 
 #include "libvchan.h"
-
-static int checks;
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        checks++;                                                            \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "FAIL (server) line %d: %s (errno %d: %s)\n",    \
-                    __LINE__, #cond, errno, strerror(errno));                \
-            exit(1);                                                         \
-        }                                                                    \
-    } while (0)
-
-#define CHECK_ERR(call, err)                                                 \
-    do {                                                                     \
-        errno = 0;                                                           \
-        CHECK((call) == -1);                                                 \
-        CHECK(errno == (err));                                               \
-    } while (0)
 
 #define PORT 4444
 #define PEER 2

@@ -9,51 +9,14 @@
  * the local transports. Exit 0 and "ok <n> checks" on success; otherwise a
  * FAIL line naming the check.
  */
-#include <errno.h>
-#include <poll.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "common.h"
 
 #include LIBVCHAN_HEADER
 
-static int checks;
-static const char *who = "server";
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        checks++;                                                            \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "FAIL (%s) line %d: %s (errno %d: %s)\n", who,   \
-                    __LINE__, #cond, errno, strerror(errno));                \
-            exit(1);                                                         \
-        }                                                                    \
-    } while (0)
-
-#define CHECK_ERR(call, err)                                                 \
-    do {                                                                     \
-        errno = 0;                                                           \
-        CHECK((call) == -1);                                                 \
-        CHECK(errno == (err));                                               \
-    } while (0)
-
 #define PORT 4242
 
-/* Waits on the select fd until `pred` holds, calling libvchan_wait for
- * each readiness, as qrexec's loops do. */
 #define WAIT_UNTIL(v, pred)                                                  \
-    do {                                                                     \
-        int rounds_ = 0;                                                     \
-        while (!(pred)) {                                                    \
-            struct pollfd p_ = {libvchan_fd_for_select(v), POLLIN, 0};       \
-            CHECK(p_.fd >= 0);                                               \
-            CHECK(poll(&p_, 1, 10000) == 1);                                 \
-            CHECK(libvchan_wait(v) == 0);                                    \
-            CHECK(++rounds_ < 100000);                                       \
-        }                                                                    \
-    } while (0)
+    WAIT_EVENTS_UNTIL(libvchan_fd_for_select, libvchan_wait, v, pred)
 
 static void bad_input(void) {
     char buf[16];

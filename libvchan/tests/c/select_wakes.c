@@ -13,28 +13,9 @@
  * Built by tests/c_abi.rs against our header, run on the socket transport.
  * Exit 0 and "ok <n> checks (server)" on success; otherwise a FAIL line.
  */
-#include <errno.h>
-#include <poll.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "common.h"
 
 #include "libvchan.h"
-
-static int checks;
-static const char *who = "server";
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        checks++;                                                            \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "FAIL (%s) line %d: %s (errno %d: %s)\n", who,   \
-                    __LINE__, #cond, errno, strerror(errno));                \
-            exit(1);                                                         \
-        }                                                                    \
-    } while (0)
 
 #define PORT 4343
 

@@ -6,29 +6,11 @@
  * `ctrl->blocking` directly, as Xen's vchan-node and Qubes' libvchan-xen do,
  * and call every function.
  */
-#include <errno.h>
-#include <poll.h>
 #include <stddef.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/wait.h>
-#include <unistd.h>
+
+#include "common.h"
 
 #include <libxenvchan.h>
-
-static int checks;
-static const char *who = "server";
-
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        checks++;                                                            \
-        if (!(cond)) {                                                       \
-            fprintf(stderr, "FAIL (%s) line %d: %s (errno %d: %s)\n", who,   \
-                    __LINE__, #cond, errno, strerror(errno));                \
-            exit(1);                                                         \
-        }                                                                    \
-    } while (0)
 
 /* Byte index and value of the one non-zero byte after setting one field. */
 #define BIT(field)                                                           \
@@ -58,18 +40,8 @@ static void layout(void) {
     BIT(blocking);
 }
 
-/* Polls the select fd and consumes events until `pred`. */
 #define WAIT_UNTIL(v, pred)                                                  \
-    do {                                                                     \
-        int rounds_ = 0;                                                     \
-        while (!(pred)) {                                                    \
-            struct pollfd p_ = {libxenvchan_fd_for_select(v), POLLIN, 0};    \
-            CHECK(p_.fd >= 0);                                               \
-            CHECK(poll(&p_, 1, 10000) == 1);                                 \
-            CHECK(libxenvchan_wait(v) == 0);                                 \
-            CHECK(++rounds_ < 100000);                                       \
-        }                                                                    \
-    } while (0)
+    WAIT_EVENTS_UNTIL(libxenvchan_fd_for_select, libxenvchan_wait, v, pred)
 
 static void client(void) {
     struct libxenvchan *c;

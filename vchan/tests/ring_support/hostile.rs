@@ -236,9 +236,7 @@ fn mutate(
                 let size = rd_size as usize;
                 let off = usize::from(b.u16()) % size;
                 let len = usize::from(b.u16()) % (size - off + 1);
-                // SAFETY: `off + len <= size` bytes of our read ring, a live
-                // guarded mapping; single-threaded, nobody else accesses it
-                // during this call.
+                // SAFETY: `off + len <= size` bytes of our read ring, a live guarded mapping; single-threaded, nobody else accesses it during this call.
                 unsafe { ptr::write_bytes(mem.ring_ptr(rd).add(off), b.u8(), len) };
             }
         }

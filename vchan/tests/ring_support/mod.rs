@@ -35,9 +35,7 @@ pub struct Guarded {
     len: usize,
 }
 
-// SAFETY: the mapping is plain memory; it is only accessed through raw
-// pointers by the code under test (atomics for the header, copies for ring
-// bytes), exactly as memory shared with another domain.
+// SAFETY: the mapping is plain memory; it is only accessed through raw pointers by the code under test (atomics for the header, copies for ring bytes), exactly as memory shared with another domain.
 unsafe impl Send for Guarded {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Guarded {}
@@ -47,8 +45,7 @@ impl Guarded {
     pub fn new(len: usize) -> Self {
         assert!(len > 0 && len.is_multiple_of(PAGE_SIZE));
         let total = NonZeroUsize::new(len + 2 * PAGE_SIZE).unwrap();
-        // SAFETY: a fresh anonymous private mapping chosen by the kernel
-        // cannot alias anything.
+        // SAFETY: a fresh anonymous private mapping chosen by the kernel cannot alias anything.
         let outer = unsafe {
             mmap_anonymous(
                 None,
@@ -58,8 +55,7 @@ impl Guarded {
             )
         }
         .expect("mmap guard region");
-        // SAFETY: `outer` is our mapping of `len + 2 pages`; the inner `len`
-        // bytes start one page in.
+        // SAFETY: `outer` is our mapping of `len + 2 pages`; the inner `len` bytes start one page in.
         let inner = unsafe { outer.cast::<u8>().add(PAGE_SIZE) };
         // SAFETY: the inner range lies within our own fresh mapping.
         unsafe {
@@ -92,8 +88,7 @@ impl Guarded {
     }
 }
 
-// SAFETY: `base` is non-null, page-aligned and valid for reads and writes
-// of `len` bytes until `drop`; only raw accesses are made to it.
+// SAFETY: `base` is non-null, page-aligned and valid for reads and writes of `len` bytes until `drop`; only raw accesses are made to it.
 unsafe impl SharedMemory for Guarded {
     fn as_ptr(&self) -> *mut u8 {
         self.ptr()
@@ -108,8 +103,7 @@ unsafe impl SharedMemory for Guarded {
 
 impl Drop for Guarded {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly the region mapped in `new` (guards
-        // included); nothing uses it any more (owners drop endpoints first).
+        // SAFETY: unmaps exactly the region mapped in `new` (guards included); nothing uses it any more (owners drop endpoints first).
         unsafe {
             let outer = self.base.as_ptr().sub(PAGE_SIZE);
             munmap(

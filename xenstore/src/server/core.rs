@@ -366,9 +366,16 @@ impl State {
             self.conns.get(&id),
             Message::new(ty, h.req_id, h.tx_id, payload),
         ) {
-            c.out.push(&m);
-            if let Some(ev) = initial {
-                c.out.push(&ev);
+            match initial {
+                Some(ev) if self.config.watch_event_first => {
+                    c.out.push(&ev);
+                    c.out.push(&m);
+                }
+                Some(ev) => {
+                    c.out.push(&m);
+                    c.out.push(&ev);
+                }
+                None => c.out.push(&m),
             }
         }
         for c in &fired {
@@ -767,6 +774,26 @@ mod tests {
                 b"EBUSY\0".to_vec(),
             ]
         );
+    }
+
+    /// A watch's registration event comes after the WATCH reply (xenstored's
+    /// socket), or before it when configured (a Linux domU's xenbus device
+    /// may deliver that order).
+    #[test]
+    fn registration_event_order() {
+        for first in [false, true] {
+            let mut st = State::new(Config {
+                watch_event_first: first,
+                ..Config::default()
+            });
+            st.add_domain(1);
+            let rx = conn(&mut st, 1, 1);
+            req(&mut st, 1, MsgType::Watch, 0, b"data\0tok\0");
+            let types: Vec<u32> = drain(&rx).into_iter().map(|m| m.0).collect();
+            let (ev, watch) = (MsgType::WatchEvent as u32, MsgType::Watch as u32);
+            let want = if first { [ev, watch] } else { [watch, ev] };
+            assert_eq!(types, want, "event first: {first}");
+        }
     }
 
     /// A domU's processes share its one xenbus connection on Xen, so the

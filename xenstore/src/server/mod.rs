@@ -163,6 +163,12 @@ pub struct Config {
     pub missing_node: MissingNodeError,
     /// Resource limits.
     pub limits: Limits,
+    /// Send a WATCH's registration event before its reply. A Linux domU's
+    /// `/dev/xen/xenbus` can deliver them in this order: the kernel queues
+    /// the event from its xenwatch thread and the reply from the writing
+    /// thread, whichever comes first; a client must cope with both.
+    /// xenstored's own socket always sends the reply first (`false`).
+    pub watch_event_first: bool,
 }
 
 #[derive(Debug)]

@@ -80,10 +80,24 @@ impl Lab {
     /// Creates domUs (a no-op for those that exist), all at once, and waits
     /// for their agents.
     pub fn create_domus(&self, names: &[String]) -> Result<(), String> {
+        self.create_domus_with(names, "")
+    }
+
+    /// Like [`Lab::create_domus`], with more kernel parameters for them
+    /// (`cmdline`: space-separated `key=value` words, no quotes).
+    pub fn create_domus_with(&self, names: &[String], cmdline: &str) -> Result<(), String> {
+        if !cmdline
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " ._=-,".contains(c))
+        {
+            return Err(format!(
+                "kernel parameters {cmdline:?}: unexpected characters"
+            ));
+        }
         let mut script = String::new();
         for (i, n) in names.iter().enumerate() {
             script.push_str(&format!(
-                "lab-domu create {n} {} {} > /run/lab/create-{i}.log 2>&1 & p{i}=$!; ",
+                "LAB_DOMU_CMDLINE='{cmdline}' lab-domu create {n} {} {} > /run/lab/create-{i}.log 2>&1 & p{i}=$!; ",
                 self.cfg.domu_mem, self.cfg.domu_vcpus
             ));
         }

@@ -14,6 +14,8 @@
 //! | `destroy` | `xl destroy` of the peer's domain while connected and while waiting (last: domU2 is gone after it) |
 //! | `mirage` | our ocaml-vchan-like peer (`vchan-peer --compat ocaml`) against the C `vchan-node`, both roles, rings {1, 2, 4, 64, 1024} KiB (1 = ocaml-vchan's default 1024/1024: in-page rings), stream and packet; checksums compared (20 cases; `--quick`: 10) |
 //! | `package` | (full run) the `.deb` of `cargo xtask package` installed with `dpkg -i` in a domU booted from a Debian root file system, the `qrexec` calls with the installed command, `dpkg --purge` leaves the file tree as it was (see `package.rs`) |
+//! | `libxenvchan` | Xen's C `vchan-node` linked with our libvchan against Debian's libxenvchan, the matrix's pairings, domain pairs and rings, stream; throughput of the C program on both libraries (see `libxenvchan.rs`) |
+//! | `cqrexec` | Qubes' C qrexec agents and daemons (`BACKEND_VMM=xen`) on Qubes' libvchan-xen, then on ours; the `qrexec` calls by our client and the C client (see `cqrexec.rs`) |
 //! | `cxenstored` | (full run) reboot with C xenstored: devtest, a matrix subset, destroy |
 //!
 //! `--quick` runs a subset that still covers every pairing, both domain
@@ -37,6 +39,8 @@ const PHASES: &[&str] = &[
     "cxenstored",
     "mirage",
     "package",
+    "libxenvchan",
+    "cqrexec",
 ];
 
 #[derive(Debug)]
@@ -76,7 +80,7 @@ impl Opts {
         if o.phases.is_empty() {
             o.phases = PHASES
                 .iter()
-                .filter(|p| !(o.quick && (**p == "cxenstored" || **p == "package")))
+                .filter(|p| !(o.quick && matches!(**p, "cxenstored" | "package")))
                 .map(|p| p.to_string())
                 .collect();
         }
@@ -89,9 +93,11 @@ impl Opts {
 }
 
 mod binaries;
+mod cqrexec;
 mod destroy;
 mod devtest;
 mod kill;
+mod libxenvchan;
 mod matrix;
 mod package;
 mod qrexec;
@@ -115,6 +121,9 @@ enum Impl {
     C,
     /// Ours behaving like MirageOS's ocaml-vchan (`--compat ocaml`).
     Mirage,
+    /// The C `vchan-node` linked with our libvchan's `libxenvchan_*`
+    /// (`vchan-node-ours`, see `ourlib.rs`).
+    CLib,
 }
 
 impl Impl {
@@ -123,6 +132,7 @@ impl Impl {
             Impl::Ours => "ours",
             Impl::C => "C",
             Impl::Mirage => "mirage-like",
+            Impl::CLib => "C on our lib",
         }
     }
 }
@@ -281,6 +291,12 @@ impl Run {
                 "env VCHAN_WAIT={wait} {} client {peer} {port} {dir} {mib}",
                 c_bin(dom)
             ),
+            (Impl::CLib, true) => {
+                format!("/mnt/host/vchan-node-ours server {peer} {port} {dir} {mib} {ring_kib}")
+            }
+            (Impl::CLib, false) => format!(
+                "env VCHAN_WAIT={wait} /mnt/host/vchan-node-ours client {peer} {port} {dir} {mib}"
+            ),
             (Impl::Mirage, _) => unreachable!("handled above"),
         }
     }
@@ -342,7 +358,8 @@ impl Run {
             x.server_sends,
             x.mib,
             x.ring_kib,
-            x.packet.filter(|_| x.server != Impl::C),
+            x.packet
+                .filter(|_| !matches!(x.server, Impl::C | Impl::CLib)),
             limit,
         );
         let ccmd = self.peer_cmd(
@@ -354,7 +371,8 @@ impl Run {
             !x.server_sends,
             x.mib,
             x.ring_kib,
-            x.packet.filter(|_| x.client != Impl::C),
+            x.packet
+                .filter(|_| !matches!(x.client, Impl::C | Impl::CLib)),
             wait,
         );
         let (scmd, ccmd) = match &self.wrap {
@@ -462,6 +480,8 @@ fn run_phases(run: &mut Run, o: &Opts) {
         phase_matrix(r, mirage_cases(q), "mirage-like")
     });
     phase(run, "package", &mut package::phase);
+    phase(run, "libxenvchan", &mut libxenvchan::phase);
+    phase(run, "cqrexec", &mut cqrexec::phase);
     phase(run, "destroy", &mut phase_destroy);
 }
 
@@ -475,6 +495,8 @@ fn section_of(phase: &str) -> &'static str {
         "destroy" => "xl destroy",
         "mirage" => "mirage-like",
         "package" => "package",
+        "libxenvchan" => "libxenvchan",
+        "cqrexec" => "C qrexec on Xen",
         _ => "C xenstored",
     }
 }
@@ -687,8 +709,9 @@ mod tests {
     fn phases_parse() {
         let o = Opts::parse(&["--quick".into()]).unwrap();
         assert!(o.quick && o.has("matrix") && !o.has("cxenstored"));
+        assert!(o.has("libxenvchan") && o.has("cqrexec") && !o.has("package"));
         let o = Opts::parse(&[]).unwrap();
-        assert!(o.has("cxenstored"));
+        assert!(o.has("cxenstored") && o.has("libxenvchan") && o.has("cqrexec"));
         let o = Opts::parse(&["--phases".into(), "devtest,kill".into()]).unwrap();
         assert!(o.has("kill") && !o.has("matrix"));
         assert!(Opts::parse(&["--phases".into(), "nope".into()]).is_err());

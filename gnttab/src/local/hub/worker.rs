@@ -118,8 +118,7 @@ impl Worker {
                 SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             ) {
                 Ok(fd) => {
-                    // SAFETY: accept4 just returned this new descriptor;
-                    // nothing else owns it.
+                    // SAFETY: accept4 just returned this new descriptor; nothing else owns it.
                     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
                     self.conns.push(Conn {
                         sock,

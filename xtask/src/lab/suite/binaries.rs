@@ -1,11 +1,13 @@
 //! Our static binaries for the guests: build, stage into the initramfs overlay, push stale copies (by stamp).
 
+use std::path::Path;
+
 use super::*;
 
 pub(super) fn build_binaries() -> Result<Vec<PathBuf>, String> {
     let target = crate::util::target_dir().join("lab-static");
     let dir = target.join("x86_64-unknown-linux-gnu/release");
-    let bins: Vec<PathBuf> = ["vchan-peer", "xen-devtest", "qrexec-client-vm", "qubes-sim"]
+    let mut bins: Vec<PathBuf> = ["vchan-peer", "xen-devtest", "qrexec-client-vm", "qubes-sim"]
         .iter()
         .map(|b| dir.join(b))
         .collect();
@@ -13,8 +15,18 @@ pub(super) fn build_binaries() -> Result<Vec<PathBuf>, String> {
     // with LAB_TPUT_PEER, while the tree has moved on).
     if std::env::var("LAB_PREBUILT").is_ok_and(|v| v == "1") && bins.iter().all(|b| b.exists()) {
         eprintln!("lab test: LAB_PREBUILT=1, using {}", dir.display());
-        return Ok(bins);
+    } else {
+        build_static(&target)?;
     }
+    // Our libvchan and Xen's vchan-node on it (phase libxenvchan), Qubes'
+    // C qrexec stack for Xen (phase cqrexec).
+    bins.extend(crate::lab::ourlib::build()?);
+    bins.extend(crate::lab::cstack::build()?);
+    Ok(bins)
+}
+
+/// `cargo build` of the static binaries into `target`.
+fn build_static(target: &Path) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!(
         "lab test: building static vchan-peer, xen-devtest, qrexec-client-vm, qubes-sim ({})",
@@ -22,7 +34,7 @@ pub(super) fn build_binaries() -> Result<Vec<PathBuf>, String> {
     );
     let st = Command::new(cargo)
         .current_dir(crate::util::root())
-        .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_TARGET_DIR", target)
         .env(
             "RUSTFLAGS",
             "-C target-feature=+crt-static -C strip=debuginfo",
@@ -54,7 +66,7 @@ pub(super) fn build_binaries() -> Result<Vec<PathBuf>, String> {
     if !st.success() {
         return Err(format!("cargo build of the lab binaries failed ({st})"));
     }
-    Ok(bins)
+    Ok(())
 }
 
 /// Puts the binaries where the guests find them at boot: the 9p share

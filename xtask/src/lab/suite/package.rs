@@ -378,7 +378,7 @@ fn in_domu(run: &mut Run, deb: &str, boot: Duration) -> Result<(), String> {
     );
 
     // The calls, with the installed command.
-    qrexec::calls(
+    qrexec::sim_calls(
         run,
         &Caller {
             dom: DOMU,

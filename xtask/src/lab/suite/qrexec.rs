@@ -17,9 +17,10 @@
 //! | `test.Exit` | the service's exit code 3 and its stdout come through |
 //! | `test.Missing` | allowed, no such service: exit 127 |
 //!
-//! The `package` phase makes the same calls ([`calls`]) from a domU booted
-//! from a Debian root file system, with the `qrexec-client-vm` that `dpkg -i`
-//! installed there.
+//! The `package` phase makes the same calls ([`sim_calls`]) from a domU
+//! booted from a Debian root file system, with the `qrexec-client-vm` that
+//! `dpkg -i` installed there; the `cqrexec` phase makes them ([`calls`])
+//! through Qubes' C agents and daemons instead of the simulated ones.
 
 use std::time::{Duration, Instant};
 
@@ -58,7 +59,9 @@ fn policy(caller: &str) -> String {
 pub(super) struct Caller<'a> {
     /// The calling domain (a domU other than domU2).
     pub dom: &'a str,
-    /// `qrexec-client-vm` there: a path, or a name looked up on `PATH`.
+    /// `qrexec-client-vm` there: a path or a name looked up on `PATH`,
+    /// with any options or environment in front (a shell command prefix:
+    /// the target and the service follow).
     pub client: &'a str,
     /// The report section of the rows.
     pub section: &'static str,
@@ -125,13 +128,14 @@ fn sum_of(s: &str) -> Option<String> {
 
 /// Runs the phase; the members are stopped on every path.
 pub(super) fn phase(run: &mut Run) -> Result<(), String> {
-    calls(run, &LAB_CALLER)
+    sim_calls(run, &LAB_CALLER)
 }
 
-/// The phase's calls from `caller`'s domain with its command, the agents
-/// (caller, domU2) and daemons (dom0) started before and stopped after.
-pub(super) fn calls(run: &mut Run, caller: &Caller) -> Result<(), String> {
-    let r = cases(run, caller);
+/// The phase's calls from `caller`'s domain with its command, through the
+/// simulated agents (caller, domU2) and daemons (dom0), started before and
+/// stopped after.
+pub(super) fn sim_calls(run: &mut Run, caller: &Caller) -> Result<(), String> {
+    let r = with_sim(run, caller);
     let logs = stop_members(run, caller.dom);
     run.save_log(&format!("qrexec-members-{}", caller.dom), &logs);
     if let Err(e) = &r {
@@ -160,13 +164,22 @@ fn daemon_name(vm: &str) -> String {
 }
 
 fn stop_members(run: &Run, caller: &str) -> String {
-    let mut logs = String::new();
     let daemons = format!("{} {}", daemon_name(caller), daemon_name(SERVICE_VM));
-    for (dom, names) in [
-        (caller, "qagent"),
-        (SERVICE_VM, "qagent"),
-        ("dom0", daemons.as_str()),
-    ] {
+    stop_named(
+        run,
+        &[
+            (caller, "qagent"),
+            (SERVICE_VM, "qagent"),
+            ("dom0", daemons.as_str()),
+        ],
+    )
+}
+
+/// Stops the background members (`run.bg` names) in each domain: TERM,
+/// a second, KILL; returns the tail of each one's log with its exit code.
+pub(super) fn stop_named(run: &Run, members: &[(&str, &str)]) -> String {
+    let mut logs = String::new();
+    for &(dom, names) in members {
         let out = run
             .on(
                 dom,
@@ -185,13 +198,10 @@ fn stop_members(run: &Run, caller: &str) -> String {
     logs
 }
 
-fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
-    let (c, v) = (caller.dom, SERVICE_VM);
-    let (d1, d2) = (run.id(c)?, run.id(v)?);
-    let section = caller.section;
-    let what = prefix(caller);
-    let verbose = "QUBES_SIM_VERBOSE=1";
-    // Services in domU2 (the caller gets the same directory, empty).
+/// Writes the services into [`RPC_DIR`] in domU2 (the caller's domain gets
+/// the same directory, empty).
+pub(super) fn install_services(run: &Run, caller: &str) -> Result<(), String> {
+    let (c, v) = (caller, SERVICE_VM);
     let mut setup = format!("rm -rf {RPC_DIR} && mkdir -p {RPC_DIR} && cd {RPC_DIR}");
     for (name, body) in services() {
         setup.push_str(&format!(
@@ -205,6 +215,16 @@ fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
             return Err(format!("service setup in {dom}: {}", r.all()));
         }
     }
+    Ok(())
+}
+
+/// The simulated members up, then [`calls`] with the agent socket of
+/// theirs.
+fn with_sim(run: &mut Run, caller: &Caller) -> Result<(), String> {
+    let (c, v) = (caller.dom, SERVICE_VM);
+    let (d1, d2) = (run.id(c)?, run.id(v)?);
+    let verbose = "QUBES_SIM_VERBOSE=1";
+    install_services(run, c)?;
     // Agents first (control vchan servers), then the daemons in dom0.
     for dom in [c, v] {
         run.bg(
@@ -260,23 +280,78 @@ fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
         ));
     }
     run.rep.add(
-        section,
-        format!("{what}control vchans: daemons in dom0 ↔ agents in {c} (dom{d1}), {v} (dom{d2})"),
+        caller.section,
+        format!(
+            "{}control vchans: daemons in dom0 ↔ agents in {c} (dom{d1}), {v} (dom{d2})",
+            prefix(caller)
+        ),
         St::Pass,
         format!("both up after {:.1}s", t.elapsed().as_secs_f64()),
     );
     let client = format!("QREXEC_AGENT_SOCKET={AGENT_SOCKET} {}", caller.client);
+    calls(
+        run,
+        &Caller {
+            client: &client,
+            ..*caller
+        },
+        (100, 32),
+    )
+    .map(drop)
+}
 
-    // 100 MiB caller -> service: the caller's checksum of the stream
+/// What one set of [`calls`] gave: passed / run, and the two transfer
+/// rates (MiB/s: the caller→service transfer, and the service→caller one
+/// with 1 MiB buffers).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CallSet {
+    pub passed: usize,
+    pub total: usize,
+    pub up: Option<f64>,
+    pub down: Option<f64>,
+}
+
+/// The lab's five qrexec calls from `caller` to domU2, `mib` MiB up and
+/// `gmib` MiB down (the `qrexec` phase: 100 and 32), through whatever
+/// agents and daemons are running: a report row each.
+pub(super) fn calls(
+    run: &mut Run,
+    caller: &Caller,
+    (mib, gmib): (u32, u32),
+) -> Result<CallSet, String> {
+    let (c, v) = (caller.dom, SERVICE_VM);
+    let what = prefix(caller);
+    let client = caller.client;
+    let mut set = CallSet {
+        passed: 0,
+        total: 0,
+        up: None,
+        down: None,
+    };
+    let mut add = |run: &mut Run, name: String, ok: bool, detail: String| {
+        set.total += 1;
+        set.passed += usize::from(ok);
+        run.rep.add(
+            caller.section,
+            format!("{what}{name}"),
+            if ok { St::Pass } else { St::Fail },
+            detail,
+        );
+    };
+    let slug: String = format!("{c}-{what}")
+        .chars()
+        .filter(|ch| ch.is_ascii_alphanumeric() || *ch == '-')
+        .collect();
+
+    // `mib` MiB caller -> service: the caller's checksum of the stream
     // (computed apart: the stream is deterministic), the service's of what
     // it read, and the service's answer as the caller got it.
-    let mib = 100;
     let out = run.on(
         c,
         &format!(
-            "{PEER} gen {mib} | {PEER} sum > /tmp/q-sum.sent; s=$(date +%s.%N); \
+            "{PEER} gen {mib} | {PEER} sum > /tmp/q-sum.sent; s=$(cut -d' ' -f1 /proc/uptime); \
              {PEER} gen {mib} | {client} {v} test.Sum > /tmp/q-sum.back 2> /tmp/q-sum.err; rc=$?; \
-             e=$(date +%s.%N); echo \"@@rc=$rc\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
+             e=$(cut -d' ' -f1 /proc/uptime); echo \"@@rc=$rc\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
              echo \"@@sent=$(cat /tmp/q-sum.sent)\"; echo \"@@back=$(cat /tmp/q-sum.back)\"; cat /tmp/q-sum.err"
         ),
         Duration::from_secs(900),
@@ -289,7 +364,7 @@ fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
     let got = sum_of(&srv.all());
     let ok = rc == "0" && sent.is_some() && sent == got && sent == back;
     run.save_log(
-        &format!("qrexec-100MiB-{c}"),
+        &format!("qrexec-{mib}MiB-{slug}"),
         &format!("{text}\n== {v}\n{}", srv.all()),
     );
     let rate = |mib: u32, s: Option<f64>| {
@@ -297,10 +372,13 @@ fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
             format!("{s:.1}s, {:.1} MiB/s", f64::from(mib) / s)
         })
     };
-    run.rep.add(
-        section,
-        format!("{what}{mib} MiB {c}→{v} (test.Sum, default 64 KiB buffers)"),
-        if ok { St::Pass } else { St::Fail },
+    if ok {
+        set.up = secs.filter(|s| *s > 0.0).map(|s| f64::from(mib) / s);
+    }
+    add(
+        run,
+        format!("{mib} MiB {c}→{v} (test.Sum, default 64 KiB buffers)"),
+        ok,
         if ok {
             format!(
                 "checksum sent = read by the service in {v} = returned ({}); call {}",
@@ -321,20 +399,19 @@ fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
     let text = out.all();
     let rc = marker(&text, "@@rc=");
     let ok = rc == "126" && text.contains("Request refused");
-    run.rep.add(
-        section,
-        format!("{what}refused call (test.Denied): exit 126"),
-        if ok { St::Pass } else { St::Fail },
+    add(
+        run,
+        "refused call (test.Denied): exit 126".into(),
+        ok,
         format!("rc {rc}: {}", text.replace('\n', " ").trim()),
     );
 
     // 1 MiB data rings, service -> caller.
-    let gmib = 32;
     let out = run.on(
         c,
         &format!(
-            "s=$(date +%s.%N); ( {client} --buffer-size=1048576 {v} test.Gen+{gmib} 2> /tmp/q-gen.err; \
-             echo $? > /tmp/q-gen.rc ) | {PEER} sum > /tmp/q-gen.got; e=$(date +%s.%N); \
+            "s=$(cut -d' ' -f1 /proc/uptime); ( {client} --buffer-size=1048576 {v} test.Gen+{gmib} 2> /tmp/q-gen.err; \
+             echo $? > /tmp/q-gen.rc ) | {PEER} sum > /tmp/q-gen.got; e=$(cut -d' ' -f1 /proc/uptime); \
              echo \"@@rc=$(cat /tmp/q-gen.rc)\"; echo \"@@secs=$(echo \"$e $s\" | awk '{{print $1-$2}}')\"; \
              echo \"@@got=$(cat /tmp/q-gen.got)\"; cat /tmp/q-gen.err"
         ),
@@ -347,10 +424,13 @@ fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
     let got = sum_of(&field("@@got="));
     let sent = sum_of(&srv.all());
     let ok = rc == "0" && got.is_some() && got == sent;
-    run.rep.add(
-        section,
-        format!("{what}--buffer-size=1048576: {gmib} MiB {v}→{c} (test.Gen+{gmib})"),
-        if ok { St::Pass } else { St::Fail },
+    if ok {
+        set.down = secs.filter(|s| *s > 0.0).map(|s| f64::from(gmib) / s);
+    }
+    add(
+        run,
+        format!("--buffer-size=1048576: {gmib} MiB {v}→{c} (test.Gen+{gmib})"),
+        ok,
         if ok {
             format!(
                 "checksum of what the service sent = what the caller got ({}); call {}",
@@ -374,20 +454,20 @@ fn cases(run: &mut Run, caller: &Caller) -> Result<(), String> {
     let text = out.all();
     let field = |k: &str| marker(&text, k);
     let ok = field("@@rc=") == "3" && text.lines().any(|l| l == "out") && field("@@err=") == "err";
-    run.rep.add(
-        section,
-        format!("{what}service exit code 3, stdout and stderr come through (test.Exit)"),
-        if ok { St::Pass } else { St::Fail },
+    add(
+        run,
+        "service exit code 3, stdout and stderr come through (test.Exit)".into(),
+        ok,
         text.replace('\n', " ").trim().to_string(),
     );
     let rc2 = field("@@rc2=");
-    run.rep.add(
-        section,
-        format!("{what}allowed call of a missing service: exit 127 (test.Missing)"),
-        if rc2 == "127" { St::Pass } else { St::Fail },
+    add(
+        run,
+        "allowed call of a missing service: exit 127 (test.Missing)".into(),
+        rc2 == "127",
         format!("rc {rc2}"),
     );
-    Ok(())
+    Ok(set)
 }
 
 #[cfg(test)]

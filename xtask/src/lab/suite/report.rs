@@ -38,6 +38,19 @@ pub(super) struct Tput {
     pub(super) rates: [Option<f64>; 4],
 }
 
+/// One row of the drop-in table: a C program on one vchan library
+/// (phases `libxenvchan`, `cqrexec`).
+#[derive(Debug)]
+pub(super) struct DropIn {
+    pub(super) program: String,
+    pub(super) library: &'static str,
+    /// Passed of run.
+    pub(super) passed: usize,
+    pub(super) total: usize,
+    /// MiB/s with what was measured, or "-".
+    pub(super) rate: String,
+}
+
 /// One side of one pairing in the throughput phase's counts
 /// (`LAB_TPUT_COUNT=1`), per MiB.
 #[derive(Debug)]
@@ -63,6 +76,7 @@ pub(super) struct Report {
     pub(super) timings: Vec<(String, f64)>,
     pub(super) tput: Vec<Tput>,
     pub(super) counts: Vec<CountRow>,
+    pub(super) dropin: Vec<DropIn>,
     pub(super) notes: Vec<String>,
 }
 
@@ -219,6 +233,27 @@ impl Report {
                 );
             }
         }
+        if !self.dropin.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n## C programs on each vchan library\n\n\
+                 The same C binaries on the upstream C library and on ours (phases\n\
+                 `libxenvchan`, `cqrexec`; single runs, TCG).\n\n\
+                 | program | library | result | MiB/s |\n|---|---|---|---|"
+            );
+            for d in &self.dropin {
+                let result = if d.total > 0 && d.passed == d.total {
+                    format!("pass ({}/{})", d.passed, d.total)
+                } else {
+                    format!("FAIL ({}/{})", d.passed, d.total)
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {result} | {} |",
+                    d.program, d.library, d.rate
+                );
+            }
+        }
         let fails: Vec<&Row> = self.rows.iter().filter(|r| r.st == St::Fail).collect();
         if !fails.is_empty() {
             let _ = writeln!(s, "\n## Failure details\n");
@@ -238,4 +273,34 @@ impl Report {
 
 pub(super) fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drop-in table says pass only when every check of a row passed.
+    #[test]
+    fn drop_in_table_rows() {
+        let mut r = Report::default();
+        assert!(!r.markdown("t").contains("C programs on each vchan library"));
+        for (library, passed) in [("ours", 3), ("Qubes' libvchan-xen (C)", 5)] {
+            r.dropin.push(DropIn {
+                program: "C agent".into(),
+                library,
+                passed,
+                total: 5,
+                rate: "up 1.0, down 2.0".into(),
+            });
+        }
+        let md = r.markdown("t");
+        assert!(
+            md.contains("| C agent | ours | FAIL (3/5) | up 1.0, down 2.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| C agent | Qubes' libvchan-xen (C) | pass (5/5) |"),
+            "{md}"
+        );
+    }
 }
