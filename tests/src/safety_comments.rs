@@ -1,21 +1,25 @@
-//! Checks that the line directly above every `unsafe { ... }` block and
+//! Checks that the line directly above every `unsafe` block and
 //! every `unsafe impl` is a `// SAFETY:` line: the claim that makes the
 //! block sound, where a reviewer looks for it. Side remarks go above that
 //! line, so the claim is always the last line of the comment.
 //!
 //! Clippy's `undocumented_unsafe_blocks` (denied in the workspace) accepts a
 //! `SAFETY:` anywhere in the comment block above; this check is stricter.
-//! Comments, doc comments (and so doc-test code), strings and char literals
-//! are not code: an `unsafe` in them is not looked at. `unsafe fn`,
+//! Comments, doc comments, strings and char literals are not code: an
+//! `unsafe` in them is not looked at, except in the fenced code of doc
+//! comments (doc tests run, hidden `# ` lines too), where a line holding a
+//! block needs a `// SAFETY:` doc-code line right above it. `unsafe fn`,
 //! `unsafe trait`, `unsafe extern` and `#[unsafe(...)]` are not blocks and
 //! carry their contract in their docs instead.
 //!
 //! ```
 //! use tests::safety_comments::check_text;
-//! let good = "// A side remark.\n// SAFETY: `p` is valid.\nunsafe { p.read() };\n";
-//! assert!(check_text("a.rs", good).errors.is_empty());
-//! let bad = "// SAFETY: `p` is valid.\n// A side remark.\nunsafe { p.read() };\n";
-//! assert_eq!(check_text("a.rs", bad).errors.len(), 1);
+//! // (`UNSAFE` written for the keyword, so that this text holds no block.)
+//! let good = "// A side remark.\n// SAFETY: `p` is valid.\nUNSAFE { p.read() };\n";
+//! let good = good.replace("UNSAFE", "unsafe");
+//! assert!(check_text("a.rs", &good).errors.is_empty());
+//! let bad = "// SAFETY: `p` is valid.\n// A side remark.\nUNSAFE { p.read() };\n";
+//! assert_eq!(check_text("a.rs", &bad.replace("UNSAFE", "unsafe")).errors.len(), 1);
 //! ```
 
 use std::path::Path;
@@ -222,10 +226,54 @@ pub fn check_text(name: &str, text: &str) -> Report {
             ));
         }
     }
+    for (line, above_ok) in doc_test_sites(&lines) {
+        report.sites += 1;
+        if !above_ok {
+            report.errors.push(format!(
+                "{name}:{line}: the doc-test line above this `unsafe` is not a `// SAFETY:` line: {}",
+                lines[line - 1].trim()
+            ));
+        }
+    }
     if report.sites > 0 {
         report.files = 1;
     }
     report
+}
+
+/// The code of a doc-comment line (`///` or `//!`, one space, a hidden
+/// line's `# `), or None for other lines.
+fn doc_code(l: &str) -> Option<&str> {
+    let t = l.trim_start();
+    let body = t.strip_prefix("///").or_else(|| t.strip_prefix("//!"))?;
+    let body = body.strip_prefix(' ').unwrap_or(body);
+    Some(body.strip_prefix("# ").unwrap_or(body).trim_start())
+}
+
+/// Blocks in the fenced code of doc comments: (1-based line, whether the
+/// doc-code line above is a `// SAFETY:` line).
+fn doc_test_sites(lines: &[&str]) -> Vec<(usize, bool)> {
+    let mut sites = Vec::new();
+    let mut fenced = false;
+    let mut above: Option<&str> = None;
+    for (i, l) in lines.iter().enumerate() {
+        let Some(c) = doc_code(l) else {
+            fenced = false;
+            above = None;
+            continue;
+        };
+        if c.starts_with("```") {
+            fenced = !fenced;
+        } else if fenced
+            && c.split("unsafe")
+                .skip(1)
+                .any(|r| r.trim_start().starts_with('{'))
+        {
+            sites.push((i + 1, above.is_some_and(|a| a.starts_with("// SAFETY:"))));
+        }
+        above = Some(c);
+    }
+    sites
 }
 
 /// Check every `.rs` file below `root` (the repository), leaving out the
@@ -253,74 +301,93 @@ pub fn check_tree(root: &Path, skip: &[&str]) -> std::io::Result<Report> {
 mod tests {
     use super::*;
 
+    /// The samples write `UNSAFE` for the keyword, so that this file's own
+    /// text holds no block a line-based look would take for code.
     fn errors(text: &str) -> Vec<String> {
-        check_text("t.rs", text).errors
+        check_text("t.rs", &text.replace("UNSAFE", "unsafe")).errors
+    }
+
+    fn sites(text: &str) -> usize {
+        check_text("t.rs", &text.replace("UNSAFE", "unsafe")).sites
     }
 
     #[test]
     fn a_claim_right_above_passes() {
-        let ok = "fn f(p: *const u8) -> u8 {\n    // Why volatile: the peer writes.\n    // SAFETY: `p` is valid.\n    unsafe { p.read_volatile() }\n}\n";
+        let ok = "fn f(p: *const u8) -> u8 {\n    // Why volatile: the peer writes.\n    // SAFETY: `p` is valid.\n    UNSAFE { p.read_volatile() }\n}\n";
         assert_eq!(errors(ok), Vec::<String>::new());
-        assert_eq!(check_text("t.rs", ok).sites, 1);
-        let assigned = "    // SAFETY: x.\n    let v = match unsafe {\n        g()\n    } {\n";
+        assert_eq!(sites(ok), 1);
+        let assigned = "    // SAFETY: x.\n    let v = match UNSAFE {\n        g()\n    } {\n";
         assert!(errors(assigned).is_empty());
     }
 
     #[test]
     fn a_missing_or_buried_claim_fails() {
-        let none = "fn f() {\n    unsafe { g() }\n}\n";
+        let none = "fn f() {\n    UNSAFE { g() }\n}\n";
         let e = errors(none);
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("t.rs:2:"), "{e:?}");
-        let buried = "    // SAFETY: `p` is valid.\n    // A side remark after the claim.\n    unsafe { g() }\n";
+        let buried = "    // SAFETY: `p` is valid.\n    // A side remark after the claim.\n    UNSAFE { g() }\n";
         assert_eq!(errors(buried).len(), 1);
         let wrapped =
-            "    // SAFETY: `p` is valid for the\n    // whole call.\n    unsafe { g() }\n";
+            "    // SAFETY: `p` is valid for the\n    // whole call.\n    UNSAFE { g() }\n";
         assert_eq!(errors(wrapped).len(), 1);
-        let gap = "    // SAFETY: ok.\n\n    unsafe { g() }\n";
+        let gap = "    // SAFETY: ok.\n\n    UNSAFE { g() }\n";
         assert_eq!(errors(gap).len(), 1);
-        let first_line = "unsafe { g() }\n";
+        let first_line = "UNSAFE { g() }\n";
         assert_eq!(errors(first_line).len(), 1);
-        let inline = "    f(|p| unsafe { *p });\n";
+        let inline = "    f(|p| UNSAFE { *p });\n";
         assert_eq!(errors(inline).len(), 1);
-        let spread = "    let v = f(\n        unsafe { g() },\n    );\n";
+        let spread = "    let v = f(\n        UNSAFE { g() },\n    );\n";
         assert_eq!(errors(spread).len(), 1);
-        let attr = "// SAFETY: plain data.\n#[allow(x)]\nunsafe impl Send for T {}\n";
+        let attr = "// SAFETY: plain data.\n#[allow(x)]\nUNSAFE impl Send for T {}\n";
         assert_eq!(errors(attr).len(), 1);
     }
 
     #[test]
     fn impls_count_and_other_unsafe_items_do_not() {
         let imp =
-            "unsafe impl Send for T {}\n// SAFETY: no interior state.\nunsafe impl Sync for T {}\n";
+            "UNSAFE impl Send for T {}\n// SAFETY: no interior state.\nUNSAFE impl Sync for T {}\n";
         let e = errors(imp);
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("t.rs:1:"), "{e:?}");
         let items = "/// # Safety\n/// `p` valid.\nunsafe fn f(p: *const u8) {}\npub unsafe trait T {}\nunsafe extern \"C\" {}\n#[unsafe(no_mangle)]\npub unsafe extern \"C\" fn g() {}\nlet f: unsafe fn() = h;\n";
         assert!(errors(items).is_empty());
-        assert_eq!(check_text("t.rs", items).sites, 0);
+        assert_eq!(sites(items), 0);
         assert!(
-            errors("struct Unsafe;\nlet unsafe_thing = 1;\nlet x = not_unsafe {};\n").is_empty()
+            errors("struct Unsafe;\nlet unsafe_thing = 1;\nlet x = not_UNSAFE {};\n").is_empty()
         );
     }
 
     #[test]
     fn comments_strings_and_chars_are_not_code() {
         let text = concat!(
-            "/// ```\n/// unsafe { doc_test() }\n/// ```\n",
-            "// unsafe { commented_out() }\n",
-            "/* unsafe { a }\n /* nested */ unsafe { b } */\n",
-            "let s = \"unsafe { in a string } \\\" unsafe { still }\";\n",
-            "let r = r#\"unsafe { raw \"quoted\" }\"#;\n",
+            "/// Prose, not a fence:\n/// UNSAFE { doc_prose() }\n/// (fenced doc code is checked).\n",
+            "// UNSAFE { commented_out() }\n",
+            "/* UNSAFE { a }\n /* nested */ UNSAFE { b } */\n",
+            "let s = \"UNSAFE { in a string } \\\" UNSAFE { still }\";\n",
+            "let r = r#\"UNSAFE { raw \"quoted\" }\"#;\n",
             "let c = '\"'; let q = '\\''; let l: &'a str = x;\n",
             "fn lt<'a>(x: &'a u8) {}\n",
         );
-        assert_eq!(check_text("t.rs", text).sites, 0, "{:?}", errors(text));
+        assert_eq!(sites(text), 0, "{:?}", errors(text));
         // After all that, code is code again.
-        let tail = format!("{text}unsafe {{ real() }}\n");
+        let tail = format!("{text}UNSAFE {{ real() }}\n");
         let e = errors(&tail);
         assert_eq!(e.len(), 1);
         assert!(e[0].starts_with("t.rs:11:"), "{e:?}");
+    }
+
+    #[test]
+    fn blocks_in_doc_tests_need_their_claim_too() {
+        let good = "/// ```\n/// # // SAFETY: single-threaded.\n/// # UNSAFE { g() }\n/// ```\nfn f() {}\n";
+        assert!(errors(good).is_empty(), "{:?}", errors(good));
+        assert_eq!(sites(good), 1);
+        let bad = "//! ```\n//! let x = 1;\n//! UNSAFE { g() }\n//! ```\n";
+        let e = errors(bad);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("t.rs:3:"), "{e:?}");
+        // Prose outside a fence is not code.
+        assert_eq!(sites("/// Every `UNSAFE { .. }` block.\nfn f() {}\n"), 0);
     }
 
     #[test]
@@ -332,12 +399,24 @@ mod tests {
         std::fs::create_dir_all(root.join("target")).unwrap();
         std::fs::write(
             root.join("a/src/lib.rs"),
-            "// SAFETY: ok.\nunsafe { f() }\n",
+            "// SAFETY: ok.\nUNSAFE { f() }\n".replace("UNSAFE", "unsafe"),
         )
         .unwrap();
-        std::fs::write(root.join("b/src/lib.rs"), "unsafe { f() }\n").unwrap();
-        std::fs::write(root.join("target/x.rs"), "unsafe { f() }\n").unwrap();
-        std::fs::write(root.join("b/notes.txt"), "unsafe { f() }\n").unwrap();
+        std::fs::write(
+            root.join("b/src/lib.rs"),
+            "UNSAFE { f() }\n".replace("UNSAFE", "unsafe"),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("target/x.rs"),
+            "UNSAFE { f() }\n".replace("UNSAFE", "unsafe"),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("b/notes.txt"),
+            "UNSAFE { f() }\n".replace("UNSAFE", "unsafe"),
+        )
+        .unwrap();
         let all = check_tree(root, &[]).unwrap();
         assert_eq!((all.sites, all.files), (2, 2));
         assert_eq!(all.errors.len(), 1);

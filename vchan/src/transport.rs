@@ -56,6 +56,7 @@ impl Transport {
     ///
     /// ```
     /// // With nothing set, Xen is chosen.
+    /// # // SAFETY: the doc test is one thread; nothing reads the environment meanwhile.
     /// # unsafe { std::env::remove_var("VCHAN_TRANSPORT"); std::env::remove_var("VCHAN_SOCKET_DIR"); std::env::remove_var("VCHAN_LOCAL_DIR"); }
     /// assert_eq!(vchan::Transport::from_env().unwrap(), vchan::Transport::Xen);
     /// ```
