@@ -1,12 +1,16 @@
 //! The real backend over `/dev/xen/evtchn`.
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
 use std::time::Duration;
 
 use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 
+use crate::alarm;
 use crate::sys;
 use crate::{Backend, DomId, Error, EventChannel, Port, PortStatus};
 
@@ -28,16 +32,50 @@ pub struct Xen;
 
 /// A port bound on its own `/dev/xen/evtchn` handle. Dropping it unbinds
 /// the port (`IOCTL_EVTCHN_UNBIND`) and closes the handle.
+///
+/// How it sleeps (docs/vchan.md §6.1): the first wait that may last at
+/// least [`alarm::LINGER`] binds a *loopback* pair of ports on the same
+/// handle (a port unbound towards our own domain and a second port bound
+/// to it, `DOMID_SELF`) and turns the handle blocking. From then on a wait
+/// is what libxenvchan does, a blocking `read` and the re-arm `write`, and
+/// its timeout is an entry in the process's alarm, which notifies the
+/// loopback pair when the deadline passes. Should the pair not bind, the
+/// handle stays non-blocking and every wait `poll`s first (one more system
+/// call per sleep).
 #[derive(Debug)]
 pub struct XenChannel {
     fd: OwnedFd,
     port: Port,
+    /// Held by every read of the fd, so that a blocking read never finds
+    /// its event taken by another thread between "readable" and `read`.
+    reader: Mutex<()>,
+    /// The loopback pair once bound (the fd is blocking from then on);
+    /// `Some(None)`: tried and failed, the fd stays non-blocking.
+    loopback: OnceLock<Option<Loopback>>,
+}
+
+/// The two ports that let the alarm end a blocking read: a notify on
+/// `bound` makes `unbound` pending on our own fd.
+#[derive(Debug, Clone, Copy)]
+struct Loopback {
+    unbound: Port,
+    bound: Port,
+}
+
+/// The alarm's kick for a device sleeper: a notify on the loopback port
+/// `bound` of the handle `fd`.
+pub(crate) fn kick_loopback(fd: RawFd, bound: Port) {
+    // SAFETY: the alarm's contract: a sleeper keeps its handle open while its entry is armed, and the thread kicks only armed entries, under the registry's lock that the entry's removal also takes.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let arg = sys::IoctlEvtchnNotify { port: bound };
+    // SAFETY: IOCTL_EVTCHN_NOTIFY takes a `struct ioctl_evtchn_notify`.
+    let _ = unsafe { ioctl_with(fd, sys::IOCTL_EVTCHN_NOTIFY, &arg) };
 }
 
 fn open_device() -> Result<OwnedFd, Error> {
-    // The fd is non-blocking so that a poll()ed readiness that another
+    // The fd starts non-blocking so that a poll()ed readiness that another
     // thread consumed first turns into EAGAIN instead of a blocked read;
-    // `wait` polls before it reads.
+    // it turns blocking with the loopback pair (see `XenChannel`).
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -100,17 +138,188 @@ impl XenChannel {
                 }
             }
         };
-        let ch = XenChannel { fd, port };
+        let ch = XenChannel {
+            fd,
+            port,
+            reader: Mutex::new(()),
+            loopback: OnceLock::new(),
+        };
         // libxenvchan unmasks once right after the bind.
         ch.write_port("unmask after bind")?;
         Ok(ch)
     }
 
-    fn write_port(&self, op: &'static str) -> Result<(), Error> {
-        let buf = self.port.to_ne_bytes();
+    /// One bind ioctl on our handle; the new port, or `None`.
+    fn bind_more<T>(&self, request: u32, arg: &T) -> Option<Port> {
         loop {
-            match nix::unistd::write(&self.fd, &buf) {
-                Ok(4) => return Ok(()),
+            // SAFETY: the callers pass the bind requests with their own struct types (`bind_loopback`).
+            match unsafe { ioctl_with(self.fd.as_fd(), request, arg) } {
+                Err(Errno::EINTR) => {}
+                Err(_) => return None,
+                Ok(rc) => return Port::try_from(rc).ok(),
+            }
+        }
+    }
+
+    fn unbind(&self, port: Port) {
+        let arg = sys::IoctlEvtchnUnbind { port };
+        // SAFETY: IOCTL_EVTCHN_UNBIND takes a `struct ioctl_evtchn_unbind`.
+        let _ = unsafe { ioctl_with(self.fd.as_fd(), sys::IOCTL_EVTCHN_UNBIND, &arg) };
+    }
+
+    /// Binds the loopback pair, starts the alarm and turns the fd blocking
+    /// (called once, under the reader lock). `None` (and nothing left
+    /// bound) if any step fails: then the channel keeps polling.
+    fn bind_loopback(&self) -> Option<Loopback> {
+        let unbound = self.bind_more(
+            sys::IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+            &sys::IoctlEvtchnBindUnboundPort {
+                remote_domain: sys::DOMID_SELF.into(),
+            },
+        )?;
+        let Some(bound) = self.bind_more(
+            sys::IOCTL_EVTCHN_BIND_INTERDOMAIN,
+            &sys::IoctlEvtchnBindInterdomain {
+                remote_domain: sys::DOMID_SELF.into(),
+                remote_port: unbound,
+            },
+        ) else {
+            self.unbind(unbound);
+            return None;
+        };
+        let mut ports = [0u8; 8];
+        ports[..4].copy_from_slice(&unbound.to_ne_bytes());
+        ports[4..].copy_from_slice(&bound.to_ne_bytes());
+        let blocking = || -> Result<(), Errno> {
+            let fl = OFlag::from_bits_retain(nix::fcntl::fcntl(&self.fd, FcntlArg::F_GETFL)?);
+            nix::fcntl::fcntl(&self.fd, FcntlArg::F_SETFL(fl - OFlag::O_NONBLOCK))?;
+            Ok(())
+        };
+        let ready = nix::unistd::write(&self.fd, &ports).is_ok_and(|n| n == 8)
+            && alarm::xen().start()
+            && blocking().is_ok();
+        if !ready {
+            self.unbind(bound);
+            self.unbind(unbound);
+            return None;
+        }
+        Some(Loopback { unbound, bound })
+    }
+
+    /// The loopback pair, bound on first use; `None` if it cannot be.
+    fn loopback(&self) -> Option<Loopback> {
+        *self.loopback.get_or_init(|| {
+            let _reading = self.lock_reader();
+            self.bind_loopback()
+        })
+    }
+
+    fn lock_reader(&self) -> MutexGuard<'_, ()> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether an event is queued now (a `poll` that does not wait).
+    fn readable_now(&self) -> Result<bool, Error> {
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        loop {
+            match nix::poll::poll(&mut fds, PollTimeout::ZERO) {
+                Ok(n) => return Ok(n > 0),
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    return Err(Error::Io {
+                        op: "poll",
+                        port: self.port,
+                        source: e.into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads the queued ports (blocking if the fd is) and re-arms them;
+    /// `Ok(true)` if our own port was among them. The caller holds the
+    /// reader lock. Loopback ports are the alarm's (or their bind's) and
+    /// count as no event; any other port is a protocol error.
+    fn take_events(&self) -> Result<bool, Error> {
+        let mut buf = [0u8; 16];
+        let n = loop {
+            match nix::unistd::read(&self.fd, &mut buf) {
+                Ok(n) => break n,
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return Ok(false),
+                Err(e) => {
+                    return Err(Error::Io {
+                        op: "read",
+                        port: self.port,
+                        source: e.into(),
+                    });
+                }
+            }
+        };
+        if n == 0 || n % 4 != 0 {
+            return Err(Error::Protocol {
+                op: "read",
+                detail: format!("read of {n} bytes from {DEVICE_PATH}"),
+            });
+        }
+        let lb = self.loopback.get().copied().flatten();
+        let mut own = false;
+        let mut stranger = None;
+        for p in buf[..n].chunks_exact(4) {
+            let got = Port::from_ne_bytes([p[0], p[1], p[2], p[3]]);
+            if got == self.port {
+                own = true;
+            } else if !lb.is_some_and(|l| got == l.unbound || got == l.bound) {
+                stranger = Some(got);
+            }
+        }
+        // Re-arm everything read, strangers included (the device ignores
+        // ports that are not ours).
+        self.write_ports(&buf[..n], "re-arm")?;
+        if let Some(got) = stranger {
+            return Err(Error::Protocol {
+                op: "read",
+                detail: format!("event for port {got} on the fd of port {}", self.port),
+            });
+        }
+        Ok(own)
+    }
+
+    /// A blocking sleep (the fd is blocking): the alarm ends it after
+    /// `timeout` if no event does. `Ok(true)` if our own port fired.
+    fn sleep(&self, lb: Loopback, timeout: Option<Duration>) -> Result<bool, Error> {
+        let _armed = match timeout {
+            None => None,
+            Some(t) => match alarm::xen().arm(self.fd.as_raw_fd(), lb.bound, t) {
+                Some(a) => Some(a),
+                None => return self.poll_then_take(t),
+            },
+        };
+        let _reading = self.lock_reader();
+        self.take_events()
+    }
+
+    /// A timed wait by `poll` on the blocking fd, reading only when an
+    /// event is there (short waits, and when the alarm cannot run).
+    fn poll_then_take(&self, timeout: Duration) -> Result<bool, Error> {
+        let _reading = self.lock_reader();
+        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
+            if self.readable_now()? {
+                self.take_events()
+            } else {
+                Ok(false)
+            }
+        })
+    }
+
+    fn write_port(&self, op: &'static str) -> Result<(), Error> {
+        self.write_ports(&self.port.to_ne_bytes(), op)
+    }
+
+    fn write_ports(&self, buf: &[u8], op: &'static str) -> Result<(), Error> {
+        loop {
+            match nix::unistd::write(&self.fd, buf) {
+                Ok(n) if n == buf.len() => return Ok(()),
                 Ok(n) => {
                     return Err(Error::Protocol {
                         op,
@@ -195,46 +404,42 @@ impl EventChannel for XenChannel {
     }
 
     fn wait(&self) -> Result<(), Error> {
-        crate::wait_with(self.fd.as_fd(), self.port, None, || self.consume_pending()).map(drop)
+        match self.loopback() {
+            Some(lb) => while !self.sleep(lb, None)? {},
+            None => {
+                crate::wait_with(self.fd.as_fd(), self.port, None, || self.consume_pending())?;
+            }
+        }
+        Ok(())
     }
 
     fn wait_timeout(&self, timeout: Duration) -> Result<bool, Error> {
-        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
-            self.consume_pending()
-        })
+        let lb = if timeout >= alarm::LINGER {
+            self.loopback()
+        } else {
+            self.loopback.get().copied().flatten()
+        };
+        match lb {
+            Some(lb) if timeout >= alarm::LINGER => self.sleep(lb, Some(timeout)),
+            Some(_) => self.poll_then_take(timeout),
+            None => crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
+                self.consume_pending()
+            }),
+        }
     }
 
+    /// Never blocks: while another thread of ours reads the fd (or sleeps
+    /// in a read), the event is that thread's and this answers `false`.
     fn consume_pending(&self) -> Result<bool, Error> {
-        let mut buf = [0u8; 4];
-        let n = loop {
-            match nix::unistd::read(&self.fd, &mut buf) {
-                Ok(n) => break n,
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => return Ok(false),
-                Err(e) => {
-                    return Err(Error::Io {
-                        op: "read",
-                        port: self.port,
-                        source: e.into(),
-                    });
-                }
-            }
+        let _reading = match self.reader.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(false),
         };
-        if n != 4 {
-            return Err(Error::Protocol {
-                op: "read",
-                detail: format!("read of {n} bytes from {DEVICE_PATH}"),
-            });
+        if self.loopback.get().is_some_and(Option::is_some) && !self.readable_now()? {
+            return Ok(false);
         }
-        let got = Port::from_ne_bytes(buf);
-        if got != self.port {
-            return Err(Error::Protocol {
-                op: "read",
-                detail: format!("event for port {got} on the fd of port {}", self.port),
-            });
-        }
-        self.write_port("re-arm")?;
-        Ok(true)
+        self.take_events()
     }
 
     /// `EVTCHNOP_status` of our own port through `/dev/xen/privcmd`, where

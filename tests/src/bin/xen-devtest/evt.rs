@@ -12,8 +12,23 @@ pub(crate) fn evt_bind_notify(c: &Ctx) -> R {
             })?;
             c.put(K, "port", &ch.local_port().to_string())?;
             c.get(K, "bound")?;
+            let kicks = evtchn::alarm_kicks();
+            let t = std::time::Instant::now();
             ensure(!got_event(&*ch, QUIET_WAIT)?, || {
                 "the peer's bind woke the unbound side".into()
+            })?;
+            let took = t.elapsed();
+            // That wait slept in a blocking read that the process's alarm
+            // ended through the channel's loopback ports (docs/vchan.md §6.1).
+            let ended = evtchn::alarm_kicks() - kicks;
+            c.note(
+                K,
+                &format!("a {QUIET_WAIT:?} wait with no event: {took:?}, {ended} alarm kick(s)"),
+            );
+            ensure(ended == 1 && took >= QUIET_WAIT, || {
+                format!(
+                    "a {QUIET_WAIT:?} wait took {took:?} with {ended} alarm kicks, expected 1 kick and no early end (no loopback pair?)"
+                )
             })?;
             c.put(K, "quiet", "1")?;
             ensure(got_event(&*ch, EVENT_WAIT)?, || {
