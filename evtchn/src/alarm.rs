@@ -199,6 +199,16 @@ impl Alarm {
     }
 }
 
+impl Armed {
+    /// Whether the thread has fired this entry's kick. A sleeper woken by
+    /// a loopback port that was not its own kick (the bind's wake-up, or a
+    /// kick meant for an earlier sleep that had already left) sleeps on.
+    pub(crate) fn kicked(&self) -> bool {
+        let s = self.alarm.lock();
+        s.entries.iter().any(|e| e.id == self.id && e.kicked)
+    }
+}
+
 impl Drop for Armed {
     fn drop(&mut self) {
         let mut s = self.alarm.lock();
@@ -292,10 +302,12 @@ mod tests {
         let a = alarm();
         let (r, w) = pipe();
         let armed = a.arm(w.as_raw_fd(), 7, LINGER).expect("thread");
+        assert!(!armed.kicked());
         let (port, took) = sleep_on(&r);
         assert_eq!(port, 7);
         assert!(took >= LINGER, "kicked after {took:?}");
         assert_eq!(a.fired(), 1);
+        assert!(armed.kicked());
         drop(armed);
     }
 

@@ -288,7 +288,7 @@ impl XenChannel {
     /// A blocking sleep (the fd is blocking): the alarm ends it after
     /// `timeout` if no event does. `Ok(true)` if our own port fired.
     fn sleep(&self, lb: Loopback, timeout: Option<Duration>) -> Result<bool, Error> {
-        let _armed = match timeout {
+        let armed = match timeout {
             None => None,
             Some(t) => match alarm::xen().arm(self.fd.as_raw_fd(), lb.bound, t) {
                 Some(a) => Some(a),
@@ -296,7 +296,16 @@ impl XenChannel {
             },
         };
         let _reading = self.lock_reader();
-        self.take_events()
+        loop {
+            if self.take_events()? {
+                return Ok(true);
+            }
+            // Only loopback ports: our alarm, or else a stray (the pair's
+            // bind wake-up, an earlier sleep's late kick): sleep on.
+            if armed.as_ref().is_some_and(alarm::Armed::kicked) {
+                return Ok(false);
+            }
+        }
     }
 
     /// A timed wait by `poll` on the blocking fd, reading only when an
