@@ -274,10 +274,8 @@ mod tests {
     /// The test kick: one byte into the pipe whose write end is `fd`.
     fn kick_pipe(fd: RawFd, port: Port) {
         // SAFETY: the test keeps the pipe's write end open while the entry is armed; a one-byte write touches nothing else.
-        let _ = nix::unistd::write(
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-            &[port as u8],
-        );
+        let w = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = nix::unistd::write(w, &[port as u8]);
     }
 
     fn alarm() -> &'static Alarm {
