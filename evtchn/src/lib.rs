@@ -14,7 +14,11 @@
 //! * [`Xen`], the real thing: each channel opens its own handle on
 //!   `/dev/xen/evtchn` (as libxenvchan does), binds one port with the
 //!   device's ioctls, waits by reading the 4-byte port number and re-arms
-//!   the port by writing it back, and unbinds on drop.
+//!   the port by writing it back, and unbinds on drop. A channel that
+//!   sleeps for long also binds a loopback pair of ports on its handle, so
+//!   that a process-wide alarm can end a blocking read at its timeout
+//!   (docs/vchan.md §6.1): a timed wait then costs libxenvchan's two system
+//!   calls, not a `poll` more.
 //! * [`local::Local`], a double for any Linux host. A [`local::Hub`] (a
 //!   thread in some process, for example a test or a launcher) plays the
 //!   hypervisor and keeps the state of every port of every domain; clients

@@ -18,7 +18,9 @@ use crate::{Backend, DomId, Error, EventChannel, Port, PortStatus};
 pub const DEVICE_PATH: &str = "/dev/xen/evtchn";
 
 /// The real backend: every channel opens its own handle on
-/// [`DEVICE_PATH`] (`O_RDWR | O_CLOEXEC | O_NONBLOCK`), as libxenvchan does.
+/// [`DEVICE_PATH`] (`O_RDWR | O_CLOEXEC | O_NONBLOCK`), as libxenvchan does
+/// (the handle turns blocking when the channel first sleeps: see
+/// [`XenChannel`]).
 ///
 /// ```no_run
 /// use evtchn::{Backend, EventChannel, Xen};
