@@ -148,6 +148,16 @@ impl Alarm {
         Some(Armed { alarm: self, id })
     }
 
+    /// Whether a fired entry for `fd` other than `except` is still armed:
+    /// its sleeper waits for the fd's reader lock, and the loopback event
+    /// the lock's holder just read was that sleeper's kick.
+    pub(crate) fn kicked_for_another(&self, fd: RawFd, except: Option<&Armed>) -> bool {
+        let s = self.lock();
+        s.entries
+            .iter()
+            .any(|e| e.fd == fd && e.kicked && except.is_none_or(|a| a.id != e.id))
+    }
+
     /// Kicks fired so far.
     pub(crate) fn fired(&self) -> u64 {
         self.lock().fired
@@ -351,6 +361,25 @@ mod tests {
         }
         let _armed = a.arm(w.as_raw_fd(), 3, LINGER).expect("thread");
         assert_eq!(sleep_on(&r).0, 3);
+    }
+
+    #[test]
+    fn a_kick_for_another_sleeper_on_the_same_fd_is_told_apart() {
+        let a = alarm();
+        let (r, w) = pipe();
+        let mine = a
+            .arm(w.as_raw_fd(), 1, Duration::from_secs(30))
+            .expect("thread");
+        let theirs = a.arm(w.as_raw_fd(), 2, LINGER).expect("thread");
+        assert!(!a.kicked_for_another(w.as_raw_fd(), Some(&mine)));
+        assert_eq!(sleep_on(&r).0, 2);
+        // The holder of the fd (`mine`) read the other sleeper's kick.
+        assert!(a.kicked_for_another(w.as_raw_fd(), Some(&mine)));
+        assert!(a.kicked_for_another(w.as_raw_fd(), None));
+        assert!(!a.kicked_for_another(w.as_raw_fd(), Some(&theirs)));
+        assert!(!a.kicked_for_another(r.as_raw_fd(), None), "another fd");
+        drop(theirs);
+        assert!(!a.kicked_for_another(w.as_raw_fd(), Some(&mine)));
     }
 
     #[test]

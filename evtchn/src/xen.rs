@@ -298,13 +298,22 @@ impl XenChannel {
             },
         };
         let _reading = self.lock_reader();
+        // Another sleeper on this channel may have read our kick while we
+        // waited for the lock: our time is up.
+        if armed.as_ref().is_some_and(alarm::Armed::kicked) {
+            return Ok(false);
+        }
         loop {
             if self.take_events()? {
                 return Ok(true);
             }
-            // Only loopback ports: our alarm, or else a stray (the pair's
-            // bind wake-up, an earlier sleep's late kick): sleep on.
-            if armed.as_ref().is_some_and(alarm::Armed::kicked) {
+            // Only loopback ports. Our kick: time is up. Another sleeper's
+            // kick (it waits for the lock we hold): give way, a spurious
+            // wake-up for us. Else a stray (the pair's bind wake-up, a late
+            // kick for a sleep that has ended): sleep on.
+            if armed.as_ref().is_some_and(alarm::Armed::kicked)
+                || alarm::xen().kicked_for_another(self.fd.as_raw_fd(), armed.as_ref())
+            {
                 return Ok(false);
             }
         }

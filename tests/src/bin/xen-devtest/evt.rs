@@ -152,3 +152,40 @@ pub(crate) fn evt_status(c: &Ctx) -> R {
     }
     Ok(())
 }
+
+/// Two threads sleep on one channel that gets no event, one for 5 s, one
+/// for 300 ms started just after it: the short one must end near its 300 ms
+/// (the alarm's kick for it may be read by the long one, which holds the
+/// fd's reader lock and must give way: docs/vchan.md §6.1), not after 5 s.
+pub(crate) fn evt_two_sleepers(c: &Ctx) -> R {
+    const K: &str = "evt-two-sleepers";
+    let ch = evtchn::Xen.bind_unbound(c.peer).map_err(e2s)?;
+    let ch: &dyn EventChannel = &*ch;
+    let (long, short) = std::thread::scope(|s| {
+        let long = s.spawn(|| {
+            let t = Instant::now();
+            ch.wait_timeout(Duration::from_secs(5))
+                .map(|e| (e, t.elapsed()))
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let t = Instant::now();
+        let short = ch
+            .wait_timeout(Duration::from_millis(300))
+            .map(|e| (e, t.elapsed()));
+        (long.join(), short)
+    });
+    let (short_event, short_took) = short.map_err(e2s)?;
+    let long = long.map_err(|_| "the long sleeper panicked".to_string())?;
+    let (long_event, long_took) = long.map_err(e2s)?;
+    c.note(
+        K,
+        &format!("300 ms sleeper: {short_took:?}; 5 s sleeper beside it: {long_took:?}"),
+    );
+    ensure(!short_event && !long_event, || {
+        "an event on a channel nobody notifies".into()
+    })?;
+    ensure(
+        short_took >= Duration::from_millis(300) && short_took < Duration::from_secs(3),
+        || format!("the 300 ms sleeper beside a 5 s one took {short_took:?}"),
+    )
+}

@@ -286,6 +286,7 @@ const CHECKS: &[(&str, Check)] = &[
     ("evt-wrong-domain", evt_wrong_domain),
     ("evt-peer-close", evt_peer_close),
     ("evt-status", evt_status),
+    ("evt-two-sleepers", evt_two_sleepers),
     ("gnt-share-map", gnt_share_map),
     ("gnt-ro", gnt_ro),
     ("gnt-wrong-domain", gnt_wrong_domain),
