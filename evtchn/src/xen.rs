@@ -36,7 +36,7 @@ pub struct Xen;
 /// the port (`IOCTL_EVTCHN_UNBIND`) and closes the handle.
 ///
 /// How it sleeps (docs/vchan.md §6.1): the first wait that may last at
-/// least [`alarm::LINGER`] binds a *loopback* pair of ports on the same
+/// least 200 ms (`LINGER`) binds a *loopback* pair of ports on the same
 /// handle (a port unbound towards our own domain and a second port bound
 /// to it, `DOMID_SELF`) and turns the handle blocking. From then on a wait
 /// is what libxenvchan does, a blocking `read` and the re-arm `write`, and
