@@ -211,6 +211,9 @@ impl LocalOutput {
 #[derive(Debug, Default)]
 struct WriterState {
     queue: VecDeque<Vec<u8>>,
+    /// Written buffers kept for the pump to fill again
+    /// ([`OutputWriter::write`] hands one back), at most [`SPARE_BUFFERS`].
+    spare: Vec<Vec<u8>>,
     pending: usize,
     close_requested: bool,
     closed: bool,
@@ -240,6 +243,11 @@ impl WriterShared {
 /// four full chunks, so that the pump can drain the ring while the writer
 /// thread writes (with one chunk the two threads took turns per message).
 pub const OUTPUT_HIGH_WATER: usize = 4 * crate::proto::MAX_DATA_CHUNK_V3;
+
+/// How many written buffers the writer keeps for reuse: one more than the
+/// chunks the high-water mark lets queue up, so that the pump never has to
+/// allocate a payload buffer while the output keeps up.
+pub const SPARE_BUFFERS: usize = OUTPUT_HIGH_WATER / crate::proto::MAX_DATA_CHUNK_V3 + 2;
 
 /// A writer thread for one local output (see the module documentation).
 #[derive(Debug)]
@@ -296,19 +304,44 @@ impl OutputWriter {
         self.output.fd.as_fd()
     }
 
-    /// Queue data; discarded once closing, closed or broken.
-    pub fn write(&self, data: Vec<u8>) {
+    /// Queue data; discarded once closing, closed or broken. Returns a
+    /// buffer the thread has written out, if it kept one, for the caller to
+    /// fill again (its length and contents are left over from before): a
+    /// stream of payloads then reuses a few allocations instead of one new
+    /// one per message.
+    ///
+    /// ```
+    /// use qrexec::local::{CloseMode, LocalFd, LocalOutput, OutputWriter};
+    /// use std::os::fd::OwnedFd;
+    /// use std::sync::Arc;
+    /// let (a, b) = std::os::unix::net::UnixStream::pair()?;
+    /// let out = LocalOutput { fd: LocalFd::Owned(Arc::new(OwnedFd::from(a))), close: CloseMode::Shutdown };
+    /// let w = OutputWriter::start(out)?;
+    /// let first = b"hello".to_vec();
+    /// let at = first.as_ptr();
+    /// assert!(w.write(first).is_none());
+    /// while w.status().pending > 0 { std::thread::yield_now(); }
+    /// assert_eq!(w.write(b" world".to_vec()).map(|b| b.as_ptr()), Some(at));
+    /// w.finish();
+    /// let mut got = String::new();
+    /// std::io::Read::read_to_string(&mut &b, &mut got)?;
+    /// assert_eq!(got, "hello world");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn write(&self, data: Vec<u8>) -> Option<Vec<u8>> {
         if data.is_empty() {
-            return;
+            return None;
         }
         let mut st = self.shared.lock();
         if st.close_requested || st.broken.is_some() {
-            return;
+            return None;
         }
         st.pending += data.len();
         st.queue.push_back(data);
+        let spare = st.spare.pop();
         drop(st);
         self.shared.cond.notify_one();
+        spare
     }
 
     /// Ask the thread to end the output once everything queued is written.
@@ -372,6 +405,9 @@ fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
             let mut st = shared.lock();
             let before = st.pending;
             st.pending -= buf.len();
+            if st.spare.len() < SPARE_BUFFERS {
+                st.spare.push(buf);
+            }
             if let Err(e) = result {
                 let quiet = matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET));
                 if !quiet {
