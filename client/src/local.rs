@@ -211,6 +211,9 @@ impl LocalOutput {
 #[derive(Debug, Default)]
 struct WriterState {
     queue: VecDeque<Vec<u8>>,
+    /// Written buffers kept for the pump to fill again
+    /// ([`OutputWriter::write`] hands one back), at most [`SPARE_BUFFERS`].
+    spare: Vec<Vec<u8>>,
     pending: usize,
     close_requested: bool,
     closed: bool,
@@ -240,6 +243,20 @@ impl WriterShared {
 /// four full chunks, so that the pump can drain the ring while the writer
 /// thread writes (with one chunk the two threads took turns per message).
 pub const OUTPUT_HIGH_WATER: usize = 4 * crate::proto::MAX_DATA_CHUNK_V3;
+
+/// Pending-output level at or below which the writer wakes a pump that
+/// stopped at [`OUTPUT_HIGH_WATER`]: half of it. Waking it as soon as
+/// the level fell below the high-water mark (one chunk written) made the
+/// pump take one message per wake-up whenever the output was the slower
+/// end and the ring held more than the mark (a 1 MiB ring: one eventfd
+/// write, one wake-up and one poll per 64 KiB); from half way it takes
+/// two chunks or more per wake-up while the writer still has two queued.
+pub const OUTPUT_LOW_WATER: usize = OUTPUT_HIGH_WATER / 2;
+
+/// How many written buffers the writer keeps for reuse: one more than the
+/// chunks the high-water mark lets queue up, so that the pump never has to
+/// allocate a payload buffer while the output keeps up.
+pub const SPARE_BUFFERS: usize = OUTPUT_HIGH_WATER / crate::proto::MAX_DATA_CHUNK_V3 + 2;
 
 /// A writer thread for one local output (see the module documentation).
 #[derive(Debug)]
@@ -296,19 +313,44 @@ impl OutputWriter {
         self.output.fd.as_fd()
     }
 
-    /// Queue data; discarded once closing, closed or broken.
-    pub fn write(&self, data: Vec<u8>) {
+    /// Queue data; discarded once closing, closed or broken. Returns a
+    /// buffer the thread has written out, if it kept one, for the caller to
+    /// fill again (its length and contents are left over from before): a
+    /// stream of payloads then reuses a few allocations instead of one new
+    /// one per message.
+    ///
+    /// ```
+    /// use qrexec::local::{CloseMode, LocalFd, LocalOutput, OutputWriter};
+    /// use std::os::fd::OwnedFd;
+    /// use std::sync::Arc;
+    /// let (a, b) = std::os::unix::net::UnixStream::pair()?;
+    /// let out = LocalOutput { fd: LocalFd::Owned(Arc::new(OwnedFd::from(a))), close: CloseMode::Shutdown };
+    /// let w = OutputWriter::start(out)?;
+    /// let first = b"hello".to_vec();
+    /// let at = first.as_ptr();
+    /// assert!(w.write(first).is_none());
+    /// while w.status().pending > 0 { std::thread::yield_now(); }
+    /// assert_eq!(w.write(b" world".to_vec()).map(|b| b.as_ptr()), Some(at));
+    /// w.finish();
+    /// let mut got = String::new();
+    /// std::io::Read::read_to_string(&mut &b, &mut got)?;
+    /// assert_eq!(got, "hello world");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn write(&self, data: Vec<u8>) -> Option<Vec<u8>> {
         if data.is_empty() {
-            return;
+            return None;
         }
         let mut st = self.shared.lock();
         if st.close_requested || st.broken.is_some() {
-            return;
+            return None;
         }
         st.pending += data.len();
         st.queue.push_back(data);
+        let spare = st.spare.pop();
         drop(st);
         self.shared.cond.notify_one();
+        spare
     }
 
     /// Ask the thread to end the output once everything queued is written.
@@ -372,6 +414,9 @@ fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
             let mut st = shared.lock();
             let before = st.pending;
             st.pending -= buf.len();
+            if st.spare.len() < SPARE_BUFFERS {
+                st.spare.push(buf);
+            }
             if let Err(e) = result {
                 let quiet = matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET));
                 if !quiet {
@@ -383,11 +428,12 @@ fn writer_thread(shared: &WriterShared, output: &LocalOutput) {
                 st.queue.clear();
             }
             // Wake the pump only for what it may be waiting for: room
-            // below the high-water mark again, all written, or broken (one
-            // eventfd write and one wake-up less per chunk otherwise).
+            // again (down to the low-water mark: the pump stopped at the
+            // high-water mark and takes a batch), all written, or broken
+            // (one eventfd write and one wake-up less per chunk otherwise).
             let wake = st.broken.is_some()
                 || st.pending == 0
-                || (before >= OUTPUT_HIGH_WATER && st.pending < OUTPUT_HIGH_WATER);
+                || (before > OUTPUT_LOW_WATER && st.pending <= OUTPUT_LOW_WATER);
             drop(st);
             if wake {
                 shared.notify_main();
@@ -632,6 +678,72 @@ mod tests {
         }
         assert_eq!(w.status().pending, 0);
         w.finish();
+    }
+
+    /// The writer wakes a pump that stopped at the high-water mark only
+    /// once the output fell to the low-water mark (and when all is written
+    /// or the output ends), not every time one chunk fell below the mark:
+    /// the test plays the pump that refills to the mark after each chunk.
+    /// Through a 64 KiB pipe read 64 KiB at a time, the writer completes
+    /// exactly one 64 KiB chunk per read, so every level is known.
+    #[test]
+    fn writer_wakes_the_pump_at_the_low_water_mark() {
+        const C: usize = crate::proto::MAX_DATA_CHUNK_V3;
+        let (r, w) = nix::unistd::pipe().unwrap();
+        nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(C as i32)).unwrap();
+        let out = LocalOutput {
+            fd: LocalFd::Owned(Arc::new(w)),
+            close: CloseMode::Shutdown,
+        };
+        let writer = OutputWriter::start(out).unwrap();
+        let wake = writer.wake_fd().try_clone_to_owned().unwrap();
+        let mut r = std::fs::File::from(r);
+        let wait_pending = |want: usize| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while writer.status().pending != want {
+                assert!(
+                    Instant::now() < deadline,
+                    "pending stuck at {:?}",
+                    writer.status()
+                );
+                std::thread::yield_now();
+            }
+        };
+        let mut read_chunk = || {
+            let mut buf = vec![0u8; C];
+            r.read_exact(&mut buf).unwrap();
+        };
+        // A full pipe first, so that no chunk is written before all are
+        // queued.
+        assert_eq!(nix::unistd::write(writer.fd(), &[0u8; C]).unwrap(), C);
+        for _ in 0..OUTPUT_HIGH_WATER / C {
+            writer.write(vec![1u8; C]);
+        }
+        read_chunk();
+        wait_pending(OUTPUT_HIGH_WATER - C);
+        // Oscillate around the high-water mark, as a pump that reads one
+        // more message whenever it may.
+        for _ in 0..3 {
+            writer.write(vec![2u8; C]);
+            read_chunk();
+            wait_pending(OUTPUT_HIGH_WATER - C);
+        }
+        // Drain: through the low-water mark, then to empty.
+        let mut level = OUTPUT_HIGH_WATER - C;
+        while level > 0 {
+            read_chunk();
+            level -= C;
+            wait_pending(level);
+        }
+        read_chunk();
+        writer.finish();
+        let mut count = [0u8; 8];
+        assert_eq!(nix::unistd::read(&wake, &mut count).unwrap(), 8);
+        // Low-water mark, empty, closed: three wake-ups (waking as soon as
+        // the level fell below the high-water mark made it six: one for
+        // each of the four chunks written from the mark, then empty and
+        // closed).
+        assert_eq!(u64::from_ne_bytes(count), 3);
     }
 
     #[test]

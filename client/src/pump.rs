@@ -29,7 +29,7 @@ use crate::channel::{DataChannel, FromFd, FromFdError};
 use crate::filter::replace_escape_chars;
 use crate::local::{
     CloseMode, LocalFd, LocalInput, LocalOutput, LocalProgram, OUTPUT_HIGH_WATER, OutputWriter,
-    SignalWatch, WriterStatus, write_all_fd,
+    SPARE_BUFFERS, SignalWatch, WriterStatus, write_all_fd,
 };
 use crate::proto::{
     DecoderMode, MSG_HEADER_SIZE, Message, MessageDecoder, MsgHeader, MsgType, ProtoError,
@@ -349,6 +349,8 @@ enum Sink {
 struct DirectSink {
     out: LocalOutput,
     queue: std::collections::VecDeque<Vec<u8>>,
+    /// Written buffers, for the pump to fill again (as the thread's).
+    spare: Vec<Vec<u8>>,
     /// Bytes of `queue[0]` already written.
     head: usize,
     pending: usize,
@@ -372,7 +374,11 @@ impl DirectSink {
                     self.head += n;
                     self.pending -= n;
                     if self.head == buf.len() {
-                        self.queue.pop_front();
+                        if let Some(done) = self.queue.pop_front()
+                            && self.spare.len() < SPARE_BUFFERS
+                        {
+                            self.spare.push(done);
+                        }
                         self.head = 0;
                     }
                 }
@@ -398,6 +404,7 @@ impl Sink {
             return Ok(Sink::Direct(DirectSink {
                 out: output,
                 queue: Default::default(),
+                spare: Vec::new(),
                 head: 0,
                 pending: 0,
                 close_requested: false,
@@ -436,16 +443,19 @@ impl Sink {
         }
     }
 
-    fn write(&mut self, data: Vec<u8>) {
+    /// Queue `data`; returns a written buffer to fill again, if one was
+    /// kept (see [`OutputWriter::write`]).
+    fn write(&mut self, data: Vec<u8>) -> Option<Vec<u8>> {
         match self {
             Sink::Thread(w) => w.write(data),
             Sink::Direct(d) => {
                 if data.is_empty() || d.close_requested || d.broken.is_some() {
-                    return;
+                    return None;
                 }
                 d.pending += data.len();
                 d.queue.push_back(data);
                 d.flush();
+                d.spare.pop()
             }
         }
     }
@@ -609,7 +619,11 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 if self.cfg.filter_stdout {
                     replace_escape_chars(&mut data);
                 }
-                self.writer.write(data);
+                // The buffer of a payload written earlier comes back to
+                // be filled again: no allocation per message.
+                if let Some(buf) = self.writer.write(data) {
+                    self.decoder.recycle(buf);
+                }
             }
             Message::Stderr(mut data) => {
                 let Some(stderr) = self.stderr.as_mut() else {
@@ -624,6 +638,7 @@ impl<C: DataChannel + ?Sized> Pump<'_, C> {
                 if let Err(e) = stderr.write_all(&data) {
                     log::debug!("writing service stderr: {e}");
                 }
+                self.decoder.recycle(data);
             }
             Message::ExitCode(code) if self.role == Role::Client => {
                 log::debug!("service exit code {code}");
