@@ -10,7 +10,6 @@
 //! agent logged "vchan connection timeout" on ours).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
 
 mod support;
 use std::time::Duration;
@@ -30,14 +29,8 @@ fn async_client_wakes_on_its_watch_fd_when_the_server_is_already_up() {
     let xen = LocalXen::start(xen_dir.path(), &[0, SERVER, CLIENT]).unwrap();
     let t = xen.transport(SERVER);
     let mut srv = Vchan::server(&t, CLIENT, PORT, 0, 0).unwrap();
-    let mut child = Command::new(&exe)
+    let mut child = support::c_program_command(&exe, xen_dir.path(), CLIENT)
         .args([SERVER.to_string(), PORT.to_string(), ROUNDS.to_string()])
-        .env_remove("VCHAN_SOCKET_DIR")
-        .env("VCHAN_LOCAL_DIR", xen_dir.path())
-        .env("VCHAN_DOMAIN", CLIENT.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut to_c = child.stdin.take().unwrap();

@@ -8,7 +8,6 @@
 //! EPROTO` and log a line, never crash or hang.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
 
 mod support;
 use std::time::{Duration, Instant};
@@ -28,13 +27,7 @@ fn a_peer_corrupting_the_ring_gets_eproto_through_the_c_api() {
     let exe = support::build_c_program(tmp.path(), "corrupt_ring");
     let xen_dir = tempfile::tempdir().unwrap();
     let xen = LocalXen::start(xen_dir.path(), &[0, SERVER, PEER]).unwrap();
-    let mut child = Command::new(&exe)
-        .env_remove("VCHAN_SOCKET_DIR")
-        .env("VCHAN_LOCAL_DIR", xen_dir.path())
-        .env("VCHAN_DOMAIN", SERVER.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = support::c_program_command(&exe, xen_dir.path(), SERVER)
         .spawn()
         .unwrap();
     // A watchdog: a hang fails the test (the program is killed, its

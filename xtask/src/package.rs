@@ -20,8 +20,30 @@ use crate::util::{cargo, root, target_dir};
 /// The crate that ships the command.
 const CRATE: &str = "qrexec";
 /// The package names (as in the crates' metadata).
-const CLIENT_PKG: &str = "qrexec-client-vm-rs";
+pub(crate) const CLIENT_PKG: &str = "qrexec-client-vm-rs";
 pub(crate) const LIB_PKG: &str = "libvchan-xen-rs";
+
+/// What the client's `.deb` installs: the assets of `client/Cargo.toml`'s
+/// `[package.metadata.deb]` and the copyright file cargo-deb adds. The
+/// lab's `package` phase checks `dpkg-deb -c`, `dpkg -L` and the installed
+/// tree against it.
+pub(crate) const CLIENT_DEB_FILES: &[&str] = &[
+    "/usr/bin/qrexec-client-vm",
+    "/usr/share/man/man1/qrexec-client-vm.1.gz",
+    "/usr/share/bash-completion/completions/qrexec-client-vm",
+    "/usr/share/zsh/vendor-completions/_qrexec-client-vm",
+    "/usr/share/fish/vendor_completions.d/qrexec-client-vm.fish",
+    "/usr/share/doc/qrexec-client-vm-rs/copyright",
+];
+/// What the client's `.rpm` installs: the assets of
+/// `[package.metadata.generate-rpm]` (the lab checks `rpm -qlp`).
+pub(crate) const CLIENT_RPM_FILES: &[&str] = &[
+    "/usr/libexec/qrexec-client-vm-rs",
+    "/usr/share/man/man1/qrexec-client-vm-rs.1.gz",
+    "/usr/share/bash-completion/completions/qrexec-client-vm",
+    "/usr/share/zsh/site-functions/_qrexec-client-vm",
+    "/usr/share/fish/vendor_completions.d/qrexec-client-vm.fish",
+];
 
 /// Where the generated assets go, relative to the target directory.
 const ASSETS: &str = "release/pkg-assets";
@@ -92,8 +114,8 @@ fn library_assets(dir: &Path) -> Result<(), String> {
 }
 
 /// The newest file in `dir` whose name starts with `prefix` and ends with
-/// `suffix`.
-fn newest(dir: &Path, prefix: &str, suffix: &str) -> Result<PathBuf, String> {
+/// `suffix` (also how the lab finds the packages this command made).
+pub(crate) fn newest(dir: &Path, prefix: &str, suffix: &str) -> Result<PathBuf, String> {
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
         let e = e.map_err(|e| e.to_string())?;
@@ -252,16 +274,35 @@ mod tests {
         }
         // deb: man page + 3 completions; rpm: binary + man page + 3 completions.
         assert_eq!(named, 9);
-        for dest in [
-            "usr/bin/qrexec-client-vm\"",
-            "usr/share/man/man1/qrexec-client-vm.1.gz\"",
-            "/usr/share/bash-completion/completions/qrexec-client-vm\"",
-            "/usr/share/zsh/site-functions/_qrexec-client-vm\"",
-            "usr/share/zsh/vendor-completions/_qrexec-client-vm\"",
-            "/usr/share/fish/vendor_completions.d/qrexec-client-vm.fish\"",
-        ] {
-            assert!(toml.contains(dest), "{dest} is not installed");
+        // Where they are installed: `the_client_file_lists_match_the_metadata`.
+    }
+
+    /// Each file the client's packages must install (the lists the lab's
+    /// `package` phase checks the built packages and the installed tree
+    /// against) is a destination in `client/Cargo.toml`: the .deb's
+    /// without a leading `/` (cargo-deb), the .rpm's with one; the
+    /// copyright file is cargo-deb's own.
+    #[test]
+    fn the_client_file_lists_match_the_metadata() {
+        let toml = std::fs::read_to_string(root().join("client/Cargo.toml")).unwrap();
+        for f in CLIENT_DEB_FILES.iter().filter(|f| !f.contains("/doc/")) {
+            assert!(
+                toml.contains(&format!("\"{}\"", f.trim_start_matches('/'))),
+                "{f} is not installed by the .deb"
+            );
         }
+        assert!(
+            CLIENT_DEB_FILES.contains(&format!("/usr/share/doc/{CLIENT_PKG}/copyright").as_str())
+        );
+        for f in CLIENT_RPM_FILES {
+            assert!(
+                toml.contains(&format!("\"{f}\"")),
+                "{f} is not installed by the .rpm"
+            );
+        }
+        // The command, the man page and the three completions each.
+        assert_eq!(CLIENT_DEB_FILES.len(), 6);
+        assert_eq!(CLIENT_RPM_FILES.len(), 5);
     }
 
     /// The value of `key = "..."` in `line`, if there.

@@ -40,6 +40,9 @@ use crate::util;
 /// Bumped whenever the build recipe changes, so cached builds are redone.
 const RECIPE: &str = "1";
 
+/// The snapshots the socket flavour is built from.
+const SNAPSHOTS: [&str; 2] = ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-socket.tar.gz"];
+
 /// The unprivileged user the C stack runs as when we are root.
 pub const TEST_USER: &str = "qrexec-test";
 
@@ -69,8 +72,10 @@ fn usage() -> String {
         .into()
 }
 
-/// Where the pinned upstream snapshots are.
-fn snapshots() -> Result<PathBuf, String> {
+/// Where the pinned upstream snapshots are: `UPSTREAM_DIR`, else
+/// `../shared/upstream` beside the repository (the first that holds
+/// `qubes-core-qrexec.tar.gz`). Also the lab's (`lab/cstack.rs`).
+pub(crate) fn snapshots() -> Result<PathBuf, String> {
     let cands = [
         std::env::var_os("UPSTREAM_DIR").map(PathBuf::from),
         Some(util::root().join("../shared/upstream")),
@@ -84,6 +89,42 @@ fn snapshots() -> Result<PathBuf, String> {
              (or UPSTREAM_DIR)"
                 .to_string()
         })
+}
+
+/// A cache stamp's lines for the snapshots `names` in `snaps`: `name size`
+/// each, so a build is redone when a snapshot is replaced.
+pub(crate) fn snapshot_stamp(snaps: &Path, names: &[&str]) -> Result<String, String> {
+    let mut stamp = String::new();
+    for name in names {
+        let m = fs::metadata(snaps.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        stamp.push_str(&format!("{name} {}\n", m.len()));
+    }
+    Ok(stamp)
+}
+
+/// Unpacks the snapshots `names` (tarballs in `snaps`, as found by
+/// [`snapshots`]) into `dir`, each as its top directory
+/// (`dir/qubes-core-qrexec/...`). Used by this module's builds and the
+/// lab's C stack (`lab/cstack.rs`), so both read the snapshots the same
+/// way. An error carries tar's output.
+pub(crate) fn unpack(snaps: &Path, names: &[&str], dir: &Path) -> Result<(), String> {
+    for name in names {
+        let mut cmd = Command::new("tar");
+        cmd.arg("xzf").arg(snaps.join(name)).arg("-C").arg(dir);
+        let out = cmd
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| format!("{cmd:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{cmd:?} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs a command; an error with its name if it fails.
@@ -142,10 +183,7 @@ pub fn build() -> Result<Built, String> {
     let base = util::target_dir().join("upstream");
     let out = base.join("socket");
     let mut stamp = format!("recipe {RECIPE}\n");
-    for name in ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-socket.tar.gz"] {
-        let m = fs::metadata(snaps.join(name)).map_err(|e| format!("{name}: {e}"))?;
-        stamp.push_str(&format!("{name} {}\n", m.len()));
-    }
+    stamp.push_str(&snapshot_stamp(&snaps, &SNAPSHOTS)?);
     stamp.push_str(&format!(
         "pam {}\n",
         Path::new("/usr/include/security/pam_appl.h").exists()
@@ -173,13 +211,7 @@ pub fn build() -> Result<Built, String> {
     println!("== building the C qrexec stack (upstream snapshots, BACKEND_VMM=socket)");
     let _ = fs::remove_dir_all(&out);
     fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    for name in ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-socket.tar.gz"] {
-        sh(Command::new("tar")
-            .arg("xzf")
-            .arg(snaps.join(name))
-            .arg("-C")
-            .arg(&out))?;
-    }
+    unpack(&snaps, &SNAPSHOTS, &out)?;
     let p = &built.prefix;
     let vs = out.join("qubes-core-vchan-socket/vchan");
     sh(Command::new("make")
@@ -314,11 +346,7 @@ fn build_on_ours() -> Result<Built, String> {
     let t0 = Instant::now();
     println!("== building the C qrexec stack on our libvchan (BACKEND_VMM=socket)");
     let _ = fs::remove_dir_all(&built.qrexec);
-    sh(Command::new("tar")
-        .arg("xzf")
-        .arg(snaps.join("qubes-core-qrexec.tar.gz"))
-        .arg("-C")
-        .arg(&out))?;
+    unpack(&snaps, &["qubes-core-qrexec.tar.gz"], &out)?;
     make_qrexec(&built.qrexec, &built.prefix)?;
     fs::write(&stamp_path, stamp).map_err(|e| e.to_string())?;
     println!("   built in {:.1} s", t0.elapsed().as_secs_f64());
@@ -710,4 +738,45 @@ pub fn vchan_tests() -> Result<(u32, u32), String> {
         ));
     }
     Ok((up, ours_p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpack_puts_each_snapshot_in_the_dir_and_stamps_its_size() {
+        let tmp = std::env::temp_dir().join(format!("xtask-unpack-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let (snaps, src, into) = (tmp.join("snaps"), tmp.join("src"), tmp.join("into"));
+        for d in [&snaps, &src.join("qubes-x"), &into] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(src.join("qubes-x/Makefile"), "all:\n").unwrap();
+        sh(Command::new("tar")
+            .arg("czf")
+            .arg(snaps.join("qubes-x.tar.gz"))
+            .arg("-C")
+            .arg(&src)
+            .arg("qubes-x"))
+        .unwrap();
+        unpack(&snaps, &["qubes-x.tar.gz"], &into).unwrap();
+        assert_eq!(
+            fs::read_to_string(into.join("qubes-x/Makefile")).unwrap(),
+            "all:\n"
+        );
+        let size = fs::metadata(snaps.join("qubes-x.tar.gz")).unwrap().len();
+        assert_eq!(
+            snapshot_stamp(&snaps, &["qubes-x.tar.gz"]).unwrap(),
+            format!("qubes-x.tar.gz {size}\n")
+        );
+        // A missing snapshot: tar's complaint in the error, not a panic.
+        let err = unpack(&snaps, &["qubes-y.tar.gz"], &into).unwrap_err();
+        assert!(
+            err.contains("qubes-y.tar.gz") && err.contains("failed"),
+            "{err}"
+        );
+        assert!(snapshot_stamp(&snaps, &["qubes-y.tar.gz"]).is_err());
+        fs::remove_dir_all(&tmp).unwrap();
+    }
 }

@@ -1,7 +1,7 @@
 //! Shared by the tests that run a C program on our library.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// `tests/c/<name>.c` built in `dir` against our header and linked with
 /// our library under its soname (`dir/lib/libvchan-xen.so.1`, found by
@@ -40,4 +40,19 @@ pub fn build_c_program(dir: &Path, name: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     exe
+}
+
+/// The C program `exe` set up to run as domain `domain` on the Local
+/// transport whose directory is `local_dir` (`VCHAN_LOCAL_DIR`; no
+/// `VCHAN_SOCKET_DIR` inherited), its stdin, stdout and stderr piped to
+/// the test. The caller adds arguments and spawns it.
+pub fn c_program_command(exe: &Path, local_dir: &Path, domain: u16) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env_remove("VCHAN_SOCKET_DIR")
+        .env("VCHAN_LOCAL_DIR", local_dir)
+        .env("VCHAN_DOMAIN", domain.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
 }

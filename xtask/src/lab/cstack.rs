@@ -27,6 +27,9 @@ use super::ourlib::GUEST_DIR;
 /// Bumped whenever the recipe changes.
 const RECIPE: &str = "1";
 
+/// The snapshots it is built from (in `crate::upstream::snapshots()`).
+const SNAPSHOTS: [&str; 2] = ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-xen.tar.gz"];
+
 /// The shipped names: (built path relative to the build dir, name in
 /// the guests).
 const SHIPPED: &[(&str, &str)] = &[
@@ -43,17 +46,6 @@ const SHIPPED: &[(&str, &str)] = &[
     ),
     ("prefix/lib/libvchan-xen.so.1", "libvchan-xen-qubes.so.1"),
 ];
-
-fn snapshots() -> Result<PathBuf, String> {
-    [
-        std::env::var_os("UPSTREAM_DIR").map(PathBuf::from),
-        Some(crate::util::root().join("../shared/upstream")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.join("qubes-core-qrexec.tar.gz").is_file())
-    .ok_or_else(|| "no upstream snapshots (../shared/upstream or UPSTREAM_DIR)".to_string())
-}
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     let out = cmd
@@ -81,14 +73,11 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 /// Builds (or reuses) the stack; returns the files to ship, already
 /// under their guest names.
 pub(super) fn build() -> Result<Vec<PathBuf>, String> {
-    let snaps = snapshots()?;
+    let snaps = crate::upstream::snapshots()?;
     let base = crate::util::target_dir().join("lab-cstack");
     let ship = base.join("ship");
     let mut stamp = format!("recipe {RECIPE}\n");
-    for name in ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-xen.tar.gz"] {
-        let m = fs::metadata(snaps.join(name)).map_err(|e| format!("{name}: {e}"))?;
-        stamp.push_str(&format!("{name} {}\n", m.len()));
-    }
+    stamp.push_str(&crate::upstream::snapshot_stamp(&snaps, &SNAPSHOTS)?);
     let shipped: Vec<PathBuf> = SHIPPED.iter().map(|(_, n)| ship.join(n)).collect();
     let stamp_path = base.join("stamp");
     if fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str())
@@ -102,13 +91,7 @@ pub(super) fn build() -> Result<Vec<PathBuf>, String> {
     );
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(&ship).map_err(|e| format!("{}: {e}", ship.display()))?;
-    for name in ["qubes-core-qrexec.tar.gz", "qubes-core-vchan-xen.tar.gz"] {
-        run(Command::new("tar")
-            .arg("xzf")
-            .arg(snaps.join(name))
-            .arg("-C")
-            .arg(&base))?;
-    }
+    crate::upstream::unpack(&snaps, &SNAPSHOTS, &base)?;
     let prefix = base.join("prefix");
     // Qubes' libvchan-xen on Debian's libxenvchan; its `install` also
     // provides the `vchan.pc` alias libqrexec's Makefile asks for.

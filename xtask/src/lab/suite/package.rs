@@ -26,30 +26,16 @@ use std::time::{Duration, Instant};
 use super::qrexec::{self, Caller};
 use super::{Run, St};
 use crate::lab::debian_domu;
+// The Debian package's name, and what the `.deb` (`dpkg -c`, `dpkg -L`)
+// and the `.rpm` (`rpm -qlp`) must install: `cargo xtask package`'s own
+// lists, which its tests check against the packages' metadata.
+use crate::package::{
+    CLIENT_DEB_FILES as DEB_FILES, CLIENT_PKG as PKG, CLIENT_RPM_FILES as RPM_FILES, newest,
+};
 
 const SECTION: &str = "package";
 /// The Debian-root domU of this phase.
 const DOMU: &str = "domU3";
-/// The Debian package's name.
-const PKG: &str = "qrexec-client-vm-rs";
-
-/// What the `.deb` must install (`dpkg -c`, `dpkg -L`).
-const DEB_FILES: &[&str] = &[
-    "/usr/bin/qrexec-client-vm",
-    "/usr/share/man/man1/qrexec-client-vm.1.gz",
-    "/usr/share/bash-completion/completions/qrexec-client-vm",
-    "/usr/share/zsh/vendor-completions/_qrexec-client-vm",
-    "/usr/share/fish/vendor_completions.d/qrexec-client-vm.fish",
-    "/usr/share/doc/qrexec-client-vm-rs/copyright",
-];
-/// What the `.rpm` must install (`rpm -qlp`).
-const RPM_FILES: &[&str] = &[
-    "/usr/libexec/qrexec-client-vm-rs",
-    "/usr/share/man/man1/qrexec-client-vm-rs.1.gz",
-    "/usr/share/bash-completion/completions/qrexec-client-vm",
-    "/usr/share/zsh/site-functions/_qrexec-client-vm",
-    "/usr/share/fish/vendor_completions.d/qrexec-client-vm.fish",
-];
 
 /// Parts of the Debian root that change without the package having left
 /// anything: dpkg's own database and logs, the man-db index (its trigger),
@@ -87,44 +73,13 @@ fn missing<'a>(list: &str, want: &[&'a str]) -> Vec<&'a str> {
 /// and `.rpm` of `qrexec-client-vm-rs` it made.
 fn build_packages() -> Result<(PathBuf, PathBuf), String> {
     let me = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let out = Command::new(me)
-        .arg("package")
-        .current_dir(crate::util::root())
-        .output()
-        .map_err(|e| format!("xtask package: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cargo xtask package failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    crate::package::run_tool(Command::new(me).arg("package"))
+        .map_err(|e| format!("cargo xtask package: {e}"))?;
     let dir = crate::util::target_dir().join("packages");
     Ok((
         newest(&dir, &format!("{PKG}_"), ".deb")?,
         newest(&dir, &format!("{PKG}-"), ".rpm")?,
     ))
-}
-
-/// The newest file in `dir` named `prefix*suffix`.
-fn newest(dir: &Path, prefix: &str, suffix: &str) -> Result<PathBuf, String> {
-    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-        let e = e.map_err(|e| e.to_string())?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with(prefix) && name.ends_with(suffix) {
-            let t = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .map_err(|e| e.to_string())?;
-            if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
-                best = Some((t, e.path()));
-            }
-        }
-    }
-    best.map(|(_, p)| p)
-        .ok_or_else(|| format!("no {prefix}*{suffix} in {}", dir.display()))
 }
 
 fn host(cmd: &mut Command) -> Result<String, String> {
@@ -468,19 +423,5 @@ mod tests {
             assert!(c.contains(&format!("-path {p}")));
         }
         assert!(c.ends_with("> /x"));
-    }
-
-    #[test]
-    fn the_package_lists_match_the_metadata() {
-        let toml = std::fs::read_to_string(crate::util::root().join("client/Cargo.toml")).unwrap();
-        for f in DEB_FILES.iter().filter(|f| !f.contains("/doc/")) {
-            assert!(
-                toml.contains(&format!("\"{}\"", f.trim_start_matches('/'))),
-                "{f}"
-            );
-        }
-        for f in RPM_FILES {
-            assert!(toml.contains(&format!("\"{f}\"")), "{f}");
-        }
     }
 }
