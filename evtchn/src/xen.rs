@@ -69,9 +69,7 @@ struct Loopback {
 pub(crate) fn kick_loopback(fd: RawFd, bound: Port) {
     // SAFETY: the alarm's contract: a sleeper keeps its handle open while its entry is armed, and the thread kicks only armed entries, under the registry's lock that the entry's removal also takes.
     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-    let arg = sys::IoctlEvtchnNotify { port: bound };
-    // SAFETY: IOCTL_EVTCHN_NOTIFY takes a `struct ioctl_evtchn_notify`.
-    let _ = unsafe { ioctl_with(fd, sys::IOCTL_EVTCHN_NOTIFY, &arg) };
+    let _ = notify_port(fd, bound);
 }
 
 fn open_device() -> Result<OwnedFd, Error> {
@@ -111,6 +109,34 @@ unsafe fn ioctl_with<T>(fd: BorrowedFd<'_>, request: u32, arg: &T) -> Result<i32
     Errno::result(rc)
 }
 
+/// A bind ioctl (`request` with its struct `T`) on `fd`, retried on
+/// `EINTR`: the new local port, or the errno.
+///
+/// # Safety
+///
+/// As [`ioctl_with`]: `request` must be a bind ioctl taking a `T`.
+unsafe fn bind_ioctl<T>(fd: BorrowedFd<'_>, request: u32, arg: &T) -> Result<i32, Errno> {
+    loop {
+        // SAFETY: the caller's contract is `ioctl_with`'s.
+        match unsafe { ioctl_with(fd, request, arg) } {
+            Err(Errno::EINTR) => {}
+            r => return r,
+        }
+    }
+}
+
+/// `IOCTL_EVTCHN_NOTIFY` of `port` on `fd`, retried on `EINTR`.
+fn notify_port(fd: BorrowedFd<'_>, port: Port) -> Result<(), Errno> {
+    let arg = sys::IoctlEvtchnNotify { port };
+    loop {
+        // SAFETY: IOCTL_EVTCHN_NOTIFY takes a `struct ioctl_evtchn_notify`.
+        match unsafe { ioctl_with(fd, sys::IOCTL_EVTCHN_NOTIFY, &arg) } {
+            Err(Errno::EINTR) => {}
+            r => return r.map(drop),
+        }
+    }
+}
+
 impl XenChannel {
     fn bind<T>(
         op: &'static str,
@@ -120,26 +146,17 @@ impl XenChannel {
         remote_port: Option<Port>,
     ) -> Result<XenChannel, Error> {
         let fd = open_device()?;
-        let port = loop {
-            // SAFETY: both bind requests passed here take exactly the struct type `T` that the caller pairs with them (see `Backend for Xen`).
-            match unsafe { ioctl_with(fd.as_fd(), request, arg) } {
-                Err(Errno::EINTR) => {}
-                Err(source) => {
-                    return Err(Error::Bind {
-                        op,
-                        remote,
-                        remote_port,
-                        source,
-                    });
-                }
-                Ok(rc) => {
-                    break Port::try_from(rc).map_err(|_| Error::Protocol {
-                        op,
-                        detail: format!("the device returned port {rc}"),
-                    })?;
-                }
-            }
-        };
+        // SAFETY: both bind requests passed here take exactly the struct type `T` that the caller pairs with them (see `Backend for Xen`).
+        let rc = unsafe { bind_ioctl(fd.as_fd(), request, arg) }.map_err(|source| Error::Bind {
+            op,
+            remote,
+            remote_port,
+            source,
+        })?;
+        let port = Port::try_from(rc).map_err(|_| Error::Protocol {
+            op,
+            detail: format!("the device returned port {rc}"),
+        })?;
         let ch = XenChannel {
             fd,
             port,
@@ -153,14 +170,9 @@ impl XenChannel {
 
     /// One bind ioctl on our handle; the new port, or `None`.
     fn bind_more<T>(&self, request: u32, arg: &T) -> Option<Port> {
-        loop {
-            // SAFETY: the callers pass the bind requests with their own struct types (`bind_loopback`).
-            match unsafe { ioctl_with(self.fd.as_fd(), request, arg) } {
-                Err(Errno::EINTR) => {}
-                Err(_) => return None,
-                Ok(rc) => return Port::try_from(rc).ok(),
-            }
-        }
+        // SAFETY: the callers pass the bind requests with their own struct types (`bind_loopback`).
+        let rc = unsafe { bind_ioctl(self.fd.as_fd(), request, arg) }.ok()?;
+        Port::try_from(rc).ok()
     }
 
     fn unbind(&self, port: Port) {
@@ -216,6 +228,12 @@ impl XenChannel {
         })
     }
 
+    /// The loopback pair if it is bound (the fd is blocking), without
+    /// trying to bind it.
+    fn bound_loopback(&self) -> Option<Loopback> {
+        self.loopback.get().copied().flatten()
+    }
+
     fn lock_reader(&self) -> MutexGuard<'_, ()> {
         self.reader.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -264,7 +282,7 @@ impl XenChannel {
                 detail: format!("read of {n} bytes from {DEVICE_PATH}"),
             });
         }
-        let lb = self.loopback.get().copied().flatten();
+        let lb = self.bound_loopback();
         let mut own = false;
         let mut stranger = None;
         for p in buf[..n].chunks_exact(4) {
@@ -406,21 +424,11 @@ impl EventChannel for XenChannel {
     }
 
     fn notify(&self) -> Result<(), Error> {
-        let arg = sys::IoctlEvtchnNotify { port: self.port };
-        loop {
-            // SAFETY: IOCTL_EVTCHN_NOTIFY takes a `struct ioctl_evtchn_notify`.
-            match unsafe { ioctl_with(self.fd.as_fd(), sys::IOCTL_EVTCHN_NOTIFY, &arg) } {
-                Ok(_) => return Ok(()),
-                Err(Errno::EINTR) => {}
-                Err(source) => {
-                    return Err(Error::Ioctl {
-                        op: "IOCTL_EVTCHN_NOTIFY",
-                        port: self.port,
-                        source,
-                    });
-                }
-            }
-        }
+        notify_port(self.fd.as_fd(), self.port).map_err(|source| Error::Ioctl {
+            op: "IOCTL_EVTCHN_NOTIFY",
+            port: self.port,
+            source,
+        })
     }
 
     fn wait(&self) -> Result<(), Error> {
@@ -434,18 +442,18 @@ impl EventChannel for XenChannel {
     }
 
     fn wait_timeout(&self, timeout: Duration) -> Result<bool, Error> {
-        let lb = if timeout >= alarm::LINGER {
-            self.loopback()
-        } else {
-            self.loopback.get().copied().flatten()
-        };
-        match lb {
-            Some(lb) if timeout >= alarm::LINGER => self.sleep(lb, Some(timeout)),
-            Some(_) => self.poll_then_take(timeout),
-            None => crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
-                self.consume_pending()
-            }),
+        // A long wait binds the pair on first use; a short one polls, on
+        // a blocking fd only under the reader lock.
+        if timeout >= alarm::LINGER {
+            if let Some(lb) = self.loopback() {
+                return self.sleep(lb, Some(timeout));
+            }
+        } else if self.bound_loopback().is_some() {
+            return self.poll_then_take(timeout);
         }
+        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
+            self.consume_pending()
+        })
     }
 
     /// Never blocks: while another thread of ours reads the fd (or sleeps
@@ -456,7 +464,7 @@ impl EventChannel for XenChannel {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return Ok(false),
         };
-        if self.loopback.get().is_some_and(Option::is_some) && !self.readable_now()? {
+        if self.bound_loopback().is_some() && !self.readable_now()? {
             return Ok(false);
         }
         self.take_events()
@@ -519,10 +527,9 @@ fn privcmd_port_status(port: Port) -> Option<PortStatus> {
 
 impl Drop for XenChannel {
     fn drop(&mut self) {
-        let arg = sys::IoctlEvtchnUnbind { port: self.port };
-        // A failure leaves nothing to do: closing the fd unbinds as well.
-        // SAFETY: IOCTL_EVTCHN_UNBIND takes a `struct ioctl_evtchn_unbind`.
-        let _ = unsafe { ioctl_with(self.fd.as_fd(), sys::IOCTL_EVTCHN_UNBIND, &arg) };
+        // A failure leaves nothing to do: closing the fd unbinds as well
+        // (the loopback pair goes with it).
+        self.unbind(self.port);
     }
 }
 
