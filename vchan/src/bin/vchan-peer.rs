@@ -38,6 +38,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{Usage, UsageWho, getrusage};
+use nix::sys::time::TimeVal;
 use vchan::{Compat, PortName, Transport, Vchan};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -229,8 +231,32 @@ fn parse() -> Result<Opts, String> {
 /// Sends the stream; returns (our checksum, the peer's, seconds). Timed as
 /// vchan-node times its sender: from after the length header to the
 /// peer's checksum, the closing ack not included.
+/// This process's CPU time and context switches so far.
+fn rusage_now() -> Option<Usage> {
+    getrusage(UsageWho::RUSAGE_SELF).ok()
+}
+
+/// What the process spent between two [`rusage_now`] readings, as `vchan-node`
+/// prints it: `window: user_ms=… sys_ms=… vcsw=… ivcsw=… minflt=…` (the lab divides
+/// by the MiB moved).
+fn print_window(a: Option<Usage>, b: Option<Usage>) {
+    let (Some(a), Some(b)) = (a, b) else { return };
+    let ms = |x: TimeVal, y: TimeVal| {
+        (y.tv_sec() - x.tv_sec()) as f64 * 1e3 + (y.tv_usec() - x.tv_usec()) as f64 / 1e3
+    };
+    eprintln!(
+        "window: user_ms={:.3} sys_ms={:.3} vcsw={} ivcsw={} minflt={}",
+        ms(a.user_time(), b.user_time()),
+        ms(a.system_time(), b.system_time()),
+        b.voluntary_context_switches() - a.voluntary_context_switches(),
+        b.involuntary_context_switches() - a.involuntary_context_switches(),
+        b.minor_page_faults() - a.minor_page_faults()
+    );
+}
+
 fn send_side(v: &mut Vchan, o: &Opts) -> Result<(u64, u64, f64), vchan::Error> {
     v.send(&o.bytes.to_le_bytes())?;
+    let u0 = rusage_now();
     let t0 = Instant::now();
     let step = o.packet.unwrap_or(o.chunk);
     let mut buf = vec![0u8; step.div_ceil(8) * 8];
@@ -254,6 +280,7 @@ fn send_side(v: &mut Vchan, o: &Opts) -> Result<(u64, u64, f64), vchan::Error> {
     let mut peer = [0u8; 8];
     v.recv(&mut peer)?;
     let secs = t0.elapsed().as_secs_f64();
+    print_window(u0, rusage_now());
     let _ = v.send(&[1]);
     Ok((h.finish(), u64::from_le_bytes(peer), secs))
 }
@@ -267,6 +294,7 @@ fn send_side(v: &mut Vchan, o: &Opts) -> Result<(u64, u64, f64), vchan::Error> {
 fn recv_side(v: &mut Vchan, o: &Opts) -> Result<(u64, u64, f64), vchan::Error> {
     let mut hdr = [0u8; 8];
     v.recv(&mut hdr)?;
+    let u0 = rusage_now();
     let t0 = Instant::now();
     let total = u64::from_le_bytes(hdr);
     let step = o.packet.unwrap_or(o.chunk);
@@ -288,6 +316,7 @@ fn recv_side(v: &mut Vchan, o: &Opts) -> Result<(u64, u64, f64), vchan::Error> {
     }
     let sum = h.finish();
     let secs = t0.elapsed().as_secs_f64();
+    print_window(u0, rusage_now());
     v.send(&sum.to_le_bytes())?;
     let mut ack = [0u8; 1];
     let _ = v.recv(&mut ack);

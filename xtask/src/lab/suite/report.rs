@@ -63,6 +63,9 @@ pub(super) struct CountRow {
     pub(super) side: String,
     /// CPU ms, voluntary and involuntary context switches.
     pub(super) time: Option<(f64, f64, f64)>,
+    /// Inside the program's timed window: user ms, system ms, voluntary
+    /// and involuntary context switches, minor page faults.
+    pub(super) window: Option<[f64; 5]>,
     /// Syscalls: total, ioctl, read, write, poll, clock_gettime.
     pub(super) calls: Option<[f64; 6]>,
 }
@@ -207,9 +210,11 @@ impl Report {
                  CPU and context switches from `busybox time -v` around the best timed run;\n\
                  syscalls from one more transfer under `strace -c -f` (`ioctl` = evtchn notify,\n\
                  `read`/`write` = evtchn wait/unmask, `poll` ours only, `clock` = clock_gettime,\n\
-                 a syscall in these PV guests). Whole process, set-up included.\n\n\
-                 | ring | direction | pairing | side | CPU ms | vol. cs | invol. cs | syscalls | ioctl | read | write | poll | clock |\n\
-                 |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                 a syscall in these PV guests). Whole process, set-up included; the `win`\n\
+                 columns are the same process inside its timed window only (`getrusage` by\n\
+                 the program: user and system ms, voluntary and involuntary switches, page faults).\n\n\
+                 | ring | direction | pairing | side | CPU ms | vol. cs | invol. cs | syscalls | ioctl | read | write | poll | clock | win user | win sys | win vcs | win ivcs | win flt |\n\
+                 |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
             );
             for c in &self.counts {
                 let (t0, t1, t2) = match c.time {
@@ -217,9 +222,10 @@ impl Report {
                     None => ("-".into(), "-".into(), "-".into()),
                 };
                 let k = |i: usize| c.calls.map_or("-".to_string(), |v| format!("{:.1}", v[i]));
+                let w = |i: usize| c.window.map_or("-".to_string(), |v| format!("{:.2}", v[i]));
                 let _ = writeln!(
                     s,
-                    "| {} KiB | {} | {} | {} | {t0} | {t1} | {t2} | {} | {} | {} | {} | {} | {} |",
+                    "| {} KiB | {} | {} | {} | {t0} | {t1} | {t2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     c.ring_kib,
                     c.dir,
                     c.pair,
@@ -229,7 +235,12 @@ impl Report {
                     k(2),
                     k(3),
                     k(4),
-                    k(5)
+                    k(5),
+                    w(0),
+                    w(1),
+                    w(2),
+                    w(3),
+                    w(4)
                 );
             }
         }

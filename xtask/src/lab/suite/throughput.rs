@@ -61,11 +61,38 @@ fn strace_calls(s: &str) -> Vec<(String, u64)> {
     out
 }
 
+/// CPU ms (user, system), context switches (voluntary, involuntary) and
+/// minor page faults inside the program's own timed window, from the `window:` line that
+/// `vchan-node` and `vchan-peer` print: unlike `time -v`, no set-up.
+fn window(s: &str) -> Option<[f64; 5]> {
+    let l = s.lines().find_map(|l| l.trim().strip_prefix("window:"))?;
+    let get = |k: &str| {
+        l.split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some([
+        get("user_ms=")?,
+        get("sys_ms=")?,
+        get("vcsw=")?,
+        get("ivcsw=")?,
+        get("minflt=")?,
+    ])
+}
+
+fn per_mib_window(log: &str, mib: u32) -> Option<[f64; 5]> {
+    let m = f64::from(mib);
+    window(log).map(|w| w.map(|x| x / m))
+}
+
 /// One side's costs in one transfer, per MiB.
 #[derive(Debug, Default, Clone)]
 struct Costs {
     /// From `time -v` (CPU ms, voluntary, involuntary).
     time: Option<(f64, f64, f64)>,
+    /// From the program's `window:` line (user ms, system ms, voluntary,
+    /// involuntary, minor page faults).
+    window: Option<[f64; 5]>,
     /// From `strace -c`: total, ioctl, read, write, poll (+ppoll),
     /// clock_gettime.
     calls: Option<[f64; 6]>,
@@ -233,6 +260,8 @@ fn phase_body(run: &mut Run) -> Result<(), String> {
                                 let (snd, rcv) = by_role(&r.log);
                                 costs[i].0.time = per_mib_time(&snd, mib);
                                 costs[i].1.time = per_mib_time(&rcv, mib);
+                                costs[i].0.window = per_mib_window(&snd, mib);
+                                costs[i].1.window = per_mib_window(&rcv, mib);
                             }
                             best[i] = Some(best[i].map_or(rate, |b: f64| b.max(rate)));
                         }
@@ -291,6 +320,7 @@ fn phase_body(run: &mut Run) -> Result<(), String> {
                             pair: PAIRS[i],
                             side: format!("{role} {}", imp.name()),
                             time: c.time,
+                            window: c.window,
                             calls: c.calls,
                         });
                     }
@@ -328,6 +358,12 @@ received 25165824 bytes (24.0 MiB) in 1.000 s = 24.00 MiB/s; checksum=00
 ";
         let t = per_mib_time(log, 24).expect("time -v");
         assert!((t.0 - 31.25).abs() < 1e-9 && t.1 == 20.0 && t.2 == 1.0);
+        assert!(per_mib_window(log, 24).is_none());
+        let w = per_mib_window(
+            "window: user_ms=48.000 sys_ms=24.000 vcsw=480 ivcsw=24 minflt=48\nreceived ...",
+            24,
+        );
+        assert_eq!(w, Some([2.0, 1.0, 20.0, 1.0, 2.0]));
         let c = per_mib_calls(log, 24).expect("strace -c");
         assert_eq!(c, [40.0, 10.0, 20.0, 10.0, 0.0, 0.0]);
         assert!(per_mib_calls("no table", 1).is_none());
