@@ -413,7 +413,7 @@ mod tests {
                     !s.running && s.entries.is_empty()
                 };
                 // The real kick would notify a device port; the child checks
-                // the registry and that a thread starts and fires.
+                // that the registry was reset and that a new thread starts.
                 let started = x.start();
                 let code = if ok && started { 0 } else { 1 };
                 // SAFETY: `_exit` ends the child at once, without running the parent's atexit handlers or destructors.

@@ -431,7 +431,9 @@ fn poll_readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<bool, 
 /// The shared body of `wait`/`wait_timeout`: poll (at most `timeout`;
 /// `None`: forever), then consume; another thread may have taken the event
 /// between the two, or a signal may interrupt the poll, so loop with what
-/// is left of the timeout.
+/// is left of the timeout. `consume` is told whether the poll found the fd
+/// readable (`false`: the last look after a timeout), so a consumer that
+/// must not read a blocking fd blindly need not poll again.
 ///
 /// No read before the poll: a pending event makes the poll return at once,
 /// and when there is none (the usual case: the caller has just found its
@@ -444,7 +446,7 @@ fn wait_with(
     fd: BorrowedFd<'_>,
     port: Port,
     timeout: Option<Duration>,
-    mut consume: impl FnMut() -> Result<bool, Error>,
+    mut consume: impl FnMut(bool) -> Result<bool, Error>,
 ) -> Result<bool, Error> {
     let start = timeout.map(|_| xen_base::coarse_now());
     let mut left = timeout;
@@ -454,10 +456,10 @@ fn wait_with(
         match nix::poll::poll(&mut fds, wait) {
             // Timed out: one last look, so that an event that raced the
             // timeout counts.
-            Ok(0) => return consume(),
+            Ok(0) => return consume(false),
             // Readable, or hung up / error: the read tells which.
             Ok(_) => {
-                if consume()? {
+                if consume(true)? {
                     return Ok(true);
                 }
             }
@@ -473,7 +475,7 @@ fn wait_with(
         if let (Some(t), Some(s)) = (timeout, start) {
             let l = t.saturating_sub(xen_base::coarse_now().saturating_sub(s));
             if l.is_zero() {
-                return consume();
+                return consume(false);
             }
             left = Some(l);
         }

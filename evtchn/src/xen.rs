@@ -338,11 +338,12 @@ impl XenChannel {
     }
 
     /// A timed wait by `poll` on the blocking fd, reading only when an
-    /// event is there (short waits, and when the alarm cannot run).
+    /// event is there (short waits, and when the alarm cannot run): after a
+    /// readable poll at once, after a timeout only if a last look finds one.
     fn poll_then_take(&self, timeout: Duration) -> Result<bool, Error> {
         let _reading = self.lock_reader();
-        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
-            if self.readable_now()? {
+        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), |readable| {
+            if readable || self.readable_now()? {
                 self.take_events()
             } else {
                 Ok(false)
@@ -435,7 +436,7 @@ impl EventChannel for XenChannel {
         match self.loopback() {
             Some(lb) => while !self.sleep(lb, None)? {},
             None => {
-                crate::wait_with(self.fd.as_fd(), self.port, None, || self.consume_pending())?;
+                crate::wait_with(self.fd.as_fd(), self.port, None, |_| self.consume_pending())?;
             }
         }
         Ok(())
@@ -451,7 +452,7 @@ impl EventChannel for XenChannel {
         } else if self.bound_loopback().is_some() {
             return self.poll_then_take(timeout);
         }
-        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
+        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), |_| {
             self.consume_pending()
         })
     }

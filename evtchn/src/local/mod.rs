@@ -263,11 +263,11 @@ impl EventChannel for LocalChannel {
     }
 
     fn wait(&self) -> Result<(), Error> {
-        crate::wait_with(self.fd.as_fd(), self.port, None, || self.consume_pending()).map(drop)
+        crate::wait_with(self.fd.as_fd(), self.port, None, |_| self.consume_pending()).map(drop)
     }
 
     fn wait_timeout(&self, timeout: Duration) -> Result<bool, Error> {
-        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), || {
+        crate::wait_with(self.fd.as_fd(), self.port, Some(timeout), |_| {
             self.consume_pending()
         })
     }
