@@ -55,21 +55,9 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Runs a tool in the workspace root ([`crate::util::run_output`]).
 pub(crate) fn run_tool(cmd: &mut Command) -> Result<String, String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .current_dir(root())
-        .output()
-        .map_err(|e| format!("{shown}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{shown} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::util::run_output(cmd.current_dir(root()))
 }
 
 /// Render the man page (gzip'd, as packages ship it) and the completions.

@@ -326,17 +326,6 @@ fn stand_in_deb(
     Ok(deb)
 }
 
-/// The soname of the ELF file at `path` (host readelf).
-fn soname(path: &Path) -> Result<String, String> {
-    let out = run_tool(Command::new("readelf").args(["-d", "-W"]).arg(path))?;
-    Ok(out
-        .lines()
-        .find_map(|l| l.split("Library soname: [").nth(1))
-        .and_then(|l| l.split(']').next())
-        .unwrap_or("")
-        .to_string())
-}
-
 /// Loads `lib` in the root with perl's DynaLoader (the dynamic linker and,
 /// for a bare soname, its cache) and looks up two API symbols.
 fn loads_in_root(s: &Scratch, lib: &str) -> Result<String, String> {
@@ -402,7 +391,11 @@ fn check_library_deb(base: &Path, work: &Path, deb: &Path) -> Result<(), String>
         "  ok  what depends on libvchan-xen1 (>= 4.2) is satisfied by ours (dpkg --audit is clean)"
     );
     let so = s.root.join("usr/lib/libvchan-xen.so.1");
-    expect("upstream's soname", &soname(&so)?, "libvchan-xen.so.1")?;
+    expect(
+        "upstream's soname",
+        &crate::util::soname(&so)?,
+        "libvchan-xen.so.1",
+    )?;
     for f in crate::libvchan::FILES {
         let p = s.root.join("usr").join(f.replace("LIB/", "lib/"));
         if std::fs::symlink_metadata(&p).is_err() {
@@ -469,7 +462,11 @@ fn check_library_rpm(base: &Path, work: &Path, rpm: &Path) -> Result<(), String>
         |root| std::fs::create_dir_all(root.join("usr/lib64/pkgconfig")).map_err(|e| e.to_string()),
         |s| {
             let so = s.root.join("usr/lib64/libvchan-xen.so.1");
-            expect("upstream's soname", &soname(&so)?, "libvchan-xen.so.1")?;
+            expect(
+                "upstream's soname",
+                &crate::util::soname(&so)?,
+                "libvchan-xen.so.1",
+            )?;
             for f in crate::libvchan::FILES {
                 let p = s.root.join("usr").join(f.replace("LIB/", "lib64/"));
                 if !p.is_file() {

@@ -109,20 +109,13 @@ pub(crate) fn snapshot_stamp(snaps: &Path, names: &[&str]) -> Result<String, Str
 /// way. An error carries tar's output.
 pub(crate) fn unpack(snaps: &Path, names: &[&str], dir: &Path) -> Result<(), String> {
     for name in names {
-        let mut cmd = Command::new("tar");
-        cmd.arg("xzf").arg(snaps.join(name)).arg("-C").arg(dir);
-        let out = cmd
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| format!("{cmd:?}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{cmd:?} failed ({}):\n{}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
+        util::run_output(
+            Command::new("tar")
+                .arg("xzf")
+                .arg(snaps.join(name))
+                .arg("-C")
+                .arg(dir),
+        )?;
     }
     Ok(())
 }

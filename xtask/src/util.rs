@@ -32,6 +32,66 @@ pub fn cargo(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// How many lines of a failed command's output its error keeps (the end:
+/// where compilers and tar say what went wrong).
+const FAILED_OUTPUT_LINES: usize = 40;
+
+/// Runs `cmd` with stdin closed and returns its stdout; if it cannot start
+/// or exits non-zero, an error naming the command, its status and the last
+/// lines of its stdout and stderr. The one "run a tool" of xtask: callers
+/// set the directory (`current_dir`) themselves.
+///
+/// ```ignore
+/// let dynamic = run_output(Command::new("readelf").args(["-d", "-W"]).arg(path))?;
+/// ```
+pub fn run_output(cmd: &mut Command) -> Result<String, String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(FAILED_OUTPUT_LINES)..];
+    Err(format!(
+        "{shown} failed ({}):\n{}",
+        out.status,
+        tail.join("\n")
+    ))
+}
+
+/// The `NEEDED` entries of the ELF file at `path` (host `readelf -d`).
+pub fn needed_libs(path: &Path) -> Result<Vec<String>, String> {
+    let text = run_output(Command::new("readelf").args(["-d", "-W"]).arg(path))?;
+    Ok(parse_dynamic(&text, "(NEEDED)", "Shared library: ["))
+}
+
+/// The soname of the ELF file at `path` (host `readelf -d`), or `""`.
+pub fn soname(path: &Path) -> Result<String, String> {
+    let text = run_output(Command::new("readelf").args(["-d", "-W"]).arg(path))?;
+    Ok(parse_dynamic(&text, "(SONAME)", "Library soname: [")
+        .into_iter()
+        .next()
+        .unwrap_or_default())
+}
+
+/// The bracketed values of the `readelf -d` lines tagged `tag`.
+fn parse_dynamic(text: &str, tag: &str, label: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.contains(tag))
+        .filter_map(|l| l.split(label).nth(1))
+        .filter_map(|v| v.split(']').next())
+        .map(str::to_string)
+        .collect()
+}
+
 /// A progress line for long loops of measurements: `[k/N, elapsed, ~left]`
 /// in front of each step's own line, on stderr. Plain lines, so it reads
 /// the same in a terminal and in a CI log.
@@ -103,7 +163,8 @@ fn sha256_hex(out: &Output, what: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Progress, sha256_bytes, sha256_file};
+    use super::{Progress, parse_dynamic, run_output, sha256_bytes, sha256_file};
+    use std::process::Command;
 
     #[test]
     fn sha256_of_bytes_and_file_agree_with_the_known_digest() {
@@ -133,5 +194,42 @@ mod tests {
             last.starts_with("[3/3 ") && last.ends_with(" ~0s left]"),
             "{last}"
         );
+    }
+
+    #[test]
+    fn run_output_returns_stdout_or_the_tail_of_a_failure() {
+        assert_eq!(
+            run_output(Command::new("sh").args(["-c", "echo out; echo err >&2"])).unwrap(),
+            "out\n"
+        );
+        // 100 lines, then a failure: the error has the status and the last
+        // lines, stderr included, and not the first ones.
+        let e = run_output(Command::new("sh").args([
+            "-c",
+            "i=0; while [ $i -lt 100 ]; do echo line$i; i=$((i+1)); done; echo boom >&2; exit 3",
+        ]))
+        .unwrap_err();
+        assert!(e.contains("exit status: 3"), "{e}");
+        assert!(e.contains("line99") && e.contains("boom"), "{e}");
+        assert!(!e.contains("line0\n"), "{e}");
+        assert!(run_output(&mut Command::new("/nonexistent/tool")).is_err());
+    }
+
+    #[test]
+    fn dynamic_section_lines_are_parsed_by_tag() {
+        let text = " 0x0000000000000001 (NEEDED)             Shared library: [libvchan-xen.so.1]
+ 0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]
+ 0x000000000000000e (SONAME)             Library soname: [libqrexec-utils.so.4]
+ 0x000000000000001d (RUNPATH)            Library runpath: [/run/x]
+";
+        assert_eq!(
+            parse_dynamic(text, "(NEEDED)", "Shared library: ["),
+            ["libvchan-xen.so.1", "libc.so.6"]
+        );
+        assert_eq!(
+            parse_dynamic(text, "(SONAME)", "Library soname: ["),
+            ["libqrexec-utils.so.4"]
+        );
+        assert!(parse_dynamic(text, "(RPATH)", "Library rpath: [").is_empty());
     }
 }

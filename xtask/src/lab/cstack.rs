@@ -20,7 +20,7 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use super::ourlib::GUEST_DIR;
 
@@ -48,26 +48,7 @@ const SHIPPED: &[(&str, &str)] = &[
 ];
 
 fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tail: Vec<&str> = text.lines().rev().take(25).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Err(format!(
-            "{cmd:?} failed ({}):\n{}",
-            out.status,
-            tail.join("\n")
-        ))
-    }
+    crate::util::run_output(cmd).map(drop)
 }
 
 /// Builds (or reuses) the stack; returns the files to ship, already
@@ -128,16 +109,10 @@ pub(super) fn build() -> Result<Vec<PathBuf>, String> {
 /// Each program (and libqrexec-utils) must load the vchan library by
 /// Qubes' soname and not link Xen's libxenvchan itself: only then does
 /// `LD_LIBRARY_PATH` choose between Qubes' library and ours.
-fn check_needs_libvchan_xen(files: &[PathBuf]) -> Result<(), String> {
+pub(super) fn check_needs_libvchan_xen(files: &[PathBuf]) -> Result<(), String> {
     for f in files {
-        let out = Command::new("readelf")
-            .arg("-d")
-            .arg(f)
-            .output()
-            .map_err(|e| format!("readelf: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).collect();
-        if !needed.iter().any(|l| l.contains("[libvchan-xen.so.1]"))
+        let needed = crate::util::needed_libs(f)?;
+        if !needed.iter().any(|l| l == "libvchan-xen.so.1")
             || needed.iter().any(|l| l.contains("libxenvchan"))
         {
             return Err(format!(

@@ -16,7 +16,7 @@
 //!   `/mnt/host`, Debian's `libxenstore` for its own xenstore reads. Its
 //!   vchan is ours end to end, its program C.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// Where the guests find the shipped files.
@@ -49,42 +49,11 @@ pub(super) fn build() -> Result<Vec<PathBuf>, String> {
         .arg(format!("-L{}", prefix.join("lib").display()))
         .args(["-lvchan-xen", "-lxenstore"])
         .arg(format!("-Wl,-rpath,{GUEST_DIR}")))?;
-    check_links_ours(&node)?;
+    // It must take `libxenvchan_*` from our library, not Debian's.
+    super::cstack::check_needs_libvchan_xen(std::slice::from_ref(&node))?;
     Ok(vec![lib, node])
 }
 
-/// `vchan-node-ours` must take `libxenvchan_*` from our library, not
-/// Debian's: its dynamic section names ours and not libxenvchan.
-fn check_links_ours(node: &Path) -> Result<(), String> {
-    let out = Command::new("readelf")
-        .arg("-d")
-        .arg(node)
-        .output()
-        .map_err(|e| format!("readelf: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).collect();
-    let ours = needed.iter().any(|l| l.contains("[libvchan-xen.so.1]"));
-    let theirs = needed.iter().any(|l| l.contains("libxenvchan"));
-    if ours && !theirs {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: expected NEEDED libvchan-xen.so.1 and no libxenvchan, got {needed:?}",
-            node.display()
-        ))
-    }
-}
-
 fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+    crate::util::run_output(cmd).map(drop)
 }

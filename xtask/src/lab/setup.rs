@@ -74,23 +74,7 @@ pub(super) fn log(msg: &str) {
 
 /// Runs a command; on failure the error carries its output (tail).
 pub(super) fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Err(format!(
-            "{cmd:?} failed ({}):\n{}",
-            out.status,
-            tail.join("\n")
-        ))
-    }
+    crate::util::run_output(cmd)
 }
 
 /// Runs a command with its output in a log file.
