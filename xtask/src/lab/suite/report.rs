@@ -36,6 +36,56 @@ pub(super) struct Tput {
     /// Best receiver rate for (sender, receiver) = (C, C), (ours, ours),
     /// (C, ours), (ours, C).
     pub(super) rates: [Option<f64>; 4],
+    /// Ratios within each repetition against that repetition's C→C, for
+    /// ours→ours, C→ours and ours→C: what drift between repetitions (the
+    /// host, the emulator) cannot move. `None` with fewer than two
+    /// repetitions that have both rates.
+    pub(super) paired: [Option<Spread>; 3],
+}
+
+/// Median, lowest and highest of a set of ratios, and how many.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Spread {
+    pub(super) median: f64,
+    pub(super) min: f64,
+    pub(super) max: f64,
+    pub(super) n: usize,
+}
+
+/// For each of ours→ours, C→ours, ours→C (indices 1..4 of each
+/// repetition's rates): the spread of its ratio to C→C (index 0) over the
+/// repetitions that have both. `None` below two such repetitions.
+///
+/// ```ignore
+/// let p = paired_ratios(&[[Some(100.0), Some(95.0), None, None]; 2]);
+/// assert_eq!(p[0].unwrap().median, 0.95);
+/// ```
+pub(super) fn paired_ratios(per_rep: &[[Option<f64>; 4]]) -> [Option<Spread>; 3] {
+    std::array::from_fn(|k| {
+        let mut v: Vec<f64> = per_rep
+            .iter()
+            .filter_map(|r| match (r[0], r[k + 1]) {
+                (Some(c), Some(x)) if c > 0.0 => Some(x / c),
+                _ => None,
+            })
+            .collect();
+        if v.len() < 2 {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    })
 }
 
 /// One row of the drop-in table: a C program on one vchan library
@@ -203,6 +253,39 @@ impl Report {
                 );
             }
         }
+        if self
+            .tput
+            .iter()
+            .any(|t| t.paired.iter().any(Option::is_some))
+        {
+            let _ = writeln!(
+                s,
+                "\n## Throughput: paired ratios (median over repetitions, lowest–highest)\n\n\
+                 Each repetition runs the four pairings back to back (every other one in\n\
+                 reverse order); each ratio is taken against the C→C of the same\n\
+                 repetition, so drift between repetitions cancels. The table above takes\n\
+                 each pairing's best run instead.\n\n\
+                 | ring | direction | ours/C | recv | send | repetitions |\n\
+                 |---|---|---:|---:|---:|---:|"
+            );
+            for t in &self.tput {
+                let f = |p: &Option<Spread>| {
+                    p.map_or("-".to_string(), |p| {
+                        format!("{:.2} ({:.2}–{:.2})", p.median, p.min, p.max)
+                    })
+                };
+                let n = t.paired.iter().flatten().map(|p| p.n).max().unwrap_or(0);
+                let _ = writeln!(
+                    s,
+                    "| {} KiB | {} | {} | {} | {} | {n} |",
+                    t.ring_kib,
+                    t.dir,
+                    f(&t.paired[0]),
+                    f(&t.paired[1]),
+                    f(&t.paired[2])
+                );
+            }
+        }
         if !self.counts.is_empty() {
             let _ = writeln!(
                 s,
@@ -312,6 +395,34 @@ mod tests {
         assert!(
             md.contains("| C agent | Qubes' libvchan-xen (C) | pass (5/5) |"),
             "{md}"
+        );
+    }
+
+    #[test]
+    fn paired_ratios_take_each_repetition_against_its_own_c_run() {
+        // The host slows down between repetitions: the best runs alone
+        // (C 120 in rep 0, ours 100 in rep 1... ) would say 0.83; within
+        // each repetition ours is at 0.90, 0.95 and 1.00 of C.
+        let reps = [
+            [Some(120.0), Some(108.0), Some(60.0), None],
+            [Some(100.0), Some(95.0), None, None],
+            [Some(90.0), Some(90.0), Some(45.0), None],
+        ];
+        let p = paired_ratios(&reps);
+        let ours = p[0].unwrap();
+        assert!((ours.median - 0.95).abs() < 1e-9, "{ours:?}");
+        assert!((ours.min - 0.90).abs() < 1e-9 && (ours.max - 1.0).abs() < 1e-9);
+        assert_eq!(ours.n, 3);
+        // Two repetitions: the median is their mean.
+        let recv = p[1].unwrap();
+        assert!((recv.median - 0.5).abs() < 1e-9 && recv.n == 2, "{recv:?}");
+        // Never measured: nothing to say.
+        assert_eq!(p[2], None);
+        // One repetition is not a spread; a C run of 0 is not divided by.
+        assert_eq!(paired_ratios(&reps[..1])[0], None);
+        assert_eq!(
+            paired_ratios(&[[Some(0.0), Some(1.0), None, None]; 3])[0],
+            None
         );
     }
 }

@@ -174,8 +174,8 @@ fn rings() -> Result<Vec<u32>, String> {
 }
 
 fn phase_body(run: &mut Run) -> Result<(), String> {
-    // LAB_TPUT_REPS=N: N timed runs per cell (best kept) instead of 1
-    // (quick) or 3 (full).
+    // LAB_TPUT_REPS=N: N timed runs per cell instead of 1 (quick) or 3
+    // (full); the best is kept, and the paired ratios use them all.
     let reps = match std::env::var("LAB_TPUT_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -248,14 +248,25 @@ fn phase_body(run: &mut Run) -> Result<(), String> {
                 }
             };
             run.wrap = count.then(|| "/bin/busybox time -v".to_string());
-            for _ in 0..reps {
-                for i in 0..combos.len() {
+            // Each repetition's rates, for the paired ratios.
+            let mut per_rep = Vec::with_capacity(reps);
+            for rep in 0..reps {
+                let mut rates = [None::<f64>; 4];
+                // Every other repetition in reverse, so that drift within
+                // a repetition does not always favour the same pairing.
+                let order: Vec<usize> = if rep % 2 == 0 {
+                    (0..combos.len()).collect()
+                } else {
+                    (0..combos.len()).rev().collect()
+                };
+                for i in order {
                     let x = mk(i);
                     let r = run.xfer(&x)?;
                     let name = xfer_name(&x);
                     run.save_log(&format!("throughput-{name}"), &r.log);
                     if r.ok {
                         if let Some(rate) = r.rate {
+                            rates[i] = Some(rate);
                             if best[i].is_none_or(|b| rate > b) {
                                 let (snd, rcv) = by_role(&r.log);
                                 costs[i].0.time = per_mib_time(&snd, mib);
@@ -269,6 +280,7 @@ fn phase_body(run: &mut Run) -> Result<(), String> {
                         run.rep.add("throughput", name, St::Fail, r.detail);
                     }
                 }
+                per_rep.push(rates);
             }
             if strace {
                 run.wrap = Some("strace -c -f".to_string());
@@ -330,6 +342,7 @@ fn phase_body(run: &mut Run) -> Result<(), String> {
                 ring_kib: ring,
                 dir,
                 rates: best,
+                paired: paired_ratios(&per_rep),
             });
         }
     }
