@@ -103,6 +103,19 @@ pub(super) fn stage_binaries(cfg: &Config, bins: &[PathBuf]) -> Result<(), Strin
     if count_requested() && rootfs.join("usr/bin/strace").exists() {
         setup::copy_elf(&rootfs, &st, &["/usr/bin/strace"])?;
     }
+    // LAB_GUEST_TOOLS: more programs of the dom0 root file system (with
+    // their libraries) for the domUs, e.g. `/usr/bin/perf` once installed
+    // there by hand (`chroot ~/.cache/rust-vchan-lab/dom0-rootfs apt-get
+    // install linux-perf`), to profile a LAB_TPUT_PEER wrapper.
+    for t in std::env::var("LAB_GUEST_TOOLS")
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        if !rootfs.join(t.trim_start_matches('/')).exists() {
+            return Err(format!("LAB_GUEST_TOOLS: no {t} in {}", rootfs.display()));
+        }
+        setup::copy_elf(&rootfs, &st, &[t])?;
+    }
     let stamp = stamp_of(bins)?;
     for d in [&share, &host] {
         std::fs::write(d.join(STAMP), &stamp).map_err(|e| e.to_string())?;
