@@ -356,6 +356,50 @@ fn events_only_when_requested() {
     assert_eq!(ce2.sent(), 2);
 }
 
+/// A blocking call that cannot spin and returns less than it wanted asks
+/// for the notification at once, as libxenvchan does; one that can spin
+/// asks only before it sleeps. (Reads here; writes take the same path of
+/// `wait_for`, which the lab's throughput phase runs both ways.)
+#[test]
+fn short_blocking_calls_request_early_only_without_spin() {
+    for spin in [Duration::ZERO, Duration::from_micros(50)] {
+        let early = spin.is_zero();
+        let mem = Arc::new(VchanMemory::new(small(), 0, true));
+        let (se, ce) = TestEvents::pair();
+        let ce2 = ce.clone();
+        let mut s = mem.endpoint(Side::Server, se);
+        let mut c = mem.endpoint(Side::Client, ce);
+        s.set_spin(spin);
+        c.set_spin(spin);
+        let h = mem.header();
+        c.write(b"12").unwrap();
+        h.store_u8(CLI_NOTIFY, 0);
+        h.store_u8(SRV_NOTIFY, 0);
+        // The server's ring (left, 1 KiB) has 2 bytes; it wants 8.
+        assert_eq!(s.read(&mut [0; 8]).unwrap(), 2);
+        assert_eq!(
+            h.load_u8(CLI_NOTIFY) & NOTIFY_WRITE != 0,
+            early,
+            "spin {spin:?}"
+        );
+        // All it wanted: no request either way.
+        c.write(b"34").unwrap();
+        h.store_u8(CLI_NOTIFY, 0);
+        assert_eq!(s.read(&mut [0; 2]).unwrap(), 2);
+        assert_eq!(h.load_u8(CLI_NOTIFY), 0, "spin {spin:?}");
+        // The early request is what makes the client's next write send
+        // an event while the server has not slept yet.
+        assert_eq!(s.read(&mut [0; 0]).unwrap(), 0);
+        let before = ce2.sent();
+        c.write(b"5").unwrap();
+        assert_eq!(ce2.sent(), before, "nobody asked: no event");
+        h.store_u8(CLI_NOTIFY, 0);
+        assert_eq!(s.read(&mut [0; 8]).unwrap(), 1);
+        c.write(b"6").unwrap();
+        assert_eq!(ce2.sent() - before, usize::from(early), "spin {spin:?}");
+    }
+}
+
 #[test]
 fn close_stores_live_zero_and_notifies() {
     let (mem, mut s, c) = pair(small(), 0);
