@@ -401,8 +401,8 @@ mod tests {
     #[test]
     fn paired_ratios_take_each_repetition_against_its_own_c_run() {
         // The host slows down between repetitions: the best runs alone
-        // (C 120 in rep 0, ours 100 in rep 1... ) would say 0.83; within
-        // each repetition ours is at 0.90, 0.95 and 1.00 of C.
+        // (C 120, ours 108, both in rep 0) say 0.90; within each
+        // repetition ours is at 0.90, 0.95 and 1.00 of C.
         let reps = [
             [Some(120.0), Some(108.0), Some(60.0), None],
             [Some(100.0), Some(95.0), None, None],
