@@ -21,7 +21,7 @@
 
 mod procs;
 mod qrexec;
-mod report;
+pub(crate) mod report;
 mod vchan;
 pub mod worker;
 

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use super::ourlib::GUEST_DIR;
+use crate::util::run_output as run;
 
 /// Bumped whenever the recipe changes.
 const RECIPE: &str = "1";
@@ -46,10 +47,6 @@ const SHIPPED: &[(&str, &str)] = &[
     ),
     ("prefix/lib/libvchan-xen.so.1", "libvchan-xen-qubes.so.1"),
 ];
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    crate::util::run_output(cmd).map(drop)
-}
 
 /// Builds (or reuses) the stack; returns the files to ship, already
 /// under their guest names.

@@ -19,6 +19,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::util::run_output as run;
+
 /// Where the guests find the shipped files.
 pub(super) const GUEST_DIR: &str = "/mnt/host";
 
@@ -52,8 +54,4 @@ pub(super) fn build() -> Result<Vec<PathBuf>, String> {
     // It must take `libxenvchan_*` from our library, not Debian's.
     super::cstack::check_needs_libvchan_xen(std::slice::from_ref(&node))?;
     Ok(vec![lib, node])
-}
-
-fn run(cmd: &mut Command) -> Result<(), String> {
-    crate::util::run_output(cmd).map(drop)
 }

@@ -73,9 +73,7 @@ pub(super) fn log(msg: &str) {
 }
 
 /// Runs a command; on failure the error carries its output (tail).
-pub(super) fn run(cmd: &mut Command) -> Result<String, String> {
-    crate::util::run_output(cmd)
-}
+pub(super) use crate::util::run_output as run;
 
 /// Runs a command with its output in a log file.
 pub(super) fn run_logged(cmd: &mut Command, logf: &Path) -> Result<(), String> {

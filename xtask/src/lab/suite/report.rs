@@ -73,17 +73,11 @@ pub(super) fn paired_ratios(per_rep: &[[Option<f64>; 4]]) -> [Option<Spread>; 3]
             return None;
         }
         v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
         Some(Spread {
-            median,
+            median: crate::bench::report::median(&v),
             min: v[0],
-            max: v[n - 1],
-            n,
+            max: v[v.len() - 1],
+            n: v.len(),
         })
     })
 }
