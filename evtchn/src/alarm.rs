@@ -228,9 +228,19 @@ impl Drop for Armed {
     }
 }
 
+/// The alarm of the device backend. Reach it through [`xen`], which
+/// registers the fork handlers first; only a read-only diagnostic
+/// ([`kicks_fired`]) may touch it directly.
+static XEN: Alarm = Alarm::new(crate::xen::kick_loopback);
+
+/// Kicks the device backend's alarm has fired, without registering the
+/// fork handlers (a diagnostic must not change what `fork` does).
+pub(crate) fn kicks_fired() -> u64 {
+    XEN.fired()
+}
+
 /// The alarm of the device backend, with its fork handlers registered.
 pub(crate) fn xen() -> &'static Alarm {
-    static XEN: Alarm = Alarm::new(crate::xen::kick_loopback);
     static ATFORK: Once = Once::new();
     ATFORK.call_once(|| {
         // SAFETY: the three handlers are `extern "C" fn()` items that live for the whole process; they only lock, reset and unlock `XEN`'s registry in the forking thread.

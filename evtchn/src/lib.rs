@@ -134,7 +134,7 @@ pub use xen::{DEVICE_PATH, Xen, XenChannel};
 /// assert_eq!(evtchn::alarm_kicks(), 0);
 /// ```
 pub fn alarm_kicks() -> u64 {
-    alarm::xen().fired()
+    alarm::kicks_fired()
 }
 
 pub use xen_base::DomId;
