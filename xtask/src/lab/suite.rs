@@ -194,6 +194,10 @@ fn last_line(s: &str) -> &str {
     s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
+/// `LAB_TPUT_PEER` of a control run: the C peer plays ours as well, so the
+/// ratio columns show what the lab reads for two identical programs.
+pub(super) const CONTROL_PEER: &str = "C";
+
 /// The C peer's name in a domain (dynamic in dom0, static in domUs).
 fn c_bin(dom: &str) -> &'static str {
     if dom == "dom0" {
@@ -274,6 +278,19 @@ impl Run {
             return format!("{ours} --compat ocaml");
         }
         match (imp, server) {
+            // The control run: the C program in our place.
+            (Impl::Ours, _) if self.ours_bin == CONTROL_PEER => self.peer_cmd(
+                Impl::C,
+                server,
+                dom,
+                peer,
+                port,
+                send,
+                mib,
+                ring_kib,
+                packet,
+                wait,
+            ),
             (Impl::Ours, true) => format!(
                 "/mnt/host/{} server {peer} {port} {dir} {mib} {ring_kib} --timeout {wait}{}",
                 self.ours_bin,

@@ -146,7 +146,13 @@ pub(super) fn phase_throughput(run: &mut Run) -> Result<(), String> {
             peer
         },
     );
-    if run.ours_bin != "vchan-peer" {
+    if run.ours_bin == CONTROL_PEER {
+        run.rep.notes.push(
+            "throughput: **control run**, the C peer plays ours too (LAB_TPUT_PEER=C): \
+             every ratio compares C with C"
+                .into(),
+        );
+    } else if run.ours_bin != "vchan-peer" {
         run.rep.notes.push(format!(
             "throughput: ours is /mnt/host/{} (LAB_TPUT_PEER)",
             run.ours_bin
