@@ -277,20 +277,13 @@ impl Run {
             );
             return format!("{ours} --compat ocaml");
         }
+        // The control run: the C program in our place.
+        let imp = if imp == Impl::Ours && self.ours_bin == CONTROL_PEER {
+            Impl::C
+        } else {
+            imp
+        };
         match (imp, server) {
-            // The control run: the C program in our place.
-            (Impl::Ours, _) if self.ours_bin == CONTROL_PEER => self.peer_cmd(
-                Impl::C,
-                server,
-                dom,
-                peer,
-                port,
-                send,
-                mib,
-                ring_kib,
-                packet,
-                wait,
-            ),
             (Impl::Ours, true) => format!(
                 "/mnt/host/{} server {peer} {port} {dir} {mib} {ring_kib} --timeout {wait}{}",
                 self.ours_bin,
