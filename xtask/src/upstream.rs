@@ -562,7 +562,7 @@ fn suite(args: &[String]) -> Result<(), String> {
         // 0 in 10 on libvchan-socket; test_connect_socket_tcp_unexpected_host
         // 5 in 15 on ours once its select fd stopped stalling, 1 in 8
         // before, 0 in 8 on libvchan-socket; measured again with two CPU
-        // hogs, the two `test_connect_socket_tcp_*_host` tests alone: 9 of
+        // hogs, the two `test_connect_socket_tcp_*_host` tests alone: 7 of
         // 180 on ours, 6 of 180 on libvchan-socket, so the race is the
         // test's, not a library's): a handful of failures get up to four
         // retries, named here, for both libraries alike.
