@@ -62,7 +62,7 @@ pub(super) struct Spread {
 /// ```
 pub(super) fn paired_ratios(per_rep: &[[Option<f64>; 4]]) -> [Option<Spread>; 3] {
     std::array::from_fn(|k| {
-        let mut v: Vec<f64> = per_rep
+        let v: Vec<f64> = per_rep
             .iter()
             .filter_map(|r| match (r[0], r[k + 1]) {
                 (Some(c), Some(x)) if c > 0.0 => Some(x / c),
@@ -72,11 +72,10 @@ pub(super) fn paired_ratios(per_rep: &[[Option<f64>; 4]]) -> [Option<Spread>; 3]
         if v.len() < 2 {
             return None;
         }
-        v.sort_by(f64::total_cmp);
         Some(Spread {
             median: crate::bench::report::median(&v),
-            min: v[0],
-            max: v[v.len() - 1],
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             n: v.len(),
         })
     })
